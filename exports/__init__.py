@@ -1,0 +1,1 @@
+"""ONNX export of stack levels, verification against PyTorch, and ONNX Runtime sessions."""

@@ -1,0 +1,49 @@
+"""What every command shares: consoles, the one-line error handler, JSON output, progress bars."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+from ..errors import SjeaError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def handle_errors(fn):
+    """Turn SjeaError (and Ctrl-C) into one line on stderr and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SjeaError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[bold red]interrupted[/]: nothing half-written was kept; run the same command to resume.")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def print_json(data) -> None:
+    """Machine-readable output on stdout, nothing else on it."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def progress_bar(quiet: bool = False, *extra_columns) -> Progress:
+    """A rich progress bar with count, rate (via extra columns), elapsed time and ETA."""
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+        *extra_columns, TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=err_console, disable=quiet, transient=False,
+    )

@@ -1,0 +1,315 @@
+"""One configuration object for a run: dataclasses, named presets, file loading, overrides.
+
+Every default lives here. `resolve_config(preset, file, overrides)` is the only way a run's
+configuration is built, by the CLI and by Python users alike, and the result is saved with the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import SjeaError
+
+# Per-dataset facts: normalisation, native size, whether images are grayscale.
+DATASET_STATS: dict[str, dict[str, Any]] = {
+    "cifar10": {"mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616), "size": 32},
+    "cifar100": {"mean": (0.5071, 0.4865, 0.4409), "std": (0.2673, 0.2564, 0.2762), "size": 32},
+    "stl10": {"mean": (0.43, 0.42, 0.39), "std": (0.27, 0.26, 0.27), "size": 64},
+    "fashion-mnist": {"mean": (0.2860, 0.2860, 0.2860), "std": (0.3530, 0.3530, 0.3530), "size": 28},
+    # An image folder: ImageNet statistics are the usual neutral choice.
+    "folder": {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "size": 64},
+}
+DATASETS = ("cifar10", "cifar100", "stl10", "fashion-mnist")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"  # level-0 image encoder, by registry name
+    stem: str = "auto"  # auto | small (3x3 s1, no max-pool) | standard (7x7 s2 + max-pool)
+    levels: int = 2  # 1 = plain VICReg
+    encoder: str = "resnet"  # higher levels: resnet (one-channel ResNet-18 on a 2-D map) | mlp
+    mlp_dims: str = "512-512"  # hidden and output sizes of the mlp encoder
+    level_input: str = "representation"  # what level k reads from level k-1: representation | embedding
+    projector: str = "512-512-256"  # hidden and output sizes of every level's projector
+    projector_last_bias: bool = True  # the authors' projector has one; official VICReg has none
+    stop_gradient: bool = False  # detach a level's input from the level below
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"  # one of DATASETS, or a path to an image folder
+    data_dir: str | None = None  # local files; None = the usual places, then download
+    image_size: int | None = None  # None = the dataset's native size
+    mean: tuple[float, float, float] | None = None  # None = the dataset's statistics
+    std: tuple[float, float, float] | None = None
+    limit: int | None = None  # train on the first N images only (None = all)
+    holdout: int = 0  # images held out of training (CIFAR recipe: 5000)
+    split_seed: int = 22343
+    crop_scale: tuple[float, float] = (0.3, 1.0)
+    flip_p: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0
+    solarize_p: float = 0.0
+    workers: int = 2
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adam"  # adam (authors) | lars (official VICReg)
+    lr: float = 1e-3  # peak learning rate; with lars scaled by batch_size / 256
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # lars only
+    eta: float = 0.001  # lars trust coefficient
+    warmup_epochs: float = 1.0
+    final_lr_ratio: float = 0.0  # cosine ends at lr * final_lr_ratio
+
+
+@dataclass
+class LossConfig:
+    # One value for every level, or one per level.
+    sim_coeff: list[float] = field(default_factory=lambda: [25.0])
+    std_coeff: list[float] = field(default_factory=lambda: [25.0])
+    cov_coeff: list[float] = field(default_factory=lambda: [1.0])
+    level_weights: list[float] = field(default_factory=lambda: [1.0])
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    channels_last: bool = True  # GPU only
+    compile: bool = False
+    augment_on_device: bool = True  # batched augmentation on the training device
+    checkpoint_every: int = 200  # steps between checkpoints (and at every epoch end)
+    log_every: int = 10  # steps between metric rows
+    max_steps: int | None = None  # stop early after this many steps
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        cfg = cls()
+        apply_nested(cfg, data, where="config")
+        return validate(cfg)
+
+    def per_level(self, name: str) -> list[float]:
+        """A loss setting broadcast to one value per level."""
+        values = list(getattr(self.loss, name))
+        if len(values) == 1:
+            values = values * self.model.levels
+        return values
+
+    @property
+    def image_size(self) -> int:
+        return self.data.image_size or dataset_stats(self.data.dataset)["size"]
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return tuple(self.data.mean or dataset_stats(self.data.dataset)["mean"])
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return tuple(self.data.std or dataset_stats(self.data.dataset)["std"])
+
+
+def dataset_stats(dataset: str) -> dict[str, Any]:
+    return DATASET_STATS.get(dataset, DATASET_STATS["folder"])
+
+
+# Named presets: partial dictionaries applied over the defaults above.
+PRESETS: dict[str, dict] = {
+    # The CPU default: real Fashion-MNIST, a few minutes on 2 cores.
+    "tiny": {
+        "model": {"backbone": "resnet18", "stem": "standard", "levels": 2, "encoder": "mlp",
+                  "projector": "512-512-256"},
+        "data": {"dataset": "fashion-mnist", "limit": 20000},
+        "train": {"epochs": 2, "batch_size": 256, "checkpoint_every": 50},
+    },
+    # The authors' recipe (method.md).
+    "cifar10-paper": {
+        "model": {"backbone": "resnet18", "stem": "small", "levels": 2, "encoder": "resnet"},
+        "data": {"dataset": "cifar10", "image_size": 32, "holdout": 5000},
+        "train": {"epochs": 200, "batch_size": 256},
+    },
+    "stl10-paper": {
+        "model": {"backbone": "resnet18", "stem": "standard", "levels": 2, "encoder": "resnet"},
+        "data": {"dataset": "stl10", "image_size": 64},
+        "train": {"epochs": 300, "batch_size": 256},
+    },
+    # One-level baselines; r50 is parameter-matched to 2-level S-JEA.
+    "vicreg-r18": {
+        "model": {"backbone": "resnet18", "stem": "small", "levels": 1},
+        "data": {"dataset": "cifar10", "image_size": 32, "holdout": 5000},
+        "train": {"epochs": 200, "batch_size": 256},
+    },
+    "vicreg-r50": {
+        "model": {"backbone": "resnet50", "stem": "small", "levels": 1},
+        "data": {"dataset": "cifar10", "image_size": 32, "holdout": 5000},
+        "train": {"epochs": 200, "batch_size": 256},
+    },
+}
+
+
+def _coerce(value: Any, current: Any, annotation: str, where: str) -> Any:
+    """Convert a value from a file or the command line to the type of the field."""
+    try:
+        if "list[float]" in annotation:
+            if isinstance(value, str):
+                return [float(v) for v in value.split(",") if v.strip()]
+            if isinstance(value, (int, float)):
+                return [float(value)]
+            return [float(v) for v in value]
+        if "tuple" in annotation:
+            if value is None:
+                return None
+            if isinstance(value, str):
+                value = value.split(",")
+            return tuple(float(v) for v in value)
+        if value is None:
+            return None
+        if "bool" in annotation:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if "int" in annotation and "float" not in annotation:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if "float" in annotation:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise SjeaError(f"{where}: {value!r} is not a valid value ({annotation}).") from None
+
+
+def apply_nested(cfg: Any, data: dict, where: str) -> None:
+    """Set fields of a (nested) dataclass from a dictionary, refusing unknown keys."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            known = ", ".join(sorted(fields))
+            raise SjeaError(f"{where}: unknown setting '{key}' (known: {known}).")
+        current = getattr(cfg, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise SjeaError(f"{where}.{key}: expected a table of settings.")
+            apply_nested(current, value, f"{where}.{key}")
+        else:
+            setattr(cfg, name, _coerce(value, current, str(fields[name].type), f"{where}.{key}"))
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a YAML, TOML or JSON configuration file into a dictionary."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SjeaError(f"cannot read config file {path}: {e.strerror or e}.") from None
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # every parser has its own error type
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SjeaError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {first}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SjeaError(f"config file {path} must hold a table of settings at the top level.")
+    return data
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    m, t = cfg.model, cfg.train
+    if m.levels < 1:
+        raise SjeaError(f"--levels must be 1 or more (got {m.levels}).")
+    if t.batch_size < 2:
+        raise SjeaError(f"--batch-size must be 2 or more: VICReg's variance needs a batch (got {t.batch_size}).")
+    if t.epochs <= 0:
+        raise SjeaError(f"--epochs must be positive (got {t.epochs}).")
+    choices = {
+        "model.stem": (m.stem, ("auto", "small", "standard")),
+        "model.encoder": (m.encoder, ("resnet", "mlp")),
+        "model.level_input": (m.level_input, ("representation", "embedding")),
+        "optim.optimizer": (cfg.optim.optimizer, ("adam", "lars")),
+        "train.precision": (t.precision, ("auto", "fp32", "bf16", "fp16")),
+    }
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise SjeaError(f"{name}: '{value}' is not one of {', '.join(allowed)}.")
+    for name in ("sim_coeff", "std_coeff", "cov_coeff", "level_weights"):
+        n = len(getattr(cfg.loss, name))
+        if n not in (1, m.levels):
+            raise SjeaError(f"loss.{name}: give one value or one per level ({m.levels}), not {n}.")
+    from .models import BACKBONES  # late import: models imports config
+
+    if m.backbone not in BACKBONES:
+        raise SjeaError(f"unknown backbone '{m.backbone}' (known: {', '.join(sorted(BACKBONES))}).")
+    for spec_name in ("projector", "mlp_dims"):
+        spec = getattr(m, spec_name)
+        try:
+            dims = [int(v) for v in spec.split("-")]
+            assert dims and all(d > 0 for d in dims)
+        except (ValueError, AssertionError):
+            raise SjeaError(f"model.{spec_name}: '{spec}' must be sizes joined by '-', e.g. 512-512-256.") from None
+    return cfg
+
+
+def resolve_config(preset: str = "tiny", config_file: str | Path | None = None,
+                   overrides: dict | None = None) -> RunConfig:
+    """Defaults, then the preset, then the file, then explicit overrides (dotted keys)."""
+    if preset not in PRESETS:
+        raise SjeaError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)}).")
+    cfg = RunConfig(name=preset)
+    apply_nested(cfg, PRESETS[preset], where=f"preset {preset}")
+    if config_file is not None:
+        apply_nested(cfg, load_config_file(config_file), where=str(config_file))
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split(".")
+        apply_nested(cfg, _nest(parents, {leaf: value}), where="option")
+    return validate(cfg)
+
+
+def _nest(keys: list[str], leaf: dict) -> dict:
+    for key in reversed(keys):
+        leaf = {key: leaf}
+    return leaf
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    from .runs import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(cfg.to_dict(), indent=2) + "\n")

@@ -1,0 +1,240 @@
+"""Datasets as uint8 RGB pixels: Fashion-MNIST, CIFAR-10/100, STL-10 and image folders.
+
+Every loader looks for local files first (`data_dir`, then the usual places), then tries a
+download; when both fail it raises one line saying how to get the data. The result is an
+`ImageData`: in-memory pixels for the small benchmark sets, or file paths for a folder.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import SjeaError
+from .images import decode_image, is_image_path
+from .preprocess import model_pixels
+
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot"]
+# The natural coarse grouping (method.md): tops, bottoms, dresses, footwear, bags.
+FASHION_MNIST_COARSE = {"tops": [0, 2, 4, 6], "bottoms": [1], "dresses": [3], "footwear": [5, 7, 9], "bags": [8]}
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SJEA_DATA", Path.home() / ".cache" / "sjea" / "datasets"))
+
+
+@dataclass
+class ImageData:
+    """Pixels (N, H, W, 3) uint8 in memory, or image paths decoded on demand."""
+
+    name: str
+    pixels: np.ndarray | None = None
+    paths: list[str] | None = None
+    root: str | None = None
+    labels: np.ndarray | None = None
+    class_names: list[str] | None = None
+    coarse_labels: np.ndarray | None = None
+    coarse_names: list[str] | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.pixels) if self.pixels is not None else len(self.paths or [])
+
+    def subset(self, index: np.ndarray) -> "ImageData":
+        pick = lambda a: None if a is None else a[index]  # noqa: E731
+        return ImageData(
+            self.name, pick(self.pixels), None if self.paths is None else [self.paths[i] for i in index],
+            self.root, pick(self.labels), self.class_names, pick(self.coarse_labels), self.coarse_names, self.meta)
+
+
+class PixelDataset(torch.utils.data.Dataset):
+    """(uint8 HWC pixels at `image_size`, label) pairs; decodes folder images in workers."""
+
+    def __init__(self, data: ImageData, image_size: int):
+        self.data, self.image_size = data, image_size
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        label = int(self.data.labels[i]) if self.data.labels is not None else -1
+        if self.data.pixels is not None:
+            px = self.data.pixels[i]
+            if px.shape[0] != self.image_size or px.shape[1] != self.image_size:
+                from PIL import Image
+
+                px = model_pixels(Image.fromarray(px), self.image_size)
+            return torch.from_numpy(np.ascontiguousarray(px)), label
+        img = decode_image(self.data.paths[i], target_size=self.image_size)
+        return torch.from_numpy(model_pixels(img, self.image_size)), label
+
+
+# --- Fashion-MNIST: the four raw IDX files, gzipped or not --------------------------------------
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+        if zero != 0 or dtype_code != 0x08:
+            raise ValueError("not an unsigned-byte IDX file")
+        shape = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
+        data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+        return data.reshape(shape)
+    except (OSError, ValueError, struct.error, EOFError) as e:
+        raise SjeaError(f"{path} is not a readable IDX file ({e}); re-install the dataset files.") from None
+
+
+def _find_idx(dirs: list[Path], stem: str) -> Path | None:
+    for d in dirs:
+        for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")):
+            for p in (d / name, d / "FashionMNIST" / "raw" / name):
+                if p.is_file():
+                    return p
+    return None
+
+
+def load_fashion_mnist(data_dir: str | None, split: str) -> ImageData:
+    prefix = "train" if split == "train" else "t10k"
+    dirs = [Path(data_dir)] if data_dir else [DEBIAN_FASHION_MNIST, cache_dir() / "fashion-mnist"]
+    img_path = _find_idx(dirs, f"{prefix}-images-idx3-ubyte")
+    lbl_path = _find_idx(dirs, f"{prefix}-labels-idx1-ubyte")
+    if (img_path is None or lbl_path is None) and not data_dir:
+        try:
+            import torchvision
+
+            torchvision.datasets.FashionMNIST(str(cache_dir() / "fashion-mnist"), train=split == "train", download=True)
+            img_path = _find_idx(dirs, f"{prefix}-images-idx3-ubyte")
+            lbl_path = _find_idx(dirs, f"{prefix}-labels-idx1-ubyte")
+        except Exception:
+            pass
+    if img_path is None or lbl_path is None:
+        where = data_dir or f"{DEBIAN_FASHION_MNIST} or {cache_dir() / 'fashion-mnist'}"
+        raise SjeaError(f"Fashion-MNIST {split} files not found in {where} and could not be downloaded; "
+                        "install them with 'apt-get install dataset-fashion-mnist' or pass --data-dir with "
+                        "the four IDX .gz files.")
+    images = _read_idx(img_path)
+    labels = _read_idx(lbl_path).astype(np.int64)
+    if images.ndim != 3 or len(images) != len(labels):
+        raise SjeaError(f"{img_path} and {lbl_path} do not match; re-install the dataset files.")
+    pixels = np.repeat(images[..., None], 3, axis=3)  # models always take RGB
+    coarse_names = list(FASHION_MNIST_COARSE)
+    fine_to_coarse = np.zeros(10, dtype=np.int64)
+    for c, (_, members) in enumerate(FASHION_MNIST_COARSE.items()):
+        fine_to_coarse[members] = c
+    return ImageData("fashion-mnist", pixels=pixels, labels=labels, class_names=list(FASHION_MNIST_CLASSES),
+                     coarse_labels=fine_to_coarse[labels], coarse_names=coarse_names)
+
+
+# --- torchvision datasets -----------------------------------------------------------------------
+
+def _torchvision(name: str, data_dir: str | None, split: str) -> ImageData:
+    import torchvision
+
+    root = Path(data_dir) if data_dir else cache_dir() / name
+    errors = []
+    for download in (False, True):
+        try:
+            if name == "stl10":
+                tv_split = {"train": "unlabeled", "test": "test", "labeled": "train"}[split]
+                ds = torchvision.datasets.STL10(str(root), split=tv_split, download=download)
+                pixels = np.ascontiguousarray(ds.data.transpose(0, 2, 3, 1))
+                labels = np.asarray(ds.labels, dtype=np.int64)
+                labels = None if (labels < 0).all() else labels
+                return ImageData(name, pixels=pixels, labels=labels, class_names=list(ds.classes))
+            cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+            # torchvision verifies the md5 of the official batch files before reading them.
+            ds = cls(str(root), train=split == "train", download=download)
+            data = ImageData(name, pixels=np.asarray(ds.data), labels=np.asarray(ds.targets, dtype=np.int64),
+                             class_names=list(ds.classes))
+            if name == "cifar100":
+                _add_cifar100_coarse(data, root, split)
+            return data
+        except Exception as e:  # not found locally / no network
+            errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            if data_dir:
+                break
+    raise SjeaError(f"{name} not found in {root} and could not be downloaded ({errors[-1]}); "
+                    f"put the official archive's extracted folder there or pass --data-dir.")
+
+
+def _add_cifar100_coarse(data: ImageData, root: Path, split: str) -> None:
+    import pickle  # noqa: S403  the md5-verified official CIFAR-100 file, as torchvision reads it
+
+    base = root / "cifar-100-python"
+    with open(base / ("train" if split == "train" else "test"), "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    with open(base / "meta", "rb") as f:
+        meta = pickle.load(f, encoding="latin1")
+    data.coarse_labels = np.asarray(entry["coarse_labels"], dtype=np.int64)
+    data.coarse_names = list(meta["coarse_label_names"])
+
+
+# --- image folders ------------------------------------------------------------------------------
+
+def scan_images(root: str | Path) -> list[str]:
+    """Image files under root, recursive, in sorted order, as paths relative to root."""
+    root = Path(root)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        rel = Path(dirpath).relative_to(root)
+        found.extend(str(rel / f) if str(rel) != "." else f for f in sorted(filenames) if is_image_path(f))
+    return sorted(found)
+
+
+def load_image_folder(root: str | Path) -> ImageData:
+    root = Path(root)
+    if not root.is_dir():
+        raise SjeaError(f"image folder {root} does not exist; pass a folder of images or a dataset name "
+                        "(fashion-mnist, cifar10, cifar100, stl10).")
+    paths = scan_images(root)
+    if not paths:
+        raise SjeaError(f"no images (jpg, jpeg, png, bmp, gif, tif, tiff, webp) found under {root}.")
+    labels, class_names = folder_labels(paths)
+    return ImageData(str(root), paths=[str(root / p) for p in paths], root=str(root), labels=labels,
+                     class_names=class_names)
+
+
+def folder_labels(rel_paths: list[str]) -> tuple[np.ndarray | None, list[str] | None]:
+    """Class = first sub-folder, when every image sits in one; else no labels."""
+    parts = [Path(p).parts for p in rel_paths]
+    if not parts or any(len(p) < 2 for p in parts):
+        return None, None
+    class_names = sorted({p[0] for p in parts})
+    index = {c: i for i, c in enumerate(class_names)}
+    return np.asarray([index[p[0]] for p in parts], dtype=np.int64), class_names
+
+
+def load_dataset(name: str, data_dir: str | None = None, split: str = "train") -> ImageData:
+    """A dataset by name (fashion-mnist, cifar10, cifar100, stl10) or an image folder path."""
+    if split not in ("train", "test"):
+        raise SjeaError(f"split must be train or test, not '{split}'.")
+    if name == "fashion-mnist":
+        return load_fashion_mnist(data_dir, split)
+    if name in ("cifar10", "cifar100", "stl10"):
+        return _torchvision(name, data_dir, split)
+    if Path(name).is_dir() or "/" in name or name.startswith("."):
+        return load_image_folder(name)
+    raise SjeaError(f"unknown dataset '{name}' (known: fashion-mnist, cifar10, cifar100, stl10, or a path "
+                    "to an image folder).")
+
+
+def train_split(data: ImageData, holdout: int, seed: int, limit: int | None) -> ImageData:
+    """Hold out `holdout` images with a fixed seed (CIFAR recipe), then keep the first `limit`."""
+    index = np.arange(len(data))
+    if holdout:
+        index = np.random.default_rng(seed).permutation(len(data))[holdout:]
+        index.sort()
+    if limit:
+        index = index[:limit]
+    return data if len(index) == len(data) else data.subset(index)

@@ -1,0 +1,59 @@
+"""Robust image decoding: every file becomes an RGB PIL image, or a one-line reason it cannot."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# Decompression bombs are refused by Pillow past this many pixels; 2x its default is generous
+# for camera photos while still stopping crafted files.
+Image.MAX_IMAGE_PIXELS = 2 * 89_478_485
+
+
+def is_image_path(path: str | Path) -> bool:
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Grayscale, palette, RGBA, CMYK and 16-bit images to 8-bit RGB (alpha composited on white)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16/32-bit grayscale: scale the full range down to 8 bits instead of clipping.
+        import numpy as np
+
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = Image.fromarray((a * (255.0 / hi)).clip(0, 255).astype("uint8"), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(path: str | Path, target_size: int | None = None) -> Image.Image:
+    """Open, honour EXIF orientation, reduce large JPEGs while decoding, convert to RGB.
+
+    Raises OSError/ValueError with a readable message for unreadable files.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Image.open(path) as img:
+            if target_size is not None and img.format == "JPEG":
+                # JPEG decodes at 1/2, 1/4 or 1/8 scale for free; keep the short side >= target.
+                img.draft("RGB", (target_size, target_size))
+            img.seek(0)  # first frame of a GIF/TIFF
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+
+
+def describe_error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

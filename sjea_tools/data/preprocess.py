@@ -1,0 +1,47 @@
+"""The single evaluation preprocess: RGB, resize the short side, centre crop, normalise.
+
+Split in two so that image decoding workers can send compact uint8 pixels and the batch is
+normalised once on the inference device: `model_pixels` (PIL -> uint8 HWC) and
+`normalize_pixels` (uint8 batch -> float NCHW). `preprocess_image` is both in a row.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .images import to_rgb
+
+
+def model_pixels(img: Image.Image, image_size: int) -> np.ndarray:
+    """uint8 (H, W, 3) pixels at the model's size: short side resized, centre cropped."""
+    img = to_rgb(img)
+    w, h = img.size
+    if (w, h) != (image_size, image_size):
+        scale = image_size / min(w, h)
+        nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
+        left, top = (nw - image_size) // 2, (nh - image_size) // 2
+        img = img.crop((left, top, left + image_size, top + image_size))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def normalize_pixels(pixels: torch.Tensor | np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (N, H, W, 3) or (H, W, 3) pixels to normalised float32 (N, 3, H, W) or (3, H, W)."""
+    x = torch.as_tensor(pixels)
+    single = x.dim() == 3
+    if single:
+        x = x.unsqueeze(0)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    x = (x - m) / s
+    return x[0].contiguous() if single else x.contiguous()
+
+
+def preprocess_image(img: Image.Image, image_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    return normalize_pixels(model_pixels(img, image_size), mean, std)

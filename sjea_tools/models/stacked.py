@@ -1,0 +1,108 @@
+"""The stacked model: level 0 encodes images, level k encodes the output of level k-1.
+
+`forward_levels(images)` gives the representations Y[0..N-1] in one pass (what users embed);
+`forward_train(images)` also gives the embeddings Z[0..N-1] that the VICReg losses compare.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import RunConfig
+from .heads import MLPEncoder, projector
+from .registry import create_backbone
+from .resnet import VectorResNet
+
+
+def resolve_stem(cfg: RunConfig) -> str:
+    if cfg.model.stem != "auto":
+        return cfg.model.stem
+    return "small" if cfg.image_size <= 64 else "standard"
+
+
+class StackedModel(nn.Module):
+    def __init__(self, cfg: RunConfig):
+        super().__init__()
+        self.cfg = cfg
+        m = cfg.model
+        stem = resolve_stem(cfg)
+        backbone, dim = create_backbone(m.backbone, stem=stem, in_channels=3)
+        encoders: list[nn.Module] = [backbone]
+        projectors = [projector(dim, m.projector, m.projector_last_bias)]
+        dims = [dim]
+        for _ in range(1, m.levels):
+            in_dim = dims[-1] if m.level_input == "representation" else projectors[-1][-1].out_features
+            enc = VectorResNet(in_dim, stem) if m.encoder == "resnet" else MLPEncoder(in_dim, m.mlp_dims)
+            encoders.append(enc)
+            projectors.append(projector(enc.out_dim, m.projector, m.projector_last_bias))
+            dims.append(enc.out_dim)
+        self.encoders = nn.ModuleList(encoders)
+        self.projectors = nn.ModuleList(projectors)
+        self.level_dims: list[int] = dims
+        self.embedding_dims: list[int] = [p[-1].out_features for p in projectors]
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.encoders)
+
+    @property
+    def image_size(self) -> int:
+        return self.cfg.image_size
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self.cfg.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self.cfg.std
+
+    def forward_train(self, images: torch.Tensor, upto: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Representations Y and embeddings Z of levels 0..upto-1 (all by default)."""
+        upto = self.num_levels if upto is None else upto
+        use_embedding = self.cfg.model.level_input == "embedding"
+        ys: list[torch.Tensor] = []
+        zs: list[torch.Tensor] = []
+        x = images
+        for k in range(upto):
+            if k > 0 and self.cfg.model.stop_gradient:
+                x = x.detach()
+            y = self.encoders[k](x)
+            ys.append(y)
+            need_z = self.training or use_embedding or k == upto - 1
+            z = self.projectors[k](y) if need_z else None
+            zs.append(z)
+            x = z if use_embedding else y
+        return ys, zs
+
+    def forward_levels(self, images: torch.Tensor, levels: list[int] | None = None) -> list[torch.Tensor]:
+        """Representations Y[k] for the requested levels (default all), computed in one pass."""
+        levels = list(range(self.num_levels)) if levels is None else list(levels)
+        upto = max(levels) + 1
+        ys, _ = self.forward_train(images, upto=upto)
+        return [ys[k] for k in levels]
+
+    def forward_embeddings(self, images: torch.Tensor, levels: list[int] | None = None) -> list[torch.Tensor]:
+        """Embeddings Z[k] (projector outputs) for the requested levels."""
+        levels = list(range(self.num_levels)) if levels is None else list(levels)
+        ys, zs = self.forward_train(images, upto=max(levels) + 1)
+        return [zs[k] if zs[k] is not None else self.projectors[k](ys[k]) for k in levels]
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.forward_levels(images)
+
+    def preprocess(self, image) -> torch.Tensor:
+        """The exact (3, H, W) float tensor this model expects for a PIL image."""
+        from ..data.preprocess import preprocess_image
+
+        return preprocess_image(image, self.image_size, self.mean, self.std)
+
+    def parameter_counts(self) -> list[dict[str, int]]:
+        """Parameters of each level's encoder and projector."""
+        count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+        return [{"encoder": count(e), "projector": count(p)} for e, p in zip(self.encoders, self.projectors)]
+
+
+def build_model(cfg: RunConfig) -> StackedModel:
+    return StackedModel(cfg)

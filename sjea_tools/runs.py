@@ -1,0 +1,162 @@
+"""The run folder: where a training run keeps everything later commands load.
+
+    runs/<name>/config.json        the resolved RunConfig
+    runs/<name>/metrics.jsonl      one JSON object per logged step / epoch
+    runs/<name>/checkpoints/last.pt  full resume state (trainers.checkpoint)
+    runs/<name>/model.pt           the final weights with their config
+    runs/LATEST                    path of the run written last (what commands use by default)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig
+from .errors import SjeaError
+
+MODEL_FILE = "model.pt"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_FILE = Path("checkpoints") / "last.pt"
+LATEST_FILE = "LATEST"
+DEFAULT_RUNS_DIR = Path("runs")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """torch.save through a temporary file and a rename: a kill never leaves a broken file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def safe_torch_load(path: Path) -> dict:
+    """torch.load with weights_only=True; a corrupt file is a one-line error."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SjeaError(f"{path} does not exist.") from None
+    except Exception as e:
+        raise SjeaError(f"{path} is not a readable sjea checkpoint ({type(e).__name__}); retrain or "
+                        "restore the file.") from None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def set_latest(run_dir: Path) -> None:
+    run_dir = Path(run_dir).resolve()
+    atomic_write_text(run_dir.parent / LATEST_FILE, str(run_dir) + "\n")
+
+
+def find_run(run: str | Path | None = None, runs_dir: Path = DEFAULT_RUNS_DIR) -> Path:
+    """The run folder named, or the latest one under ./runs."""
+    if run is None:
+        pointer = Path(runs_dir) / LATEST_FILE
+        if not pointer.is_file():
+            raise SjeaError(f"no run found ({pointer} is missing): train one with 'sjea train' or pass --run RUN.")
+        run = pointer.read_text().strip()
+    path = Path(run)
+    if path.is_file() and path.suffix == ".pt":
+        return path.parent
+    if not path.is_dir():
+        raise SjeaError(f"run folder {path} does not exist; pass the folder 'sjea train' wrote (e.g. runs/tiny).")
+    if not (path / MODEL_FILE).is_file() and not (path / CHECKPOINT_FILE).is_file():
+        raise SjeaError(f"{path} holds no model ({MODEL_FILE}) or checkpoint; is it a run folder from 'sjea train'?")
+    return path
+
+
+def model_file(run_dir: Path) -> Path:
+    """The final model if training finished, else the last checkpoint."""
+    final = Path(run_dir) / MODEL_FILE
+    return final if final.is_file() else Path(run_dir) / CHECKPOINT_FILE
+
+
+def save_model(run_dir: Path, model, cfg: RunConfig) -> Path:
+    from . import __version__
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    path = Path(run_dir) / MODEL_FILE
+    atomic_torch_save({"format": "sjea-model/1", "version": __version__, "config": cfg.to_dict(),
+                       "model": state}, path)
+    return path
+
+
+def load_model(run: str | Path | None = None, device: str | torch.device = "cpu"):
+    """The model of a run (default: the latest), in eval mode, with its config attached."""
+    from .models import build_model
+
+    run_dir = find_run(run)
+    path = model_file(run_dir)
+    blob = safe_torch_load(path)
+    if not isinstance(blob, dict) or "config" not in blob or "model" not in blob:
+        raise SjeaError(f"{path} is not an sjea model file; pass a run folder written by 'sjea train'.")
+    cfg = RunConfig.from_dict(blob["config"])
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(blob["model"])
+    except RuntimeError as e:
+        raise SjeaError(f"{path} does not match its config ({str(e).splitlines()[0]}).") from None
+    model.run_dir = run_dir
+    model.model_file = path
+    model.eval()
+    return model.to(device)
+
+
+def model_id(model_or_path) -> str:
+    """sha256 of the file a model was loaded from: what stores and exports record."""
+    path = getattr(model_or_path, "model_file", model_or_path)
+    return sha256_file(Path(path))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise SjeaError(f"{path} does not exist: this run has no training metrics.")
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+    return rows

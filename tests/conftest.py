@@ -1,0 +1,69 @@
+"""Shared fixtures: small real runs and folders of real Fashion-MNIST images.
+
+`make_run` saves a randomly initialised model as a run folder (what `sjea train` writes at the
+end), so export/embed/search tests need no training; tests that claim quality train for real.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def fmnist_test():
+    from sjea_tools.data import load_dataset
+
+    return load_dataset("fashion-mnist", split="test")
+
+
+def make_run(run_dir: Path, levels: int = 2, encoder: str = "mlp", seed: int = 0, **model_overrides) -> Path:
+    """A run folder holding a randomly initialised tiny model, as `sjea train` lays it out."""
+    from sjea_tools.config import resolve_config, save_config
+    from sjea_tools.models import build_model
+    from sjea_tools.runs import save_model, set_latest
+
+    overrides = {"model.levels": levels, "model.encoder": encoder, "name": Path(run_dir).name}
+    overrides.update({f"model.{k}": v for k, v in model_overrides.items()})
+    cfg = resolve_config("tiny", overrides=overrides)
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    # A few forward passes in train mode give BatchNorm real running statistics.
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model.forward_train(torch.randn(32, 3, cfg.image_size, cfg.image_size))
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.json")
+    save_model(run_dir, model, cfg)
+    set_latest(run_dir)
+    return run_dir
+
+
+@pytest.fixture(name="make_run")
+def make_run_fixture():
+    return make_run
+
+
+def write_fmnist_folder(root: Path, data, n: int, fmt: str = "png", start: int = 0) -> Path:
+    """n real Fashion-MNIST images as files in class sub-folders."""
+    from PIL import Image
+
+    root = Path(root)
+    for i in range(start, start + n):
+        cls = data.class_names[int(data.labels[i])].replace("/", "-").replace(" ", "_")
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(data.pixels[i]).save(root / cls / f"{i:05d}.{fmt}")
+    return root
+
+
+@pytest.fixture(name="write_fmnist_folder")
+def write_fmnist_folder_fixture():
+    return write_fmnist_folder
