@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,8 +257,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise SjeaError(f"--levels must be 1 or more (got {m.levels}).")
     if t.batch_size < 2:
         raise SjeaError(f"--batch-size must be 2 or more: VICReg's variance needs a batch (got {t.batch_size}).")
-    if t.epochs <= 0:
+    if not (math.isfinite(t.epochs) and t.epochs > 0):
         raise SjeaError(f"--epochs must be positive (got {t.epochs}).")
+    check_numbers(cfg)
     choices = {
         "model.stem": (m.stem, ("auto", "small", "standard")),
         "model.encoder": (m.encoder, ("resnet", "mlp")),
@@ -284,6 +286,39 @@ def validate(cfg: RunConfig) -> RunConfig:
         except (ValueError, AssertionError):
             raise SjeaError(f"model.{spec_name}: '{spec}' must be sizes joined by '-', e.g. 512-512-256.") from None
     return cfg
+
+
+def check_numbers(cfg: RunConfig) -> None:
+    """Refuse values that would only fail (or silently misbehave) later, deep inside training."""
+    d, o = cfg.data, cfg.optim
+    for name in ("mean", "std"):
+        v = getattr(d, name)
+        if v is not None and (len(v) != 3 or not all(math.isfinite(x) for x in v)):
+            raise SjeaError(f"data.{name}: give three numbers, one per RGB channel, e.g. 0.5,0.5,0.5 (got {v}).")
+    if d.std is not None and min(d.std) <= 0:
+        raise SjeaError(f"data.std: every value must be positive (got {d.std}).")
+    if d.image_size is not None and d.image_size < 1:
+        raise SjeaError(f"data.image_size must be positive (got {d.image_size}).")
+    if d.limit is not None and d.limit < 1:
+        raise SjeaError(f"data.limit must be 1 or more; leave it unset for all images (got {d.limit}).")
+    if d.holdout < 0:
+        raise SjeaError(f"data.holdout must be 0 or more (got {d.holdout}).")
+    for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+        p = getattr(d, name)
+        if not 0.0 <= p <= 1.0:  # also refuses NaN
+            raise SjeaError(f"data.{name} is a probability: give a value from 0 to 1 (got {p}).")
+    if len(d.crop_scale) != 2 or not 0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0:
+        raise SjeaError(f"data.crop_scale: give min,max with 0 < min <= max <= 1, e.g. 0.3,1.0 (got {d.crop_scale}).")
+    if len(d.jitter) != 4 or not all(v >= 0 for v in d.jitter):
+        raise SjeaError(f"data.jitter: give brightness,contrast,saturation,hue, e.g. 0.4,0.4,0.4,0.1 (got {d.jitter}).")
+    if not (math.isfinite(o.lr) and o.lr > 0):
+        raise SjeaError(f"optim.lr must be a positive number (got {o.lr}).")
+    if not (math.isfinite(o.weight_decay) and o.weight_decay >= 0):
+        raise SjeaError(f"optim.weight_decay must be 0 or more (got {o.weight_decay}).")
+    for name in ("sim_coeff", "std_coeff", "cov_coeff", "level_weights"):
+        values = getattr(cfg.loss, name)
+        if not all(math.isfinite(v) and v >= 0 for v in values):
+            raise SjeaError(f"loss.{name}: every value must be a finite number, 0 or more (got {values}).")
 
 
 def resolve_config(preset: str = "tiny", config_file: str | Path | None = None,
