@@ -1,0 +1,378 @@
+"""Export levels of a stacked model to ONNX: one graph, one output per level, metadata inside.
+
+    from exports.onnx import export_levels
+    export_levels(model, "all_levels.onnx", levels=[0, 1, 2])     # Y[0..2] in one pass
+
+The graph takes a float32 NCHW batch preprocessed exactly as `sjea_tools.data.normalize_pixels`
+does (or, with preprocessing, uint8 NHWC RGB pixels of the model's size, normalised inside by
+that same function), and gives `level{k}` = Y[k] (or Z[k] with output="embedding") for each
+requested level. The batch axis is dynamic. Lower levels are computed once and shared.
+
+Exporter: torch.onnx's torch.export-based (dynamo) exporter, the default and maintained one in
+torch >= 2.9. It implements opset 18 and newer; opset 17 (for runtimes older than ONNX Runtime
+1.14) uses the TorchScript exporter, because the dynamo exporter's down-conversion to 17 fails on
+ResNet graphs and silently keeps 18. Either way the opset written in the file is checked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sjea_tools.errors import SjeaError
+
+DEFAULT_OPSET = 18
+MIN_OPSET = 17
+OUTPUTS = ("representation", "embedding")
+FORMAT = "sjea-onnx/1"
+
+
+class LevelsGraph(nn.Module):
+    """What is exported: (preprocess) -> stacked model -> one float32 tensor per requested level."""
+
+    def __init__(self, model, levels: list[int], output: str = "representation",
+                 with_preprocessing: bool = False, fp16: bool = False):
+        super().__init__()
+        self.model = model
+        self.levels = list(levels)
+        self.output = output
+        self.with_preprocessing = with_preprocessing
+        self.fp16 = fp16
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.with_preprocessing:
+            from sjea_tools.data import normalize_pixels
+
+            # The one preprocess, traced into the graph: uint8 NHWC -> normalised float NCHW.
+            x = normalize_pixels(x, self.model.mean, self.model.std)
+        if self.fp16:
+            x = x.half()
+        if self.output == "embedding":
+            ys = self.model.forward_embeddings(x, self.levels)
+        else:
+            ys = self.model.forward_levels(x, self.levels)
+        # Outputs stay float32 in every precision, so clients never need to know.
+        return tuple(y.float() for y in ys)
+
+
+def output_names(levels: list[int]) -> list[str]:
+    return [f"level{k}" for k in levels]
+
+
+def check_levels(model, levels) -> list[int]:
+    have = list(range(model.num_levels))
+    levels = [int(k) for k in levels]
+    bad = [k for k in levels if k not in have]
+    if not levels or bad:
+        raise SjeaError(f"level {', '.join(map(str, bad)) or '(none)'} does not exist: this run has levels "
+                        f"{', '.join(map(str, have))} (or 'all').")
+    if len(set(levels)) != len(levels):
+        raise SjeaError(f"levels {levels} repeat a level; give each level once.")
+    return levels
+
+
+def level_dims(model, levels: list[int], output: str) -> list[int]:
+    dims = model.embedding_dims if output == "embedding" else model.level_dims
+    return [int(dims[k]) for k in levels]
+
+
+def build_metadata(model, levels: list[int], output: str, with_preprocessing: bool, fp16: bool,
+                   opset: int, single_level: bool) -> dict[str, str]:
+    """Everything a client needs to feed the graph and to know where it came from (all strings)."""
+    import sjea_tools
+    from sjea_tools.runs import model_id
+
+    source = getattr(model, "model_file", None)
+    s = int(model.image_size)
+    return {
+        "format": FORMAT,
+        "level": str(levels[0]) if single_level else "all",
+        "levels": json.dumps(levels),
+        "outputs": json.dumps(output_names(levels)),
+        "dims": json.dumps(level_dims(model, levels, output)),
+        "output": output,
+        "input_name": "pixels" if with_preprocessing else "images",
+        "input_format": (f"uint8 (N, {s}, {s}, 3) RGB pixels at the model's size" if with_preprocessing else
+                         f"float32 (N, 3, {s}, {s}): RGB / 255, minus mean, divided by std"),
+        "preprocessing": "normalize" if with_preprocessing else "none",
+        "image_size": str(s),
+        "mean": json.dumps([float(v) for v in model.mean]),
+        "std": json.dumps([float(v) for v in model.std]),
+        "color_mode": "RGB",
+        "resize": f"short side to {s} (bilinear), centre crop {s}x{s}; done by the client, not the graph",
+        "precision": "fp16" if fp16 else "fp32",
+        "sjea_version": sjea_tools.__version__,
+        "opset": str(opset),
+        "exporter": f"torch.onnx {'dynamo' if opset >= DEFAULT_OPSET else 'torchscript'} (torch {torch.__version__})",
+        "model_sha256": model_id(source) if source is not None else "",
+        "source": str(Path(source).parent.resolve()) if source is not None else "",
+    }
+
+
+def _example_input(model, with_preprocessing: bool, batch: int = 4) -> torch.Tensor:
+    s = int(model.image_size)
+    if with_preprocessing:
+        return torch.randint(0, 256, (batch, s, s, 3), dtype=torch.uint8)
+    return torch.randn(batch, 3, s, s)
+
+
+def _export_proto(graph: LevelsGraph, example: torch.Tensor, input_name: str, names: list[str], opset: int):
+    """torch.onnx.export -> onnx.ModelProto with a dynamic batch axis, quietly (no stdout noise)."""
+    import onnx
+
+    sink = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+        warnings.simplefilter("ignore")
+        if opset >= DEFAULT_OPSET:
+            batch = torch.export.Dim("batch", min=1, max=1 << 20)
+            program = torch.onnx.export(graph, (example,), None, dynamo=True, opset_version=opset,
+                                        input_names=[input_name], output_names=names,
+                                        dynamic_shapes=({0: batch},), verbose=False, optimize=True)
+            proto = program.model_proto
+        else:
+            buffer = io.BytesIO()
+            axes = {name: {0: "batch"} for name in [input_name, *names]}
+            torch.onnx.export(graph, (example,), buffer, dynamo=False, opset_version=opset,
+                              input_names=[input_name], output_names=names, dynamic_axes=axes,
+                              do_constant_folding=True)
+            proto = onnx.load_from_string(buffer.getvalue())
+    written = {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")}
+    if written != {opset}:
+        raise SjeaError(f"the exporter wrote opset {sorted(written)} instead of {opset}; pass --opset "
+                        f"{DEFAULT_OPSET} (the default).")
+    return proto
+
+
+def set_metadata(proto, metadata: dict[str, str]) -> None:
+    """Replace the graph's metadata_props with `metadata` (string keys and values)."""
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+    proto.producer_name = "sjea-tools"
+    proto.producer_version = metadata.get("sjea_version", "")
+    proto.doc_string = (f"S-JEA levels {metadata.get('levels')} ({metadata.get('output')}); input "
+                        f"'{metadata.get('input_name')}': {metadata.get('input_format')}.")
+
+
+def build_onnx(model, levels, output: str = "representation", with_preprocessing: bool = False,
+               fp16: bool = False, opset: int = DEFAULT_OPSET, single_level: bool | None = None):
+    """The ONNX ModelProto of `levels` (metadata set), not yet written anywhere.
+
+    Metadata 'level' is the level number for a single-level graph, 'all' otherwise
+    (`single_level` overrides: a one-level run's all-levels model still says 'all').
+    """
+    if output not in OUTPUTS:
+        raise SjeaError(f"--output must be one of {', '.join(OUTPUTS)}, not '{output}'.")
+    if opset < MIN_OPSET:
+        raise SjeaError(f"--opset must be {MIN_OPSET} or newer (got {opset}).")
+    levels = check_levels(model, levels)
+    source = model
+    if fp16:
+        import copy
+
+        source = copy.deepcopy(model).half()
+    graph = LevelsGraph(source, levels, output, with_preprocessing, fp16).eval()
+    input_name = "pixels" if with_preprocessing else "images"
+    with torch.no_grad():
+        proto = _export_proto(graph, _example_input(model, with_preprocessing), input_name,
+                              output_names(levels), opset)
+    set_metadata(proto, build_metadata(model, levels, output, with_preprocessing, fp16, opset,
+                                       single_level=len(levels) == 1 if single_level is None else single_level))
+    return proto
+
+
+def extract_levels(proto, levels: list[int], single_level: bool = True):
+    """The sub-graph of a multi-level model that computes only `levels` (exact: same nodes and
+    weights, nothing else), with metadata rewritten for it."""
+    import onnx
+
+    meta = {p.key: p.value for p in proto.metadata_props}
+    have = json.loads(meta["levels"])
+    dims = dict(zip(have, json.loads(meta["dims"])))
+    sub = onnx.utils.Extractor(proto).extract_model([proto.graph.input[0].name], output_names(levels))
+    meta.update({"level": str(levels[0]) if single_level else "all", "levels": json.dumps(levels),
+                 "outputs": json.dumps(output_names(levels)), "dims": json.dumps([dims[k] for k in levels])})
+    set_metadata(sub, meta)
+    return sub
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """metadata_props of an ONNX file as a plain dict of strings (no weights loaded)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def export_levels(model, path: str | Path, levels, output: str = "representation",
+                  with_preprocessing: bool = False, fp16: bool = False, opset: int = DEFAULT_OPSET) -> Path:
+    """Export `levels` of `model` as one graph to `path` (written atomically) and return the path.
+
+    Python entry point without verification; `export_run` (and `sjea export`) also verifies.
+    """
+    from sjea_tools.runs import atomic_write_bytes
+
+    proto = build_onnx(model, levels, output, with_preprocessing, fp16, opset)
+    path = Path(path)
+    atomic_write_bytes(path, proto.SerializeToString())
+    return path
+
+
+# --- the whole job behind `sjea export`: build, verify on real images, then install ---------------
+
+class VerificationError(SjeaError):
+    """Parity failed: nothing was installed; `.report` holds the measured numbers."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message, exit_code=1)
+        self.report = report
+
+
+def file_suffix(output: str, with_preprocessing: bool, fp16: bool) -> str:
+    """Variants get their own names so that exporting one never replaces another."""
+    return ("-embedding" if output == "embedding" else "") + ("-uint8" if with_preprocessing else "") + \
+        ("-fp16" if fp16 else "")
+
+
+def parse_level(level, num_levels: int) -> list[int] | None:
+    """'all' -> None; '2' / 2 -> [2]; anything else is a one-line error listing the run's levels."""
+    have = ", ".join(map(str, range(num_levels)))
+    if isinstance(level, str) and level.strip().lower() == "all":
+        return None
+    try:
+        k = int(str(level).strip())
+    except ValueError:
+        raise SjeaError(f"--level must be a level number or 'all', not '{level}' (this run has levels {have}).") from None
+    if not 0 <= k < num_levels:
+        raise SjeaError(f"level {k} does not exist: this run has levels {have} (or 'all').")
+    return [k]
+
+
+def prepare_out_dir(out: Path) -> Path:
+    """Create the folder and prove it is writable before any work is done."""
+    import os
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise SjeaError(f"output folder {out} is a file; pass --out with a folder.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".sjea-write-test.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise SjeaError(f"output folder {out} is not writable ({e.strerror or e}); pass --out with a "
+                        "folder you can write to.") from None
+    return out
+
+
+def export_run(run=None, level="all", out=None, output: str = "representation", with_preprocessing: bool = False,
+               fp16: bool = False, provider: str | None = None, images=None, overwrite: bool = False,
+               opset: int = DEFAULT_OPSET, progress=None) -> dict:
+    """Export level K (or every level and one all-levels model) of a run, verify, install.
+
+    Files go to RUN/onnx (or `out`): level{K}.onnx per level and, for level='all', all_levels.onnx
+    computing every level in one pass. Each file is written under a temporary name, checked with
+    onnx.checker and against PyTorch on real images, and renamed into place only when every file
+    passed; on any failure nothing new is left behind. `progress(done, total, what)` is called as
+    work advances. Returns a report dict; raises VerificationError (with `.report`) on failed parity.
+    """
+    import os
+    import secrets
+
+    import onnxruntime as ort
+
+    from sjea_tools.runs import find_run, load_model
+
+    from .runtime import provider_name
+    from .verify import tolerance_for, verification_pixels, verify_onnx
+
+    if output not in OUTPUTS:
+        raise SjeaError(f"--output must be one of {', '.join(OUTPUTS)}, not '{output}'.")
+    if opset < MIN_OPSET:
+        raise SjeaError(f"--opset must be {MIN_OPSET} or newer (got {opset}).")
+    if provider is not None and provider_name(provider) not in ort.get_available_providers():
+        raise SjeaError(f"ONNX Runtime provider {provider_name(provider)} is not available here (available: "
+                        f"{', '.join(ort.get_available_providers())}); use --provider cpu.")
+    run_dir = find_run(run)
+    model = load_model(run_dir)
+    single = parse_level(level, model.num_levels)
+    all_levels = list(range(model.num_levels))
+    out_dir = prepare_out_dir(Path(out) if out is not None else Path(run_dir) / "onnx")
+    suffix = file_suffix(output, with_preprocessing, fp16)
+    # (file name, levels, is a single-level file)
+    plan = [(f"level{k}{suffix}.onnx", [k], True) for k in (single or all_levels)]
+    if single is None:
+        plan.append((f"all_levels{suffix}.onnx", all_levels, False))
+    existing = [name for name, _, _ in plan if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise SjeaError(f"{out_dir / existing[0]} already exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}; "
+                        "pass --overwrite to replace, or --out for another folder.")
+
+    total = 2 + 2 * len(plan)
+    step = 0
+
+    def advance(what: str) -> None:
+        nonlocal step
+        step += 1
+        if progress is not None:
+            progress(step, total, what)
+
+    pixels, image_source = verification_pixels(model, images)
+    advance("loaded verification images")
+    temps: dict[str, Path] = {}
+    try:
+        # One export of every needed level; single-level files are exact sub-graphs of it.
+        levels_needed = single or all_levels
+        full = build_onnx(model, levels_needed, output, with_preprocessing, fp16, opset,
+                          single_level=single is not None)
+        advance("exported the graph")
+        files = []
+        for name, levels, is_single in plan:
+            # With --level all, every per-level file is cut out of the all-levels graph.
+            proto = full if (single is not None or not is_single) else extract_levels(full, levels)
+            temp = out_dir / f".{name}.{secrets.token_hex(4)}.tmp"
+            temps[name] = temp
+            data = proto.SerializeToString()
+            with open(temp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            advance(f"wrote {name}")
+            check = verify_onnx(temp, model, pixels, provider=provider, fp16=fp16)
+            check["path"] = str(out_dir / name)
+            files.append({"path": str(out_dir / name), "levels": levels,
+                          "dims": level_dims(model, levels, output), "bytes": len(data), "verification": check})
+            advance(f"verified {name}")
+        report = {
+            "run": str(run_dir), "model_sha256": {p.key: p.value for p in full.metadata_props}["model_sha256"],
+            "run_levels": all_levels, "level": "all" if single is None else single[0], "output": output,
+            "precision": "fp16" if fp16 else "fp32", "with_preprocessing": with_preprocessing, "opset": opset,
+            "provider": files[0]["verification"]["provider"], "images": image_source,
+            "tolerance": tolerance_for(fp16).describe(), "out": str(out_dir), "files": files,
+            "passed": all(f["verification"]["passed"] for f in files),
+        }
+        if not report["passed"]:
+            bad = next(f for f in files if not f["verification"]["passed"])
+            v = bad["verification"]
+            if v["checker"] != "passed":
+                why = f"onnx.checker {v['checker']}"
+            else:
+                row = next(r for r in v["levels"] if not r["passed"])
+                why = (f"level {row['level']} max abs diff {row['max_abs_diff']:.3g}, min cosine "
+                       f"{row['min_cosine']:.7f} ({report['tolerance']})")
+            raise VerificationError(f"verification failed for {Path(bad['path']).name}: {why}; nothing was "
+                                    "written.", report)
+        for name, temp in temps.items():
+            os.replace(temp, out_dir / name)
+        return report
+    finally:
+        for temp in temps.values():
+            temp.unlink(missing_ok=True)

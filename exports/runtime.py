@@ -1,0 +1,214 @@
+"""ONNX Runtime sessions for exported levels: provider choice, fast session options, IO binding.
+
+    from exports.runtime import OnnxModel
+    m = OnnxModel("runs/tiny/onnx/all_levels.onnx")      # CUDA if it really works, else CPU
+    ys = m.run(batch)                                     # float32 NCHW -> one array per level
+
+ONNX Runtime silently falls back to the CPU when the CUDA provider cannot start (no GPU, missing
+cuDNN), so the provider actually used is read back from the session and exposed as `.provider`.
+Everything a caller needs to feed the graph (image size, mean, std, levels, dims, the checkpoint's
+sha256) comes from the file's metadata, never from guessing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from sjea_tools.errors import SjeaError
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+# Short names accepted by --provider, and the full ONNX Runtime names.
+PROVIDER_ALIASES = {"cpu": CPU, "cuda": CUDA, "gpu": CUDA, "tensorrt": "TensorrtExecutionProvider",
+                    "trt": "TensorrtExecutionProvider"}
+# Set once the CUDA provider failed to start in this process, so later sessions do not retry.
+_cuda_failed: str | None = None
+
+
+def provider_name(provider: str) -> str:
+    """'cpu' / 'cuda' / 'tensorrt' or a full ONNX Runtime provider name -> the full name."""
+    full = PROVIDER_ALIASES.get(provider.lower(), provider)
+    if not full.endswith("ExecutionProvider"):
+        known = ", ".join(PROVIDER_ALIASES)
+        raise SjeaError(f"unknown provider '{provider}' (use one of {known}, or a full ONNX Runtime name).")
+    return full
+
+
+def cpu_threads() -> int:
+    """Cores this process may use (respects taskset/cgroup affinity, unlike os.cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def session_options(threads: int | None = None):
+    """What makes ONNX Runtime fast here: every graph optimisation (Conv+BN+ReLU fusion, constant
+    folding, layout transforms) and one intra-op thread per core; inter-op parallelism does not
+    help a chain of layers."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads or cpu_threads()
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3  # errors only: no per-node placement warnings on stderr
+    return so
+
+
+def _provider_list(full: str, precise: bool) -> list:
+    if full == CUDA:
+        # Exact fp32 (no TF32) when the session is used to verify parity; fastest otherwise.
+        options = {"cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "0" if precise else "1"}
+        return [(CUDA, options), CPU]
+    if full == CPU:
+        return [CPU]
+    return [full, CPU]
+
+
+def _try_session(model_bytes_or_path, full: str, so, precise: bool):
+    """A session whose first provider is `full`, or (None, reason) when that provider does not start."""
+    import onnxruntime as ort
+
+    # ONNX Runtime logs a warning to stderr on a failed provider and carries on with the CPU; the
+    # failure is reported by us instead (the session's provider list says what really happened).
+    previous = 2  # ONNX Runtime's default (warnings)
+    ort.set_default_logger_severity(4 if full != CPU else 3)
+    try:
+        sess = ort.InferenceSession(model_bytes_or_path, so, providers=_provider_list(full, precise))
+    except Exception as e:  # ONNX Runtime raises its own Fail/InvalidArgument types
+        text = str(e).strip().splitlines()
+        return None, (text[0] if text else type(e).__name__)
+    finally:
+        ort.set_default_logger_severity(previous)
+    if sess.get_providers()[0] != full:
+        return None, f"{full} did not initialise (no usable GPU, or its CUDA/cuDNN libraries are missing)"
+    return sess, None
+
+
+def create_session(model, provider: str | None = None, threads: int | None = None, precise: bool = False):
+    """(session, provider actually used). provider=None: CUDA when it really starts, else CPU;
+    a named provider that cannot start is an error, never a silent fallback."""
+    global _cuda_failed
+    import onnxruntime as ort
+
+    source = str(model) if isinstance(model, (str, Path)) else model
+    so = session_options(threads)
+    available = ort.get_available_providers()
+    if provider is not None:
+        full = provider_name(provider)
+        if full not in available:
+            raise SjeaError(f"ONNX Runtime provider {full} is not available in this installation "
+                            f"(available: {', '.join(available)}); use --provider cpu.")
+        sess, why = _try_session(source, full, so, precise)
+        if sess is None:
+            if full == CUDA:
+                _cuda_failed = why
+            raise SjeaError(f"provider {full} could not start: {why}; use --provider cpu.")
+        return sess, full
+    if CUDA in available and _cuda_failed is None:
+        sess, why = _try_session(source, CUDA, so, precise)
+        if sess is not None:
+            return sess, CUDA
+        _cuda_failed = why
+    sess, why = _try_session(source, CPU, so, precise)
+    if sess is None:
+        raise SjeaError(f"ONNX Runtime cannot load {model if isinstance(model, (str, Path)) else 'the model'}: {why}")
+    return sess, CPU
+
+
+def parse_metadata(props: dict[str, str]) -> dict:
+    """metadata_props (all strings) -> typed values: JSON where the exporter wrote JSON."""
+    out = {}
+    for key, value in props.items():
+        try:
+            out[key] = json.loads(value)
+        except (json.JSONDecodeError, TypeError):
+            out[key] = value
+    return out
+
+
+class OnnxModel:
+    """An exported sjea graph in an ONNX Runtime session, described by its own metadata."""
+
+    def __init__(self, path: str | Path, provider: str | None = None, threads: int | None = None,
+                 precise: bool = False):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SjeaError(f"ONNX file {self.path} does not exist; create it with 'sjea export'.")
+        self.session, self.provider = create_session(self.path, provider, threads, precise)
+        self.metadata = parse_metadata(dict(self.session.get_modelmeta().custom_metadata_map))
+        if "levels" not in self.metadata or "image_size" not in self.metadata:
+            raise SjeaError(f"{self.path} has no sjea metadata (levels, image size); export it with 'sjea export'.")
+        inputs = self.session.get_inputs()
+        self.input_name: str = inputs[0].name
+        self.output_names: list[str] = [o.name for o in self.session.get_outputs()]
+        self.levels: list[int] = [int(k) for k in self.metadata["levels"]]
+        self.dims: list[int] = [int(d) for d in self.metadata["dims"]]
+        self.image_size: int = int(self.metadata["image_size"])
+        self.mean: tuple[float, ...] = tuple(float(v) for v in self.metadata["mean"])
+        self.std: tuple[float, ...] = tuple(float(v) for v in self.metadata["std"])
+        self.model_id: str = str(self.metadata.get("model_sha256", ""))
+        self.output: str = str(self.metadata.get("output", "representation"))
+        # uint8 NHWC pixels when normalisation is inside the graph, else float32 NCHW.
+        self.takes_pixels: bool = self.metadata.get("preprocessing") == "normalize"
+        self.input_dtype = np.uint8 if self.takes_pixels else np.float32
+
+    def __repr__(self) -> str:
+        return f"OnnxModel({str(self.path)!r}, provider={self.provider!r}, levels={self.levels})"
+
+    def _check(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, dtype=self.input_dtype)
+        s = self.image_size
+        want = (s, s, 3) if self.takes_pixels else (3, s, s)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != want:
+            layout = "uint8 (N, H, W, 3)" if self.takes_pixels else "float32 (N, 3, H, W)"
+            raise SjeaError(f"{self.path.name} takes a {layout} batch with H=W={s}; got shape {tuple(batch.shape)}.")
+        return batch
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """One array (N, dim) per level, in `self.levels` order."""
+        batch = self._check(batch)
+        if self.provider == CPU:
+            return self.session.run(self.output_names, {self.input_name: batch})
+        # On a GPU: copy the input once, leave outputs on the device until all are done, then
+        # copy them back together (no per-output synchronisation, no arena reallocation).
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.input_name, batch)
+        for name in self.output_names:
+            binding.bind_output(name, "cuda")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    def run_torch(self, batch):
+        """A torch tensor in, torch tensors out, on the tensor's device; zero-copy on CUDA.
+
+        For GPU pipelines that decode, normalise and embed without leaving the device: the input's
+        memory is bound directly and outputs are written into preallocated tensors.
+        """
+        import torch
+
+        if self.provider != CUDA or batch.device.type != "cuda":
+            outs = self.run(batch.detach().cpu().numpy())
+            return [torch.from_numpy(o).to(batch.device) for o in outs]
+        batch = batch.contiguous()
+        if self.takes_pixels:
+            batch = batch.to(torch.uint8)
+            element_type = np.uint8
+        else:
+            batch = batch.to(torch.float32)
+            element_type = np.float32
+        index = batch.device.index or 0
+        binding = self.session.io_binding()
+        binding.bind_input(self.input_name, "cuda", index, element_type, list(batch.shape), batch.data_ptr())
+        outs = [torch.empty((batch.shape[0], d), dtype=torch.float32, device=batch.device) for d in self.dims]
+        for name, out in zip(self.output_names, outs):
+            binding.bind_output(name, "cuda", index, np.float32, list(out.shape), out.data_ptr())
+        torch.cuda.current_stream(batch.device).synchronize()  # the input must be ready before ORT reads it
+        self.session.run_with_iobinding(binding)
+        return outs
