@@ -1,0 +1,425 @@
+"""Evaluation of a stacked model, level by level: linear probe, weighted k-NN, collapse checks,
+and how coarse or fine the neighbourhoods of each level are.
+
+The metric functions at the top are pure (arrays in, numbers out) and tested on their own.
+`evaluate_run` computes features once per split with the encoder in eval mode, then applies
+them; `evaluate_store` does the same on the embeddings an HDF5 store already holds.
+
+Protocol (method.md): features are the representations Y[k]; the bank of the k-NN and the
+training set of the probe are the dataset's train split, the queries its test split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import SjeaError
+
+EVAL_FILE = "eval.json"
+KNN_K = 200
+KNN_TEMPERATURE = 0.1
+PRECISION_K = 10
+# Fashion-MNIST's natural grouping (method.md), by class name, so that image folders of the same
+# classes (any spelling of the names) get coarse labels too.
+FASHION_MNIST_GROUPS = {
+    "tops": ("t-shirt/top", "pullover", "coat", "shirt"), "bottoms": ("trouser",), "dresses": ("dress",),
+    "footwear": ("sandal", "sneaker", "ankle boot"), "bags": ("bag",),
+}
+
+
+# --- pure metric functions ------------------------------------------------------------------------
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def nearest_neighbours(bank: np.ndarray, queries: np.ndarray, k: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine top-k of each query among the bank rows: (ids (q,k), similarities (q,k)), best first."""
+    k = min(k, len(bank))
+    b = torch.from_numpy(l2_normalize(bank))
+    q = torch.from_numpy(l2_normalize(queries))
+    ids, sims = [], []
+    for start in range(0, len(q), chunk):
+        s, i = (q[start:start + chunk] @ b.T).topk(k, dim=1)
+        ids.append(i.numpy())
+        sims.append(s.numpy())
+    return np.concatenate(ids), np.concatenate(sims)
+
+
+def weighted_vote(neighbour_labels: np.ndarray, similarities: np.ndarray, num_classes: int,
+                  temperature: float = KNN_TEMPERATURE) -> np.ndarray:
+    """Each neighbour votes for its class with weight exp(sim / T); the heaviest class wins."""
+    weights = np.exp(similarities.astype(np.float64) / temperature)
+    votes = np.zeros((len(neighbour_labels), num_classes))
+    np.add.at(votes, (np.arange(len(neighbour_labels))[:, None], neighbour_labels), weights)
+    return votes.argmax(axis=1)
+
+
+def knn_accuracy(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, query_labels: np.ndarray,
+                 k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> float:
+    """Weighted k-NN top-1 accuracy in percent (cosine similarity, vote weight exp(sim/T))."""
+    ids, sims = nearest_neighbours(bank, queries, k)
+    return knn_accuracy_from_neighbours(ids, sims, bank_labels, query_labels, temperature)
+
+
+def knn_accuracy_from_neighbours(ids: np.ndarray, sims: np.ndarray, bank_labels: np.ndarray,
+                                 query_labels: np.ndarray, temperature: float = KNN_TEMPERATURE) -> float:
+    num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
+    pred = weighted_vote(bank_labels[ids], sims, num_classes, temperature)
+    return float(100.0 * (pred == query_labels).mean())
+
+
+def precision_at_k(ids: np.ndarray, bank_labels: np.ndarray, query_labels: np.ndarray, k: int = PRECISION_K) -> float:
+    """Mean fraction, in percent, of each query's first k neighbours that share its label."""
+    top = bank_labels[ids[:, :k]]
+    return float(100.0 * (top == query_labels[:, None]).mean())
+
+
+def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                 epochs: int = 20, lr: float = 0.2, batch_size: int = 256, weight_decay: float = 0.0,
+                 seed: int = 0) -> dict[str, float]:
+    """Top-1 and top-5 test accuracy (percent) of one linear layer trained on frozen features.
+
+    SGD with momentum 0.9 and a per-step cosine schedule. Features are standardised with the
+    training set's mean and std first (an affine map, so the classifier stays linear); this is
+    what makes one learning rate work for features of any scale.
+    """
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    xtr = torch.from_numpy(np.asarray(train_x, dtype=np.float32))
+    xte = torch.from_numpy(np.asarray(test_x, dtype=np.float32))
+    mean, std = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    ytr = torch.from_numpy(np.asarray(train_y, dtype=np.int64))
+    yte = torch.from_numpy(np.asarray(test_y, dtype=np.int64))
+
+    gen = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Linear(xtr.shape[1], num_classes)
+    with torch.no_grad():  # seeded init, independent of the global RNG
+        bound = 1 / math.sqrt(xtr.shape[1])
+        layer.weight.uniform_(-bound, bound, generator=gen)
+        layer.bias.zero_()
+    opt = torch.optim.SGD(layer.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(xtr) / batch_size)
+    total = max(1, epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    for _ in range(epochs):
+        order = torch.randperm(len(xtr), generator=gen)
+        for start in range(0, len(xtr), batch_size):
+            idx = order[start:start + batch_size]
+            loss = torch.nn.functional.cross_entropy(layer(xtr[idx]), ytr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        logits = layer(xte)
+    top5 = logits.topk(min(5, num_classes), dim=1).indices
+    return {"top1": round(float(100.0 * (top5[:, 0] == yte).double().mean()), 4),
+            "top5": round(float(100.0 * (top5 == yte[:, None]).any(dim=1).double().mean()), 4)}
+
+
+def collapse_stats(features: np.ndarray) -> dict[str, float]:
+    """RankMe effective rank and mean per-dimension std of L2-normalised rows (metrics.py)."""
+    from .metrics import effective_rank, mean_std
+
+    t = torch.from_numpy(np.asarray(features, dtype=np.float32))
+    return {"effective_rank": effective_rank(t), "mean_std": mean_std(t)}
+
+
+def retrieval_scores(ids: np.ndarray, sims: np.ndarray, bank_labels: np.ndarray, query_labels: np.ndarray,
+                     temperature: float = KNN_TEMPERATURE) -> dict[str, float]:
+    """k-NN top-1 and precision@10 from one neighbour list (ids sorted best first)."""
+    return {"knn_top1": knn_accuracy_from_neighbours(ids, sims, bank_labels, query_labels, temperature),
+            "precision_at_10": precision_at_k(ids, bank_labels, query_labels, PRECISION_K)}
+
+
+# --- labels -----------------------------------------------------------------------------------------
+
+def _canonical(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def coarse_from_class_names(class_names: Sequence[str] | None) -> tuple[np.ndarray, list[str]] | None:
+    """fine -> coarse index map when the class names are Fashion-MNIST's (any spelling), else None."""
+    if not class_names:
+        return None
+    group_of = {_canonical(c): g for g, members in enumerate(FASHION_MNIST_GROUPS.values()) for c in members}
+    canon = [_canonical(c) for c in class_names]
+    if sorted(canon) != sorted(group_of):
+        return None
+    return np.asarray([group_of[c] for c in canon], dtype=np.int64), list(FASHION_MNIST_GROUPS)
+
+
+def random_subset(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of `limit` rows drawn with a fixed seed (all rows when limit is None).
+
+    Drawn at random rather than the first rows: image folders are sorted by class.
+    """
+    if limit is None or limit >= n:
+        return np.arange(n)
+    if limit < 1:
+        raise SjeaError(f"a sample limit must be 1 or more (got {limit}).")
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
+# --- evaluating feature sets --------------------------------------------------------------------------
+
+def evaluate_features(train_feats: Sequence[np.ndarray], train_labels: np.ndarray, test_feats: Sequence[np.ndarray],
+                      test_labels: np.ndarray, levels: Sequence[int], coarse: tuple[np.ndarray, list[str]] | None = None,
+                      probe_epochs: int = 20, probe_lr: float = 0.2, seed: int = 0, k: int = KNN_K,
+                      temperature: float = KNN_TEMPERATURE, hierarchical: bool = True) -> dict:
+    """Every metric for every level, from cached features; `coarse` = (fine->coarse map, names)."""
+    train_labels = np.asarray(train_labels, dtype=np.int64)
+    test_labels = np.asarray(test_labels, dtype=np.int64)
+    if len(np.unique(train_labels)) < 2:
+        raise SjeaError("the training split holds fewer than 2 classes; evaluate on more images (raise --max-train).")
+    label_sets = {"fine": (train_labels, test_labels)}
+    if coarse is not None:
+        fine_to_coarse = coarse[0]
+        label_sets = {"coarse": (fine_to_coarse[train_labels], fine_to_coarse[test_labels]), **label_sets}
+    per_level = []
+    for level, ftr, fte in zip(levels, train_feats, test_feats):
+        probe = linear_probe(ftr, train_labels, fte, test_labels, epochs=probe_epochs, lr=probe_lr, seed=seed)
+        ids, sims = nearest_neighbours(ftr, fte, max(k, PRECISION_K))
+        row = {"level": int(level), "dim": int(ftr.shape[1]),
+               "linear_top1": probe["top1"], "linear_top5": probe["top5"],
+               "knn_top1": knn_accuracy_from_neighbours(ids[:, :k], sims[:, :k], train_labels, test_labels, temperature),
+               **collapse_stats(fte)}
+        if coarse is not None:
+            row["hierarchy"] = {name: retrieval_scores(ids[:, :k], sims[:, :k], ytr, yte, temperature)
+                                for name, (ytr, yte) in label_sets.items()}
+        per_level.append(row)
+    result = {"levels": per_level}
+    if coarse is not None:
+        result["coarse_names"] = coarse[1]
+        if hierarchical and len(levels) > 1:
+            result["hierarchical_search"] = hierarchical_scores(train_feats, test_feats, levels, label_sets, k, temperature)
+    return result
+
+
+def hierarchical_scores(train_feats, test_feats, levels, label_sets, k, temperature) -> list[dict]:
+    """The same retrieval scores through `search.hierarchical_search`, both ways up the stack.
+
+    Candidates come from the first level of `order` and are re-ranked level by level; the
+    vote weights are the similarities at the last level, the one that ranked them.
+    """
+    from .search import hierarchical_search
+
+    bases = [l2_normalize(f) for f in train_feats]
+    queries = [l2_normalize(f) for f in test_feats]
+    positions = list(range(len(levels)))
+    out = []
+    for order in (positions, positions[::-1]):
+        ids, scores = hierarchical_search(queries, bases, k=k, order=order)
+        sims = scores[:, :, order[-1]]
+        out.append({"order": [int(levels[i]) for i in order],
+                    **{name: retrieval_scores(ids, sims, ytr, yte, temperature) for name, (ytr, yte) in label_sets.items()}})
+    return out
+
+
+# --- features of a model ------------------------------------------------------------------------------
+
+def extract_features(model, data, levels: Sequence[int] | None = None, batch_size: int = 256,
+                     progress=None, description: str = "features") -> list[np.ndarray]:
+    """Representations Y[k] of every image of `data` (an ImageData), model in eval mode, in order.
+
+    `progress`: an optional rich Progress (anything with add_task/advance) to report to.
+    """
+    from .data import PixelDataset, normalize_pixels
+
+    levels = list(range(model.num_levels)) if levels is None else list(levels)
+    model.eval()
+    device = next(model.parameters()).device
+    workers = 0 if data.pixels is not None else 2  # folders decode files; in-memory pixels do not
+    loader = torch.utils.data.DataLoader(PixelDataset(data, model.image_size), batch_size=batch_size,
+                                         shuffle=False, num_workers=workers)
+    out: list[list[np.ndarray]] = [[] for _ in levels]
+    task = progress.add_task(description, total=len(data)) if progress is not None else None
+    with torch.no_grad():
+        for pixels, _ in loader:
+            x = normalize_pixels(pixels.to(device), model.mean, model.std)
+            for k, y in enumerate(model.forward_levels(x, levels)):
+                out[k].append(y.float().cpu().numpy())
+            if task is not None:
+                progress.advance(task, len(pixels))
+    return [np.concatenate(chunks) for chunks in out]
+
+
+def calibrate_batchnorm(model, data, batches: int = 20, batch_size: int = 256, seed: int = 0) -> None:
+    """Running BatchNorm statistics from real images, no weight changes (for random-init baselines)."""
+    from .data import PixelDataset, normalize_pixels
+
+    gen = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(PixelDataset(data, model.image_size), batch_size=batch_size,
+                                         shuffle=True, generator=gen)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for i, (pixels, _) in enumerate(loader):
+            if i >= batches:
+                break
+            model.forward_train(normalize_pixels(pixels, model.mean, model.std))
+    model.eval()
+
+
+def load_eval_splits(dataset: str, data_dir: str | None, seed: int, test_fraction: float = 0.2):
+    """(train, test) ImageData with labels: the official splits, or a seeded split of a folder."""
+    from .data import load_dataset
+
+    if dataset == "stl10":
+        from .data.datasets import _torchvision  # STL-10's labelled train split (load_dataset gives 'unlabeled')
+
+        train, test = _torchvision("stl10", data_dir, "labeled"), load_dataset("stl10", data_dir, "test")
+    elif dataset in ("fashion-mnist", "cifar10", "cifar100"):
+        train, test = load_dataset(dataset, data_dir, "train"), load_dataset(dataset, data_dir, "test")
+    else:
+        folder = load_dataset(dataset, data_dir)
+        if folder.labels is None:
+            raise SjeaError(f"{dataset} has no labels: evaluation needs one sub-folder per class "
+                            "(e.g. photos/cat/1.jpg, photos/dog/2.jpg).")
+        perm = np.random.default_rng(seed).permutation(len(folder))
+        n_test = max(1, int(round(test_fraction * len(folder))))
+        train, test = folder.subset(np.sort(perm[n_test:])), folder.subset(np.sort(perm[:n_test]))
+    for split, data in (("train", train), ("test", test)):
+        if data.labels is None:
+            raise SjeaError(f"the {split} split of {dataset} has no labels; evaluation needs labelled images.")
+    return train, test
+
+
+def coarse_of(data) -> tuple[np.ndarray, list[str]] | None:
+    """The dataset's fine -> coarse map (CIFAR-100 superclasses, Fashion-MNIST groups), if any."""
+    if data.coarse_labels is not None and data.labels is not None:
+        n_fine = len(data.class_names) if data.class_names else int(data.labels.max()) + 1
+        fine_to_coarse = np.zeros(n_fine, dtype=np.int64)
+        fine_to_coarse[data.labels] = data.coarse_labels
+        return fine_to_coarse, list(data.coarse_names)
+    return coarse_from_class_names(data.class_names)
+
+
+def evaluate_run(run=None, dataset: str | None = None, data_dir: str | None = None, max_train: int | None = None,
+                 max_test: int | None = None, levels: Sequence[int] | None = None, probe_epochs: int = 20,
+                 probe_lr: float = 0.2, batch_size: int = 256, seed: int = 0, random_init: bool = False,
+                 device: str = "cpu", out: str | Path | None = None, save_features: bool = False,
+                 progress=None) -> dict:
+    """Evaluate a run's model on a labelled dataset (default: the one it was trained on).
+
+    Writes eval.json in the run folder (eval-random-init.json for the random-init baseline) and
+    returns the same dictionary. `random_init=True` evaluates the run's architecture with fresh
+    weights (BatchNorm statistics from training images): the floor a trained model must beat.
+    """
+    from .models import build_model
+    from .runs import atomic_write_text, find_run, load_model, model_id
+
+    run_dir = find_run(run)
+    model = load_model(run_dir, device=device)
+    source_id = model_id(model)
+    dataset = dataset or model.cfg.data.dataset
+    data_dir = data_dir if data_dir is not None else (model.cfg.data.data_dir if dataset == model.cfg.data.dataset else None)
+    levels = check_levels(levels, model.num_levels)
+    t0 = time.perf_counter()
+    train, test = load_eval_splits(dataset, data_dir, seed)
+    train = train.subset(random_subset(len(train), max_train, seed))
+    test = test.subset(random_subset(len(test), max_test, seed + 1))
+    if random_init:
+        torch.manual_seed(seed)
+        model = build_model(model.cfg).to(device)
+        calibrate_batchnorm(model, train, batch_size=batch_size, seed=seed)
+    train_feats = extract_features(model, train, levels, batch_size, progress, "train features")
+    test_feats = extract_features(model, test, levels, batch_size, progress, "test features")
+    t_features = time.perf_counter() - t0
+    result = evaluate_features(train_feats, train.labels, test_feats, test.labels, levels, coarse_of(train),
+                               probe_epochs=probe_epochs, probe_lr=probe_lr, seed=seed)
+    out_path = Path(out) if out else run_dir / ("eval-random-init.json" if random_init else EVAL_FILE)
+    result = {
+        "source": "run", "run": str(Path(run_dir).resolve()), "model_id": source_id,
+        "weights": "random-init" if random_init else "trained", "dataset": dataset, "class_names": train.class_names,
+        "n_train": len(train), "n_test": len(test),
+        "settings": {"knn_k": KNN_K, "knn_temperature": KNN_TEMPERATURE, "probe_epochs": probe_epochs,
+                     "probe_lr": probe_lr, "seed": seed, "features": "representation Y[k], eval mode"},
+        **result,
+        "seconds": {"features": round(t_features, 2), "total": round(time.perf_counter() - t0, 2)},
+        "output": str(out_path),
+    }
+    if save_features:
+        feat_path = out_path.with_suffix(".features.npz")
+        save_feature_file(feat_path, levels, train_feats, train.labels, test_feats, test.labels)
+        result["features_file"] = str(feat_path)
+    atomic_write_text(out_path, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def save_feature_file(path: Path, levels, train_feats, train_labels, test_feats, test_labels) -> None:
+    import io
+
+    from .runs import atomic_write_bytes
+
+    arrays = {"levels": np.asarray(levels), "train_labels": train_labels, "test_labels": test_labels}
+    for level, a, b in zip(levels, train_feats, test_feats):
+        arrays[f"train_level{level}"], arrays[f"test_level{level}"] = a, b
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def check_levels(levels: Sequence[int] | None, num_levels: int) -> list[int]:
+    if levels is None:
+        return list(range(num_levels))
+    levels = sorted(set(int(v) for v in levels))
+    bad = [v for v in levels if not 0 <= v < num_levels]
+    if bad or not levels:
+        raise SjeaError(f"--level {bad[0] if bad else ''} does not exist: this model has levels 0..{num_levels - 1}.")
+    return levels
+
+
+def evaluate_store(store_path, max_rows: int | None = None, test_fraction: float = 0.2, probe_epochs: int = 20,
+                   probe_lr: float = 0.2, seed: int = 0, levels: Sequence[int] | None = None,
+                   out: str | Path | None = None) -> dict:
+    """Evaluate the embeddings of a labelled HDF5 store: a seeded split of its rows into a bank
+    (and probe training set) and queries. Writes <store>.eval.json beside the store."""
+    from .runs import atomic_write_text
+    from .store import open_store
+
+    store_path = Path(store_path)
+    with open_store(store_path) as store:
+        if store.labels is None:
+            raise SjeaError(f"{store_path} holds no labels; embed a folder with one sub-folder per class "
+                            "(sjea embed) or evaluate a run on a dataset with --run RUN --dataset NAME.")
+        levels = list(store.levels) if levels is None else [int(v) for v in levels]
+        missing = [v for v in levels if v not in store.levels]
+        if missing:
+            raise SjeaError(f"{store_path} has no level {missing[0]} (stored levels: {list(store.levels)}).")
+        labels = np.asarray(store.labels, dtype=np.int64)
+        keep = labels >= 0  # rows without a class (images outside the class folders)
+        rows = random_subset(int(keep.sum()), max_rows, seed)
+        rows = np.flatnonzero(keep)[rows]
+        if len(rows) < 10:
+            raise SjeaError(f"{store_path} has only {len(rows)} labelled rows; evaluation needs at least 10.")
+        feats = [np.asarray(store.read_embeddings(level, rows=rows), dtype=np.float32) for level in levels]
+        label_names = list(store.label_names) if store.label_names is not None else None
+        model = store.model_id
+    labels = labels[rows]
+    perm = np.random.default_rng(seed).permutation(len(rows))
+    n_test = max(1, int(round(test_fraction * len(rows))))
+    te, tr = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    result = evaluate_features([f[tr] for f in feats], labels[tr], [f[te] for f in feats], labels[te], levels,
+                               coarse_from_class_names(label_names), probe_epochs=probe_epochs, probe_lr=probe_lr, seed=seed)
+    out_path = Path(out) if out else store_path.with_name(store_path.name + ".eval.json")
+    result = {"source": "store", "store": str(store_path.resolve()), "model_id": model, "class_names": label_names,
+              "n_train": int(len(tr)), "n_test": int(len(te)), "test_rows": rows[te].tolist(),
+              "settings": {"knn_k": KNN_K, "knn_temperature": KNN_TEMPERATURE, "probe_epochs": probe_epochs,
+                           "probe_lr": probe_lr, "seed": seed, "test_fraction": test_fraction,
+                           "features": "stored embeddings"},
+              **result, "output": str(out_path)}
+    atomic_write_text(out_path, json.dumps(result, indent=2) + "\n")
+    return result
