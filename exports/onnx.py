@@ -282,7 +282,8 @@ def export_run(run=None, level="all", out=None, output: str = "representation", 
     computing every level in one pass. Each file is written under a temporary name, checked with
     onnx.checker and against PyTorch on real images, and renamed into place only when every file
     passed; on any failure nothing new is left behind. `progress(done, total, what)` is called as
-    work advances. Returns a report dict; raises VerificationError (with `.report`) on failed parity.
+    work advances (`what` names the step now running). Returns a report dict; raises
+    VerificationError (with `.report`) on failed parity.
     """
     import os
     import secrets
@@ -326,16 +327,16 @@ def export_run(run=None, level="all", out=None, output: str = "representation", 
             progress(step, total, what)
 
     pixels, image_source = verification_pixels(model, images)
-    advance("loaded verification images")
+    advance("exporting the graph")
     temps: dict[str, Path] = {}
     try:
         # One export of every needed level; single-level files are exact sub-graphs of it.
         levels_needed = single or all_levels
         full = build_onnx(model, levels_needed, output, with_preprocessing, fp16, opset,
                           single_level=single is not None)
-        advance("exported the graph")
+        advance(f"writing {plan[0][0]}")
         files = []
-        for name, levels, is_single in plan:
+        for i, (name, levels, is_single) in enumerate(plan):
             # With --level all, every per-level file is cut out of the all-levels graph.
             proto = full if (single is not None or not is_single) else extract_levels(full, levels)
             temp = out_dir / f".{name}.{secrets.token_hex(4)}.tmp"
@@ -345,12 +346,12 @@ def export_run(run=None, level="all", out=None, output: str = "representation", 
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            advance(f"wrote {name}")
+            advance(f"verifying {name}")
             check = verify_onnx(temp, model, pixels, provider=provider, fp16=fp16)
             check["path"] = str(out_dir / name)
             files.append({"path": str(out_dir / name), "levels": levels,
                           "dims": level_dims(model, levels, output), "bytes": len(data), "verification": check})
-            advance(f"verified {name}")
+            advance(f"writing {plan[i + 1][0]}" if i + 1 < len(plan) else "verified")
         report = {
             "run": str(run_dir), "model_sha256": {p.key: p.value for p in full.metadata_props}["model_sha256"],
             "run_levels": all_levels, "level": "all" if single is None else single[0], "output": output,

@@ -1,1 +1,100 @@
-"""(being written)"""
+"""`sjea export`: levels of a run -> verified ONNX files (exports.onnx.export_run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import app
+from .common import console, err_console, handle_errors, print_json, progress_bar
+
+
+def _print_report(report: dict, to_stderr: bool = False) -> None:
+    from rich.table import Table
+
+    out = err_console if to_stderr else console
+    table = Table(title=f"parity of ONNX Runtime against PyTorch ({report['tolerance']})", title_justify="left")
+    for name in ("file", "level", "dim", "max abs diff", "min cosine", "parity"):
+        table.add_column(name, justify="left" if name in ("file", "parity") else "right")
+    for f in report["files"]:
+        v = f["verification"]
+        if v["checker"] != "passed":
+            table.add_row(Path(f["path"]).name, "", "", "", "", f"[red]onnx.checker {v['checker']}[/]")
+            continue
+        for row, dim in zip(v["levels"], f["dims"]):
+            ok = "[green]pass[/]" if row["passed"] else "[red]FAIL[/]"
+            table.add_row(Path(f["path"]).name, str(row["level"]), str(dim), f"{row['max_abs_diff']:.2e}",
+                          f"{row['min_cosine']:.8f}", ok)
+    out.print(table)
+    out.print(f"verified on {report['images']}, batch sizes {report['files'][0]['verification']['batch_sizes']}, "
+              f"provider {report['provider']}", highlight=False)
+    if report["passed"]:
+        out.print(f"opset {report['opset']}, {report['precision']}, output {report['output']}"
+                  f"{', uint8 pixels in (normalisation inside)' if report['with_preprocessing'] else ''}; "
+                  f"checkpoint sha256 {report['model_sha256'][:12]}", highlight=False)
+        for f in report["files"]:
+            out.print(f"wrote {f['path']}", highlight=False, soft_wrap=True)
+
+
+@app.command("export")
+@handle_errors
+def export(
+    level: str = typer.Option("all", "--level", "-l", help="Level number to export, or 'all': one file per "
+                              "level plus all_levels.onnx computing every level in one pass."),
+    run: Optional[Path] = typer.Option(None, "--run", "-r", help="Run folder (default: the latest run, "
+                                       "runs/LATEST)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the .onnx files (default: RUN/onnx)."),
+    output: str = typer.Option("representation", "--output", help="What each level gives: representation "
+                               "(Y_k, what embed stores) or embedding (Z_k, the projector output)."),
+    with_preprocessing: bool = typer.Option(False, "--with-preprocessing", help="Put normalisation inside the "
+                                            "graph: it then takes uint8 RGB pixels (N, H, W, 3) at the model's "
+                                            "size (resizing stays with the client)."),
+    fp16: bool = typer.Option(False, "--fp16", help="Half-precision graph (float32 in and out); verified with "
+                              "max abs diff <= 1e-2 x max|Y| and cosine >= 0.999."),
+    provider: Optional[str] = typer.Option(None, "--provider", help="ONNX Runtime provider for verification: "
+                                           "cpu, cuda or tensorrt (default: cuda when it really starts, else cpu)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder of images to verify on (default: the "
+                                          "run's dataset, test split)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing .onnx files."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset (17 or newer; 17 uses the TorchScript exporter, "
+                              "for ONNX Runtime older than 1.14)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report (files, metadata, parity numbers) as "
+                                  "JSON on stdout."),
+) -> None:
+    """Export level K (or all levels) of a run to ONNX and verify each file against PyTorch on real
+    images. Exits 1 when parity fails (fp32: max abs diff > 1e-4 or cosine < 0.99999); nothing is
+    written then."""
+    from exports.onnx import VerificationError, export_run
+
+    state: dict = {}
+
+    def advance(done: int, total: int, what: str) -> None:
+        # The bar starts with the first real step, so that a bad option prints only its error line.
+        if "bar" not in state:
+            state["bar"] = progress_bar(quiet)
+            state["bar"].start()
+            state["task"] = state["bar"].add_task(what, total=total)
+        state["bar"].update(state["task"], completed=done, total=total, description=what)
+
+    try:
+        report = export_run(run=run, level=level, out=out, output=output, with_preprocessing=with_preprocessing,
+                            fp16=fp16, provider=provider, images=images, overwrite=overwrite, opset=opset,
+                            progress=advance)
+    except VerificationError as e:
+        if "bar" in state:
+            state.pop("bar").stop()
+        if json_out:
+            print_json(e.report)
+        else:
+            _print_report(e.report, to_stderr=True)
+        raise
+    finally:
+        if "bar" in state:
+            state["bar"].stop()
+    if json_out:
+        print_json(report)
+    else:
+        _print_report(report)
