@@ -164,6 +164,12 @@ def test_shape_mismatch_is_refused():
         vicreg_loss(torch.zeros(4), torch.zeros(4))
 
 
+def test_a_single_row_is_refused_instead_of_returning_nan():
+    # variance and covariance divide by N - 1: one row would silently give inf/NaN and poison training
+    with pytest.raises(ValueError, match="2 rows"):
+        vicreg_loss(torch.randn(1, 3), torch.randn(1, 3))
+
+
 # --- gradients ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n,d", [(2, 1), (2, 3), (5, 1), (8, 6), (16, 20)])

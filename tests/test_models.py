@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sjea_tools import build_model, resolve_config, vicreg_loss
+from sjea_tools import SjeaError, build_model, resolve_config, vicreg_loss
 from sjea_tools.data import model_pixels, normalize_pixels
 from sjea_tools.models import create_backbone
 
@@ -72,6 +72,25 @@ def test_requested_levels_come_back_in_the_requested_order():
         picked = model.forward_levels(x, levels=[2, 0])
     torch.testing.assert_close(picked[0], all_levels[2])
     torch.testing.assert_close(picked[1], all_levels[0])
+
+
+@pytest.mark.parametrize("levels", [[2], [0, 5], [-1], []])
+def test_levels_that_do_not_exist_are_a_clear_error(levels):
+    torch.manual_seed(0)
+    model = build_model(small_cfg(2, "mlp")).eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad(), pytest.raises(SjeaError, match="0..1"):
+        model.forward_levels(x, levels=levels)
+    with torch.no_grad(), pytest.raises(SjeaError, match="0..1"):
+        model.forward_embeddings(x, levels=levels)
+
+
+@pytest.mark.parametrize("size,kernel", [(32, 3), (64, 3), (96, 7)])
+def test_auto_stem_follows_the_image_size(size, kernel):
+    model = build_model(small_cfg(1, **{"model.stem": "auto", "data.image_size": size}))
+    conv1 = model.encoders[0].net.conv1
+    assert conv1.kernel_size == (kernel, kernel)
+    assert isinstance(model.encoders[0].net.maxpool, torch.nn.Identity) == (kernel == 3)
 
 
 def test_levels_differ_from_each_other():
