@@ -213,12 +213,10 @@ def hierarchical_scores(train_feats, test_feats, levels, label_sets, k, temperat
     """
     from .search import hierarchical_search
 
-    bases = [l2_normalize(f) for f in train_feats]
-    queries = [l2_normalize(f) for f in test_feats]
     positions = list(range(len(levels)))
     out = []
     for order in (positions, positions[::-1]):
-        ids, scores = hierarchical_search(queries, bases, k=k, order=order)
+        ids, scores = hierarchical_search(list(test_feats), list(train_feats), k=k, order=order)
         sims = scores[:, :, order[-1]]
         out.append({"order": [int(levels[i]) for i in order],
                     **{name: retrieval_scores(ids, sims, ytr, yte, temperature) for name, (ytr, yte) in label_sets.items()}})

@@ -1,0 +1,120 @@
+"""Evaluation metrics: hand-checked toy cases, and `evaluate_run` against an independent numpy k-NN."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sjea_tools import evaluation as ev
+from sjea_tools.errors import SjeaError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Two OpenMP threads per process on a busy shared 2-core machine run several times slower than one.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_weighted_vote_uses_the_temperature():
+    # One neighbour of class 0 at similarity 1.0, two of class 1 at 0.8: with T=0.1 the close one
+    # outweighs the pair (e^10 > 2 e^8); with T=1 the pair wins (2 e^0.8 > e^1).
+    labels = np.array([[0, 1, 1]])
+    sims = np.array([[1.0, 0.8, 0.8]])
+    assert ev.weighted_vote(labels, sims, num_classes=2, temperature=0.1)[0] == 0
+    assert ev.weighted_vote(labels, sims, num_classes=2, temperature=1.0)[0] == 1
+
+
+def test_knn_accuracy_on_points_with_known_neighbours():
+    bank = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=np.float32) * 5  # scale must not matter
+    bank_labels = np.array([0, 0, 1, 1])
+    queries = np.array([[1, 0.05], [0.05, 1], [1, 0.2]], dtype=np.float32)
+    assert ev.knn_accuracy(bank, bank_labels, queries, np.array([0, 1, 0]), k=2) == pytest.approx(100.0)
+    assert ev.knn_accuracy(bank, bank_labels, queries, np.array([0, 1, 1]), k=2) == pytest.approx(100 * 2 / 3)
+
+
+def test_precision_at_k_counts_matching_neighbours():
+    ids = np.array([[0, 1, 2, 3], [3, 2, 1, 0]])
+    bank_labels = np.array([5, 5, 7, 7])
+    assert ev.precision_at_k(ids, bank_labels, np.array([5, 5]), k=2) == pytest.approx(50.0)
+    assert ev.precision_at_k(ids, bank_labels, np.array([5, 7]), k=4) == pytest.approx(50.0)
+    assert ev.precision_at_k(ids, bank_labels, np.array([5, 7]), k=1) == pytest.approx(100.0)
+
+
+def test_linear_probe_separates_blobs_and_not_random_labels():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, 32)) * 4
+    y = rng.integers(0, 6, size=1200)
+    x = (centres[y] + rng.normal(size=(1200, 32))).astype(np.float32)
+    good = ev.linear_probe(x[:1000], y[:1000], x[1000:], y[1000:], epochs=5)
+    assert good["top1"] > 97 and good["top5"] >= good["top1"]
+    noise = ev.linear_probe(x[:1000], rng.integers(0, 6, 1000), x[1000:], rng.integers(0, 6, 200), epochs=5)
+    assert noise["top1"] < 35  # chance is 16.7
+
+
+def test_collapse_stats_tell_collapsed_from_spread_features():
+    rng = np.random.default_rng(0)
+    spread = ev.collapse_stats(rng.normal(size=(500, 64)))
+    collapsed = ev.collapse_stats(np.ones((500, 64)) + 1e-6 * rng.normal(size=(500, 64)))
+    assert spread["effective_rank"] > 50 and collapsed["effective_rank"] < 5
+    assert spread["mean_std"] > 0.1 and collapsed["mean_std"] < 1e-4
+
+
+def test_coarse_groups_are_found_from_fashion_mnist_folder_names():
+    names = ["Ankle_boot", "Bag", "Coat", "Dress", "Pullover", "Sandal", "Shirt", "Sneaker", "T-shirt-top", "Trouser"]
+    fine_to_coarse, coarse_names = ev.coarse_from_class_names(names)
+    group = dict(zip(names, (coarse_names[c] for c in fine_to_coarse)))
+    assert group == {"Ankle_boot": "footwear", "Bag": "bags", "Coat": "tops", "Dress": "dresses", "Pullover": "tops",
+                     "Sandal": "footwear", "Shirt": "tops", "Sneaker": "footwear", "T-shirt-top": "tops",
+                     "Trouser": "bottoms"}
+    assert ev.coarse_from_class_names(["cat", "dog"]) is None
+
+
+def numpy_knn_accuracy(bank, bank_labels, queries, query_labels, k=200, t=0.1):
+    """The weighted k-NN written plainly, one query at a time."""
+    bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    correct = 0
+    for q, label in zip(queries, query_labels):
+        sims = bank @ (q / np.linalg.norm(q))
+        nearest = np.argsort(-sims)[:k]
+        votes = {}
+        for i in nearest:
+            votes[bank_labels[i]] = votes.get(bank_labels[i], 0.0) + np.exp(sims[i] / t)
+        correct += max(votes, key=votes.get) == label
+    return 100.0 * correct / len(queries)
+
+
+def test_evaluate_run_matches_an_independent_numpy_knn(tmp_path, make_run):
+    run = make_run(tmp_path / "run")
+    result = ev.evaluate_run(run, max_train=400, max_test=120, probe_epochs=3, save_features=True)
+    assert json.loads((run / "eval.json").read_text())["levels"] == result["levels"]
+    feats = np.load(result["features_file"])
+    assert len(feats["train_labels"]) == 400 and len(feats["test_labels"]) == 120
+    for row in result["levels"]:
+        k = row["level"]
+        expected = numpy_knn_accuracy(feats[f"train_level{k}"], feats["train_labels"], feats[f"test_level{k}"],
+                                      feats["test_labels"])
+        assert abs(row["knn_top1"] - expected) <= 0.1
+        assert 0 <= row["linear_top1"] <= row["linear_top5"] <= 100
+        assert set(row["hierarchy"]) == {"coarse", "fine"}  # Fashion-MNIST has the coarse grouping
+        assert row["hierarchy"]["fine"]["knn_top1"] == row["knn_top1"]
+    orders = [r["order"] for r in result["hierarchical_search"]]
+    assert orders == [[0, 1], [1, 0]]
+
+
+def test_evaluate_run_refuses_a_folder_without_class_subfolders(tmp_path, make_run, fmnist_test):
+    from PIL import Image
+
+    run = make_run(tmp_path / "run")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(6):
+        Image.fromarray(fmnist_test.pixels[i]).save(flat / f"{i}.png")
+    with pytest.raises(SjeaError, match="no labels"):
+        ev.evaluate_run(run, dataset=str(flat))
+    assert not (run / "eval.json").exists()
