@@ -330,3 +330,24 @@ def test_truncated_file_raises(tmp_path):
     path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     with pytest.raises((OSError, ValueError)):
         decode_image(path)
+
+
+# --- through the CLI ------------------------------------------------------------------------------
+
+def test_train_with_an_empty_data_dir_is_one_clear_line_and_can_be_retried(tmp_path):
+    from typer.testing import CliRunner
+
+    from sjea_tools.cli import app
+
+    empty, out = tmp_path / "empty", tmp_path / "runs" / "r1"
+    empty.mkdir()
+    args = ["train", "--data-dir", str(empty), "--out", str(out), "--quiet"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 2, first.output
+    assert "apt-get install dataset-fashion-mnist" in first.output and "--data-dir" in first.output
+    assert "Traceback" not in first.output
+    # Nothing half-made stays behind: running again (e.g. after installing the data) meets the
+    # same data error, not "run folder already exists".
+    second = CliRunner().invoke(app, args)
+    assert second.exit_code == 2
+    assert "apt-get install dataset-fashion-mnist" in second.output, second.output
