@@ -57,7 +57,10 @@ def train_if_needed(cfg, run_dir: Path, retrain: bool) -> tuple[Path, float | No
         print(f"{run_dir}: trained already (pass --retrain to train again)")
         return run_dir, None
     t0 = time.perf_counter()
-    train(cfg, out_dir=run_dir, overwrite=True, quiet=False)
+    if (run_dir / "checkpoints" / "last.pt").is_file() and not retrain:
+        train(cfg, out_dir=run_dir, resume=True, quiet=False)  # an interrupted training continues
+    else:
+        train(cfg, out_dir=run_dir, overwrite=True, quiet=False)
     return run_dir, time.perf_counter() - t0
 
 

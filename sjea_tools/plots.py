@@ -26,8 +26,9 @@ THUMBS_PER_CLUSTER = 10
 def require_plot_libraries() -> None:
     missing = [m for m in ("matplotlib", "sklearn") if importlib.util.find_spec(m) is None]
     if missing:
+        # No square brackets in the message: the CLI prints it through rich markup.
         raise SjeaError(f"plots need {' and '.join('scikit-learn' if m == 'sklearn' else m for m in missing)}: "
-                        "install them with pip install 'sjea-tools[plots]'.")
+                        "install the 'plots' extra of sjea-tools (pip install matplotlib scikit-learn).")
 
 
 # --- pure computations ------------------------------------------------------------------------------

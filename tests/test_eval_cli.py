@@ -1,0 +1,109 @@
+"""`sjea eval` through the CLI: the table, JSON, stores, and one-line errors on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sjea_tools.cli import app
+
+from test_evaluation import numpy_knn_accuracy
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def assert_one_line_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_eval_prints_a_row_per_level_and_writes_eval_json(tmp_path, make_run):
+    run = make_run(tmp_path / "run")
+    result = runner.invoke(app, ["eval", "--run", str(run), "--max-train", "300", "--max-test", "100",
+                                 "--probe-epochs", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((run / "eval.json").read_text())
+    assert f"wrote {run / 'eval.json'}" in " ".join(result.stderr.split())
+    assert [row["level"] for row in saved["levels"]] == [0, 1]
+    table_rows = [line for line in result.stdout.splitlines() if line.startswith("│")]
+    for row in saved["levels"]:
+        cells = [c.strip() for c in next(r for r in table_rows if r.split("│")[1].strip() == str(row["level"])).split("│")]
+        assert cells[3] == f"{row['linear_top1']:.2f}" and cells[5] == f"{row['knn_top1']:.2f}"
+    assert "hierarchical search" in result.stdout
+    assert saved["n_train"] == 300 and saved["n_test"] == 100 and saved["dataset"] == "fashion-mnist"
+
+
+def test_eval_json_and_random_init_baseline(tmp_path, make_run):
+    run = make_run(tmp_path / "run", levels=1)
+    result = runner.invoke(app, ["eval", "--run", str(run), "--max-train", "200", "--max-test", "80",
+                                 "--probe-epochs", "2", "--random-init", "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert printed["weights"] == "random-init" and len(printed["levels"]) == 1
+    assert printed == json.loads((run / "eval-random-init.json").read_text())
+    assert not (run / "eval.json").exists()
+    assert "hierarchical_search" not in printed  # one level: nothing to re-rank
+
+
+def test_eval_store_matches_numpy_knn_on_the_stored_embeddings(tmp_path, make_run, write_fmnist_folder, fmnist_test):
+    import h5py
+
+    from sjea_tools.embed import embed_folder
+
+    run = make_run(tmp_path / "run")
+    images = write_fmnist_folder(tmp_path / "images", fmnist_test, 150)
+    store = tmp_path / "fm.h5"
+    embed_folder(images, store, run=run, workers=0, backend="torch", index=False)
+    result = runner.invoke(app, ["eval", str(store), "--probe-epochs", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["output"] == str(store.with_name("fm.h5.eval.json")) and out["n_train"] + out["n_test"] == 150
+    with h5py.File(store, "r") as f:  # read the store with plain h5py, not through sjea
+        labels = f["labels"][:]
+        test = np.zeros(len(labels), bool)
+        test[out["test_rows"]] = True
+        for row in out["levels"]:
+            emb = f[f"level_{row['level']}/embeddings"][:].astype(np.float64)
+            expected = numpy_knn_accuracy(emb[~test], labels[~test], emb[test], labels[test])
+            assert abs(row["knn_top1"] - expected) <= 0.1
+            # the folder's class names are Fashion-MNIST's, so the coarse grouping applies
+            assert "coarse" in row["hierarchy"]
+
+
+def test_eval_refuses_a_store_without_labels(tmp_path, make_run, fmnist_test):
+    from PIL import Image
+
+    from sjea_tools.embed import embed_folder
+
+    run = make_run(tmp_path / "run")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(12):
+        Image.fromarray(fmnist_test.pixels[i]).save(flat / f"{i}.png")
+    embed_folder(flat, tmp_path / "flat.h5", run=run, workers=0, backend="torch", index=False)
+    assert_one_line_error(runner.invoke(app, ["eval", str(tmp_path / "flat.h5")]), "no labels")
+    assert_one_line_error(runner.invoke(app, ["eval", "--run", str(run), "--dataset", str(flat)]), "no labels")
+    assert not (tmp_path / "flat.h5.eval.json").exists() and not (run / "eval.json").exists()
+
+
+def test_eval_bad_options_are_one_line(tmp_path, make_run):
+    run = make_run(tmp_path / "run")
+    assert_one_line_error(runner.invoke(app, ["eval", "--run", str(run), "--level", "5"]), "level")
+    assert_one_line_error(runner.invoke(app, ["eval", "--run", str(run), "--dataset", "imagenet"]), "unknown dataset")
+    assert_one_line_error(runner.invoke(app, ["eval", "--run", str(tmp_path / "nowhere")]), "does not exist")
