@@ -315,7 +315,7 @@ def png_header_only(width: int, height: int) -> bytes:
     ("text.jpg", b"hello, not an image"),
     ("empty.png", b""),
     ("bomb.png", png_header_only(40000, 40000)),
-])
+], ids=["text", "empty", "bomb"])
 def test_unreadable_files_raise_oserror_or_valueerror(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content)
