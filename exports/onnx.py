@@ -293,7 +293,7 @@ def export_run(run=None, level="all", out=None, output: str = "representation", 
     from sjea_tools.runs import find_run, load_model
 
     from .runtime import provider_name
-    from .verify import tolerance_for, verification_pixels, verify_onnx
+    from .verify import reference_by_batch, tolerance_for, verification_pixels, verify_onnx
 
     if output not in OUTPUTS:
         raise SjeaError(f"--output must be one of {', '.join(OUTPUTS)}, not '{output}'.")
@@ -327,11 +327,12 @@ def export_run(run=None, level="all", out=None, output: str = "representation", 
             progress(step, total, what)
 
     pixels, image_source = verification_pixels(model, images)
+    levels_needed = single or all_levels
+    reference = reference_by_batch(model, pixels, levels_needed, output)
     advance("exporting the graph")
     temps: dict[str, Path] = {}
     try:
         # One export of every needed level; single-level files are exact sub-graphs of it.
-        levels_needed = single or all_levels
         full = build_onnx(model, levels_needed, output, with_preprocessing, fp16, opset,
                           single_level=single is not None)
         advance(f"writing {plan[0][0]}")
@@ -347,7 +348,7 @@ def export_run(run=None, level="all", out=None, output: str = "representation", 
                 f.flush()
                 os.fsync(f.fileno())
             advance(f"verifying {name}")
-            check = verify_onnx(temp, model, pixels, provider=provider, fp16=fp16)
+            check = verify_onnx(temp, model, pixels, provider=provider, fp16=fp16, reference=reference)
             check["path"] = str(out_dir / name)
             files.append({"path": str(out_dir / name), "levels": levels,
                           "dims": level_dims(model, levels, output), "bytes": len(data), "verification": check})

@@ -139,12 +139,19 @@ def check_graph(path: Path) -> str | None:
     return None
 
 
+def reference_by_batch(model, pixels: np.ndarray, levels: list[int], output: str,
+                       batch_sizes=BATCH_SIZES) -> dict[int, dict[int, np.ndarray]]:
+    """PyTorch outputs {batch size: {level: array}}, computed once and shared by several files."""
+    return {b: dict(zip(levels, reference_outputs(model, pixels[:b], levels, output))) for b in batch_sizes}
+
+
 def verify_onnx(path: str | Path, model, pixels: np.ndarray, provider: str | None = None,
-                fp16: bool = False, batch_sizes=BATCH_SIZES) -> dict:
+                fp16: bool = False, batch_sizes=BATCH_SIZES, reference: dict | None = None) -> dict:
     """Check an exported file against `model` on `pixels` (uint8 NHWC); a report dict.
 
     The report has `passed`, the provider ONNX Runtime actually used, and per level the worst
-    max abs diff and min cosine over all batch sizes.
+    max abs diff and min cosine over all batch sizes. `reference` (from `reference_by_batch`)
+    saves recomputing PyTorch's outputs when several files of one model are checked.
     """
     from sjea_tools.data import normalize_pixels
 
@@ -169,7 +176,10 @@ def verify_onnx(path: str | Path, model, pixels: np.ndarray, provider: str | Non
             raise SjeaError(f"verification needs {b} images, got {len(batch)}.")
         feed = batch if onnx_model.takes_pixels else normalize_pixels(batch, model.mean, model.std).numpy()
         got = onnx_model.run(feed)
-        want = reference_outputs(model, batch, onnx_model.levels, onnx_model.output)
+        if reference is not None and b in reference and all(k in reference[b] for k in onnx_model.levels):
+            want = [reference[b][k] for k in onnx_model.levels]
+        else:
+            want = reference_outputs(model, batch, onnx_model.levels, onnx_model.output)
         for k, g, w in zip(onnx_model.levels, got, want):
             row = worst[k]
             row["max_abs_diff"] = max(row["max_abs_diff"], max_abs_diff(g, w))
