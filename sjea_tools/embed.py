@@ -264,7 +264,9 @@ class Embedder:
                 x = normalize_pixels(pixels.to(self.device, non_blocking=True), self.mean, self.std)
                 outs = [y.float().cpu().numpy() for y in self.model.forward_levels(x, self.levels)]
         else:
-            x = normalize_pixels(pixels, self.mean, self.std).numpy()
+            om = self.onnx_model
+            # A graph exported with its preprocessing takes the uint8 pixels as they are.
+            x = pixels.numpy() if om.takes_pixels else normalize_pixels(pixels, self.mean, self.std).numpy()
             by_level = dict(zip([int(k) for k in self.onnx_model.levels], self.onnx_model.run(x)))
             outs = [np.asarray(by_level[k], dtype=np.float32) for k in self.levels]
         return [l2_normalize(o) for o in outs] if self.normalize else outs

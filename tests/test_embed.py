@@ -199,3 +199,27 @@ def test_bad_library_arguments(tmp_path, run_dir):
 def test_l2_normalize_is_exact_and_keeps_zero_rows():
     x = np.array([[3.0, 4.0], [0.0, 0.0]], np.float32)
     np.testing.assert_allclose(l2_normalize(x), [[0.6, 0.8], [0.0, 0.0]])
+
+
+def test_onnx_backend_matches_torch_within_the_export_tolerance(tmp_path, fmnist_test, run_dir):
+    from exports.verify import FP32
+
+    folder = write_fmnist_folder(tmp_path / "imgs", fmnist_test, 24)
+    (folder / "Bag" / "bad.png").write_bytes(b"garbage")
+    embed_folder(folder, tmp_path / "t.h5", run=run_dir, backend="torch", normalize=False, workers=0, index=False)
+    # auto on CPU exports the run on the fly (cached in the run folder by checkpoint sha) and uses ONNX.
+    summary = embed_folder(folder, tmp_path / "o.h5", run=run_dir, backend="auto", device="cpu", normalize=False,
+                           workers=0, index=False)
+    assert summary["backend"] == "onnx"
+    cached = list((run_dir / "onnx-cache").glob("levels-*.onnx"))
+    assert len(cached) == 1
+    # An exported file alone (no checkpoint) gives the same store, with the checkpoint's model id.
+    embed_folder(folder, tmp_path / "f.h5", onnx=cached[0], normalize=False, workers=0, index=False)
+    with open_store(tmp_path / "t.h5") as t, open_store(tmp_path / "o.h5") as o, open_store(tmp_path / "f.h5") as f:
+        assert t.paths == o.paths == f.paths and t.failed == o.failed
+        assert t.model_id == o.model_id == f.model_id
+        assert o.attrs["backend"] == "onnx"
+        for k in t.levels:
+            a, b, c = t.read_embeddings(k), o.read_embeddings(k), f.read_embeddings(k)
+            assert np.abs(a - b).max() <= FP32.max_abs_diff
+            np.testing.assert_array_equal(b, c)

@@ -100,11 +100,11 @@ def embed(
     rate = f" at {summary['images_per_s']:,.0f} images/s" if summary.get("images_per_s") else ""
     console.print(f"{summary['status']}: {summary['out']}: {summary['rows']:,} rows ({summary['added']:,} added, "
                   f"{summary['failed']:,} failed{rate}, {summary['backend']} on {summary['device']}, levels "
-                  f"{summary['levels']})", highlight=False)
+                  f"{summary['levels']})", highlight=False, soft_wrap=True)
     if summary["failed_total"]:
-        console.print(f"failures are listed in {summary['out']}:/failed (paths, errors)", highlight=False)
+        console.print(f"failures are listed in {summary['out']}:/failed (paths, errors)", highlight=False, soft_wrap=True)
     if summary.get("merged"):
-        console.print(f"merged all shards into {summary['merged']['out']}", highlight=False)
+        console.print(f"merged all shards into {summary['merged']['out']}", highlight=False, soft_wrap=True)
 
 
 def _merge_ranks(out: Path, shard: str, index: bool) -> Optional[dict]:
@@ -153,4 +153,4 @@ def merge(
         print_json(summary)
         return
     console.print(f"merged {summary['shards']} shards into {summary['out']}: {summary['rows']:,} rows, "
-                  f"{summary['failed']:,} failed", highlight=False)
+                  f"{summary['failed']:,} failed", highlight=False, soft_wrap=True)

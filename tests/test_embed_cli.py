@@ -1,0 +1,74 @@
+"""`sjea embed` / `sjea merge` from the command line: output, JSON, and one-line errors on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import make_run, write_fmnist_folder
+from sjea_tools.cli import app
+from sjea_tools.store import open_store
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, fmnist_test):
+    base = tmp_path_factory.mktemp("cli")
+    run = make_run(base / "run")
+    other = make_run(base / "other", seed=1)
+    folder = write_fmnist_folder(base / "imgs", fmnist_test, 20)
+    out = base / "store.h5"
+    res = CliRunner().invoke(app, ["embed", str(folder), str(out), "--run", str(run), "--backend", "torch",
+                                   "--workers", "0", "--no-index", "--json"])
+    assert res.exit_code == 0, res.output
+    return base, run, other, folder, out, json.loads(res.stdout)
+
+
+def test_embed_prints_a_summary_and_json(env, tmp_path):
+    base, run, _, folder, out, summary = env
+    assert summary["rows"] == 20 and summary["out"] == str(out) and summary["backend"] == "torch"
+    res = CliRunner().invoke(app, ["embed", str(folder), str(tmp_path / "x.h5"), "--run", str(run), "--backend",
+                                   "torch", "--levels", "0", "--dtype", "float16", "--workers", "0", "--no-index"])
+    assert res.exit_code == 0, res.output
+    assert "20 rows" in res.output and str(tmp_path / "x.h5") in res.output
+    with open_store(tmp_path / "x.h5") as s:
+        assert s.levels == [0] and s.attrs["dtype"] == "float16"
+
+
+def _one_line_error(res, words):
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
+    assert words in " ".join(lines), res.output
+
+
+@pytest.mark.parametrize("case", ["no images", "missing folder", "output is a folder", "other model", "bad shard",
+                                  "exists"])
+def test_bad_input_is_one_line_and_leaves_the_store_intact(env, tmp_path, case):
+    base, run, other, folder, out, _ = env
+    before = out.read_bytes()
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    args = {
+        "no images": ([str(tmp_path / "empty"), str(out)], "no images"),
+        "missing folder": ([str(tmp_path / "nope"), str(out)], "does not exist"),
+        "output is a folder": ([str(folder), str(tmp_path)], "is a folder"),
+        "other model": ([str(folder), str(out), "--run", str(other), "--update"], "another model"),
+        "bad shard": ([str(folder), str(out), "--shard", "3/2"], "--shard 3/2"),
+        "exists": ([str(folder), str(out)], "--update"),
+    }[case]
+    extra = [] if "--run" in args[0] else ["--run", str(run)]
+    res = CliRunner().invoke(app, ["embed", *args[0], *extra, "--backend", "torch", "--workers", "0", "--no-index"])
+    _one_line_error(res, args[1])
+    assert out.read_bytes() == before
+    assert not out.with_name(out.name + ".partial").exists()
+
+
+def test_merge_refuses_non_shards_in_one_line(env, tmp_path):
+    base, run, _, folder, out, _ = env
+    res = CliRunner().invoke(app, ["merge", str(out), str(tmp_path / "m.h5"), "--no-index"])
+    _one_line_error(res, "not a shard")
+    res = CliRunner().invoke(app, ["merge", str(tmp_path / "m.h5")])
+    _one_line_error(res, "sjea merge out-*.h5 out.h5")
+    assert not (tmp_path / "m.h5").exists()
