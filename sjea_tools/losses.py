@@ -45,6 +45,8 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std
     if gather:
         z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
     n, d = z1.shape
+    if n < 2:  # the variance and covariance divide by n - 1: one row would give NaN silently
+        raise ValueError(f"vicreg_loss needs at least 2 rows in the (gathered) batch, got {n}")
     z1 = z1 - z1.mean(dim=0)
     z2 = z2 - z2.mean(dim=0)
     std1 = torch.sqrt(z1.var(dim=0) + 1e-4)

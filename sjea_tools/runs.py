@@ -84,9 +84,11 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def set_latest(run_dir: Path) -> None:
+def set_latest(run_dir: Path, runs_dir: Path = DEFAULT_RUNS_DIR) -> None:
+    """Point ./runs/LATEST (what commands use without --run) and the run's own parent folder at it."""
     run_dir = Path(run_dir).resolve()
-    atomic_write_text(run_dir.parent / LATEST_FILE, str(run_dir) + "\n")
+    for folder in {Path(runs_dir).resolve(), run_dir.parent}:
+        atomic_write_text(folder / LATEST_FILE, str(run_dir) + "\n")
 
 
 def find_run(run: str | Path | None = None, runs_dir: Path = DEFAULT_RUNS_DIR) -> Path:

@@ -198,12 +198,8 @@ def _train(cfg, out_dir, resume, overwrite, quiet, runs_dir, info: DistInfo, log
         cfg = RunConfig.from_dict(state["config"])
     else:
         state = None
-        run_dir = prepare_run_dir(cfg, out_dir, overwrite, runs_dir) if info.is_main else Path(
-            out_dir or runs_dir / cfg.name)
-        if info.is_main:
-            save_config(cfg, run_dir / CONFIG_FILE)
-    barrier(info)
 
+    # Data problems are found before anything is written, so a failed start leaves no run folder.
     data = train_split(load_dataset(cfg.data.dataset, cfg.data.data_dir, "train"), cfg.data.holdout,
                        cfg.data.split_seed, cfg.data.limit)
     batch = cfg.train.batch_size
@@ -211,6 +207,14 @@ def _train(cfg, out_dir, resume, overwrite, quiet, runs_dir, info: DistInfo, log
     if steps_per_epoch == 0:
         raise SjeaError(f"{len(data)} training images are fewer than one batch of {batch} x {info.world_size} "
                         "process(es); lower --batch-size.")
+
+    if not resume:
+        run_dir = prepare_run_dir(cfg, out_dir, overwrite, runs_dir) if info.is_main else Path(
+            out_dir or runs_dir / cfg.name)
+        if info.is_main:
+            save_config(cfg, run_dir / CONFIG_FILE)
+    barrier(info)
+
     total_steps = math.ceil(cfg.train.epochs * steps_per_epoch)
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -330,7 +334,7 @@ def _train(cfg, out_dir, resume, overwrite, quiet, runs_dir, info: DistInfo, log
         metrics_file.close()
     if info.is_main:
         path = save_model(run_dir, model, cfg)
-        set_latest(run_dir)
+        set_latest(run_dir, runs_dir)
         console.print(f"trained {total_steps} steps; model: {path}; metrics: {run_dir / METRICS_FILE}")
     barrier(info)
     return run_dir

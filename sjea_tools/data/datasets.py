@@ -185,7 +185,15 @@ def scan_images(root: str | Path) -> list[str]:
     """Image files under root, recursive, in sorted order, as paths relative to root."""
     root = Path(root)
     found = []
+    seen: set[tuple[int, int]] = set()  # (device, inode) of every folder scanned
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            # A symlink back to a folder already scanned (a cycle, or two links to one place):
+            # following it would list the same files again, endlessly for a cycle.
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames.sort()
         rel = Path(dirpath).relative_to(root)
         found.extend(str(rel / f) if str(rel) != "." else f for f in sorted(filenames) if is_image_path(f))

@@ -44,14 +44,17 @@ def decode_image(path: str | Path, target_size: int | None = None) -> Image.Imag
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with Image.open(path) as img:
-            if target_size is not None and img.format == "JPEG":
-                # JPEG decodes at 1/2, 1/4 or 1/8 scale for free; keep the short side >= target.
-                img.draft("RGB", (target_size, target_size))
-            img.seek(0)  # first frame of a GIF/TIFF
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+        try:
+            with Image.open(path) as img:
+                if target_size is not None and img.format == "JPEG":
+                    # JPEG decodes at 1/2, 1/4 or 1/8 scale for free; keep the short side >= target.
+                    img.draft("RGB", (target_size, target_size))
+                img.seek(0)  # first frame of a GIF/TIFF
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return to_rgb(img)
+        except Image.DecompressionBombError as e:  # not an OSError: callers catching bad files would crash
+            raise ValueError(f"image too large to decode safely: {e}") from None
 
 
 def describe_error(exc: BaseException) -> str:

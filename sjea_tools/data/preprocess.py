@@ -27,7 +27,7 @@ def model_pixels(img: Image.Image, image_size: int) -> np.ndarray:
             img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
         left, top = (nw - image_size) // 2, (nh - image_size) // 2
         img = img.crop((left, top, left + image_size, top + image_size))
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
 
 
 def normalize_pixels(pixels: torch.Tensor | np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

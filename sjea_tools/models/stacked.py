@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..config import RunConfig
+from ..errors import SjeaError
 from .heads import MLPEncoder, projector
 from .registry import create_backbone
 from .resnet import VectorResNet
@@ -76,16 +77,29 @@ class StackedModel(nn.Module):
             x = z if use_embedding else y
         return ys, zs
 
+    def check_levels(self, levels: list[int] | None) -> list[int]:
+        """The requested levels (default all), refusing any this model does not have."""
+        if levels is None:
+            return list(range(self.num_levels))
+        levels = [int(k) for k in levels]
+        have = f"this model has levels 0..{self.num_levels - 1}"
+        if not levels:
+            raise SjeaError(f"no level requested; {have}.")
+        bad = [k for k in levels if not 0 <= k < self.num_levels]
+        if bad:
+            raise SjeaError(f"level {', '.join(map(str, bad))} does not exist: {have}; ask for levels in that range.")
+        return levels
+
     def forward_levels(self, images: torch.Tensor, levels: list[int] | None = None) -> list[torch.Tensor]:
         """Representations Y[k] for the requested levels (default all), computed in one pass."""
-        levels = list(range(self.num_levels)) if levels is None else list(levels)
+        levels = self.check_levels(levels)
         upto = max(levels) + 1
         ys, _ = self.forward_train(images, upto=upto)
         return [ys[k] for k in levels]
 
     def forward_embeddings(self, images: torch.Tensor, levels: list[int] | None = None) -> list[torch.Tensor]:
         """Embeddings Z[k] (projector outputs) for the requested levels."""
-        levels = list(range(self.num_levels)) if levels is None else list(levels)
+        levels = self.check_levels(levels)
         ys, zs = self.forward_train(images, upto=max(levels) + 1)
         return [zs[k] if zs[k] is not None else self.projectors[k](ys[k]) for k in levels]
 

@@ -1,0 +1,182 @@
+"""`sjea train` end to end on real Fashion-MNIST: levels, encoder kinds, resume after SIGKILL,
+torchrun with gloo, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import sjea_tools
+from sjea_tools.cli import app
+
+SJEA = str(Path(sys.executable).with_name("sjea"))
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+# Small but real: 512 Fashion-MNIST images, batches of 32.
+SMALL = ["--limit", "512", "--batch-size", "32", "--workers", "0", "--quiet"]
+
+
+def run_cli(args, cwd):
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(app, args)
+    finally:
+        os.chdir(old)
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    return [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "step"]
+
+
+@pytest.mark.parametrize("levels,encoder,level_input,stop_gradient", [
+    (1, "mlp", "representation", False),
+    (2, "mlp", "embedding", True),
+    (2, "resnet", "representation", False),
+    (3, "resnet", "embedding", False),
+    (3, "mlp", "representation", True),
+])
+def test_levels_and_encoder_kinds_train(tmp_path, levels, encoder, level_input, stop_gradient):
+    args = ["train", *SMALL, "--max-steps", "3", "--out", "runs/x", "--levels", str(levels), "--encoder", encoder,
+            "--level-input", level_input, "--stop-gradient" if stop_gradient else "--no-stop-gradient",
+            "--set", "train.log_every=1"]
+    result = run_cli(args, tmp_path)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "x"
+    assert steps_logged(run) == [1, 2, 3]
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(r["levels"]) == levels for r in rows)
+    assert all(set(r["levels"][0]) == {"loss", "invariance", "variance", "covariance"} for r in rows)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model"]["levels"] == levels and saved["model"]["encoder"] == encoder
+    assert saved["model"]["stop_gradient"] == stop_gradient
+    model = sjea_tools.load_model(run)
+    assert not model.training and model.num_levels == levels
+    ys = model.forward_levels(torch.randn(4, 3, 28, 28))
+    assert [y.shape for y in ys] == [torch.Size([4, d]) for d in model.level_dims]
+    # The latest-run pointer lets later commands find it without options.
+    assert Path((tmp_path / "runs" / "LATEST").read_text().strip()) == run.resolve()
+
+
+def test_epoch_metrics_report_std_and_effective_rank(tmp_path):
+    result = run_cli(["train", *SMALL, "--epochs", "1", "--out", "runs/e", "--levels", "2"], tmp_path)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(r) for r in (tmp_path / "runs/e/metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    assert len(epochs) == 1 and len(epochs[0]["levels"]) == 2
+    for level in epochs[0]["levels"]:
+        assert 0 < level["std"] < 1 and 1 <= level["effective_rank"] <= level["dim"]
+    assert isinstance(epochs[0]["collapse_warning"], bool)
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
+    common = ["train", "--limit", "640", "--batch-size", "32", "--workers", "0", "--epochs", "2", "--levels", "2",
+              "--set", "train.checkpoint_every=4", "--set", "train.log_every=1"]
+    total = 2 * (640 // 32)
+    # Uninterrupted reference.
+    ref = subprocess.run([SJEA, *common, "--out", "runs/ref", "--quiet"], cwd=tmp_path, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr
+    # Killed run: SIGKILL once a mid-epoch checkpoint exists and training went past it.
+    proc = subprocess.Popen([SJEA, *common, "--out", "runs/k", "--quiet"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "runs/k/metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if metrics.is_file() and any(s >= 10 for s in steps_logged_safe(metrics)):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run = tmp_path / "runs/k"
+    assert not (run / "model.pt").exists(), "the kill came too late to test anything"
+    ckpt = torch.load(run / "checkpoints/last.pt", weights_only=True)
+    assert 0 < ckpt["step"] < total and ckpt["step"] % 4 == 0
+    resumed = subprocess.run([SJEA, "train", "--resume", "runs/k", "--quiet"], cwd=tmp_path, capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert steps_logged(run) == list(range(1, total + 1))  # no step lost or logged twice
+    assert not list(run.rglob("*.tmp"))
+    a = torch.load(run / "model.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "runs/ref/model.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=f"{key} differs after resume")
+    sjea_tools.load_model(run)
+
+
+def steps_logged_safe(path: Path) -> list[int]:
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("kind") == "step":
+            out.append(row["step"])
+    return out
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [TORCHRUN, "--nproc_per_node", "2", "--master_port", "29531", SJEA, "train", "--preset", "tiny", *SMALL,
+         "--max-steps", "4", "--out", "runs/ddp", "--set", "train.log_every=1"],
+        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs/ddp"
+    assert steps_logged(run) == [1, 2, 3, 4]  # rank 0 alone writes
+    assert len(list((run / "checkpoints").iterdir())) == 1
+    sjea_tools.load_model(run)
+
+
+def test_dry_run_prints_method_parameter_counts(tmp_path):
+    result = run_cli(["train", "--preset", "cifar10-paper", "--dry-run", "--json"], tmp_path)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert [(lv["encoder"], lv["projector"]) for lv in summary["levels"]] == [(11_168_832, 658_688),
+                                                                              (11_167_680, 658_688)]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--preset", "nope"], "unknown preset"),
+    (["--bogus-option"], "No such option"),
+    (["--dataset", "imagenet-22k"], "unknown dataset"),
+    (["--levels", "0"], "--levels must be 1 or more"),
+    (["--batch-size", "1"], "--batch-size must be 2 or more"),
+    (["--config", "missing.yaml"], "cannot read config file"),
+    (["--config", "bad.yaml"], "not valid"),
+    (["--data-dir", "empty"], "Fashion-MNIST train files not found"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, args, needle):
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run([SJEA, "train", *args, *SMALL, "--max-steps", "1", "--out", "runs/b"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_existing_run_folder_needs_resume_or_overwrite(tmp_path):
+    first = run_cli(["train", *SMALL, "--max-steps", "1", "--out", "runs/x"], tmp_path)
+    assert first.exit_code == 0, first.output
+    before = (tmp_path / "runs/x/model.pt").read_bytes()
+    again = subprocess.run([SJEA, "train", *SMALL, "--max-steps", "1", "--out", "runs/x"], cwd=tmp_path,
+                           capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stderr and "--overwrite" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "runs/x/model.pt").read_bytes() == before  # nothing touched
+    replaced = run_cli(["train", *SMALL, "--max-steps", "2", "--out", "runs/x", "--overwrite"], tmp_path)
+    assert replaced.exit_code == 0, replaced.output
+    assert steps_logged(tmp_path / "runs/x")[-1] == 2
