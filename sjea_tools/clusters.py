@@ -1,0 +1,191 @@
+"""The cluster tree: k-means on level 0, then k-means inside each level-0 cluster on level 1, ...
+
+Pure part (arrays in, arrays out): `default_sizes`, `build_tree`, `query_paths`.
+Store part: `build_cluster_tree(store)` writes group "clusters" into the store; `cluster_tree(store)`
+lists it (sizes, example paths) for `sjea clusters`.
+
+The tree as arrays, for depth d (0 = the first level clustered):
+    centroids_d (m_d, dim)  unit-length centroids (spherical k-means: clusters by cosine)
+    parent_d    (m_d,)      the depth d-1 node each node sits in (-1 at depth 0)
+    size_d      (m_d,)      rows in the node
+    examples_d  (m_d, E)    rows nearest the centroid (-1 pads small nodes)
+    assign      (n, depths) node id of every row at each depth
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import SjeaError
+
+GROUP = "clusters"
+MIN_POINTS_PER_CLUSTER = 5
+EXAMPLES = 3
+
+
+def default_sizes(n: int, depths: int) -> list[int]:
+    """Clusters at depth 0, then sub-clusters per parent: about the cube root of the rows to split.
+
+    10,000 rows -> 22 clusters of ~450 -> 8 sub-clusters each; 1,000,000 -> 64 -> 16.
+    """
+    sizes, rows = [], max(1, n)
+    for d in range(depths):
+        k = int(np.clip(round(rows ** (1 / 3)), 2, 64 if d == 0 else 16))
+        sizes.append(k)
+        rows = max(1, rows // k)
+    return sizes
+
+
+def parse_sizes(text: str | None, depths: int) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        sizes = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise SjeaError(f"--sizes {text!r} must be comma-separated whole numbers, e.g. 10,4.") from None
+    if not sizes or any(s < 1 for s in sizes) or len(sizes) > depths:
+        raise SjeaError(f"--sizes {text!r} needs 1 to {depths} positive numbers (one per level), e.g. 10,4.")
+    return sizes
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def nearest(x: np.ndarray, centroids: np.ndarray, block: int = 65536) -> np.ndarray:
+    """Index of the highest-cosine centroid for each row (rows and centroids unit length)."""
+    out = np.empty(len(x), np.int64)
+    for s in range(0, len(x), block):
+        out[s:s + block] = np.argmax(x[s:s + block] @ centroids.T, axis=1)
+    return out
+
+
+def kmeans(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Spherical FAISS k-means: (unit centroids (k', d), assignment (n,)); k' <= k for few rows."""
+    import faiss
+
+    k = max(1, min(k, len(x) // MIN_POINTS_PER_CLUSTER))
+    if k == 1:
+        return unit(x.mean(axis=0, keepdims=True)), np.zeros(len(x), np.int64)
+    km = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, spherical=True, verbose=False,
+                      min_points_per_centroid=MIN_POINTS_PER_CLUSTER, max_points_per_centroid=256)
+    km.train(x)
+    centroids = unit(km.centroids)
+    assign = nearest(x, centroids)
+    used = np.unique(assign)  # drop centroids no row chose, keep ids dense
+    remap = np.full(k, -1, np.int64)
+    remap[used] = np.arange(len(used))
+    return centroids[used], remap[assign]
+
+
+def examples_of(x: np.ndarray, members: np.ndarray, centroid: np.ndarray, count: int) -> np.ndarray:
+    out = np.full(count, -1, np.int64)
+    best = members[np.argsort(-(x[members] @ centroid), kind="stable")[:count]]
+    out[:len(best)] = best
+    return out
+
+
+def build_tree(levels: list[np.ndarray], sizes: list[int], seed: int = 0, examples: int = EXAMPLES) -> dict:
+    """The tree over rows whose vectors at each depth are levels[d] (n, dim_d); sizes[d] per parent."""
+    n = len(levels[0])
+    tree: dict = {"assign": np.zeros((n, len(sizes)), np.int64)}
+    parent_rows = [np.arange(n)]  # depth -1: one node holding everything
+    for d, k in enumerate(sizes):
+        x = unit(levels[d])
+        cents, parent_ids, node_sizes, node_examples, children_rows = [], [], [], [], []
+        for p, rows in enumerate(parent_rows):
+            c, a = kmeans(x[rows], k, seed + d * 7919 + p)
+            for j in range(len(c)):
+                members = rows[a == j]
+                tree["assign"][members, d] = len(cents)
+                cents.append(c[j])
+                parent_ids.append(p if d > 0 else -1)
+                node_sizes.append(len(members))
+                node_examples.append(examples_of(x, members, c[j], examples))
+                children_rows.append(members)
+        tree[f"centroids_{d}"] = np.stack(cents).astype(np.float32)
+        tree[f"parent_{d}"] = np.array(parent_ids, np.int64)
+        tree[f"size_{d}"] = np.array(node_sizes, np.int64)
+        tree[f"examples_{d}"] = np.stack(node_examples)
+        parent_rows = children_rows
+    return tree
+
+
+def query_paths(tree: dict, queries: list[np.ndarray]) -> np.ndarray:
+    """(q, depths) node ids: nearest centroid at depth 0, then nearest among that node's children."""
+    depths = tree["assign"].shape[1]
+    q = len(queries[0])
+    out = np.zeros((q, depths), np.int64)
+    for d in range(depths):
+        x = unit(queries[d])
+        cents, parents = tree[f"centroids_{d}"], tree[f"parent_{d}"]
+        for i in range(q):
+            allowed = np.arange(len(cents)) if d == 0 else np.flatnonzero(parents == out[i, d - 1])
+            out[i, d] = allowed[np.argmax(cents[allowed] @ x[i])]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# In the store
+
+
+def build_cluster_tree(store_path, sizes: list[int] | None = None, seed: int = 0) -> dict:
+    """Build the tree from the store's levels (in order) and write it as group "clusters"."""
+    from .store import open_store
+
+    with open_store(store_path) as store:
+        levels, n, model_id = store.levels, store.n, store.model_id
+        if n == 0:
+            raise SjeaError(f"{store_path} holds no embeddings yet; run sjea embed first.")
+        sizes = sizes or default_sizes(n, len(levels))
+        tree = build_tree([store.read_embeddings(lv) for lv in levels[:len(sizes)]], sizes, seed=seed)
+    attrs = {"sizes": sizes, "levels": levels[:len(sizes)], "n": n, "model_id": model_id, "seed": seed}
+    with open_store(store_path, mode="a") as store:
+        store.write_group(GROUP, tree, attrs)
+    return {"sizes": sizes, "levels": attrs["levels"], "nodes": [len(tree[f"size_{d}"]) for d in range(len(sizes))]}
+
+
+def read_tree(store) -> tuple[dict | None, str | None]:
+    """(tree arrays with attrs under "attrs", None) or (None, why not) for an open store."""
+    got = store.read_group(GROUP)
+    if got is None:
+        return None, f"no cluster tree; build it with: sjea clusters {store.path} --rebuild"
+    arrays, attrs = got
+    if int(attrs.get("n", -1)) != store.n or attrs.get("model_id") != store.model_id:
+        return None, (f"the cluster tree is stale (built for {attrs.get('n')} rows, the store has {store.n}); "
+                      f"rebuild it with: sjea clusters {store.path} --rebuild")
+    arrays["attrs"] = attrs
+    return arrays, None
+
+
+def cluster_tree(store_path, rebuild: bool = False, sizes: list[int] | None = None, examples: int = EXAMPLES) -> dict:
+    """The tree as nested nodes with sizes and example paths; built first when missing/stale/asked."""
+    from .store import open_store
+
+    with open_store(store_path) as store:
+        tree, why = read_tree(store)
+    built = False
+    if rebuild or sizes is not None or tree is None:
+        build_cluster_tree(store_path, sizes=sizes)
+        built = True
+    with open_store(store_path) as store:
+        tree, why = read_tree(store)
+        if tree is None:
+            raise SjeaError(why)
+        paths = store.paths
+        attrs = tree["attrs"]
+        depths = len(attrs["sizes"]) if np.ndim(attrs["sizes"]) else 1
+        levels = [int(v) for v in np.atleast_1d(attrs["levels"])]
+
+        def node(d: int, i: int) -> dict:
+            ex = [paths[r] for r in tree[f"examples_{d}"][i][:examples] if r >= 0]
+            out = {"id": i, "level": levels[d], "size": int(tree[f"size_{d}"][i]), "examples": ex}
+            if d + 1 < depths:
+                kids = np.flatnonzero(tree[f"parent_{d + 1}"] == i)
+                out["children"] = [node(d + 1, int(j)) for j in kids]
+            return out
+
+        roots = [node(0, i) for i in range(len(tree["size_0"]))]
+        return {"store": str(store_path), "n": store.n, "levels": levels,
+                "sizes": [int(s) for s in np.atleast_1d(attrs["sizes"])], "built": built, "clusters": roots}

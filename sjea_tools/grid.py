@@ -1,0 +1,95 @@
+"""The search grid picture (Pillow only): per query, the query image and its neighbours.
+
+One row per level searched and one for the hierarchical result; each thumbnail is captioned with
+its cosine score. Several queries stack their blocks vertically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from .runs import atomic_write_bytes
+
+THUMB = 96
+PAD = 6
+CAPTION = 16
+LABEL_W = 110
+
+
+def font(size: int = 12):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one fixed-size default font
+        return ImageFont.load_default()
+
+
+def thumbnail(path: Path, size: int = THUMB) -> Image.Image:
+    """The image fitted into a size x size tile; a grey tile with a cross when it cannot be read."""
+    from .data.images import decode_image
+
+    tile = Image.new("RGB", (size, size), (235, 235, 235))
+    try:
+        img = decode_image(path)
+    except Exception:  # noqa: BLE001 - a moved or broken file still leaves its slot visible
+        d = ImageDraw.Draw(tile)
+        d.line((0, 0, size, size), fill=(200, 0, 0), width=2)
+        d.line((0, size, size, 0), fill=(200, 0, 0), width=2)
+        return tile
+    img.thumbnail((size, size), Image.NEAREST if max(img.size) < size else Image.BILINEAR)
+    if max(img.size) < size:  # tiny images (28x28) are enlarged with sharp pixels
+        scale = size / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.NEAREST)
+    tile.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
+    return tile
+
+
+def grid_rows(results: dict) -> list[tuple[str, str, list[tuple[str, float]]]]:
+    """(row label, query file, [(neighbour file, score)]) for every row of the picture."""
+    root = Path(results["root"])
+    rows = []
+    for r in results["results"]:
+        for lv, hits in r.get("per_level", {}).items():
+            rows.append((f"level {lv}", r["query_file"], [(str(root / h["path"]), h["score"]) for h in hits]))
+        if "hierarchical" in r:
+            label = "hier. " + ">".join(map(str, results["order"]))
+            rows.append((label, r["query_file"], [(str(root / h["path"]), h["score"]) for h in r["hierarchical"]]))
+    return rows
+
+
+def search_grid(results: dict, out: str | Path, thumb: int = THUMB) -> Path:
+    """Draw the grid for search_store's results and write it as a PNG (atomically); returns the path."""
+    import io
+
+    rows = grid_rows(results)
+    cols = max((len(h) for _, _, h in rows), default=0)
+    cell_w, cell_h = thumb + PAD, thumb + CAPTION + PAD
+    width = LABEL_W + cell_w * (cols + 1) + PAD * 3
+    height = max(1, len(rows)) * cell_h + PAD + CAPTION
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    f = font(12)
+    draw.text((LABEL_W + PAD, 2), "query", fill="black", font=f)
+    draw.text((LABEL_W + cell_w + 3 * PAD, 2), "neighbours (cosine score)", fill="black", font=f)
+    cache: dict[str, Image.Image] = {}
+
+    def tile(path: str) -> Image.Image:
+        if path not in cache:
+            cache[path] = thumbnail(Path(path), thumb)
+        return cache[path]
+
+    for i, (label, query, hits) in enumerate(rows):
+        y = CAPTION + PAD + i * cell_h
+        draw.text((PAD, y + thumb // 2 - 6), label, fill="black", font=f)
+        canvas.paste(tile(query), (LABEL_W, y))
+        draw.rectangle((LABEL_W - 1, y - 1, LABEL_W + thumb, y + thumb), outline=(30, 90, 200), width=2)
+        for j, (path, score) in enumerate(hits):
+            x = LABEL_W + cell_w * (j + 1) + 2 * PAD
+            canvas.paste(tile(path), (x, y))
+            draw.text((x + 2, y + thumb + 1), f"{score:.3f}", fill="black", font=f)
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    out = Path(out)
+    atomic_write_bytes(out, buf.getvalue())
+    return out
