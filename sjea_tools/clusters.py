@@ -61,6 +61,19 @@ def nearest(x: np.ndarray, centroids: np.ndarray, block: int = 65536) -> np.ndar
     return out
 
 
+def kmeans_pp_init(x: np.ndarray, k: int, rng: np.random.Generator, sample: int = 20_000) -> np.ndarray:
+    """k-means++ seeds (cosine distance) from a sample: FAISS seeds at random, which often puts
+    two seeds in one true cluster and none in another, a minimum that k-means never leaves."""
+    xs = x[rng.choice(len(x), min(len(x), sample), replace=False)]
+    seeds = [xs[rng.integers(len(xs))]]
+    dist = np.maximum(0.0, 1.0 - xs @ seeds[0])
+    for _ in range(1, k):
+        p = dist / dist.sum() if dist.sum() > 0 else None
+        seeds.append(xs[rng.choice(len(xs), p=p)])
+        dist = np.minimum(dist, np.maximum(0.0, 1.0 - xs @ seeds[-1]))
+    return np.stack(seeds).astype(np.float32)
+
+
 def kmeans(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Spherical FAISS k-means: (unit centroids (k', d), assignment (n,)); k' <= k for few rows."""
     import faiss
@@ -70,7 +83,7 @@ def kmeans(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         return unit(x.mean(axis=0, keepdims=True)), np.zeros(len(x), np.int64)
     km = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, spherical=True, verbose=False,
                       min_points_per_centroid=MIN_POINTS_PER_CLUSTER, max_points_per_centroid=256)
-    km.train(x)
+    km.train(x, init_centroids=kmeans_pp_init(x, k, np.random.default_rng(seed)))
     centroids = unit(km.centroids)
     assign = nearest(x, centroids)
     used = np.unique(assign)  # drop centroids no row chose, keep ids dense
