@@ -288,20 +288,17 @@ def export_run(run=None, level="all", out=None, output: str = "representation", 
     import os
     import secrets
 
-    import onnxruntime as ort
-
     from sjea_tools.runs import find_run, load_model
 
-    from .runtime import provider_name
+    from .runtime import check_provider
     from .verify import reference_by_batch, tolerance_for, verification_pixels, verify_onnx
 
     if output not in OUTPUTS:
         raise SjeaError(f"--output must be one of {', '.join(OUTPUTS)}, not '{output}'.")
     if opset < MIN_OPSET:
         raise SjeaError(f"--opset must be {MIN_OPSET} or newer (got {opset}).")
-    if provider is not None and provider_name(provider) not in ort.get_available_providers():
-        raise SjeaError(f"ONNX Runtime provider {provider_name(provider)} is not available here (available: "
-                        f"{', '.join(ort.get_available_providers())}); use --provider cpu.")
+    if provider is not None:
+        check_provider(provider)  # a provider that cannot start fails now, not after the export
     run_dir = find_run(run)
     model = load_model(run_dir)
     single = parse_level(level, model.num_levels)

@@ -122,6 +122,23 @@ def create_session(model, provider: str | None = None, threads: int | None = Non
     return sess, CPU
 
 
+def check_provider(provider: str) -> str:
+    """Fail fast, before a long export: the full name of `provider` if it really starts here.
+
+    Starts it on a one-node graph, so a missing GPU or CUDA library is found in a second.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    probe.ir_version = min(probe.ir_version, onnx.IR_VERSION)
+    _, used = create_session(probe.SerializeToString(), provider, threads=1)
+    return used
+
+
 def parse_metadata(props: dict[str, str]) -> dict:
     """metadata_props (all strings) -> typed values: JSON where the exporter wrote JSON."""
     out = {}

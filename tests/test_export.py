@@ -37,8 +37,9 @@ def leftovers(folder: Path) -> list[str]:
 
 
 def torch_levels(model, pixels: np.ndarray) -> list[np.ndarray]:
+    x = normalize_pixels(np.array(pixels), model.mean, model.std)
     with torch.no_grad():
-        return [y.numpy() for y in model.forward_levels(normalize_pixels(pixels, model.mean, model.std))]
+        return [y.numpy() for y in model.forward_levels(x)]
 
 
 # --- pure parts -------------------------------------------------------------------------------
@@ -351,8 +352,8 @@ def test_bad_options_are_one_line(exported_mlp2, tmp_path):
 
 
 def test_forced_cuda_provider_is_never_a_silent_fallback(exported_mlp2, tmp_path, write_fmnist_folder, fmnist_test):
-    """On a machine without a usable GPU, --provider cuda fails after exporting: one line, and the
-    exported-but-unverified file is removed. With a GPU it verifies on CUDA."""
+    """On a machine without a usable GPU, --provider cuda fails before exporting, in one line,
+    leaving nothing behind. With a GPU it verifies on CUDA."""
     run, _ = exported_mlp2
     images = write_fmnist_folder(tmp_path / "imgs", fmnist_test, 3)
     result = runner.invoke(app, ["export", "--run", str(run), "--level", "0", "--out", str(tmp_path / "o"),
