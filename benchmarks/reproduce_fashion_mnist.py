@@ -15,6 +15,7 @@ markers of docs/reproduction.md and to docs/images/.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import shutil
 import sys
@@ -29,11 +30,12 @@ IMAGES = ROOT / "docs" / "images"
 BEGIN, END = "<!-- results:begin (written by benchmarks/reproduce_fashion_mnist.py) -->", "<!-- results:end -->"
 
 
-def configs(epochs: float, limit: int):
+def configs(epochs: float, limit: int, device: str, data_dir: str | None):
     from sjea_tools.config import resolve_config
     from sjea_tools.models import build_model
 
-    common = {"train.epochs": epochs, "data.limit": limit, "train.seed": 0}
+    common = {"train.epochs": epochs, "data.limit": limit, "train.seed": 0, "train.device": device,
+              "data.data_dir": data_dir}
     sjea = resolve_config("tiny", overrides={**common, "model.levels": 2, "name": "repro-sjea"})
     target = total_params(build_model(sjea))
     best = None
@@ -121,6 +123,8 @@ def main() -> None:
     ap.add_argument("--max-train", type=int, default=20000, help="k-NN bank / probe training images")
     ap.add_argument("--max-test", type=int, default=None, help="query images (default: the whole test split)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
+    ap.add_argument("--device", default="cpu", help="training and evaluation device (the comparison is a CPU one)")
+    ap.add_argument("--data-dir", default=None, help="folder of the four Fashion-MNIST IDX files (default: the usual places)")
     ap.add_argument("--retrain", action="store_true", help="train both models again")
     ap.add_argument("--train-only", action="store_true", help="stop after training")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs", help="where the two run folders go")
@@ -131,7 +135,7 @@ def main() -> None:
     from sjea_tools import evaluation, plots
     from sjea_tools.models import build_model
 
-    sjea_cfg, vicreg_cfg = configs(args.epochs, args.limit)
+    sjea_cfg, vicreg_cfg = configs(args.epochs, args.limit, args.device, args.data_dir)
     runs = {}
     train_seconds = {}
     for key, cfg in (("sjea", sjea_cfg), ("vicreg", vicreg_cfg)):
@@ -146,14 +150,14 @@ def main() -> None:
         for weights in ("trained", "random-init"):
             t0 = time.perf_counter()
             results[key, weights] = evaluation.evaluate_run(run, max_train=args.max_train, max_test=args.max_test,
-                                                            random_init=weights == "random-init")
+                                                            random_init=weights == "random-init", device=args.device)
             print(f"{key} {weights}: evaluated in {time.perf_counter() - t0:.0f} s")
 
     IMAGES.mkdir(parents=True, exist_ok=True)
     pictures = {}
     for key, run in runs.items():
         cls = "Sandal"
-        for path in plots.plot_run(run, class_name=cls):
+        for path in plots.plot_run(run, class_name=cls, device=args.device):
             target = IMAGES / f"fmnist_{key}_{path.name}"
             shutil.copyfile(path, target)
             pictures[key, path.stem.split("_")[0]] = target.relative_to(DOC.parent)
@@ -167,8 +171,8 @@ def main() -> None:
     s, v = results["sjea", "trained"], results["vicreg", "trained"]
     sr, vr = results["sjea", "random-init"], results["vicreg", "random-init"]
     out = [BEGIN, "",
-           f"Measured by `benchmarks/reproduce_fashion_mnist.py` on {time.strftime('%Y-%m-%d')}, CPU, "
-           f"{args.threads} torch thread(s). Training: {args.limit} Fashion-MNIST training images, {args.epochs:g} epochs, "
+           f"Measured by `benchmarks/reproduce_fashion_mnist.py {' '.join(sys.argv[1:])}` on {time.strftime('%Y-%m-%d')}, "
+           f"device {args.device}, {args.threads} torch thread(s) ({os.cpu_count()} CPU cores visible). Training: {args.limit} Fashion-MNIST training images, {args.epochs:g} epochs, "
            f"batch {sjea_cfg.train.batch_size}, seed 0, for both models. Evaluation: k-NN bank and probe training set "
            f"= {s['n_train']} random training images, queries = {s['n_test']} test images; "
            f"probe {s['settings']['probe_epochs']} epochs, lr {s['settings']['probe_lr']}; k-NN k={s['settings']['knn_k']}, "

@@ -36,22 +36,17 @@ FASHION_MNIST_GROUPS = {
 
 # --- pure metric functions ------------------------------------------------------------------------
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def nearest_neighbours(bank: np.ndarray, queries: np.ndarray, k: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine top-k of each query among the bank rows: (ids (q,k), similarities (q,k)), best first."""
-    k = min(k, len(bank))
-    b = torch.from_numpy(l2_normalize(bank))
-    q = torch.from_numpy(l2_normalize(queries))
-    ids, sims = [], []
-    for start in range(0, len(q), chunk):
-        s, i = (q[start:start + chunk] @ b.T).topk(k, dim=1)
-        ids.append(i.numpy())
-        sims.append(s.numpy())
-    return np.concatenate(ids), np.concatenate(sims)
+    """Cosine top-k of each query among the bank rows: (ids (q,k), similarities (q,k)), best first.
+
+    Queries go through `search.cosine_top_k` in chunks, so memory stays at chunk x bank.
+    """
+    from .index import normalized
+    from .search import cosine_top_k
+
+    bank = normalized(bank)
+    parts = [cosine_top_k(queries[start:start + chunk], bank, k) for start in range(0, len(queries), chunk)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def weighted_vote(neighbour_labels: np.ndarray, similarities: np.ndarray, num_classes: int,
@@ -295,6 +290,14 @@ def load_eval_splits(dataset: str, data_dir: str | None, seed: int, test_fractio
     return train, test
 
 
+def eval_dataset(cfg, dataset: str | None, data_dir: str | None) -> tuple[str, str | None]:
+    """The dataset named, else the run's own; the run's --data-dir applies to its own dataset only."""
+    dataset = dataset or cfg.data.dataset
+    if data_dir is None and dataset == cfg.data.dataset:
+        data_dir = cfg.data.data_dir
+    return dataset, data_dir
+
+
 def coarse_of(data) -> tuple[np.ndarray, list[str]] | None:
     """The dataset's fine -> coarse map (CIFAR-100 superclasses, Fashion-MNIST groups), if any."""
     if data.coarse_labels is not None and data.labels is not None:
@@ -322,8 +325,7 @@ def evaluate_run(run=None, dataset: str | None = None, data_dir: str | None = No
     run_dir = find_run(run)
     model = load_model(run_dir, device=device)
     source_id = model_id(model)
-    dataset = dataset or model.cfg.data.dataset
-    data_dir = data_dir if data_dir is not None else (model.cfg.data.data_dir if dataset == model.cfg.data.dataset else None)
+    dataset, data_dir = eval_dataset(model.cfg, dataset, data_dir)
     levels = check_levels(levels, model.num_levels)
     t0 = time.perf_counter()
     train, test = load_eval_splits(dataset, data_dir, seed)

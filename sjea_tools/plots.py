@@ -49,9 +49,9 @@ def tsne_2d(features: np.ndarray, perplexity: float = TSNE_PERPLEXITY, seed: int
     """Paper Figure 2: t-SNE of L2-normalised features, coordinates min-max scaled to [0, 1]."""
     from sklearn.manifold import TSNE
 
-    from .evaluation import l2_normalize
+    from .index import normalized
 
-    x = l2_normalize(features)
+    x = normalized(features)
     perplexity = min(perplexity, max(1.0, (len(x) - 1) / 3))  # sklearn needs perplexity < n
     with sklearn_threads():
         coords = TSNE(n_components=2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(x)
@@ -63,9 +63,9 @@ def sub_clusters(features: np.ndarray, n_clusters: int, seed: int = 0) -> tuple[
     """k-means on L2-normalised features: (cluster of each row, distance of each row to its centre)."""
     from sklearn.cluster import KMeans
 
-    from .evaluation import l2_normalize
+    from .index import normalized
 
-    x = l2_normalize(features)
+    x = normalized(features)
     with sklearn_threads():
         km = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit(x)
     dist = np.linalg.norm(x - km.cluster_centers_[km.labels_], axis=1)
@@ -202,7 +202,7 @@ def plot_run(run=None, out_dir: str | Path | None = None, class_name: str | None
              max_points: int = 2000, n_clusters: int = 3, seed: int = 0, device: str = "cpu",
              progress=None) -> list[Path]:
     """Write the PNGs of a run (default all of PLOT_KINDS) to out_dir (default RUN/plots)."""
-    from .evaluation import extract_features, load_eval_splits, random_subset
+    from .evaluation import eval_dataset, extract_features, load_eval_splits, random_subset
     from .runs import find_run, load_model, read_metrics
 
     kinds = list(PLOT_KINDS) if not kinds else list(dict.fromkeys(kinds))
@@ -223,8 +223,7 @@ def plot_run(run=None, out_dir: str | Path | None = None, class_name: str | None
         return [draw_covariance(*series, f"{name}: covariance term per level", out_dir / "covariance.png")]
 
     model = load_model(run_dir, device=device)
-    dataset = dataset or model.cfg.data.dataset
-    data_dir = data_dir if data_dir is not None else (model.cfg.data.data_dir if dataset == model.cfg.data.dataset else None)
+    dataset, data_dir = eval_dataset(model.cfg, dataset, data_dir)
     _, test = load_eval_splits(dataset, data_dir, seed)
     class_names = test.class_names or [str(c) for c in range(int(test.labels.max()) + 1)]
     chosen = resolve_class(class_name, class_names) if "subclusters" in kinds else None
