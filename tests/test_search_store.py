@@ -1,0 +1,158 @@
+"""Search over a real store (Fashion-MNIST PNGs embedded by a run): self-matches, JSON = table,
+grid PNG, stale/mismatched indexes refused with the fix, bad input as one line with exit 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from sjea_tools.cli import app
+from sjea_tools.errors import SjeaError
+from sjea_tools.search import search_store
+
+N = 120
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, fmnist_test):
+    from conftest import make_run, write_fmnist_folder
+    from sjea_tools.embed import embed_folder
+
+    root = tmp_path_factory.mktemp("search")
+    run = make_run(root / "runs" / "tiny", levels=2)
+    images = write_fmnist_folder(root / "imgs", fmnist_test, N)
+    out = root / "emb.h5"
+    embed_folder(images, out, run=run, backend="torch", workers=0, index=False)
+    from sjea_tools.index import build_indexes
+
+    info = build_indexes(out, progress=False)
+    assert info["n"] == N and all(e["recall_at_10"] == 1.0 for e in info["levels"].values())
+    return {"root": root, "run": run, "images": images, "out": out}
+
+
+def invoke(args, cwd=None, monkeypatch=None):
+    if cwd is not None:
+        monkeypatch.chdir(cwd)
+    return CliRunner().invoke(app, args)
+
+
+def test_every_sampled_image_finds_itself_first_at_every_level(store):
+    from sjea_tools.store import open_store
+
+    with open_store(store["out"]) as s:
+        paths = s.paths
+    sample = [store["images"] / paths[i] for i in (0, 17, 58, 119)]
+    res = search_store(store["out"], queries=sample, k=5, mode="both")
+    for q, r in zip(sample, res["results"]):
+        rel = str(q.relative_to(store["images"]))
+        for lv in ("0", "1"):
+            assert r["per_level"][lv][0]["path"] == rel and r["per_level"][lv][0]["score"] >= 0.999
+        top = r["hierarchical"][0]
+        assert top["path"] == rel and min(top["scores"].values()) >= 0.999
+        assert len(r["cluster_path"]) == 2
+
+
+def test_json_carries_the_table(store, monkeypatch):
+    args = ["search", "--id", "3", "--store", str(store["out"]), "--k", "4"]
+    table = invoke(args)
+    data = json.loads(invoke(args + ["--json"]).stdout)
+    assert table.exit_code == 0 and data["mode"] == "hierarchical"
+    hits = data["results"][0]["hierarchical"]
+    assert len(hits) == 4 and hits[0]["id"] == 3
+    for h in hits:  # each JSON row appears in the table with the same scores
+        line = next(ln for ln in table.stdout.splitlines() if h["path"] in ln)
+        assert f"{h['scores']['0']:.4f}" in line and f"{h['scores']['1']:.4f}" in line
+
+
+def test_grid_png_has_a_row_per_level_and_hierarchy(store, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "grid.png"
+    r = invoke(["search", "--id", "0", "--store", str(store["out"]), "--k", "5", "--grid", str(out)])
+    assert r.exit_code == 0, r.output
+    from sjea_tools.grid import CAPTION, LABEL_W, PAD, THUMB
+
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+        assert im.size == (LABEL_W + (THUMB + PAD) * 6 + 3 * PAD, 3 * (THUMB + CAPTION + PAD) + PAD + CAPTION)
+
+
+def test_newest_store_in_folder_is_used_and_named(store, monkeypatch):
+    r = invoke(["search", "--id", "1", "--k", "2", "--mode", "per-level"], cwd=store["root"], monkeypatch=monkeypatch)
+    assert r.exit_code == 0 and "using store emb.h5" in r.output
+
+
+def test_stale_index_is_refused_with_the_fix(store, tmp_path, fmnist_test):
+    from conftest import write_fmnist_folder
+    from sjea_tools.embed import embed_folder
+
+    out = tmp_path / "grown.h5"
+    shutil.copy(store["out"], out)
+    shutil.copytree(store["out"].with_name("emb.h5.index"), tmp_path / "grown.h5.index")
+    images = tmp_path / "imgs"
+    shutil.copytree(store["images"], images)
+    write_fmnist_folder(images, fmnist_test, 5, start=N)
+    embed_folder(images, out, run=store["run"], backend="torch", workers=0, overwrite=True, index=False)
+    with pytest.raises(SjeaError, match=f"stale.*sjea index {out}"):
+        search_store(out, ids=[0], k=3)
+    r = invoke(["search", "--id", "0", "--store", str(out)])
+    assert r.exit_code == 2 and "sjea index" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_query_model_other_than_the_stores_is_refused(store, tmp_path):
+    from conftest import make_run
+    from sjea_tools.embed import Embedder
+
+    other = Embedder.from_source(run=make_run(tmp_path / "other", levels=2, seed=1), backend="torch")
+    with pytest.raises(SjeaError, match="not the model that wrote"):
+        search_store(store["out"], queries=[store["images"]], k=3, embedder=other)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--id", "0", "--k", "0"], "--k must be at least 1"),
+    (["--id", "0", "--level", "7"], "--level 7 is out of range"),
+    (["--id", "999"], "out of range"),
+    (["--id", "0", "--mode", "sideways"], "--mode must be one of"),
+    (["NOT_AN_IMAGE"], "not a readable image"),
+    (["missing.png"], "does not exist"),
+])
+def test_bad_input_one_line_exit_2(store, args, needle, tmp_path):
+    (tmp_path / "NOT_AN_IMAGE").write_text("hello")
+    args = [str(tmp_path / a) if a in ("NOT_AN_IMAGE", "missing.png") else a for a in args]
+    r = invoke(["search", *args, "--store", str(store["out"])])
+    assert r.exit_code == 2 and needle in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_missing_store_and_k_clipped(store, tmp_path):
+    r = invoke(["search", "--id", "0", "--store", str(tmp_path / "none.h5")])
+    assert r.exit_code == 2 and "does not exist" in r.output
+    res = search_store(store["out"], ids=[0], k=500, mode="per-level", level=1)
+    assert len(res["results"][0]["per_level"]["1"]) == N and any("larger than the store" in n for n in res["notes"])
+
+
+def test_clusters_cli_lists_sizes_and_examples(store):
+    r = invoke(["clusters", str(store["out"]), "--json"])
+    tree = json.loads(r.stdout)
+    assert sum(c["size"] for c in tree["clusters"]) == N
+    for c in tree["clusters"]:
+        assert sum(ch["size"] for ch in c["children"]) == c["size"] and c["examples"]
+
+
+def test_index_cli_forced_kind_records_model_rows_and_recall(store, tmp_path):
+    out = tmp_path / "copy.h5"
+    shutil.copy(store["out"], out)
+    r = invoke(["index", str(out), "--kind", "hnsw", "--ef-search", "16", "--no-clusters", "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    side = json.loads((tmp_path / "copy.h5.index" / "index.json").read_text())
+    assert side["n"] == N and side["model_id"] == info["model_id"]
+    for e in side["levels"].values():
+        assert e["kind"] == "hnsw" and e["search_params"] == {"efSearch": 16} and 0 < e["recall_at_10"] <= 1
+    res = search_store(out, ids=[7], k=3, mode="per-level")
+    assert all(res["results"][0]["per_level"][lv][0]["id"] == 7 for lv in ("0", "1"))
+    bad = invoke(["index", str(out), "--kind", "lsh"])
+    assert bad.exit_code == 2 and "unknown index kind" in bad.output
