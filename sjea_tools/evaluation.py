@@ -26,6 +26,7 @@ EVAL_FILE = "eval.json"
 KNN_K = 200
 KNN_TEMPERATURE = 0.1
 PRECISION_K = 10
+STORE_EVAL_ROWS = 100_000  # default sample of a store's labelled rows: bounded time and memory
 # Fashion-MNIST's natural grouping (method.md), by class name, so that image folders of the same
 # classes (any spelling of the names) get coarse labels too.
 FASHION_MNIST_GROUPS = {
@@ -36,16 +37,22 @@ FASHION_MNIST_GROUPS = {
 
 # --- pure metric functions ------------------------------------------------------------------------
 
-def nearest_neighbours(bank: np.ndarray, queries: np.ndarray, k: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine top-k of each query among the bank rows: (ids (q,k), similarities (q,k)), best first.
+SIMILARITY_BLOCK = 1 << 25  # query x bank similarities held at once (128 MiB of float32)
 
-    Queries go through `search.cosine_top_k` in chunks, so memory stays at chunk x bank.
-    """
+
+def query_chunks(n_queries: int, n_bank: int) -> list[slice]:
+    """Slices of queries small enough that one chunk's similarity matrix stays under the block."""
+    size = max(1, SIMILARITY_BLOCK // max(1, n_bank))
+    return [slice(start, start + size) for start in range(0, n_queries, size)]
+
+
+def nearest_neighbours(bank: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine top-k of each query among the bank rows: (ids (q,k), similarities (q,k)), best first."""
     from .index import normalized
     from .search import cosine_top_k
 
     bank = normalized(bank)
-    parts = [cosine_top_k(queries[start:start + chunk], bank, k) for start in range(0, len(queries), chunk)]
+    parts = [cosine_top_k(queries[c], bank, k) for c in query_chunks(len(queries), len(bank))]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
@@ -209,10 +216,13 @@ def hierarchical_scores(train_feats, test_feats, levels, label_sets, k, temperat
     from .search import hierarchical_search
 
     positions = list(range(len(levels)))
+    bases = list(train_feats)
     out = []
     for order in (positions, positions[::-1]):
-        ids, scores = hierarchical_search(list(test_feats), list(train_feats), k=k, order=order)
-        sims = scores[:, :, order[-1]]
+        parts = [hierarchical_search([f[c] for f in test_feats], bases, k=k, order=order)
+                 for c in query_chunks(len(test_feats[0]), len(bases[0]))]
+        ids = np.concatenate([p[0] for p in parts])
+        sims = np.concatenate([p[1] for p in parts])[:, :, order[-1]]
         out.append({"order": [int(levels[i]) for i in order],
                     **{name: retrieval_scores(ids, sims, ytr, yte, temperature) for name, (ytr, yte) in label_sets.items()}})
     return out
@@ -382,7 +392,7 @@ def check_levels(levels: Sequence[int] | None, num_levels: int) -> list[int]:
     return levels
 
 
-def evaluate_store(store_path, max_rows: int | None = None, test_fraction: float = 0.2, probe_epochs: int = 20,
+def evaluate_store(store_path, max_rows: int | None = STORE_EVAL_ROWS, test_fraction: float = 0.2, probe_epochs: int = 20,
                    probe_lr: float = 0.2, seed: int = 0, levels: Sequence[int] | None = None,
                    out: str | Path | None = None) -> dict:
     """Evaluate the embeddings of a labelled HDF5 store: a seeded split of its rows into a bank

@@ -118,3 +118,19 @@ def test_evaluate_run_refuses_a_folder_without_class_subfolders(tmp_path, make_r
     with pytest.raises(SjeaError, match="no labels"):
         ev.evaluate_run(run, dataset=str(flat))
     assert not (run / "eval.json").exists()
+
+
+def test_chunked_similarities_give_the_same_scores(monkeypatch):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, size=700)
+    feats = [rng.normal(size=(700, 16)).astype(np.float32) + labels[:, None] * k for k in (0.3, 0.1)]
+    coarse = (np.array([0, 0, 1, 1]), ["a", "b"])
+
+    def run():
+        return ev.evaluate_features([f[:500] for f in feats], labels[:500], [f[500:] for f in feats], labels[500:],
+                                    [0, 1], coarse, probe_epochs=1, k=50)
+
+    whole = run()
+    monkeypatch.setattr(ev, "SIMILARITY_BLOCK", 500 * 7)  # queries in chunks of 7
+    assert len(ev.query_chunks(200, 500)) == 29
+    assert run() == whole

@@ -60,7 +60,8 @@ def eval_command(
     max_train: Optional[int] = typer.Option(None, "--max-train", help="Use N random training images (k-NN bank "
                                             "and probe training set); default all."),
     max_test: Optional[int] = typer.Option(None, "--max-test", help="Use N random test images (queries); default all."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="STORE only: use N random labelled rows."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="STORE only: use N random labelled rows "
+                                        "[default: 100000; 0 = all]."),
     level: Optional[List[int]] = typer.Option(None, "--level", help="Evaluate this level (repeatable; default all)."),
     probe_epochs: int = typer.Option(20, "--probe-epochs", help="Epochs of the linear probe on cached features."),
     probe_lr: float = typer.Option(0.2, "--probe-lr", help="Peak learning rate of the probe (SGD, momentum 0.9, cosine)."),
@@ -82,7 +83,8 @@ def eval_command(
     if store is not None:
         if run is not None or dataset is not None:
             raise SjeaError("give either a STORE or --run/--dataset, not both.")
-        result = evaluation.evaluate_store(store, max_rows=limit, probe_epochs=probe_epochs, probe_lr=probe_lr,
+        rows = evaluation.STORE_EVAL_ROWS if limit is None else (limit or None)
+        result = evaluation.evaluate_store(store, max_rows=rows, probe_epochs=probe_epochs, probe_lr=probe_lr,
                                            seed=seed, levels=level, out=out)
     else:
         if limit is not None:
