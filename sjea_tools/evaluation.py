@@ -267,12 +267,13 @@ def calibrate_batchnorm(model, data, batches: int = 20, batch_size: int = 256, s
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the calibration batches
+    device = next(model.parameters()).device
     model.train()
     with torch.no_grad():
         for i, (pixels, _) in enumerate(loader):
             if i >= batches:
                 break
-            model.forward_train(normalize_pixels(pixels, model.mean, model.std))
+            model.forward_train(normalize_pixels(pixels.to(device), model.mean, model.std))
     model.eval()
 
 
