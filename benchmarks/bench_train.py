@@ -26,12 +26,12 @@ from sjea_tools.config import resolve_config
 from trainers.trainer import train
 
 
-def measure(device: str, steps: int, batch: int, fast: bool, workers: int, preset: str, levels: int) -> float:
-    overrides = {
+def measure(device: str, steps: int, batch: int, fast: bool, workers: int, preset: str, levels: int,
+            extra: dict) -> float:
+    overrides = {**extra,
         "train.device": device, "train.max_steps": steps, "train.batch_size": batch, "train.log_every": 5,
         "train.checkpoint_every": 10**9, "train.augment_on_device": fast, "train.channels_last": fast,
         "train.precision": "auto" if fast else "fp32", "data.workers": workers, "model.levels": levels,
-        "data.limit": None,
     }
     cfg = resolve_config(preset, overrides=overrides)
     rates: list[float] = []
@@ -48,13 +48,15 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--levels", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], help="extra config override section.key=value")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    base = measure(args.device, args.steps, args.batch_size, False, args.workers, args.preset, args.levels)
-    fast = measure(args.device, args.steps, args.batch_size, True, args.workers, args.preset, args.levels)
+    extra = dict(item.split("=", 1) for item in args.set)
+    base = measure(args.device, args.steps, args.batch_size, False, args.workers, args.preset, args.levels, extra)
+    fast = measure(args.device, args.steps, args.batch_size, True, args.workers, args.preset, args.levels, extra)
     result = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
               "cores": torch.get_num_threads(), "preset": args.preset, "levels": args.levels,
-              "batch_size": args.batch_size, "steps": args.steps, "baseline_images_per_s": round(base, 1),
+              "batch_size": args.batch_size, "steps": args.steps, "overrides": extra, "baseline_images_per_s": round(base, 1),
               "sjea_images_per_s": round(fast, 1), "speedup": round(fast / base, 2)}
     if args.json:
         print(json.dumps(result))

@@ -23,7 +23,7 @@ from torch import nn
 
 from sjea_tools.config import RunConfig, save_config
 from sjea_tools.data.augment import per_image_transform, two_views
-from sjea_tools.data.datasets import PixelDataset, load_dataset, train_split
+from sjea_tools.data.datasets import PixelDataset, load_dataset, resize_pixels, train_split
 from sjea_tools.data.preprocess import normalize_pixels
 from sjea_tools.errors import SjeaError
 from sjea_tools.losses import stacked_vicreg_loss
@@ -202,6 +202,8 @@ def _train(cfg, out_dir, resume, overwrite, quiet, runs_dir, info: DistInfo, log
     # Data problems are found before anything is written, so a failed start leaves no run folder.
     data = train_split(load_dataset(cfg.data.dataset, cfg.data.data_dir, "train"), cfg.data.holdout,
                        cfg.data.split_seed, cfg.data.limit)
+    if data.pixels is not None and data.pixels.shape[1] != cfg.image_size:
+        data.pixels = resize_pixels(data.pixels, cfg.image_size)
     batch = cfg.train.batch_size
     steps_per_epoch = len(data) // (batch * info.world_size)
     if steps_per_epoch == 0:

@@ -55,6 +55,19 @@ class ImageData:
             self.root, pick(self.labels), self.class_names, pick(self.coarse_labels), self.coarse_names, self.meta)
 
 
+def resize_pixels(pixels: np.ndarray, size: int, chunk: int = 4096) -> np.ndarray:
+    """Square uint8 (N, H, W, 3) images resized to (N, size, size, 3) once, in bounded chunks, so
+    training batches need no per-image work (antialiased when shrinking)."""
+    if pixels.shape[1] == size and pixels.shape[2] == size:
+        return pixels
+    out = np.empty((len(pixels), size, size, 3), dtype=np.uint8)
+    for i in range(0, len(pixels), chunk):
+        x = torch.from_numpy(pixels[i:i + chunk]).permute(0, 3, 1, 2).float()
+        y = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[i:i + chunk] = y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out
+
+
 class PixelDataset(torch.utils.data.Dataset):
     """(uint8 HWC pixels at `image_size`, label) pairs; decodes folder images in workers."""
 
