@@ -137,9 +137,9 @@ def collapse_stats(features: np.ndarray) -> dict[str, float]:
 
 
 def retrieval_scores(ids: np.ndarray, sims: np.ndarray, bank_labels: np.ndarray, query_labels: np.ndarray,
-                     temperature: float = KNN_TEMPERATURE) -> dict[str, float]:
-    """k-NN top-1 and precision@10 from one neighbour list (ids sorted best first)."""
-    return {"knn_top1": knn_accuracy_from_neighbours(ids, sims, bank_labels, query_labels, temperature),
+                     k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> dict[str, float]:
+    """k-NN top-1 (first k neighbours) and precision@10 from one neighbour list, best first."""
+    return {"knn_top1": knn_accuracy_from_neighbours(ids[:, :k], sims[:, :k], bank_labels, query_labels, temperature),
             "precision_at_10": precision_at_k(ids, bank_labels, query_labels, PRECISION_K)}
 
 
@@ -177,7 +177,7 @@ def random_subset(n: int, limit: int | None, seed: int) -> np.ndarray:
 def evaluate_features(train_feats: Sequence[np.ndarray], train_labels: np.ndarray, test_feats: Sequence[np.ndarray],
                       test_labels: np.ndarray, levels: Sequence[int], coarse: tuple[np.ndarray, list[str]] | None = None,
                       probe_epochs: int = 20, probe_lr: float = 0.2, seed: int = 0, k: int = KNN_K,
-                      temperature: float = KNN_TEMPERATURE, hierarchical: bool = True) -> dict:
+                      temperature: float = KNN_TEMPERATURE) -> dict:
     """Every metric for every level, from cached features; `coarse` = (fine->coarse map, names)."""
     train_labels = np.asarray(train_labels, dtype=np.int64)
     test_labels = np.asarray(test_labels, dtype=np.int64)
@@ -196,13 +196,13 @@ def evaluate_features(train_feats: Sequence[np.ndarray], train_labels: np.ndarra
                "knn_top1": knn_accuracy_from_neighbours(ids[:, :k], sims[:, :k], train_labels, test_labels, temperature),
                **collapse_stats(fte)}
         if coarse is not None:
-            row["hierarchy"] = {name: retrieval_scores(ids[:, :k], sims[:, :k], ytr, yte, temperature)
+            row["hierarchy"] = {name: retrieval_scores(ids, sims, ytr, yte, k, temperature)
                                 for name, (ytr, yte) in label_sets.items()}
         per_level.append(row)
     result = {"levels": per_level}
     if coarse is not None:
         result["coarse_names"] = coarse[1]
-        if hierarchical and len(levels) > 1:
+        if len(levels) > 1:
             result["hierarchical_search"] = hierarchical_scores(train_feats, test_feats, levels, label_sets, k, temperature)
     return result
 
@@ -219,12 +219,12 @@ def hierarchical_scores(train_feats, test_feats, levels, label_sets, k, temperat
     bases = list(train_feats)
     out = []
     for order in (positions, positions[::-1]):
-        parts = [hierarchical_search([f[c] for f in test_feats], bases, k=k, order=order)
+        parts = [hierarchical_search([f[c] for f in test_feats], bases, k=max(k, PRECISION_K), order=order)
                  for c in query_chunks(len(test_feats[0]), len(bases[0]))]
         ids = np.concatenate([p[0] for p in parts])
         sims = np.concatenate([p[1] for p in parts])[:, :, order[-1]]
         out.append({"order": [int(levels[i]) for i in order],
-                    **{name: retrieval_scores(ids, sims, ytr, yte, temperature) for name, (ytr, yte) in label_sets.items()}})
+                    **{name: retrieval_scores(ids, sims, ytr, yte, k, temperature) for name, (ytr, yte) in label_sets.items()}})
     return out
 
 

@@ -134,3 +134,16 @@ def test_chunked_similarities_give_the_same_scores(monkeypatch):
     monkeypatch.setattr(ev, "SIMILARITY_BLOCK", 500 * 7)  # queries in chunks of 7
     assert len(ev.query_chunks(200, 500)) == 29
     assert run() == whole
+
+
+def test_precision_uses_ten_neighbours_even_when_k_is_smaller():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(2), 100)
+    feats = rng.normal(size=(200, 8)).astype(np.float32)
+    out = ev.evaluate_features([feats[:150]], labels[:150], [feats[150:]], labels[150:], [0],
+                               (np.array([0, 0]), ["one"]), probe_epochs=1, k=3)
+    coarse = out["levels"][0]["hierarchy"]["coarse"]
+    assert coarse["precision_at_10"] == 100.0 and coarse["knn_top1"] == 100.0  # one coarse group
+    ids, _ = ev.nearest_neighbours(feats[:150], feats[150:], 10)
+    assert out["levels"][0]["hierarchy"]["fine"]["precision_at_10"] == pytest.approx(
+        ev.precision_at_k(ids, labels[:150], labels[150:], 10))
