@@ -61,7 +61,7 @@ def eval_command(
                                             "and probe training set); default all."),
     max_test: Optional[int] = typer.Option(None, "--max-test", help="Use N random test images (queries); default all."),
     limit: Optional[int] = typer.Option(None, "--limit", help="STORE only: use N random labelled rows "
-                                        "[default: 100000; 0 = all]."),
+                                        "(default 100000; 0 = all)."),
     level: Optional[List[int]] = typer.Option(None, "--level", help="Evaluate this level (repeatable; default all)."),
     probe_epochs: int = typer.Option(20, "--probe-epochs", help="Epochs of the linear probe on cached features."),
     probe_lr: float = typer.Option(0.2, "--probe-lr", help="Peak learning rate of the probe (SGD, momentum 0.9, cosine)."),
