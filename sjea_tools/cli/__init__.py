@@ -52,6 +52,7 @@ from . import export  # noqa: E402,F401
 from . import embed  # noqa: E402,F401
 from . import search  # noqa: E402,F401
 from . import evaluate  # noqa: E402,F401
+from . import data  # noqa: E402,F401
 
 
 @app.callback()

@@ -1,0 +1,32 @@
+"""`sjea images`: a dataset as image files, e.g. real test images to embed and search."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import app
+from .common import console, handle_errors, print_json
+
+
+@app.command()
+@handle_errors
+def images(
+    dataset: str = typer.Argument(..., help="fashion-mnist, cifar10, cifar100 or stl10."),
+    out: Path = typer.Argument(..., help="Folder to write; images go to OUT/<class>/<index>.<format>."),
+    split: str = typer.Option("test", "--split", help="train or test."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Write the first N images only."),
+    fmt: str = typer.Option("png", "--format", help="png, jpg, webp or bmp."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local dataset files."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Write a dataset's images as files in class sub-folders (existing files are kept)."""
+    from ..data.write_folder import write_image_folder
+
+    summary = write_image_folder(dataset, out, split, limit, fmt, str(data_dir) if data_dir else None)
+    if json_out:
+        print_json(summary)
+    else:
+        console.print(f"{summary['images']} images in {summary['folder']} ({summary['written']} written now)")
