@@ -285,13 +285,9 @@ def export_run(run=None, level="all", out=None, output: str = "representation", 
     work advances (`what` names the step now running). Returns a report dict; raises
     VerificationError (with `.report`) on failed parity.
     """
-    import os
-    import secrets
-
     from sjea_tools.runs import find_run, load_model
 
     from .runtime import check_provider
-    from .verify import reference_by_batch, tolerance_for, verification_pixels, verify_onnx
 
     if output not in OUTPUTS:
         raise SjeaError(f"--output must be one of {', '.join(OUTPUTS)}, not '{output}'.")
@@ -302,8 +298,26 @@ def export_run(run=None, level="all", out=None, output: str = "representation", 
     run_dir = find_run(run)
     model = load_model(run_dir)
     single = parse_level(level, model.num_levels)
+    out_dir = Path(out) if out is not None else Path(run_dir) / "onnx"
+    created = not out_dir.exists()
+    prepare_out_dir(out_dir)
+    try:
+        return _export_into(model, run_dir, out_dir, single, output, with_preprocessing, fp16, provider, images,
+                            overwrite, opset, progress)
+    except BaseException:
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # a folder this call made and could not fill goes away again
+        raise
+
+
+def _export_into(model, run_dir, out_dir: Path, single, output, with_preprocessing, fp16, provider, images,
+                 overwrite, opset, progress) -> dict:
+    import os
+    import secrets
+
+    from .verify import reference_by_batch, tolerance_for, verification_pixels, verify_onnx
+
     all_levels = list(range(model.num_levels))
-    out_dir = prepare_out_dir(Path(out) if out is not None else Path(run_dir) / "onnx")
     suffix = file_suffix(output, with_preprocessing, fp16)
     # (file name, levels, is a single-level file)
     plan = [(f"level{k}{suffix}.onnx", [k], True) for k in (single or all_levels)]
@@ -350,8 +364,9 @@ def export_run(run=None, level="all", out=None, output: str = "representation", 
             files.append({"path": str(out_dir / name), "levels": levels,
                           "dims": level_dims(model, levels, output), "bytes": len(data), "verification": check})
             advance(f"writing {plan[i + 1][0]}" if i + 1 < len(plan) else "verified")
+        metadata = {p.key: p.value for p in full.metadata_props}
         report = {
-            "run": str(run_dir), "model_sha256": {p.key: p.value for p in full.metadata_props}["model_sha256"],
+            "run": str(run_dir), "model_sha256": metadata["model_sha256"], "metadata": metadata,
             "run_levels": all_levels, "level": "all" if single is None else single[0], "output": output,
             "precision": "fp16" if fp16 else "fp32", "with_preprocessing": with_preprocessing, "opset": opset,
             "provider": files[0]["verification"]["provider"], "images": image_source,
