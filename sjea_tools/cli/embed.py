@@ -59,7 +59,8 @@ def embed(
                                    "store; search uses cosine = dot product)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Embed only share I of N (0 <= I < N) of the files, "
                                         "for several machines or GPUs; combine with 'sjea merge'. Under torchrun "
-                                        "each rank takes its own shard and rank 0 merges."),
+                                        "(torchrun --nproc_per_node G --no-python sjea embed IMAGES OUT -r RUN) "
+                                        "each rank embeds its own shard on its own GPU and rank 0 merges."),
     update: bool = typer.Option(False, "--update", help="Add the images not yet in an existing OUT (same model)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (it stays intact until the "
                                    "new one is complete)."),
