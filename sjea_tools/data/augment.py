@@ -72,12 +72,15 @@ def color_jitter(x: torch.Tensor, strength: tuple[float, float, float, float], p
     return torch.where(apply, out, x)
 
 
-_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                           dtype=torch.float64)
+# Inverted once here: torch.linalg.inv on a GPU tensor would synchronise every step.
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 
 
 def _rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     to_yiq = _RGB_TO_YIQ.to(x.device, x.dtype)
-    to_rgb = torch.linalg.inv(to_yiq)
+    to_rgb = _YIQ_TO_RGB.to(x.device, x.dtype)
     cos, sin = torch.cos(angle), torch.sin(angle)
     rot = torch.zeros(angle.shape[0], 3, 3, device=x.device, dtype=x.dtype)
     rot[:, 0, 0] = 1
