@@ -52,18 +52,17 @@ def total_params(model) -> int:
     return sum(c["encoder"] + c["projector"] for c in model.parameter_counts())
 
 
-def train_if_needed(cfg, run_dir: Path, retrain: bool) -> tuple[Path, float | None]:
+def train_if_needed(cfg, run_dir: Path, retrain: bool) -> Path:
     from trainers.trainer import train
 
     if (run_dir / "model.pt").is_file() and not retrain:
         print(f"{run_dir}: trained already (pass --retrain to train again)")
-        return run_dir, None
-    t0 = time.perf_counter()
+        return run_dir
     if (run_dir / "checkpoints" / "last.pt").is_file() and not retrain:
         train(cfg, out_dir=run_dir, resume=True, quiet=False)  # an interrupted training continues
     else:
         train(cfg, out_dir=run_dir, overwrite=True, quiet=False)
-    return run_dir, time.perf_counter() - t0
+    return run_dir
 
 
 def fmt(v: float | None, digits: int = 1) -> str:
@@ -137,9 +136,8 @@ def main() -> None:
 
     sjea_cfg, vicreg_cfg = configs(args.epochs, args.limit, args.device, args.data_dir)
     runs = {}
-    train_seconds = {}
     for key, cfg in (("sjea", sjea_cfg), ("vicreg", vicreg_cfg)):
-        runs[key], train_seconds[key] = train_if_needed(cfg, args.runs / f"repro-{key}", args.retrain)
+        runs[key] = train_if_needed(cfg, args.runs / f"repro-{key}", args.retrain)
     params = {key: [c["encoder"] + c["projector"] for c in build_model(cfg).parameter_counts()]
               for key, cfg in (("sjea", sjea_cfg), ("vicreg", vicreg_cfg))}
     if args.train_only:
@@ -162,11 +160,17 @@ def main() -> None:
             shutil.copyfile(path, target)
             pictures[key, path.stem.split("_")[0]] = target.relative_to(DOC.parent)
 
-    def images_seen(run: Path) -> int:
+    def images_and_seconds(run: Path) -> tuple[int, float]:
+        """Images seen (last step x batch) and training seconds summed from the logged throughput."""
         from sjea_tools.runs import read_metrics
 
+        batch = json.loads((run / "config.json").read_text())["train"]["batch_size"]
         steps = [r for r in read_metrics(run) if r.get("kind") == "step"]
-        return int(steps[-1]["step"]) * json.loads((run / "config.json").read_text())["train"]["batch_size"] if steps else 0
+        seconds, previous = 0.0, 0
+        for r in steps:
+            seconds += (r["step"] - previous) * batch / r["images_per_s"]
+            previous = r["step"]
+        return previous * batch, seconds
 
     s, v = results["sjea", "trained"], results["vicreg", "trained"]
     sr, vr = results["sjea", "random-init"], results["vicreg", "random-init"]
@@ -177,12 +181,12 @@ def main() -> None:
            f"= {s['n_train']} random training images, queries = {s['n_test']} test images; "
            f"probe {s['settings']['probe_epochs']} epochs, lr {s['settings']['probe_lr']}; k-NN k={s['settings']['knn_k']}, "
            f"T={s['settings']['knn_temperature']}.", "",
-           "| model | parameters per level (encoder + projector) | total | images seen (last logged step × batch) | training time |",
+           "| model | parameters per level (encoder + projector) | total | images seen (steps × batch) | training time (from logged throughput) |",
            "|---|---|---|---|---|"]
     for key, label in (("sjea", "S-JEA, 2 levels (`tiny`)"), ("vicreg", f"VICReg, 1 level, projector `{vicreg_cfg.model.projector}`")):
-        secs = train_seconds[key]
+        seen, secs = images_and_seconds(runs[key])
         out.append(f"| {label} | {' + '.join(f'{n:,}' for n in params[key])} | {sum(params[key]):,} | "
-                   f"{images_seen(runs[key]):,} | {'%.0f s' % secs if secs else 'see run folder'} |")
+                   f"{seen:,} | {secs:.0f} s |")
     out += ["", "### Every metric, per level (trained weights)", "", level_table([("S-JEA", s), ("VICReg", v)]),
             "### The same architectures at random initialisation (BatchNorm statistics from training images)", "",
             level_table([("S-JEA random", sr), ("VICReg random", vr)]),

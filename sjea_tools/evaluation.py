@@ -37,12 +37,12 @@ FASHION_MNIST_GROUPS = {
 
 # --- pure metric functions ------------------------------------------------------------------------
 
-SIMILARITY_BLOCK = 1 << 25  # query x bank similarities held at once (128 MiB of float32)
+SIMILARITY_BLOCK = 1 << 25  # floats held per chunk of queries (128 MiB of float32)
 
 
-def query_chunks(n_queries: int, n_bank: int) -> list[slice]:
-    """Slices of queries small enough that one chunk's similarity matrix stays under the block."""
-    size = max(1, SIMILARITY_BLOCK // max(1, n_bank))
+def query_chunks(n_queries: int, floats_per_query: int) -> list[slice]:
+    """Slices of queries small enough that one chunk's work arrays stay under the block."""
+    size = max(1, SIMILARITY_BLOCK // max(1, floats_per_query))
     return [slice(start, start + size) for start in range(0, n_queries, size)]
 
 
@@ -52,7 +52,7 @@ def nearest_neighbours(bank: np.ndarray, queries: np.ndarray, k: int) -> tuple[n
     from .search import cosine_top_k
 
     bank = normalized(bank)
-    parts = [cosine_top_k(queries[c], bank, k) for c in query_chunks(len(queries), len(bank))]
+    parts = [cosine_top_k(queries[c], bank, k) for c in query_chunks(len(queries), len(bank))]  # (chunk, n) sims
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
@@ -215,12 +215,17 @@ def hierarchical_scores(train_feats, test_feats, levels, label_sets, k, temperat
     """
     from .search import hierarchical_search
 
+    from .search import DEFAULT_FACTOR
+
     positions = list(range(len(levels)))
     bases = list(train_feats)
+    depth = max(k, PRECISION_K)
+    # Per query: its similarities to the bank, then its factor*depth candidates' vectors at re-ranking.
+    per_query = max(len(bases[0]), int(DEFAULT_FACTOR * depth) * max(b.shape[1] for b in bases))
     out = []
     for order in (positions, positions[::-1]):
-        parts = [hierarchical_search([f[c] for f in test_feats], bases, k=max(k, PRECISION_K), order=order)
-                 for c in query_chunks(len(test_feats[0]), len(bases[0]))]
+        parts = [hierarchical_search([f[c] for f in test_feats], bases, k=depth, order=order)
+                 for c in query_chunks(len(test_feats[0]), per_query)]
         ids = np.concatenate([p[0] for p in parts])
         sims = np.concatenate([p[1] for p in parts])[:, :, order[-1]]
         out.append({"order": [int(levels[i]) for i in order],
