@@ -46,10 +46,10 @@ def cpu_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def session_options(threads: int | None = None):
+def session_options(threads: int | None = None, spinning: bool = False):
     """What makes ONNX Runtime fast here: every graph optimisation (Conv+BN+ReLU fusion, constant
-    folding, layout transforms) and one intra-op thread per core; inter-op parallelism does not
-    help a chain of layers."""
+    folding, NCHWc layout transforms) and one intra-op thread per core (threads that sleep when
+    idle); inter-op parallelism does not help a chain of layers."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -57,6 +57,10 @@ def session_options(threads: int | None = None):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.intra_op_num_threads = threads or cpu_threads()
     so.inter_op_num_threads = 1
+    # Idle threads sleep instead of spinning: on a machine shared with data-loading workers or
+    # other jobs, spinning threads steal the cores the work needs (measured on 2 shared cores:
+    # 476 -> 731 img/s at 2 threads; see docs/benchmarks.md), and it costs little when alone.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.log_severity_level = 3  # errors only: no per-node placement warnings on stderr
     return so
 
