@@ -111,6 +111,15 @@ def main() -> None:
     print(f"device {device}, ONNX Runtime {ort.__version__} provider {used}, torch {torch.__version__}, "
           f"{threads} threads, batches {batches}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
+    if used == CUDA:
+        # IO binding must give what the plain path gives: a wrong binding would be fast and wrong.
+        xb = x_all[:8].contiguous()
+        bound = [t.cpu().numpy() for t in sessions["all"].run_torch(xb.to(device))]
+        plain = sessions["all"].run(xb.numpy())
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(bound, plain))
+        print(f"IO binding vs plain run on CUDA: max abs diff {diff:.2e}")
+        assert diff < 1e-3, "IO-bound outputs differ from the plain run"
+
     rows = []
     print(f"\n{'level':>6} {'batch':>6} {'torch img/s':>12} {'ORT img/s':>12} {'ORT/torch':>10}")
     for key in [*levels, "all"]:
