@@ -4,15 +4,34 @@
     model = sjea_tools.load_model("runs/tiny")          # eval mode
     ys = model.forward_levels(batch)                      # Y[0..N-1] in one pass
     x = model.preprocess(pil_image)                       # the exact input tensor
+
+Names are imported on first use, so that `sjea --help` does not pay for importing torch.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .config import PRESETS, RunConfig, resolve_config  # noqa: E402
-from .errors import SjeaError  # noqa: E402
-from .losses import stacked_vicreg_loss, vicreg_loss  # noqa: E402
-from .models import StackedModel, build_model  # noqa: E402
-from .runs import find_run, load_model, model_id  # noqa: E402
+_LAZY = {
+    "PRESETS": "config", "RunConfig": "config", "resolve_config": "config",
+    "SjeaError": "errors",
+    "stacked_vicreg_loss": "losses", "vicreg_loss": "losses",
+    "StackedModel": "models", "build_model": "models",
+    "find_run": "runs", "load_model": "runs", "model_id": "runs",
+}
 
-__all__ = ["PRESETS", "RunConfig", "SjeaError", "StackedModel", "__version__", "build_model", "find_run",
-           "load_model", "model_id", "resolve_config", "stacked_vicreg_loss", "vicreg_loss"]
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sjea_tools' has no attribute '{name}'")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

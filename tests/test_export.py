@@ -189,10 +189,10 @@ def test_metadata_round_trips(exported_mlp2):
     assert onnx_model.model_id == model_id(model) and onnx_model.provider == "CPUExecutionProvider"
 
 
-# --- the numpy-only client from docs/onnx.md --------------------------------------------------
+# --- the numpy-only client from the README ----------------------------------------------------
 
 def readme_snippet() -> str:
-    text = (ROOT / "docs" / "onnx.md").read_text()
+    text = (ROOT / "README.md").read_text()
     after = text.split("<!-- snippet:onnx-numpy", 1)[1]
     return re.search(r"```python\n(.*?)```", after, re.S).group(1)
 

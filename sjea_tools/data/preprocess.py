@@ -32,6 +32,8 @@ def model_pixels(img: Image.Image, image_size: int) -> np.ndarray:
 
 def normalize_pixels(pixels: torch.Tensor | np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 (N, H, W, 3) or (H, W, 3) pixels to normalised float32 (N, 3, H, W) or (3, H, W)."""
+    if isinstance(pixels, np.ndarray) and not pixels.flags.writeable:
+        pixels = np.array(pixels)  # torch cannot share a read-only buffer without warning
     x = torch.as_tensor(pixels)
     single = x.dim() == 3
     if single:
