@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread per test process: the suite runs with one pytest-xdist worker per core.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -160,7 +160,7 @@ def test_dry_run_prints_method_parameter_counts(tmp_path):
 def test_bad_input_one_line_exit_2(tmp_path, args, needle):
     (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
     (tmp_path / "empty").mkdir()
-    result = subprocess.run([SJEA, "train", *args, *SMALL, "--max-steps", "1", "--out", "runs/b"], cwd=tmp_path,
+    result = subprocess.run([SJEA, "train", *SMALL, *args, "--max-steps", "1", "--out", "runs/b"], cwd=tmp_path,
                             capture_output=True, text=True)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]

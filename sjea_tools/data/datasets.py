@@ -238,8 +238,10 @@ def folder_labels(rel_paths: list[str]) -> tuple[np.ndarray | None, list[str] | 
 
 def load_dataset(name: str, data_dir: str | None = None, split: str = "train") -> ImageData:
     """A dataset by name (fashion-mnist, cifar10, cifar100, stl10) or an image folder path."""
-    if split not in ("train", "test"):
-        raise SjeaError(f"split must be train or test, not '{split}'.")
+    if split not in ("train", "test", "labeled"):
+        raise SjeaError(f"split must be train or test (labeled: STL-10's labelled training split), not '{split}'.")
+    if split == "labeled" and name != "stl10":
+        split = "train"  # only STL-10 has an unlabelled training split to tell apart
     if name == "fashion-mnist":
         return load_fashion_mnist(data_dir, split)
     if name in ("cifar10", "cifar100", "stl10"):
