@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
-import torch
 from typer.testing import CliRunner
 
 from sjea_tools.cli import app
@@ -15,13 +13,6 @@ from test_evaluation import numpy_knn_accuracy
 
 runner = CliRunner()
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def assert_one_line_error(result, *needles):

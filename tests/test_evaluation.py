@@ -6,19 +6,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from sjea_tools import evaluation as ev
 from sjea_tools.errors import SjeaError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two OpenMP threads per process on a busy shared 2-core machine run several times slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_weighted_vote_uses_the_temperature():

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -18,13 +17,6 @@ from test_eval_cli import assert_one_line_error
 
 runner = CliRunner()
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write_metrics(run, steps=12, levels=2):

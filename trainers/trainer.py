@@ -10,7 +10,6 @@ the data order and the augmentation randomness are pure functions of (seed, step
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
