@@ -6,10 +6,8 @@ end), so export/embed/search tests need no training; tests that claim quality tr
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -44,7 +42,7 @@ def make_run(run_dir: Path, levels: int = 2, encoder: str = "mlp", seed: int = 0
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.json")
     save_model(run_dir, model, cfg)
-    set_latest(run_dir)
+    set_latest(run_dir, runs_dir=run_dir.parent)  # not the cwd: tests must not touch ./runs
     return run_dir
 
 
