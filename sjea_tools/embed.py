@@ -347,11 +347,13 @@ def _check_output(out: Path) -> None:
 def embed_folder(images, out, run=None, onnx=None, levels=None, batch_size: int = 256, workers: int | None = None,
                  device: str = "cpu", backend: str = "auto", dtype: str = "float32", normalize: bool = True,
                  shard=None, update: bool = False, overwrite: bool = False, index: bool = True,
-                 progress: Callable[[int, int, int], None] | None = None, embedder: Embedder | None = None) -> dict:
+                 progress: Callable[[int, int, int], None] | None = None, embedder: Embedder | None = None,
+                 commit_every_s: float = COMMIT_EVERY_S) -> dict:
     """Embed every image under `images` (a folder, a text file of paths, or one image) into the HDF5
     store `out`, resuming an interrupted run of the same command. Returns a summary dict.
 
-    progress(done, total, failed) is called after every batch.
+    progress(done, total, failed) is called after every batch. commit_every_s: seconds between
+    durable commits of the journal (the most work a kill can cost).
     """
     from . import store as st
 
@@ -452,7 +454,7 @@ def embed_folder(images, out, run=None, onnx=None, levels=None, batch_size: int 
         for idx, pixels, errors in decoded_batches(root, todo, emb.image_size, batch_size, workers, pin):
             rows = dict(zip(emb.levels, emb.embed_pixels(pixels))) if idx else {}
             journal.append([todo[i] for i in idx], rows, [(todo[i], e) for i, e in errors])
-            journal.commit(every_s=COMMIT_EVERY_S)
+            journal.commit(every_s=commit_every_s)
             n_done += len(idx) + len(errors)
             if progress:
                 progress(n_done, total, journal.failed)
@@ -481,17 +483,15 @@ def embed_folder(images, out, run=None, onnx=None, levels=None, batch_size: int 
     with st.open_store(out) as s:
         summary = _summary(out, s.n, added, failed_now, len(s.failed), resumed, t0, emb, status="written")
     if index:
-        summary["index"] = build_index(out)
+        summary["index"] = build_index(out, progress=progress is not None)
     return summary
 
 
-def build_index(out: Path):
-    """The FAISS indexes beside a store (sjea_tools.index), or a note when that module is absent."""
-    try:
-        from .index import build_indexes
-    except ImportError:
-        return "skipped: sjea_tools.index is not installed"
-    return build_indexes(out)
+def build_index(out: Path, progress: bool = False):
+    """The FAISS indexes beside a store (sjea_tools.index.build_indexes)."""
+    from .index import build_indexes
+
+    return build_indexes(out, progress=progress)
 
 
 def _summary(out: Path, rows: int, added: int, failed_now: int, failed_total: int, resumed: int, t0: float,

@@ -64,6 +64,8 @@ def embed(
     update: bool = typer.Option(False, "--update", help="Add the images not yet in an existing OUT (same model)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (it stays intact until the "
                                    "new one is complete)."),
+    commit_every: float = typer.Option(2.0, "--commit-every", help="Seconds between durable checkpoints of "
+                                       "the partial run (the most work a kill or power cut can cost)."),
     no_index: bool = typer.Option(False, "--no-index", help="Do not build the FAISS search indexes afterwards."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
@@ -92,7 +94,7 @@ def embed(
         summary = embed_folder(images, out, run=run, onnx=onnx, levels=levels, batch_size=batch_size,
                                workers=workers, device=device, backend=backend, dtype=dtype, normalize=normalize,
                                shard=shard, update=update, overwrite=overwrite, index=not no_index and not torchrun,
-                               progress=on_progress)
+                               progress=None if quiet or json_out else on_progress, commit_every_s=commit_every)
     if torchrun:
         summary["merged"] = _merge_ranks(final_out, shard, index=not no_index)
     if json_out:
@@ -104,6 +106,8 @@ def embed(
                   f"{summary['levels']})", highlight=False, soft_wrap=True)
     if summary["failed_total"]:
         console.print(f"failures are listed in {summary['out']}:/failed (paths, errors)", highlight=False, soft_wrap=True)
+    if isinstance(summary.get("index"), dict) and summary["index"].get("path"):
+        console.print(f"search indexes: {summary['index']['path']}", highlight=False, soft_wrap=True)
     if summary.get("merged"):
         console.print(f"merged all shards into {summary['merged']['out']}", highlight=False, soft_wrap=True)
 
@@ -125,7 +129,7 @@ def _merge_ranks(out: Path, shard: str, index: bool) -> Optional[dict]:
     if i == 0:
         result = merge_stores([_shard_file(out, f"{r}/{n}") for r in range(n)], out)
         if index:
-            result["index"] = build_index(out)
+            result["index"] = build_index(out, progress=True)
     dist.barrier()
     dist.destroy_process_group()
     return result
@@ -149,9 +153,11 @@ def merge(
     *inputs, out = paths
     summary = merge_stores(inputs, out)
     if not no_index:
-        summary["index"] = build_index(Path(out))
+        summary["index"] = build_index(Path(out), progress=not json_out)
     if json_out:
         print_json(summary)
         return
     console.print(f"merged {summary['shards']} shards into {summary['out']}: {summary['rows']:,} rows, "
                   f"{summary['failed']:,} failed", highlight=False, soft_wrap=True)
+    if isinstance(summary.get("index"), dict) and summary["index"].get("path"):
+        console.print(f"search indexes: {summary['index']['path']}", highlight=False, soft_wrap=True)
