@@ -386,8 +386,9 @@ def embed_folder(images, out, run=None, onnx=None, levels=None, batch_size: int 
         shutil.rmtree(journal_dir)  # a journal folder whose creation was cut short holds nothing
     # A journal whose store was renamed into place before the kill is finished work.
     base = None
-    if out.is_file():
-        with st.open_store(out) as s:
+    existing = _readable_store(out, overwrite)
+    if existing is not None:
+        with existing as s:
             done_token = s.attrs.get("run_token")
             if journal is not None and journal.meta["token"] == done_token:
                 journal.remove()
@@ -485,6 +486,21 @@ def embed_folder(images, out, run=None, onnx=None, levels=None, batch_size: int 
     if index:
         summary["index"] = build_index(out, progress=progress is not None)
     return summary
+
+
+def _readable_store(out: Path, overwrite: bool):
+    """The store at `out` opened, None if there is none; a file that is no store is replaced only
+    with --overwrite."""
+    from . import store as st
+
+    if not out.is_file():
+        return None
+    try:
+        return st.open_store(out)
+    except SjeaError as e:
+        if overwrite:
+            return None
+        raise SjeaError(f"{e} Pass --overwrite to replace {out}, or write to another file.") from None
 
 
 def build_index(out: Path, progress: bool = False):

@@ -133,7 +133,7 @@ def test_normalized_float16_and_labels_from_class_folders(tmp_path, fmnist_test,
     folder = write_fmnist_folder(tmp_path / "imgs", fmnist_test, 40)
     embed_folder(folder, tmp_path / "n.h5", run=run_dir, backend="torch", workers=0, batch_size=16,
                  dtype="float16", levels="1", index=False)
-    paths, _ = collect_images(folder)[1], None
+    paths = collect_images(folder)[1]
     with open_store(tmp_path / "n.h5") as s:
         assert s.levels == [1] and s.normalized and s.attrs["dtype"] == "float16"
         assert s._f["level_1/embeddings"].dtype == np.float16

@@ -44,6 +44,20 @@ def _one_line_error(res, words):
     assert words in " ".join(lines), res.output
 
 
+def test_a_file_that_is_no_store_is_replaced_only_with_overwrite(env, tmp_path):
+    base, run, _, folder, _, _ = env
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"my notes, not a store")
+    cmd = ["embed", str(folder), str(junk), "--run", str(run), "--backend", "torch", "--workers", "0", "--no-index"]
+    res = CliRunner().invoke(app, cmd)
+    _one_line_error(res, "--overwrite")
+    assert junk.read_bytes() == b"my notes, not a store"
+    res = CliRunner().invoke(app, [*cmd, "--overwrite"])
+    assert res.exit_code == 0, res.output
+    with open_store(junk) as s:
+        assert s.n == 20
+
+
 @pytest.mark.parametrize("case", ["no images", "missing folder", "output is a folder", "other model", "bad shard",
                                   "exists"])
 def test_bad_input_is_one_line_and_leaves_the_store_intact(env, tmp_path, case):
