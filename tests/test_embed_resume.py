@@ -141,3 +141,18 @@ def test_a_finished_store_with_a_leftover_journal_is_complete(setup, tmp_path):
 def _attrs(path):
     with open_store(path) as s:
         return dict(s.attrs)
+
+
+def test_torchrun_ranks_embed_one_shard_each_and_rank0_merges(setup, tmp_path):
+    run, folder, clean, _ = setup
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    out = tmp_path / "tr.h5"
+    res = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "--no-python", SJEA, "embed",
+                          str(folder), str(out), "-r", str(run), "--backend", "torch", "--workers", "0",
+                          "--batch-size", "16", "--no-index", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "merged all shards" in res.stdout
+    for i in range(2):
+        with open_store(tmp_path / f"tr-shard{i:03d}of002.h5") as s:
+            assert s.attrs["shard"] == f"{i}/2"
+    _assert_same_as_clean(out, clean)

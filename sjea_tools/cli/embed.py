@@ -43,14 +43,14 @@ def embed(
                                   "file's folder)."),
     out: Path = typer.Argument(..., help="HDF5 store to write, e.g. photos.h5. An interrupted run of the same "
                                "command resumes from OUT.h5.partial/."),
-    run: Optional[Path] = typer.Option(None, "--run", "-r", help="Run folder of the model [default: the latest "
-                                       "run, runs/LATEST]."),
+    run: Optional[Path] = typer.Option(None, "--run", "-r", help="Run folder of the model (default: the latest "
+                                       "run, runs/LATEST)."),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="Use an exported ONNX file instead of a run folder "
                                         "(no checkpoint needed)."),
     levels: str = typer.Option("all", "--levels", "-l", help="Levels to store, e.g. 0,1 (computed in one pass)."),
     batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per inference batch."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Decoding processes [default: CPU cores, "
-                                          "at most 8]; 0 decodes in the main process."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Decoding processes (default: CPU cores, "
+                                          "at most 8); 0 decodes in the main process."),
     device: str = typer.Option("auto", "--device", help="auto (GPU if one is visible), cpu, cuda or cuda:N."),
     backend: str = typer.Option("auto", "--backend", help="auto (ONNX Runtime on CPU, PyTorch on GPU: the faster "
                                 "one, measured), torch or onnx. A run is exported to ONNX on the fly and cached."),
