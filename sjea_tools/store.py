@@ -248,6 +248,25 @@ class Journal:
         self.failed = 0
         self._files: dict[str, object] = {}
         self._last_commit = time.monotonic()
+        self._lock = None
+
+    def _acquire_lock(self) -> None:
+        """One writer per journal: a second run on the same OUT stops instead of interleaving rows.
+
+        A POSIX record lock (lockf), not flock: it belongs to this process alone, so forked decode
+        workers do not inherit it, and the kernel drops it the moment the process dies: a killed
+        run never blocks its own resume."""
+        import fcntl
+
+        self._lock = open(self.folder / "lock", "a+b")
+        try:
+            fcntl.lockf(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            self._lock = None
+            target = self.folder.name.removesuffix(PARTIAL_SUFFIX)
+            raise SjeaError(f"another 'sjea embed' is writing {target} right now "
+                            f"(it holds {self.folder / 'lock'}); wait for it to finish or stop it first.") from None
 
     # --- create / open ------------------------------------------------------------------------
     @classmethod
@@ -261,6 +280,7 @@ class Journal:
         meta = {"format": FORMAT + "-journal", "attrs": attrs, "token": uuid.uuid4().hex, "base_rows": base_rows,
                 "mode": mode}
         j = cls(folder, meta)
+        j._acquire_lock()
         for name in j._file_names():
             (folder / name).touch()
         j._write_commit(durable=False)
@@ -278,6 +298,7 @@ class Journal:
         except (OSError, ValueError, AssertionError):
             raise SjeaError(f"{folder} is not a readable unfinished run; delete it or pass --overwrite.") from None
         j = cls(folder, meta)
+        j._acquire_lock()
         j.rows, j.failed = int(commit["rows"]), int(commit["failed"])
         sizes = {"paths.jsonl": commit["paths_bytes"], "failed.jsonl": commit["failed_bytes"]}
         for k, d in zip(j.levels, j.dims):
@@ -334,6 +355,9 @@ class Journal:
         for f in self._files.values():
             f.close()
         self._files = {}
+        if self._lock is not None:
+            self._lock.close()  # releases the lock
+            self._lock = None
 
     def remove(self) -> None:
         self.close()

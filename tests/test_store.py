@@ -108,8 +108,7 @@ def test_journal_drops_rows_written_after_the_last_commit(tmp_path):
     j.commit()
     # Rows appended but never committed stand for a kill mid-batch.
     j.append(["c", "d"], {k: v[2:4] for k, v in rows.items()}, [("worse", "OSError")])
-    for f in j._files.values():
-        f.flush()
+    j.close()  # without a commit: what a kill after these writes leaves behind
     j2 = Journal.open(tmp_path / "j")
     assert (j2.rows, j2.failed, j2.paths(), j2.failures()) == (2, 1, ["a", "b"], [("bad", "ValueError: x")])
     j2.append(["e"], {k: v[4:5] for k, v in rows.items()}, [])
@@ -167,3 +166,23 @@ def test_merge_concatenates_shards_in_order_and_checks_them(tmp_path):
         merge_stores([tmp_path / "all.h5"], tmp_path / "m.h5")
     assert not (tmp_path / "m.h5").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary left behind
+
+
+def test_a_journal_has_one_writer_at_a_time_and_a_killed_writer_frees_it(tmp_path):
+    folder = tmp_path / "out.h5.partial"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", f"""
+import time
+from sjea_tools.store import Journal
+j = Journal.create({str(folder)!r}, {ATTRS!r})
+print("ready", flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        with pytest.raises(SjeaError, match="another 'sjea embed' is writing out.h5"):
+            Journal.open(folder)
+    finally:
+        writer.kill()
+        writer.wait()
+    Journal.open(folder).close()  # the kill released the lock
