@@ -378,6 +378,7 @@ def embed_folder(images, out, run=None, onnx=None, levels=None, batch_size: int 
     attrs = {**emb.store_attrs(), "dtype": dtype, "root": str(root), "input": str(Path(images).resolve()),
              "scan_count": len(scanned), "shard": None if shard_t is None else f"{shard_t[0]}/{shard_t[1]}"}
 
+    # 1. What is already done: an unfinished run's journal, and/or an existing store (--update).
     journal_dir = st.partial_path(out)
     journal = st.Journal.open(journal_dir) if (journal_dir / "meta.json").is_file() else None
     if journal is None and journal_dir.exists():
@@ -431,6 +432,7 @@ def embed_folder(images, out, run=None, onnx=None, levels=None, batch_size: int 
                 raise
             journal.remove()
             journal = None
+    # 2. Resume the journal if it belongs to this same command, else start a new one.
     resumed = 0
     if journal is None:
         journal = st.Journal.create(journal_dir, attrs, base_rows=base_rows, mode=mode)
@@ -448,6 +450,7 @@ def embed_folder(images, out, run=None, onnx=None, levels=None, batch_size: int 
         with st.open_store(out) as s:
             return _summary(out, s.n, 0, 0, len(s.failed), resumed, t0, emb, status="up to date")
 
+    # 3. Stream: decode workers -> backend -> journal, in scan order, committed every few seconds.
     release_freed_buffers_promptly()
     n_done = resumed
     pin = emb.backend == "torch" and emb.device.startswith("cuda")
@@ -464,7 +467,7 @@ def embed_folder(images, out, run=None, onnx=None, levels=None, batch_size: int 
         journal.close()  # the last commit stands; the next run resumes from it
         raise
 
-    # Finish: the complete store goes to a temporary file, then replaces OUT in one rename.
+    # 4. Finish: the complete store goes to a temporary file, then replaces OUT in one rename.
     final_attrs = {**attrs, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_token": journal.meta["token"]}
     sources, failures = [journal.iter_rows()], journal.failures()
     base_store = None
