@@ -22,13 +22,28 @@ class VICRegTerms(NamedTuple):
     covariance: torch.Tensor
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient and returns this rank's share
+    (the official VICReg FullGatherLayer)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor):
+        out = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        all_grads = torch.stack(grads)
+        dist.all_reduce(all_grads)
+        return all_grads[dist.get_rank()]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All ranks' rows concatenated in rank order; gradients flow back to each rank's own rows."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
+    return torch.cat(_GatherWithGrad.apply(x), dim=0)
 
 
 def _off_diagonal_sq_sum(c: torch.Tensor) -> torch.Tensor:

@@ -185,7 +185,7 @@ def train(cfg: RunConfig, out_dir: Path | str | None = None, resume: bool = Fals
 def _train(cfg, out_dir, resume, overwrite, quiet, runs_dir, info: DistInfo, log) -> Path:
     from rich.console import Console
 
-    console = Console(stderr=True, quiet=quiet or not info.is_main)
+    console = Console(stderr=True, quiet=quiet or not info.is_main, soft_wrap=True)
     device = pick_device(cfg.train.device, info)
     torch.manual_seed(cfg.train.seed)
 

@@ -14,8 +14,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
 
 from ..errors import SjeaError
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # never break a printed path across lines
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def handle_errors(fn):

@@ -100,7 +100,8 @@ def eval_command(
         return
     for table in eval_tables(result):
         console.print(table)
-    err_console.print(f"wrote {result['output']}" + (f" and {result['features_file']}" if "features_file" in result else ""))
+    err_console.print(f"wrote {result['output']}" + (f" and {result['features_file']}" if "features_file" in result else ""),
+                      soft_wrap=True)
 
 
 @app.command("plot")
@@ -132,4 +133,4 @@ def plot_command(
         print_json({"written": [str(p) for p in paths]})
         return
     for p in paths:
-        console.print(f"wrote {p}")
+        console.print(f"wrote {p}", soft_wrap=True)
