@@ -44,10 +44,16 @@ def stage_sizes(k: int, factor: float, stages: int, n: int) -> list[int]:
 
 
 def check_order(order, n_levels: int) -> list[int]:
-    order = list(range(n_levels)) if order is None else [int(v) for v in order]
+    """The levels a hierarchical search visits. Default: top level first, re-ranked down to level 0.
+
+    Measured on Fashion-MNIST (docs/reproduction.md): the stacked level is the relatively coarser
+    one (its fine-class precision@10 falls about three times as much as its coarse one), and
+    candidates from level 1 re-ranked by level 0 beat the reverse order on coarse and fine labels.
+    """
+    order = list(range(n_levels - 1, -1, -1)) if order is None else [int(v) for v in order]
     if len(order) < 2 or len(set(order)) != len(order) or any(not 0 <= v < n_levels for v in order):
         raise SjeaError(f"--order {','.join(map(str, order))} must name 2 or more distinct levels of 0..{n_levels - 1}, "
-                        "e.g. 0,1 (coarse level first).")
+                        "e.g. 1,0 (coarse level first).")
     return order
 
 
@@ -77,7 +83,7 @@ def score_rows(queries: np.ndarray, ids: np.ndarray, get_rows) -> np.ndarray:
 
 def hierarchical_search(queries: list[np.ndarray], bases: list[np.ndarray], k: int, factor: float = DEFAULT_FACTOR,
                         order: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Coarse-to-fine search on in-memory features of every level.
+    """Coarse-to-fine search on in-memory features of every level (default order: top level first).
 
     queries[l] (q, d_l) and bases[l] (n, d_l) for each level l. Takes the exact top factor*k by
     cosine at level order[0], re-ranks them by order[1], ... (keeping geometrically fewer, k at the

@@ -28,7 +28,7 @@ def test_cosine_top_k_matches_brute_force():
 def test_hierarchical_self_query_first_with_scores_at_every_level():
     bases = two_levels()
     q = [b[10:13] for b in bases]
-    ids, scores = hierarchical_search(q, bases, k=5)
+    ids, scores = hierarchical_search(q, bases, k=5, order=[0, 1])
     assert ids.shape == (3, 5) and scores.shape == (3, 5, 2)
     assert list(ids[:, 0]) == [10, 11, 12]
     assert np.all(scores[:, 0, :] > 0.999)
@@ -38,7 +38,7 @@ def test_hierarchical_self_query_first_with_scores_at_every_level():
 def test_hierarchical_with_full_candidates_equals_last_level_search():
     bases = two_levels(n=200)
     q = [b[:4] for b in bases]
-    ids, _ = hierarchical_search(q, bases, k=5, factor=1000)  # every row is a candidate
+    ids, _ = hierarchical_search(q, bases, k=5, factor=1000, order=[0, 1])  # every row is a candidate
     exact, _ = cosine_top_k(q[1], bases[1], 5)
     assert np.array_equal(ids, exact)
 
@@ -46,12 +46,21 @@ def test_hierarchical_with_full_candidates_equals_last_level_search():
 def test_hierarchical_candidates_come_from_first_level():
     bases = two_levels(n=300)
     q = [b[:2] for b in bases]
-    ids, _ = hierarchical_search(q, bases, k=3, factor=2)
+    ids, _ = hierarchical_search(q, bases, k=3, factor=2, order=[0, 1])
     first, _ = cosine_top_k(q[0], bases[0], 6)
     assert all(set(i) <= set(f) for i, f in zip(ids, first))
     ids_rev, _ = hierarchical_search(q, bases, k=3, factor=2, order=[1, 0])
     first_rev, _ = cosine_top_k(q[1], bases[1], 6)
     assert all(set(i) <= set(f) for i, f in zip(ids_rev, first_rev))
+
+
+def test_default_order_is_top_level_first():
+    # The evaluation measured the stacked level as the coarser one (docs/reproduction.md).
+    bases = two_levels(n=300)
+    q = [b[:2] for b in bases]
+    default = hierarchical_search(q, bases, k=3, factor=2)
+    explicit = hierarchical_search(q, bases, k=3, factor=2, order=[1, 0])
+    assert np.array_equal(default[0], explicit[0]) and np.allclose(default[1], explicit[1])
 
 
 def test_stage_sizes_funnel():

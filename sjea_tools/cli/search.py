@@ -104,7 +104,8 @@ def search(
     factor: float = typer.Option(10.0, "--factor", help="Hierarchical: candidates taken from the first level, "
                                  "as a multiple of k."),
     order: Optional[str] = typer.Option(None, "--order", help="Hierarchical: levels in the order they rank, "
-                                        "e.g. 0,1 (candidates from 0, re-ranked by 1) [default: 0,1,...]."),
+                                        "e.g. 1,0 (candidates from 1, re-ranked by 0) [default: top level first, ..., 1,0: "
+                                        "measured best on Fashion-MNIST, see docs/reproduction.md]."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Also write a PNG: the query and its neighbours, one "
                                         "row per level and one for the hierarchical result."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
