@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 import sjea_tools
 from sjea_tools.cli import app
+from sjea_tools.runs import read_metrics
 
 SJEA = str(Path(sys.executable).with_name("sjea"))
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -124,15 +125,8 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 
 
 def steps_logged_safe(path: Path) -> list[int]:
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("kind") == "step":
-            out.append(row["step"])
-    return out
+    """Steps in a metrics file another process is writing (a half-written last line is skipped)."""
+    return [row["step"] for row in read_metrics(path.parent) if row.get("kind") == "step"]
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path):

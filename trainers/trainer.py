@@ -29,7 +29,7 @@ from sjea_tools.losses import stacked_vicreg_loss
 from sjea_tools.metrics import effective_rank, mean_std
 from sjea_tools.models import build_model
 from sjea_tools.runs import (CHECKPOINT_FILE, CONFIG_FILE, DEFAULT_RUNS_DIR, METRICS_FILE, atomic_write_text,
-                             save_model, set_latest)
+                             read_metrics, save_model, set_latest)
 
 from .checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from .distributed import DistInfo, barrier, cleanup_distributed, setup_distributed
@@ -159,15 +159,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """After a resume, drop metric rows a killed run wrote past its last checkpoint."""
     if not path.is_file():
         return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("step", 0) <= step:
-            keep.append(line)
-    atomic_write_text(path, "".join(f"{row}\n" for row in keep))
+    keep = [row for row in read_metrics(path.parent) if row.get("step", 0) <= step]
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in keep))
 
 
 def train(cfg: RunConfig, out_dir: Path | str | None = None, resume: bool = False, overwrite: bool = False,
