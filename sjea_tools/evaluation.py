@@ -286,12 +286,9 @@ def load_eval_splits(dataset: str, data_dir: str | None, seed: int, test_fractio
     """(train, test) ImageData with labels: the official splits, or a seeded split of a folder."""
     from .data import load_dataset
 
-    if dataset == "stl10":
-        from .data.datasets import _torchvision  # STL-10's labelled train split (load_dataset gives 'unlabeled')
-
-        train, test = _torchvision("stl10", data_dir, "labeled"), load_dataset("stl10", data_dir, "test")
-    elif dataset in ("fashion-mnist", "cifar10", "cifar100"):
-        train, test = load_dataset(dataset, data_dir, "train"), load_dataset(dataset, data_dir, "test")
+    if dataset in ("fashion-mnist", "cifar10", "cifar100", "stl10"):
+        # "labeled": STL-10's labelled training split (its "train" is the unlabelled one).
+        train, test = load_dataset(dataset, data_dir, "labeled"), load_dataset(dataset, data_dir, "test")
     else:
         folder = load_dataset(dataset, data_dir)
         if folder.labels is None:
