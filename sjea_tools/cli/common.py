@@ -14,8 +14,11 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
 
 from ..errors import SjeaError
 
-console = Console(soft_wrap=True)  # never break a printed path across lines
-err_console = Console(stderr=True, soft_wrap=True)
+# Output to a file or pipe gets room for the wide tables (rich assumes 80 columns there) and never
+# breaks a printed path across lines.
+_PIPE_WIDTH = None if sys.stdout.isatty() else 160
+console = Console(soft_wrap=True, width=_PIPE_WIDTH)
+err_console = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
 
 
 def handle_errors(fn):
