@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import SjeaError
+from .vectors import l2_normalize as unit
 
 GROUP = "clusters"
 MIN_POINTS_PER_CLUSTER = 5
@@ -46,11 +47,6 @@ def parse_sizes(text: str | None, depths: int) -> list[int] | None:
     if not sizes or any(s < 1 for s in sizes) or len(sizes) > depths:
         raise SjeaError(f"--sizes {text!r} needs 1 to {depths} positive numbers (one per level), e.g. 10,4.")
     return sizes
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def nearest(x: np.ndarray, centroids: np.ndarray, block: int = 65536) -> np.ndarray:

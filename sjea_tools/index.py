@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import SjeaError
 from .runs import atomic_write_text
+from .vectors import l2_normalize as normalized  # one definition, used under this name here
 
 KINDS = ("flat", "hnsw", "ivf-flat", "ivf-pq")
 METRICS = ("cosine", "inner-product")
@@ -118,13 +119,6 @@ def explicit_spec(kind: str, n: int, dim: int, **params) -> dict:
         params = {}
     return {"kind": kind, "params": params, "search_params": search, "estimated_bytes": None,
             "reason": "forced with --kind", "rerank": PQ_RERANK if kind == "ivf-pq" else 1}
-
-
-def normalized(vectors: np.ndarray) -> np.ndarray:
-    """float32 C-contiguous rows of unit length (zero rows stay zero)."""
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
 
 
 def factory_string(spec: dict) -> str:
