@@ -37,23 +37,12 @@ FASHION_MNIST_GROUPS = {
 
 # --- pure metric functions ------------------------------------------------------------------------
 
-SIMILARITY_BLOCK = 1 << 25  # floats held per chunk of queries (128 MiB of float32)
-
-
-def query_chunks(n_queries: int, floats_per_query: int) -> list[slice]:
-    """Slices of queries small enough that one chunk's work arrays stay under the block."""
-    size = max(1, SIMILARITY_BLOCK // max(1, floats_per_query))
-    return [slice(start, start + size) for start in range(0, n_queries, size)]
-
-
 def nearest_neighbours(bank: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Cosine top-k of each query among the bank rows: (ids (q,k), similarities (q,k)), best first."""
     from .index import normalized
     from .search import cosine_top_k
 
-    bank = normalized(bank)
-    parts = [cosine_top_k(queries[c], bank, k) for c in query_chunks(len(queries), len(bank))]  # (chunk, n) sims
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return cosine_top_k(queries, normalized(bank), k)  # chunked over queries: bounded memory
 
 
 def weighted_vote(neighbour_labels: np.ndarray, similarities: np.ndarray, num_classes: int,
@@ -215,19 +204,13 @@ def hierarchical_scores(train_feats, test_feats, levels, label_sets, k, temperat
     """
     from .search import hierarchical_search
 
-    from .search import DEFAULT_FACTOR
-
     positions = list(range(len(levels)))
     bases = list(train_feats)
     depth = max(k, PRECISION_K)
-    # Per query: its similarities to the bank, then its factor*depth candidates' vectors at re-ranking.
-    per_query = max(len(bases[0]), int(DEFAULT_FACTOR * depth) * max(b.shape[1] for b in bases))
     out = []
     for order in (positions, positions[::-1]):
-        parts = [hierarchical_search([f[c] for f in test_feats], bases, k=depth, order=order)
-                 for c in query_chunks(len(test_feats[0]), per_query)]
-        ids = np.concatenate([p[0] for p in parts])
-        sims = np.concatenate([p[1] for p in parts])[:, :, order[-1]]
+        ids, scores = hierarchical_search(list(test_feats), bases, k=depth, order=order)  # chunked inside
+        sims = scores[:, :, order[-1]]
         out.append({"order": [int(levels[i]) for i in order],
                     **{name: retrieval_scores(ids, sims, ytr, yte, k, temperature) for name, (ytr, yte) in label_sets.items()}})
     return out

@@ -24,9 +24,31 @@ DEFAULT_FACTOR = 10
 STORE_SUFFIXES = (".h5", ".hdf5")
 
 
+SIMILARITY_BLOCK = 1 << 25  # floats of work arrays per chunk of queries (128 MiB of float32)
+
+
+def query_chunks(n_queries: int, floats_per_query: int) -> list[slice]:
+    """Slices of queries small enough that one chunk's work arrays stay under SIMILARITY_BLOCK."""
+    size = max(1, SIMILARITY_BLOCK // max(1, floats_per_query))
+    return [slice(start, start + size) for start in range(0, n_queries, size)]
+
+
+def _in_chunks(fn, n_queries: int, floats_per_query: int):
+    """Run fn(slice) over query chunks and concatenate its (ids, scores): memory stays bounded
+    whatever the number of queries."""
+    parts = [fn(c) for c in query_chunks(n_queries, floats_per_query)]
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 def cosine_top_k(queries: np.ndarray, base: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k ids and cosine scores (q, k) of each query against base (n, d)."""
     q, b = normalized(queries), normalized(base)
+    return _in_chunks(lambda c: _cosine_top_k(q[c], b, k), len(q), len(b))
+
+
+def _cosine_top_k(q: np.ndarray, b: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     k = min(k, len(b))
     sims = q @ b.T
     top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < len(b) else np.tile(np.arange(len(b)), (len(q), 1))
@@ -97,8 +119,15 @@ def hierarchical_search(queries: list[np.ndarray], bases: list[np.ndarray], k: i
     n = len(bases[0])
     unit_q = [normalized(q) for q in queries]
     unit_b = [normalized(b) for b in bases]
-    first, _ = cosine_top_k(unit_q[order[0]], unit_b[order[0]], stage_sizes(k, factor, len(order), n)[0])
-    return funnel(unit_q, first, lambda lv, rows: unit_b[lv][rows], k, factor, order, n)
+    m = stage_sizes(k, factor, len(order), n)[0]
+
+    def search(c: slice):
+        chunk = [q[c] for q in unit_q]
+        first, _ = _cosine_top_k(chunk[order[0]], unit_b[order[0]], m)
+        return funnel(chunk, first, lambda lv, rows: unit_b[lv][rows], k, factor, order, n)
+
+    # Per query: its similarities to every row, then its m candidates' vectors when re-ranking.
+    return _in_chunks(search, len(unit_q[0]), max(n, m * max(b.shape[1] for b in unit_b)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -122,8 +122,10 @@ def test_chunked_similarities_give_the_same_scores(monkeypatch):
                                     [0, 1], coarse, probe_epochs=1, k=50)
 
     whole = run()
-    monkeypatch.setattr(ev, "SIMILARITY_BLOCK", 500 * 7)  # queries in chunks of 7
-    assert len(ev.query_chunks(200, 500)) == 29
+    from sjea_tools import search
+
+    monkeypatch.setattr(search, "SIMILARITY_BLOCK", 500 * 7)  # queries in chunks of 7
+    assert len(search.query_chunks(200, 500)) == 29
     assert run() == whole
 
 
