@@ -95,10 +95,17 @@ def train(
         "loss.sim_coeff": sim_coeff, "loss.std_coeff": std_coeff, "loss.cov_coeff": cov_coeff,
         "loss.level_weights": level_weights,
     }
+    named = dict(overrides)
     overrides.update(_parse_sets(sets))
     if resume is not None:
         if overwrite:
             raise SjeaError("--resume and --overwrite exclude each other: resume continues a run, overwrite replaces it.")
+        given = [option for option, value in (("--config", config), ("--out", out), ("--set", sets),
+                                                ("--dry-run", dry_run)) if value]
+        given += ["--" + key.split(".")[-1].replace("_", "-") for key, value in named.items() if value is not None]
+        if given:
+            raise SjeaError(f"--resume continues {resume} with its saved settings; drop {', '.join(given)} "
+                            "(or start a new run with --out).")
         cfg = resolve_config(preset)  # replaced by the run's saved config
         run_dir = run_training(cfg, out_dir=resume, resume=True, quiet=quiet)
     else:
