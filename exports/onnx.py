@@ -217,7 +217,7 @@ def export_levels(model, path: str | Path, levels, output: str = "representation
 
     Python entry point without verification; `export_run` (and `sjea export`) also verifies.
     """
-    from sjea_tools.runs import atomic_write_bytes
+    from sjea_tools.io import atomic_write_bytes
 
     proto = build_onnx(model, levels, output, with_preprocessing, fp16, opset)
     path = Path(path)

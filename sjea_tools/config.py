@@ -345,6 +345,6 @@ def _nest(keys: list[str], leaf: dict) -> dict:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    from .runs import atomic_write_text
+    from .io import atomic_write_text
 
     atomic_write_text(Path(path), json.dumps(cfg.to_dict(), indent=2) + "\n")

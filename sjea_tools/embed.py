@@ -244,7 +244,7 @@ class Embedder:
             raise SjeaError(f"{path} has levels {available}, not {missing}; export those levels or pick --levels.")
         dims = [int(om.dims[available.index(k)]) for k in levels]
         if model_id is None:
-            from .runs import sha256_file
+            from .io import sha256_file
 
             model_id = om.model_id or sha256_file(path)
         return cls(backend="onnx", levels=levels, dims=dims, image_size=om.image_size, mean=om.mean, std=om.std,

@@ -316,7 +316,8 @@ def evaluate_run(run=None, dataset: str | None = None, data_dir: str | None = No
     weights (BatchNorm statistics from training images): the floor a trained model must beat.
     """
     from .models import build_model
-    from .runs import atomic_write_text, find_run, load_model, model_id
+    from .io import atomic_write_text
+    from .runs import find_run, load_model, model_id
 
     run_dir = find_run(run)
     model = load_model(run_dir, device=device)
@@ -358,7 +359,7 @@ def evaluate_run(run=None, dataset: str | None = None, data_dir: str | None = No
 def save_feature_file(path: Path, levels, train_feats, train_labels, test_feats, test_labels) -> None:
     import io
 
-    from .runs import atomic_write_bytes
+    from .io import atomic_write_bytes
 
     arrays = {"levels": np.asarray(levels), "train_labels": train_labels, "test_labels": test_labels}
     for level, a, b in zip(levels, train_feats, test_feats):
@@ -383,7 +384,7 @@ def evaluate_store(store_path, max_rows: int | None = STORE_EVAL_ROWS, test_frac
                    out: str | Path | None = None) -> dict:
     """Evaluate the embeddings of a labelled HDF5 store: a seeded split of its rows into a bank
     (and probe training set) and queries. Writes <store>.eval.json beside the store."""
-    from .runs import atomic_write_text
+    from .io import atomic_write_text
     from .store import open_store
 
     store_path = Path(store_path)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .runs import atomic_write_bytes
+from .io import atomic_write_bytes
 
 THUMB = 96
 PAD = 6

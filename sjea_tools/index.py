@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SjeaError
-from .runs import atomic_write_text
+from .io import atomic_write_text
 from .vectors import l2_normalize as normalized  # one definition, used under this name here
 
 KINDS = ("flat", "hnsw", "ivf-flat", "ivf-pq")

@@ -99,7 +99,7 @@ def resolve_class(class_name: str | None, class_names: Sequence[str]) -> int:
 # --- drawing ------------------------------------------------------------------------------------------
 
 def _save(fig, path: Path) -> Path:
-    from .runs import atomic_write_bytes
+    from .io import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")

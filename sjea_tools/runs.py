@@ -9,16 +9,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .config import RunConfig
 from .errors import SjeaError
+from .io import atomic_write, atomic_write_text, sha256_file
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.json"
@@ -26,38 +24,6 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = Path("checkpoints") / "last.pt"
 LATEST_FILE = "LATEST"
 DEFAULT_RUNS_DIR = Path("runs")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(file) on a temporary file in the target's folder, fsync, then rename it over the
-    target: readers and a kill at any moment see the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -74,14 +40,6 @@ def safe_torch_load(path: Path) -> dict:
     except Exception as e:
         raise SjeaError(f"{path} is not a readable sjea checkpoint ({type(e).__name__}); retrain or "
                         "restore the file.") from None
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def set_latest(run_dir: Path, runs_dir: Path = DEFAULT_RUNS_DIR) -> None:

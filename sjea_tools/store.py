@@ -271,7 +271,7 @@ class Journal:
     # --- create / open ------------------------------------------------------------------------
     @classmethod
     def create(cls, folder: Path, attrs: dict, base_rows: int = 0, mode: str = "new") -> "Journal":
-        from .runs import atomic_write_text
+        from .io import atomic_write_text
 
         folder = Path(folder)
         if folder.exists():
@@ -339,7 +339,7 @@ class Journal:
         return True
 
     def _write_commit(self, durable: bool) -> None:
-        from .runs import atomic_write_text
+        from .io import atomic_write_text
 
         for f in self._files.values():
             f.flush()

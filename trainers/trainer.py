@@ -28,8 +28,9 @@ from sjea_tools.errors import SjeaError
 from sjea_tools.losses import stacked_vicreg_loss
 from sjea_tools.metrics import effective_rank, mean_std
 from sjea_tools.models import build_model
-from sjea_tools.runs import (CHECKPOINT_FILE, CONFIG_FILE, DEFAULT_RUNS_DIR, METRICS_FILE, atomic_write_text,
-                             read_metrics, save_model, set_latest)
+from sjea_tools.io import atomic_write_text
+from sjea_tools.runs import (CHECKPOINT_FILE, CONFIG_FILE, DEFAULT_RUNS_DIR, METRICS_FILE, read_metrics, save_model,
+                             set_latest)
 
 from .checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from .distributed import DistInfo, barrier, cleanup_distributed, setup_distributed

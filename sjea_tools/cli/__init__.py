@@ -46,13 +46,22 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# Each module registers its commands on `app`.
-from . import train  # noqa: E402,F401
-from . import export  # noqa: E402,F401
-from . import embed  # noqa: E402,F401
-from . import search  # noqa: E402,F401
-from . import evaluate  # noqa: E402,F401
-from . import data  # noqa: E402,F401
+# Each command lives in the module named after it and registers itself on `app`; the order here is
+# the order of `sjea --help`.
+COMMAND_MODULES = ("train", "export", "images", "data", "embed", "merge", "index", "clusters", "search",
+                   "serve", "verify", "compact", "eval", "evaluate", "plot")
+
+
+def _register_commands() -> None:
+    import importlib
+    import importlib.util
+
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            importlib.import_module(f".{name}", __name__)
+
+
+_register_commands()
 
 
 @app.callback()

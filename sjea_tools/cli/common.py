@@ -51,3 +51,28 @@ def progress_bar(quiet: bool = False, *extra_columns) -> Progress:
         *extra_columns, TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
         console=err_console, disable=quiet, transient=False,
     )
+
+
+class RichProgress:
+    """The CLI's implementation of the library's progress protocol (sjea_tools.progress): one rich
+    task per stage name, created on its first report. Use as a context manager."""
+
+    def __init__(self, quiet: bool = False, *extra_columns):
+        self.bar = progress_bar(quiet, *extra_columns)
+        self.tasks: dict[str, object] = {}
+
+    def __enter__(self) -> "RichProgress":
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def __call__(self, task: str, done: int, total: int | None = None) -> None:
+        if task not in self.tasks:
+            self.tasks[task] = self.bar.add_task(escape(task), total=total)
+        self.bar.update(self.tasks[task], completed=done, total=total)
+
+
+def rich_progress(quiet: bool = False, *extra_columns) -> RichProgress:
+    return RichProgress(quiet, *extra_columns)

@@ -1,0 +1,126 @@
+"""File writing that survives kills, full disks and readers: the one home of atomic writes.
+
+Every writer of the project (run files, checkpoints, stores, indexes, ONNX files, images) goes
+through `atomic_path`: the content is produced in a temporary file in the target's folder, fsynced,
+given the permissions the user's umask asks for (mkstemp makes 0600, which would hide a store from
+a colleague or a web server in the same group), renamed over the target, and the folder is fsynced
+so the rename itself survives a power cut. A reader, or a kill at any moment, sees the old file or
+the new one, never half of one; a failure removes the temporary file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, BinaryIO
+
+TEMP_SUFFIX = ".tmp"
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """What open() would give a new file: 0666 minus the umask (0644 under umask 022)."""
+    return 0o666 & ~current_umask()
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or a new file in `folder` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_path(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def temp_path_beside(path: Path, tag: str = "") -> Path:
+    """A fresh, empty temporary file next to `path` (same file system, so the rename is atomic);
+    its name starts with '.<name>.' and ends with '.tmp' so `stale_temp_files` finds it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{tag}", suffix=TEMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def commit_temp(tmp: Path, path: Path) -> None:
+    """fsync `tmp`, give it the umask's mode, rename it over `path`, fsync the folder."""
+    fsync_path(tmp)
+    os.chmod(tmp, default_file_mode())
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` for a library that writes files itself (h5py, onnx,
+    faiss, Pillow); on a clean exit it becomes `path` atomically, on any error it is removed."""
+    path = Path(path)
+    tmp = temp_path_beside(path)
+    try:
+        yield tmp
+        commit_temp(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call write(file) on a temporary binary file, then put it in place as `atomic_path` does."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            write(f)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def stale_temp_files(path: str | Path) -> list[Path]:
+    """Temporary files a killed writer of `path` left beside it (see `temp_path_beside`)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.glob(f".{path.name}.*{TEMP_SUFFIX}") if p.is_file())
+
+
+def remove_stale_temp_files(path: str | Path) -> int:
+    """Delete what `stale_temp_files` finds; the next run of a killed command calls this."""
+    removed = 0
+    for p in stale_temp_files(path):
+        p.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
