@@ -41,11 +41,11 @@ def _write_range(args):
     from PIL import Image
 
     from sjea_tools.data import load_dataset
+    from sjea_tools.data.write_folder import class_folder_name
 
     data = load_dataset("fashion-mnist", split="train")
     for i in range(start, stop):
-        cls = data.class_names[int(data.labels[i])].replace("/", "-").replace(" ", "_")
-        folder = Path(root) / cls
+        folder = Path(root) / class_folder_name(data.class_names[int(data.labels[i])])
         folder.mkdir(parents=True, exist_ok=True)
         img = Image.fromarray(data.pixels[i])
         if kind == "large":

@@ -17,12 +17,13 @@ import numpy as np
 import torch
 
 from ..errors import SjeaError
-from .images import decode_image, is_image_path
-from .preprocess import model_pixels
+from .images import is_image_path
+from .preprocess import file_pixels, model_pixels
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot"]
-# The natural coarse grouping (method.md): tops, bottoms, dresses, footwear, bags.
+# The natural coarse grouping (method.md): tops, bottoms, dresses, footwear, bags. The one table of
+# it: `coarse_from_class_names` recognises the same classes by name in image folders.
 FASHION_MNIST_COARSE = {"tops": [0, 2, 4, 6], "bottoms": [1], "dresses": [3], "footwear": [5, 7, 9], "bags": [8]}
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -68,6 +69,21 @@ def resize_pixels(pixels: np.ndarray, size: int, chunk: int = 4096) -> np.ndarra
     return out
 
 
+def row_pixels(data: ImageData, i: int, image_size: int | None = None) -> np.ndarray:
+    """Row `i` of a dataset as uint8 (S, S, 3) pixels at `image_size` (None: as stored): in-memory
+    pixels resized only when their size differs, folder images decoded. The one row -> pixels."""
+    if data.pixels is not None:
+        px = data.pixels[i]
+        if image_size is None or px.shape[:2] == (image_size, image_size):
+            return px
+        from PIL import Image
+
+        return model_pixels(Image.fromarray(px), image_size)
+    if image_size is None:
+        raise SjeaError(f"{data.name} is a folder of images: give the size to decode its images at.")
+    return file_pixels(data.paths[i], image_size)
+
+
 class PixelDataset(torch.utils.data.Dataset):
     """(uint8 HWC pixels at `image_size`, label) pairs; decodes folder images in workers."""
 
@@ -79,15 +95,7 @@ class PixelDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         label = int(self.data.labels[i]) if self.data.labels is not None else -1
-        if self.data.pixels is not None:
-            px = self.data.pixels[i]
-            if px.shape[0] != self.image_size or px.shape[1] != self.image_size:
-                from PIL import Image
-
-                px = model_pixels(Image.fromarray(px), self.image_size)
-            return torch.from_numpy(np.ascontiguousarray(px)), label
-        img = decode_image(self.data.paths[i], target_size=self.image_size)
-        return torch.from_numpy(model_pixels(img, self.image_size)), label
+        return torch.from_numpy(np.ascontiguousarray(row_pixels(self.data, i, self.image_size))), label
 
 
 # --- Fashion-MNIST: the four raw IDX files, gzipped or not --------------------------------------
@@ -140,12 +148,27 @@ def load_fashion_mnist(data_dir: str | None, split: str) -> ImageData:
     if images.ndim != 3 or len(images) != len(labels):
         raise SjeaError(f"{img_path} and {lbl_path} do not match; re-install the dataset files.")
     pixels = np.repeat(images[..., None], 3, axis=3)  # models always take RGB
-    coarse_names = list(FASHION_MNIST_COARSE)
-    fine_to_coarse = np.zeros(10, dtype=np.int64)
-    for c, (_, members) in enumerate(FASHION_MNIST_COARSE.items()):
-        fine_to_coarse[members] = c
+    fine_to_coarse, coarse_names = coarse_from_class_names(FASHION_MNIST_CLASSES)
     return ImageData("fashion-mnist", pixels=pixels, labels=labels, class_names=list(FASHION_MNIST_CLASSES),
                      coarse_labels=fine_to_coarse[labels], coarse_names=coarse_names)
+
+
+def _canonical(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def coarse_from_class_names(class_names) -> tuple[np.ndarray, list[str]] | None:
+    """(fine -> coarse index map, coarse names) when the class names are Fashion-MNIST's, in any
+    order and spelling ('T-shirt/top', 't_shirt_top'), else None: image folders of the same
+    classes get the same coarse labels as the dataset."""
+    if not class_names:
+        return None
+    group_of = {_canonical(FASHION_MNIST_CLASSES[fine]): g
+                for g, members in enumerate(FASHION_MNIST_COARSE.values()) for fine in members}
+    canon = [_canonical(c) for c in class_names]
+    if sorted(canon) != sorted(group_of):
+        return None
+    return np.asarray([group_of[c] for c in canon], dtype=np.int64), list(FASHION_MNIST_COARSE)
 
 
 # --- torchvision datasets -----------------------------------------------------------------------
