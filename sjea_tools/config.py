@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SjeaError
+from .io import atomic_write_text
+from .spec import PreprocessSpec
 
 # Per-dataset facts: normalisation, native size, whether images are grayscale.
 DATASET_STATS: dict[str, dict[str, Any]] = {
@@ -26,6 +28,9 @@ DATASET_STATS: dict[str, dict[str, Any]] = {
     "folder": {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "size": 64},
 }
 DATASETS = ("cifar10", "cifar100", "stl10", "fashion-mnist")
+# The level-0 encoders a configuration may name; models/resnet.py registers a factory for each.
+# Kept here, not read from the model registry, so that the configuration layer imports no model code.
+BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50")
 
 
 @dataclass
@@ -122,16 +127,23 @@ class RunConfig:
         return values
 
     @property
+    def preprocess_spec(self) -> PreprocessSpec:
+        """What the model of this run expects as input: the data settings, else the dataset's."""
+        stats = dataset_stats(self.data.dataset)
+        return PreprocessSpec(self.data.image_size or stats["size"], self.data.mean or stats["mean"],
+                              self.data.std or stats["std"])
+
+    @property
     def image_size(self) -> int:
-        return self.data.image_size or dataset_stats(self.data.dataset)["size"]
+        return self.preprocess_spec.image_size
 
     @property
     def mean(self) -> tuple[float, float, float]:
-        return tuple(self.data.mean or dataset_stats(self.data.dataset)["mean"])
+        return self.preprocess_spec.mean
 
     @property
     def std(self) -> tuple[float, float, float]:
-        return tuple(self.data.std or dataset_stats(self.data.dataset)["std"])
+        return self.preprocess_spec.std
 
 
 def dataset_stats(dataset: str) -> dict[str, Any]:
@@ -172,7 +184,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _coerce(value: Any, current: Any, annotation: str, where: str) -> Any:
+def _coerce(value: Any, annotation: str, where: str) -> Any:
     """Convert a value from a file or the command line to the type of the field."""
     try:
         if "list[float]" in annotation:
@@ -222,7 +234,7 @@ def apply_nested(cfg: Any, data: dict, where: str) -> None:
                 raise SjeaError(f"{where}.{key}: expected a table of settings.")
             apply_nested(current, value, f"{where}.{key}")
         else:
-            setattr(cfg, name, _coerce(value, current, str(fields[name].type), f"{where}.{key}"))
+            setattr(cfg, name, _coerce(value, str(fields[name].type), f"{where}.{key}"))
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -274,10 +286,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         n = len(getattr(cfg.loss, name))
         if n not in (1, m.levels):
             raise SjeaError(f"loss.{name}: give one value or one per level ({m.levels}), not {n}.")
-    from .models import BACKBONES  # late import: models imports config
-
-    if m.backbone not in BACKBONES:
-        raise SjeaError(f"unknown backbone '{m.backbone}' (known: {', '.join(sorted(BACKBONES))}).")
+    if m.backbone not in BACKBONE_NAMES:
+        raise SjeaError(f"unknown backbone '{m.backbone}' (known: {', '.join(BACKBONE_NAMES)}).")
     for spec_name in ("projector", "mlp_dims"):
         spec = getattr(m, spec_name)
         try:
@@ -345,6 +355,4 @@ def _nest(keys: list[str], leaf: dict) -> dict:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    from .io import atomic_write_text
-
     atomic_write_text(Path(path), json.dumps(cfg.to_dict(), indent=2) + "\n")

@@ -7,8 +7,11 @@ from typing import Optional
 
 import typer
 
+from rich.progress import ProgressColumn
+from rich.text import Text
+
 from . import app
-from .common import console, handle_errors, print_json
+from .common import console, err_console, handle_errors, print_json, rich_progress
 
 PRESET_HELP = "Named preset: tiny (CPU default, Fashion-MNIST), cifar10-paper, stl10-paper, vicreg-r18, vicreg-r50."
 
@@ -107,7 +110,7 @@ def train(
             raise SjeaError(f"--resume continues {resume} with its saved settings; drop {', '.join(given)} "
                             "(or start a new run with --out).")
         cfg = resolve_config(preset)  # replaced by the run's saved config
-        run_dir = run_training(cfg, out_dir=resume, resume=True, quiet=quiet)
+        run_dir = _train_with_progress(run_training, cfg, quiet, out_dir=resume, resume=True)
     else:
         cfg = resolve_config(preset, config, overrides)
         if dry_run:
@@ -117,13 +120,46 @@ def train(
             else:
                 _print_dry_run(summary)
             return
-        run_dir = run_training(cfg, out_dir=out, overwrite=overwrite, quiet=quiet)
+        run_dir = _train_with_progress(run_training, cfg, quiet, out_dir=out, overwrite=overwrite)
     if json_out:
         from ..runs import MODEL_FILE, METRICS_FILE
 
         print_json({"run": str(run_dir), "model": str(run_dir / MODEL_FILE), "metrics": str(run_dir / METRICS_FILE)})
     else:
         console.print(f"run folder: {run_dir}")
+
+
+class _StepMetrics(ProgressColumn):
+    """The latest logged losses per level and images/s, drawn beside the training bar."""
+
+    def __init__(self):
+        super().__init__()
+        self.text, self.last_step = "", None
+
+    def render(self, task) -> Text:
+        return Text(self.text)
+
+    def log(self, row: dict) -> None:
+        """trainers.trainer's metrics callback: step rows update the text, epoch rows may warn."""
+        if row["kind"] == "step":
+            self.last_step = row["step"]
+            losses = " ".join(f"L{k}={level['loss']:.3f}" for k, level in enumerate(row["levels"]))
+            self.text = f"{losses}  {row['images_per_s']:.0f} img/s"
+        elif row.get("collapsed_levels"):
+            err_console.print(f"[yellow]warning:[/] level(s) {row['collapsed_levels']} look collapsed (embedding std "
+                              "or effective rank fell); check the variance coefficient and the lr.")
+
+
+def _train_with_progress(run_training, cfg, quiet: bool, **options) -> Path:
+    metrics = _StepMetrics()
+    with rich_progress(quiet, metrics) as progress:
+        run_dir = run_training(cfg, progress=progress, log=None if quiet else metrics.log, **options)
+    if metrics.last_step is not None:  # rows reach rank 0 only: other torchrun processes stay silent
+        from ..runs import MODEL_FILE, METRICS_FILE
+
+        err_console.print(f"trained {metrics.last_step} steps; model: {run_dir / MODEL_FILE}; "
+                          f"metrics: {run_dir / METRICS_FILE}")
+    return run_dir
 
 
 def _print_dry_run(summary: dict) -> None:
