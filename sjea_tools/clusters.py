@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import SjeaError
-from .vectors import l2_normalize as unit
+from .vectors import l2_normalize
 
 GROUP = "clusters"
 MIN_POINTS_PER_CLUSTER = 5
@@ -37,11 +37,12 @@ def default_sizes(n: int, depths: int) -> list[int]:
     return sizes
 
 
-def parse_sizes(text: str | None, depths: int) -> list[int] | None:
+def parse_sizes(text, depths: int) -> list[int] | None:
+    """--sizes: '10,4' or a list of ints -> one count per level (1 to `depths` of them); None stays None."""
     if text is None:
         return None
     try:
-        sizes = [int(s) for s in str(text).split(",") if s.strip()]
+        sizes = [int(s) for s in (str(text).split(",") if isinstance(text, str) else text) if str(s).strip()]
     except ValueError:
         raise SjeaError(f"--sizes {text!r} must be comma-separated whole numbers, e.g. 10,4.") from None
     if not sizes or any(s < 1 for s in sizes) or len(sizes) > depths:
@@ -71,16 +72,21 @@ def kmeans_pp_init(x: np.ndarray, k: int, rng: np.random.Generator, sample: int 
 
 
 def kmeans(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Spherical FAISS k-means: (unit centroids (k', d), assignment (n,)); k' <= k for few rows."""
+    """Spherical FAISS k-means of unit rows x: (unit centroids (k', d), assignment (n,)); k' <= k
+    for few rows (at least MIN_POINTS_PER_CLUSTER each) or when a centroid attracts no row.
+
+    The project's one k-means: the cluster tree (`sjea clusters`) and the sub-clusters of
+    `sjea plot` both call it, so the two agree on the same vectors and seed.
+    """
     import faiss
 
     k = max(1, min(k, len(x) // MIN_POINTS_PER_CLUSTER))
     if k == 1:
-        return unit(x.mean(axis=0, keepdims=True)), np.zeros(len(x), np.int64)
+        return l2_normalize(x.mean(axis=0, keepdims=True)), np.zeros(len(x), np.int64)
     km = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, spherical=True, verbose=False,
                       min_points_per_centroid=MIN_POINTS_PER_CLUSTER, max_points_per_centroid=256)
     km.train(x, init_centroids=kmeans_pp_init(x, k, np.random.default_rng(seed)))
-    centroids = unit(km.centroids)
+    centroids = l2_normalize(km.centroids)
     assign = nearest(x, centroids)
     used = np.unique(assign)  # drop centroids no row chose, keep ids dense
     remap = np.full(k, -1, np.int64)
@@ -89,6 +95,7 @@ def kmeans(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def examples_of(x: np.ndarray, members: np.ndarray, centroid: np.ndarray, count: int) -> np.ndarray:
+    """The `count` member rows nearest the centroid by cosine, most typical first (-1 pads)."""
     out = np.full(count, -1, np.int64)
     best = members[np.argsort(-(x[members] @ centroid), kind="stable")[:count]]
     out[:len(best)] = best
@@ -101,7 +108,7 @@ def build_tree(levels: list[np.ndarray], sizes: list[int], seed: int = 0, exampl
     tree: dict = {"assign": np.zeros((n, len(sizes)), np.int64)}
     parent_rows = [np.arange(n)]  # depth -1: one node holding everything
     for d, k in enumerate(sizes):
-        x = unit(levels[d])
+        x = l2_normalize(levels[d])
         cents, parent_ids, node_sizes, node_examples, children_rows = [], [], [], [], []
         for p, rows in enumerate(parent_rows):
             c, a = kmeans(x[rows], k, seed + d * 7919 + p)
@@ -127,7 +134,7 @@ def query_paths(tree: dict, queries: list[np.ndarray]) -> np.ndarray:
     q = len(queries[0])
     out = np.zeros((q, depths), np.int64)
     for d in range(depths):
-        x = unit(queries[d])
+        x = l2_normalize(queries[d])
         cents, parents = tree[f"centroids_{d}"], tree[f"parent_{d}"]
         for i in range(q):
             allowed = np.arange(len(cents)) if d == 0 else np.flatnonzero(parents == out[i, d - 1])
@@ -168,12 +175,14 @@ def read_tree(store) -> tuple[dict | None, str | None]:
     return arrays, None
 
 
-def cluster_tree(store_path, rebuild: bool = False, sizes: list[int] | None = None, examples: int = EXAMPLES) -> dict:
-    """The tree as nested nodes with sizes and example paths; built first when missing/stale/asked."""
+def cluster_tree(store_path, rebuild: bool = False, sizes=None, examples: int = EXAMPLES) -> dict:
+    """The tree as nested nodes with sizes and example paths; built first when missing, stale, asked
+    for (`rebuild`) or given `sizes` ('10,4' or [10, 4]: clusters at level 0, sub-clusters per cluster)."""
     from .store import open_store
 
     with open_store(store_path) as store:
         tree, why = read_tree(store)
+        sizes = parse_sizes(sizes, len(store.levels))
     built = False
     if rebuild or sizes is not None or tree is None:
         build_cluster_tree(store_path, sizes=sizes)

@@ -1,4 +1,5 @@
-"""The search grid picture (Pillow only): per query, the query image and its neighbours.
+"""The search grid picture, drawn with Pillow (no matplotlib): per query, the query image and its
+neighbours. Images are decoded by sjea_tools.data, so this module imports torch with it.
 
 One row per level searched and one for the hierarchical result; each thumbnail is captioned with
 its cosine score. Several queries stack their blocks vertically.

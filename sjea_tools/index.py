@@ -4,19 +4,20 @@
     build_index(vectors, spec)         a FAISS index over L2-normalised vectors (inner product = cosine)
     tune_and_measure(index, vectors)   recall@10 against exact search, raising nprobe/efSearch to 0.95
     build_indexes(store_path)          all of the above for every level of a store, plus the sidecar
+                                       (and the cluster tree, clusters.build_cluster_tree, unless clusters=False)
     load_indexes(store_path)           the indexes, refused when stale; large files memory-mapped
 
 Layout beside `emb.h5`: `emb.h5.index/index.json` (the sidecar: the store's model id and row
 count, kind, parameters, measured recall, build time, size) and `emb.h5.index/level{K}-{build}.faiss`.
-A rebuild writes new files first and then replaces the sidecar in one rename, so a reader never
-sees a half-built set.
+Every file is written through sjea_tools.io (temporary file, fsync, the user's umask, rename); a
+rebuild writes new files first and then replaces the sidecar in one rename, so a reader never sees
+a half-built set.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SjeaError
-from .io import atomic_write_text
-from .vectors import l2_normalize as normalized  # one definition, used under this name here
+from .io import atomic_path, atomic_write_text
+from .progress import Counter, ProgressFn
+from .vectors import exact_rerank, l2_normalize
 
 KINDS = ("flat", "hnsw", "ivf-flat", "ivf-pq")
 METRICS = ("cosine", "inner-product")
@@ -129,8 +131,10 @@ def factory_string(spec: dict) -> str:
             "ivf-pq": lambda: f"IVF{p['nlist']},PQ{p['m']}x{p['nbits']}"}[spec["kind"]]()
 
 
-def build_index(vectors: np.ndarray, spec: dict, on_added=None, seed: int = 0, chunk: int = 50_000):
-    """A FAISS inner-product index over vectors (normalise them first for cosine)."""
+def build_index(vectors: np.ndarray, spec: dict, progress: ProgressFn | None = None, task: str = "adding vectors",
+                seed: int = 0, chunk: int = 50_000):
+    """A FAISS inner-product index over vectors (normalise them first for cosine); reports the
+    vectors added to `progress` under `task`."""
     import faiss
 
     x = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -145,10 +149,10 @@ def build_index(vectors: np.ndarray, spec: dict, on_added=None, seed: int = 0, c
         n_train = min(len(x), per_list * spec["params"]["nlist"])
         rows = np.sort(np.random.default_rng(seed).choice(len(x), n_train, replace=False))
         index.train(x[rows])
+    added = Counter(progress, task, len(x))
     for start in range(0, len(x), chunk):
         index.add(x[start:start + chunk])
-        if on_added:
-            on_added(min(chunk, len(x) - start))
+        added.advance(min(chunk, len(x) - start))
     set_search_params(index, spec["search_params"])
     return index
 
@@ -168,22 +172,6 @@ def exact_neighbours(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.nda
     _, ids = faiss.knn(np.ascontiguousarray(queries, dtype=np.float32),
                        np.ascontiguousarray(vectors, dtype=np.float32), k, metric=faiss.METRIC_INNER_PRODUCT)
     return ids
-
-
-def exact_rerank(queries: np.ndarray, candidates: np.ndarray, get_rows, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Re-score candidate ids (q, m) exactly with the stored vectors and keep the top k.
-
-    get_rows(sorted unique ids) -> their vectors (normalised for cosine). Ids of -1 (FAISS pads
-    with them when fewer than m were found) rank last with score -inf.
-    """
-    valid = np.unique(candidates[candidates >= 0])
-    table = get_rows(valid) if len(valid) else np.zeros((0, queries.shape[1]), np.float32)
-    pos = np.searchsorted(valid, np.where(candidates >= 0, candidates, 0))
-    scores = np.einsum("qd,qmd->qm", queries.astype(np.float32), table[pos.clip(0, max(0, len(valid) - 1))]) \
-        if len(valid) else np.full(candidates.shape, -np.inf, np.float32)
-    scores = np.where(candidates >= 0, scores, -np.inf)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(candidates, order, 1), np.take_along_axis(scores, order, 1).astype(np.float32)
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
@@ -261,18 +249,18 @@ def parse_memory(text: str | int | None) -> int:
     return int(value)
 
 
-def build_indexes(store_path: str | Path, kind: str = "auto", progress: bool = True, memory_budget=None,
-                  params: dict | None = None, metric: str = "cosine", sample: int = RECALL_SAMPLE,
-                  clusters: bool = True, tune: bool = True) -> dict:
+def build_indexes(store_path: str | Path, kind: str = "auto", memory_budget=None, params: dict | None = None,
+                  metric: str = "cosine", sample: int = RECALL_SAMPLE, clusters: bool = True, tune: bool = True,
+                  progress: ProgressFn | None = None) -> dict:
     """One FAISS index per level of a store, saved beside it; returns the sidecar dict.
 
     kind "auto" asks choose_index; an explicit kind uses `params` (nlist, nprobe, m, nbits,
     ef_construction, ef_search) with defaults for the rest. Also builds the cluster tree
-    (clusters.build_cluster_tree) unless clusters=False.
+    (clusters.build_cluster_tree) unless clusters=False. Silent unless given `progress`
+    (one task per level: vectors added).
     """
     import faiss
 
-    from .cli.common import progress_bar
     from .store import open_store
 
     if metric not in METRICS:
@@ -286,34 +274,18 @@ def build_indexes(store_path: str | Path, kind: str = "auto", progress: bool = T
     with open_store(store_path) as store:
         if store.n == 0:
             raise SjeaError(f"{store_path} holds no embeddings yet; run sjea embed first.")
-        model_id, n, levels, dims = store.model_id, store.n, list(store.levels), list(store.dims)
+        model_id, n = store.model_id, store.n
         entries: dict[str, dict] = {}
-        folder.mkdir(parents=True, exist_ok=True)
-        with progress_bar(not progress) as bar:
-            for level, dim in zip(levels, dims):
-                vectors = store.read_embeddings(level)
-                if metric == "cosine":
-                    vectors = normalized(vectors)
-                spec = (choose_index(n, dim, budget) if kind == "auto"
-                        else explicit_spec(kind, n, dim, **(params or {})))
-                task = bar.add_task(f"level {level} {spec['kind']}", total=n)
-                t0 = time.perf_counter()
-                index = build_index(vectors, spec, on_added=lambda m, t=task: bar.advance(t, m))
-                build_seconds = time.perf_counter() - t0
-                forced = bool(params) and any(params.get(p) is not None for p in ("nprobe", "ef_search"))
-                measured = tune_and_measure(index, vectors, spec, sample=sample, tune=tune and not forced)
-                name = f"level{level}-{build_id}.faiss"
-                tmp = folder / f".{name}.tmp"
-                faiss.write_index(index, str(tmp))
-                os.replace(tmp, folder / name)
-                entries[str(level)] = {
-                    "file": name, "kind": spec["kind"], "params": spec["params"],
-                    "search_params": spec["search_params"], "rerank": spec.get("rerank", 1), "dim": dim, "reason": spec["reason"],
-                    "recall_at_10": round(measured["recall_at_k"], 4), "recall_k": measured["k"],
-                    "recall_sample": measured["sample"], "recall_tuning": measured["tried"],
-                    "build_seconds": round(build_seconds, 3), "bytes": (folder / name).stat().st_size,
-                }
-                del index, vectors
+        for level, dim in zip(store.levels, store.dims):
+            vectors = store.read_embeddings(level)
+            spec = (choose_index(n, dim, budget) if kind == "auto"
+                    else explicit_spec(kind, n, dim, **(params or {})))
+            forced = bool(params) and any(params.get(p) is not None for p in ("nprobe", "ef_search"))
+            entries[str(level)] = build_level_file(
+                l2_normalize(vectors) if metric == "cosine" else vectors, spec,
+                folder / f"level{level}-{build_id}.faiss", sample=sample, tune=tune and not forced,
+                progress=progress, task=f"level {level} {spec['kind']}")
+            del vectors
     sidecar = {"format": INDEX_FORMAT, "store": store_path.name, "model_id": model_id, "n": n,
                "metric": metric, "levels": entries, "memory_budget": budget, "faiss_version": faiss.__version__,
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -327,10 +299,29 @@ def build_indexes(store_path: str | Path, kind: str = "auto", progress: bool = T
     return sidecar
 
 
+def build_level_file(vectors: np.ndarray, spec: dict, path: Path, sample: int = RECALL_SAMPLE, tune: bool = True,
+                     progress: ProgressFn | None = None, task: str = "adding vectors") -> dict:
+    """Build, tune and measure one level's index, write it to `path` atomically; its sidecar entry."""
+    import faiss
+
+    t0 = time.perf_counter()
+    index = build_index(vectors, spec, progress=progress, task=task)
+    build_seconds = time.perf_counter() - t0
+    measured = tune_and_measure(index, vectors, spec, sample=sample, tune=tune)
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
+    return {"file": path.name, "kind": spec["kind"], "params": spec["params"],
+            "search_params": spec["search_params"], "rerank": spec.get("rerank", 1), "dim": int(vectors.shape[1]),
+            "reason": spec["reason"], "recall_at_10": round(measured["recall_at_k"], 4), "recall_k": measured["k"],
+            "recall_sample": measured["sample"], "recall_tuning": measured["tried"],
+            "build_seconds": round(build_seconds, 3), "bytes": path.stat().st_size}
+
+
 def remove_unused_files(folder: Path, sidecar: dict) -> None:
-    """Delete the index files of the previous build (the new sidecar no longer points at them)."""
+    """Delete the index files of the previous build (the new sidecar no longer points at them) and
+    the temporary files a killed build left (sjea_tools.io names them .level*.faiss.*.tmp)."""
     keep = {e["file"] for e in sidecar["levels"].values()}
-    for path in folder.glob("level*.faiss"):
+    for path in [*folder.glob("level*.faiss"), *folder.glob(".level*.faiss.*.tmp")]:
         if path.name not in keep:
             path.unlink(missing_ok=True)
 

@@ -60,7 +60,7 @@ def test_eval_store_matches_numpy_knn_on_the_stored_embeddings(tmp_path, make_ru
     run = make_run(tmp_path / "run")
     images = write_fmnist_folder(tmp_path / "images", fmnist_test, 150)
     store = tmp_path / "fm.h5"
-    embed_folder(images, store, run=run, workers=0, backend="torch", index=False)
+    embed_folder(images, store, run=run, workers=0, backend="torch")
     result = runner.invoke(app, ["eval", str(store), "--probe-epochs", "2", "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
@@ -87,7 +87,7 @@ def test_eval_refuses_a_store_without_labels(tmp_path, make_run, fmnist_test):
     flat.mkdir()
     for i in range(12):
         Image.fromarray(fmnist_test.pixels[i]).save(flat / f"{i}.png")
-    embed_folder(flat, tmp_path / "flat.h5", run=run, workers=0, backend="torch", index=False)
+    embed_folder(flat, tmp_path / "flat.h5", run=run, workers=0, backend="torch")
     assert_one_line_error(runner.invoke(app, ["eval", str(tmp_path / "flat.h5")]), "no labels")
     assert_one_line_error(runner.invoke(app, ["eval", "--run", str(run), "--dataset", str(flat)]), "no labels")
     assert not (tmp_path / "flat.h5.eval.json").exists() and not (run / "eval.json").exists()

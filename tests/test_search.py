@@ -69,8 +69,9 @@ def test_stage_sizes_funnel():
     assert stage_sizes(10, 10, 2, 50) == [50, 10]
 
 
-@pytest.mark.parametrize("kwargs,needle", [({"k": 0}, "at least 1"), ({"k": 3, "order": [0, 0]}, "distinct"),
-                                           ({"k": 3, "order": [0, 5]}, "distinct"), ({"k": 3, "factor": 0.5}, "factor")])
+@pytest.mark.parametrize("kwargs,needle", [({"k": 0}, "at least 1"), ({"k": 3, "order": [0, 0]}, "repeats a level"),
+                                           ({"k": 3, "order": [0, 5]}, "level 5 does not exist"),
+                                           ({"k": 3, "order": [1]}, "at least 2"), ({"k": 3, "factor": 0.5}, "factor")])
 def test_bad_arguments(kwargs, needle):
     bases = two_levels(n=50)
     with pytest.raises(SjeaError, match=needle):

@@ -26,11 +26,11 @@ def store(tmp_path_factory, fmnist_test):
     run = make_run(root / "runs" / "tiny", levels=2)
     images = write_fmnist_folder(root / "imgs", fmnist_test, N)
     out = root / "emb.h5"
-    embed_folder(images, out, run=run, backend="torch", workers=0, index=False)
+    embed_folder(images, out, run=run, backend="torch", workers=0)
     from sjea_tools.index import build_indexes
 
-    info = build_indexes(out, progress=False)
-    assert info["n"] == N and all(e["recall_at_10"] == 1.0 for e in info["levels"].values())
+    info = build_indexes(out)
+    assert info["n"] == N and {e["kind"] for e in info["levels"].values()} == {"flat"}  # 120 rows: exact
     return {"root": root, "run": run, "images": images, "out": out}
 
 
@@ -96,7 +96,7 @@ def test_stale_index_is_refused_with_the_fix(store, tmp_path, fmnist_test):
     images = tmp_path / "imgs"
     shutil.copytree(store["images"], images)
     write_fmnist_folder(images, fmnist_test, 5, start=N)
-    embed_folder(images, out, run=store["run"], backend="torch", workers=0, overwrite=True, index=False)
+    embed_folder(images, out, run=store["run"], backend="torch", workers=0, overwrite=True)
     with pytest.raises(SjeaError, match=f"stale.*sjea index {out}"):
         search_store(out, ids=[0], k=3)
     r = invoke(["search", "--id", "0", "--store", str(out)])
@@ -114,7 +114,11 @@ def test_query_model_other_than_the_stores_is_refused(store, tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["--id", "0", "--k", "0"], "--k must be at least 1"),
-    (["--id", "0", "--level", "7"], "--level 7 is out of range"),
+    (["--id", "0", "--level", "7"], "level 7 does not exist; levels here: 0, 1"),
+    (["--id", "0", "--level", "0,0"], "repeats a level"),
+    (["--id", "0", "--order", "1"], "--order needs at least 2"),
+    (["--id", "0", "--order", "0,0"], "repeats a level"),
+    (["--id", "0", "--level", "1", "--mode", "hierarchical"], "choose its levels with --order"),
     (["--id", "999"], "out of range"),
     (["--id", "0", "--mode", "sideways"], "--mode must be one of"),
     (["NOT_AN_IMAGE"], "not a readable image"),
@@ -127,11 +131,57 @@ def test_bad_input_one_line_exit_2(store, args, needle, tmp_path):
     assert r.exit_code == 2 and needle in r.output and len(r.output.strip().splitlines()) == 1
 
 
+def test_level_spellings_pick_the_per_level_searches(store):
+    by_list = search_store(store["out"], ids=[5], k=2, level=["1", "0"])
+    assert by_list["mode"] == "per-level" and by_list["levels"] == [0, 1]
+    assert set(by_list["results"][0]["per_level"]) == {"0", "1"}
+    assert search_store(store["out"], ids=[5], k=2, level="all")["levels"] == [0, 1]
+    r = invoke(["search", "--id", "5", "--k", "2", "--level", "1", "--level", "0", "--store", str(store["out"]),
+                "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["results"][0]["per_level"] == by_list["results"][0]["per_level"]
+    hier = search_store(store["out"], ids=[5], k=2, order="0,1")
+    assert hier["order"] == [0, 1] and hier["results"][0]["hierarchical"][0]["id"] == 5
+
+
 def test_missing_store_and_k_clipped(store, tmp_path):
     r = invoke(["search", "--id", "0", "--store", str(tmp_path / "none.h5")])
     assert r.exit_code == 2 and "does not exist" in r.output
     res = search_store(store["out"], ids=[0], k=500, mode="per-level", level=1)
     assert len(res["results"][0]["per_level"]["1"]) == N and any("larger than the store" in n for n in res["notes"])
+
+
+def test_build_indexes_from_python_is_silent_and_writes_files_with_the_umask_mode(store, tmp_path, capfd):
+    import os
+
+    from sjea_tools.index import build_indexes
+
+    out = tmp_path / "copy.h5"
+    shutil.copy(store["out"], out)
+    old = os.umask(0o022)
+    try:
+        info = build_indexes(out, kind="hnsw", clusters=False)
+    finally:
+        os.umask(old)
+    assert capfd.readouterr() == ("", "")  # no progress bar unless a progress callable is given
+    folder = tmp_path / "copy.h5.index"
+    files = sorted(p.name for p in folder.iterdir())
+    assert files == sorted(["index.json", *(e["file"] for e in info["levels"].values())])  # no temp file left
+    assert {oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == {"0o644"}
+
+
+def test_rebuild_removes_the_previous_build_and_a_killed_builds_temp_files(store, tmp_path):
+    from sjea_tools.index import build_indexes
+
+    out = tmp_path / "copy.h5"
+    shutil.copy(store["out"], out)
+    first = build_indexes(out, clusters=False)
+    stale = tmp_path / "copy.h5.index" / ".level0-19700101T000000000000.faiss.abc123.tmp"
+    stale.write_bytes(b"half an index")
+    second = build_indexes(out, clusters=False)
+    names = {p.name for p in (tmp_path / "copy.h5.index").iterdir()}
+    assert names == {"index.json", *(e["file"] for e in second["levels"].values())}
+    assert not names & {e["file"] for e in first["levels"].values()}
 
 
 def test_clusters_cli_lists_sizes_and_examples(store):

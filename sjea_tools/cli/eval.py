@@ -1,0 +1,105 @@
+"""`sjea eval`: linear probe, k-NN, collapse checks and coarse/fine retrieval, per level."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import app
+from .common import console, err_console, handle_errors, print_json, rich_progress
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def eval_tables(result: dict):
+    """The per-level table, and the hierarchical-search table when there is one."""
+    from rich.table import Table
+
+    hier = "hierarchy" in result["levels"][0]
+    title = (f"{result.get('weights', 'stored')} features, {result.get('dataset') or Path(result.get('store', '')).name}: "
+             f"{result['n_train']} bank/probe-train, {result['n_test']} queries")
+    table = Table(title=title)
+    for col in ("level", "dim", "probe top-1", "probe top-5", "k-NN top-1", "RankMe", "mean std"):
+        table.add_column(col, justify="right")
+    if hier:
+        for col in ("coarse k-NN", "coarse P@10", "fine P@10"):
+            table.add_column(col, justify="right")
+    for row in result["levels"]:
+        cells = [str(row["level"]), str(row["dim"]), _pct(row["linear_top1"]), _pct(row["linear_top5"]),
+                 _pct(row["knn_top1"]), f"{row['effective_rank']:.1f}", f"{row['mean_std']:.4f}"]
+        if hier:
+            h = row["hierarchy"]
+            cells += [_pct(h["coarse"]["knn_top1"]), _pct(h["coarse"]["precision_at_10"]), _pct(h["fine"]["precision_at_10"])]
+        table.add_row(*cells)
+    tables = [table]
+    if result.get("hierarchical_search"):
+        search = Table(title="hierarchical search (candidates from the first level, re-ranked up the order)")
+        for col in ("order", "coarse k-NN", "coarse P@10", "fine k-NN", "fine P@10"):
+            search.add_column(col, justify="right")
+        for row in result["hierarchical_search"]:
+            search.add_row(" -> ".join(map(str, row["order"])), _pct(row["coarse"]["knn_top1"]),
+                           _pct(row["coarse"]["precision_at_10"]), _pct(row["fine"]["knn_top1"]),
+                           _pct(row["fine"]["precision_at_10"]))
+        tables.append(search)
+    return tables
+
+
+@app.command("eval")
+@handle_errors
+def eval_command(
+    store: Optional[Path] = typer.Argument(None, help="An HDF5 store with labels (from 'sjea embed' on a folder "
+                                           "with class sub-folders); evaluates its stored embeddings."),
+    run: Optional[str] = typer.Option(None, "--run", help="Run folder to evaluate (default: the latest run)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="fashion-mnist, cifar10, cifar100, stl10, or an "
+                                          "image folder with class sub-folders (default: the run's dataset)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder holding the dataset's files."),
+    max_train: Optional[int] = typer.Option(None, "--max-train", help="Use N random training images (k-NN bank "
+                                            "and probe training set); default all."),
+    max_test: Optional[int] = typer.Option(None, "--max-test", help="Use N random test images (queries); default all."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="STORE only: use N random labelled rows "
+                                        "(default 100000; 0 = all)."),
+    level: Optional[List[str]] = typer.Option(None, "--level", help="Evaluate these levels: repeatable, or 0,1, "
+                                              "or all [default: all]."),
+    probe_epochs: int = typer.Option(20, "--probe-epochs", help="Epochs of the linear probe on cached features."),
+    probe_lr: float = typer.Option(0.2, "--probe-lr", help="Peak learning rate of the probe (SGD, momentum 0.9, cosine)."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Images per forward pass."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the subsets and the probe."),
+    random_init: bool = typer.Option(False, "--random-init", help="Evaluate the run's architecture with random weights "
+                                     "instead (the baseline a trained model must beat); writes eval-random-init.json."),
+    save_features: bool = typer.Option(False, "--save-features", help="Also write the features and labels used "
+                                       "(<eval file>.features.npz) for your own analysis."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the JSON here instead of beside the run or store."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Linear probe, weighted k-NN, effective rank and coarse/fine retrieval scores, per level."""
+    from .. import evaluation
+    from ..errors import SjeaError
+
+    if store is not None:
+        if run is not None or dataset is not None:
+            raise SjeaError("give either a STORE or --run/--dataset, not both.")
+        rows = evaluation.STORE_EVAL_ROWS if limit is None else (limit or None)
+        result = evaluation.evaluate_store(store, max_rows=rows, probe_epochs=probe_epochs, probe_lr=probe_lr,
+                                           seed=seed, levels=level or None, out=out)
+    else:
+        if limit is not None:
+            raise SjeaError("--limit applies to a STORE; for a run use --max-train and --max-test.")
+        with rich_progress(quiet or as_json) as progress:
+            result = evaluation.evaluate_run(run, dataset=dataset, data_dir=data_dir, max_train=max_train,
+                                             max_test=max_test, levels=level or None, probe_epochs=probe_epochs,
+                                             probe_lr=probe_lr, batch_size=batch_size, seed=seed,
+                                             random_init=random_init, device=device, out=out,
+                                             save_features=save_features, progress=progress)
+    if as_json:
+        print_json(result)
+        return
+    for table in eval_tables(result):
+        console.print(table)
+    err_console.print(f"wrote {result['output']}" + (f" and {result['features_file']}" if "features_file" in result else ""),
+                      soft_wrap=True)
