@@ -1,0 +1,108 @@
+"""Embed -> search indexes -> cluster tree, each step explicit, and the torchrun shard/merge flow.
+
+    from sjea_tools.pipeline import embed_and_index, merge_shards, shard_path
+    embed_and_index("photos/", "photos.h5", run="runs/tiny")           # store, indexes, cluster tree
+    for i in range(2):                                                 # two machines, one shard each
+        embed_and_index("photos/", shard_path("photos.h5", (i, 2)), shard=(i, 2), index=False)
+    merge_shards("photos.h5", 2)                                       # == one run, then indexed
+
+`sjea embed` and `sjea merge` are thin layers over these functions. Under torchrun (WORLD_SIZE > 1)
+`run_embed` gives each rank its own shard and GPU, waits for all of them, and rank 0 merges and
+indexes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .clusters import build_cluster_tree
+from .embed import embed_folder
+from .index import build_indexes
+from .progress import ProgressFn
+from .store import merge_stores, parse_shard
+
+
+def index_store(store: str | Path, progress: ProgressFn | None = None) -> dict:
+    """What search needs beside a store: one FAISS index per level, then the cluster tree.
+    Returns the index sidecar with the tree's sizes under "clusters"."""
+    sidecar = build_indexes(store, clusters=False, progress=progress)
+    sidecar["clusters"] = build_cluster_tree(store)["sizes"]
+    return sidecar
+
+
+def embed_and_index(images, out, *, index: bool = True, progress: ProgressFn | None = None,
+                    **embed_options) -> dict:
+    """embed_folder (its options pass through), then index_store unless index=False."""
+    summary = embed_folder(images, out, progress=progress, **embed_options)
+    if index:
+        summary["index"] = index_store(out, progress)
+    return summary
+
+
+def merge_and_index(inputs: list, out, *, index: bool = True, progress: ProgressFn | None = None) -> dict:
+    """merge_stores, then index_store unless index=False."""
+    summary = merge_stores(inputs, out, progress=progress)
+    if index:
+        summary["index"] = index_store(out, progress)
+    return summary
+
+
+def shard_path(out, shard) -> Path:
+    """Where shard I of N of OUT goes: OUT-shardIIIofNNN.h5 beside it."""
+    out = Path(out)
+    i, n = parse_shard(shard)
+    return out.with_name(f"{out.stem}-shard{i:03d}of{n:03d}{out.suffix or '.h5'}")
+
+
+def merge_shards(out, count: int, *, index: bool = True, progress: ProgressFn | None = None) -> dict:
+    """Merge the `count` files shard_path(out, (I, count)) into OUT (and index it)."""
+    return merge_and_index([shard_path(out, (i, count)) for i in range(count)], out, index=index,
+                           progress=progress)
+
+
+def torchrun_shard() -> tuple[int, int] | None:
+    """Under torchrun (WORLD_SIZE > 1) each rank embeds one shard: (RANK, WORLD_SIZE)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
+
+
+def rank_device(device: str) -> str:
+    """One GPU per rank (LOCAL_RANK) when the device is auto or cuda and GPUs are visible."""
+    if device not in ("auto", "cuda"):
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        return device
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+
+
+def run_embed(images, out, *, shard=None, index: bool = True, progress: ProgressFn | None = None,
+              **embed_options) -> dict:
+    """`sjea embed`: embed_and_index, or under torchrun with no shard given, embed_on_ranks."""
+    if shard is None and torchrun_shard() is not None:
+        return embed_on_ranks(images, out, index=index, progress=progress, **embed_options)
+    return embed_and_index(images, out, shard=shard, index=index, progress=progress, **embed_options)
+
+
+def embed_on_ranks(images, out, *, index: bool = True, progress: ProgressFn | None = None,
+                   device: str = "auto", **embed_options) -> dict:
+    """One torchrun rank: embed its shard into shard_path(out), wait for every rank, then rank 0
+    merges the shards into OUT (and indexes it). The summary is the rank's own; rank 0's has the
+    merge summary under "merged"."""
+    import datetime
+
+    import torch.distributed as dist
+
+    shard = torchrun_shard()
+    summary = embed_folder(images, shard_path(out, shard), shard=shard, device=rank_device(device),
+                           progress=progress, **embed_options)
+    if not dist.is_initialized():
+        # The first barrier waits for the slowest rank's whole shard: hours on a large folder.
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    dist.barrier()
+    summary["merged"] = merge_shards(out, shard[1], index=index, progress=progress) if shard[0] == 0 else None
+    dist.barrier()  # no rank exits (tearing down the group) while rank 0 still merges
+    dist.destroy_process_group()
+    return summary
