@@ -31,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sjea_tools import index as ix  # noqa: E402
+from sjea_tools.vectors import exact_rerank, l2_normalize  # noqa: E402
 
 
 def embeddings_like(n: int, dim: int, seed: int, coarse: int = 100, fine: int = 20) -> tuple[np.ndarray, callable]:
@@ -46,7 +47,7 @@ def embeddings_like(n: int, dim: int, seed: int, coarse: int = 100, fine: int = 
             which = rng.integers(0, len(subs), b)
             spread = rng.uniform(0.35, 0.6, (b, 1)).astype(np.float32)
             out[start:start + b] = subs[which] + spread * rng.standard_normal((b, dim), dtype=np.float32)
-        return ix.normalized(out)
+        return l2_normalize(out)
 
     return sample(n, rng), sample
 
@@ -97,7 +98,7 @@ def bench_size(n: int, dim: int, n_queries: int, k: int, seed: int, budget: int)
     fetch = k * spec.get("rerank", 1)
     _, found = auto.search(queries[:1000], fetch)
     if fetch > k:
-        found, _ = ix.exact_rerank(queries[:1000], found, lambda ids: vectors[ids], k)
+        found, _ = exact_rerank(queries[:1000], found, lambda ids: vectors[ids], k)
     recall = ix.recall_at_k(found, truth)
 
     # One thread per query: a single query gains little from a second core and, on a shared
