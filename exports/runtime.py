@@ -6,8 +6,8 @@
 
 ONNX Runtime silently falls back to the CPU when the CUDA provider cannot start (no GPU, missing
 cuDNN), so the provider actually used is read back from the session and exposed as `.provider`.
-Everything a caller needs to feed the graph (image size, mean, std, levels, dims, the checkpoint's
-sha256) comes from the file's metadata, never from guessing.
+Everything a caller needs to feed the graph (its PreprocessSpec: image size, mean, std; levels,
+dims, the checkpoint's sha256) comes from the file's metadata, never from guessing.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from sjea_tools.errors import SjeaError
+from sjea_tools.spec import PreprocessSpec
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -154,6 +155,19 @@ def parse_metadata(props: dict[str, str]) -> dict:
     return out
 
 
+def preprocess_spec(metadata: dict, path: Path) -> PreprocessSpec:
+    """The graph's input preprocessing: the 'preprocess' record, or, in files exported before it
+    existed, the same numbers under their separate keys."""
+    record = metadata.get("preprocess")
+    if isinstance(record, dict):
+        return PreprocessSpec.from_dict(record)
+    if "image_size" not in metadata:
+        raise SjeaError(f"{path} has no sjea metadata (levels, image size); export it with 'sjea export'.")
+    return PreprocessSpec.from_dict({"image_size": metadata["image_size"], "mean": metadata.get("mean"),
+                                     "std": metadata.get("std"),
+                                     "colour_mode": metadata.get("color_mode", "RGB")})
+
+
 class OnnxModel:
     """An exported sjea graph in an ONNX Runtime session, described by its own metadata."""
 
@@ -164,21 +178,32 @@ class OnnxModel:
             raise SjeaError(f"ONNX file {self.path} does not exist; create it with 'sjea export'.")
         self.session, self.provider = create_session(self.path, provider, threads, precise)
         self.metadata = parse_metadata(dict(self.session.get_modelmeta().custom_metadata_map))
-        if "levels" not in self.metadata or "image_size" not in self.metadata:
+        if "levels" not in self.metadata:
             raise SjeaError(f"{self.path} has no sjea metadata (levels, image size); export it with 'sjea export'.")
+        self.preprocess: PreprocessSpec = preprocess_spec(self.metadata, self.path)
         inputs = self.session.get_inputs()
         self.input_name: str = inputs[0].name
         self.output_names: list[str] = [o.name for o in self.session.get_outputs()]
         self.levels: list[int] = [int(k) for k in self.metadata["levels"]]
         self.dims: list[int] = [int(d) for d in self.metadata["dims"]]
-        self.image_size: int = int(self.metadata["image_size"])
-        self.mean: tuple[float, ...] = tuple(float(v) for v in self.metadata["mean"])
-        self.std: tuple[float, ...] = tuple(float(v) for v in self.metadata["std"])
         self.model_id: str = str(self.metadata.get("model_sha256", ""))
         self.output: str = str(self.metadata.get("output", "representation"))
         # uint8 NHWC pixels when normalisation is inside the graph, else float32 NCHW.
         self.takes_pixels: bool = self.metadata.get("preprocessing") == "normalize"
         self.input_dtype = np.uint8 if self.takes_pixels else np.float32
+
+    # The preprocessing numbers, read from the one spec (callers of the Embedder pass them on).
+    @property
+    def image_size(self) -> int:
+        return self.preprocess.image_size
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self.preprocess.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self.preprocess.std
 
     def __repr__(self) -> str:
         return f"OnnxModel({str(self.path)!r}, provider={self.provider!r}, levels={self.levels})"

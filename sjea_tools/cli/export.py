@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from . import app
-from .common import console, err_console, handle_errors, print_json, progress_bar
+from .common import console, err_console, handle_errors, print_json, rich_progress
 
 
 def _print_report(report: dict, to_stderr: bool = False) -> None:
@@ -41,8 +41,9 @@ def _print_report(report: dict, to_stderr: bool = False) -> None:
 @app.command("export")
 @handle_errors
 def export(
-    level: str = typer.Option("all", "--level", "-l", help="Level number to export, or 'all': one file per "
-                              "level plus all_levels.onnx computing every level in one pass."),
+    level: str = typer.Option("all", "--level", "-l", help="Levels to export: 'all' (one file per level plus "
+                              "all_levels.onnx computing every level in one pass), a level K, or levels "
+                              "like 0,1 (one file each)."),
     run: Optional[Path] = typer.Option(None, "--run", "-r", help="Run folder (default: the latest run, "
                                        "runs/LATEST)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the .onnx files (default: RUN/onnx)."),
@@ -64,36 +65,22 @@ def export(
     json_out: bool = typer.Option(False, "--json", help="Print the report (files, metadata, parity numbers) as "
                                   "JSON on stdout."),
 ) -> None:
-    """Export level K (or all levels) of a run to ONNX and verify each file against PyTorch on real
+    """Export level K (or several, or all levels) of a run to ONNX and verify each file against PyTorch on real
     images. Exits 1 when parity fails (fp32: max abs diff > 1e-4 or cosine < 0.99999); nothing is
     written then."""
     from exports.onnx import VerificationError, export_run
 
-    state: dict = {}
-
-    def advance(done: int, total: int, what: str) -> None:
-        # The bar starts with the first real step, so that a bad option prints only its error line.
-        if "bar" not in state:
-            state["bar"] = progress_bar(quiet)
-            state["bar"].start()
-            state["task"] = state["bar"].add_task(what, total=total)
-        state["bar"].update(state["task"], completed=done, total=total, description=what)
-
     try:
-        report = export_run(run=run, level=level, out=out, output=output, with_preprocessing=with_preprocessing,
-                            fp16=fp16, provider=provider, images=images, overwrite=overwrite, opset=opset,
-                            progress=advance)
+        with rich_progress(quiet) as progress:
+            report = export_run(run=run, level=level, out=out, output=output, with_preprocessing=with_preprocessing,
+                                fp16=fp16, provider=provider, images=images, overwrite=overwrite, opset=opset,
+                                progress=progress)
     except VerificationError as e:
-        if "bar" in state:
-            state.pop("bar").stop()
         if json_out:
             print_json(e.report)
         else:
             _print_report(e.report, to_stderr=True)
         raise
-    finally:
-        if "bar" in state:
-            state["bar"].stop()
     if json_out:
         print_json(report)
     else:
