@@ -122,26 +122,7 @@ def retrieval_scores(ids: np.ndarray, sims: np.ndarray, bank_labels: np.ndarray,
             "precision_at_10": precision_at_k(ids, bank_labels, query_labels, PRECISION_K)}
 
 
-# --- labels -----------------------------------------------------------------------------------------
-
-def _canonical(name: str) -> str:
-    return "".join(ch for ch in name.lower() if ch.isalnum())
-
-
-def coarse_from_class_names(class_names: Sequence[str] | None) -> tuple[np.ndarray, list[str]] | None:
-    """fine -> coarse index map when the class names are Fashion-MNIST's in any order and spelling
-    (so that image folders of its classes get its coarse grouping too), else None."""
-    from .data.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_COARSE
-
-    if not class_names:
-        return None
-    group_of = {_canonical(FASHION_MNIST_CLASSES[c]): g
-                for g, members in enumerate(FASHION_MNIST_COARSE.values()) for c in members}
-    canon = [_canonical(c) for c in class_names]
-    if sorted(canon) != sorted(group_of):
-        return None
-    return np.asarray([group_of[c] for c in canon], dtype=np.int64), list(FASHION_MNIST_COARSE)
-
+# --- samples and splits --------------------------------------------------------------------------------
 
 def random_subset(n: int, limit: int | None, seed: int) -> np.ndarray:
     """Sorted indices of `limit` rows drawn with a fixed seed (all rows when limit is None).
@@ -300,6 +281,8 @@ def coarse_of(data) -> tuple[np.ndarray, list[str]] | None:
         fine_to_coarse = np.zeros(n_fine, dtype=np.int64)
         fine_to_coarse[data.labels] = data.coarse_labels
         return fine_to_coarse, list(data.coarse_names)
+    from .data import coarse_from_class_names
+
     return coarse_from_class_names(data.class_names)
 
 
@@ -375,6 +358,7 @@ def evaluate_store(store_path, max_rows: int | None = STORE_EVAL_ROWS, test_frac
     """Evaluate the embeddings of a labelled HDF5 store: a seeded split of its rows into a bank
     (and probe training set) and queries. Writes <store>.eval.json beside the store.
     `levels`: None/'all', 1, '0,1' or [0, 1] of the stored levels (sjea_tools.levels)."""
+    from .data import coarse_from_class_names
     from .io import atomic_write_text
     from .store import open_store
 

@@ -56,16 +56,6 @@ def test_collapse_stats_tell_collapsed_from_spread_features():
     assert spread["mean_std"] > 0.1 and collapsed["mean_std"] < 1e-4
 
 
-def test_coarse_groups_are_found_from_fashion_mnist_folder_names():
-    names = ["Ankle_boot", "Bag", "Coat", "Dress", "Pullover", "Sandal", "Shirt", "Sneaker", "T-shirt-top", "Trouser"]
-    fine_to_coarse, coarse_names = ev.coarse_from_class_names(names)
-    group = dict(zip(names, (coarse_names[c] for c in fine_to_coarse)))
-    assert group == {"Ankle_boot": "footwear", "Bag": "bags", "Coat": "tops", "Dress": "dresses", "Pullover": "tops",
-                     "Sandal": "footwear", "Shirt": "tops", "Sneaker": "footwear", "T-shirt-top": "tops",
-                     "Trouser": "bottoms"}
-    assert ev.coarse_from_class_names(["cat", "dog"]) is None
-
-
 def numpy_knn_accuracy(bank, bank_labels, queries, query_labels, k=200, t=0.1):
     """The weighted k-NN written plainly, one query at a time."""
     bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
