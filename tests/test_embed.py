@@ -226,3 +226,21 @@ def test_onnx_backend_matches_torch_within_the_export_tolerance(tmp_path, fmnist
             a, b, c = t.read_embeddings(k), o.read_embeddings(k), f.read_embeddings(k)
             assert np.abs(a - b).max() <= FP32.max_abs_diff
             np.testing.assert_array_equal(b, c)
+
+
+def test_a_fresh_store_follows_the_umask(tmp_path, fmnist_test, run_dir):
+    """Under umask 022 a store is 0644 like any other output (it was 0600, mkstemp's mode)."""
+    folder = write_fmnist_folder(tmp_path / "imgs", fmnist_test, 8)
+    old = os.umask(0o022)
+    try:
+        embed_folder(folder, tmp_path / "s.h5", run=run_dir, backend="torch", workers=0)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "s.h5").stat().st_mode & 0o777 == 0o644
+
+
+def test_levels_use_the_shared_parser(run_dir):
+    assert Embedder.from_source(run=run_dir, backend="torch", levels=["1", "0"]).levels == [0, 1]
+    assert Embedder.from_source(run=run_dir, backend="torch", levels="all").levels == [0, 1]
+    with pytest.raises(SjeaError, match="repeats a level"):
+        Embedder.from_source(run=run_dir, backend="torch", levels="1,1")
