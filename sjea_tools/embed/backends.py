@@ -37,14 +37,6 @@ class Embedder:
     def image_size(self) -> int:
         return self.preprocess.image_size
 
-    @property
-    def mean(self) -> tuple[float, float, float]:
-        return self.preprocess.mean
-
-    @property
-    def std(self) -> tuple[float, float, float]:
-        return self.preprocess.std
-
     @classmethod
     def from_source(cls, run=None, onnx=None, backend: str = "auto", device: str = "cpu", levels=None,
                     normalize: bool = True) -> "Embedder":
@@ -71,7 +63,7 @@ class Embedder:
                                   model_id=model_sha)
         model = model.to(device)
         return cls(backend="torch", levels=levels, dims=[model.level_dims[k] for k in levels],
-                   preprocess=PreprocessSpec(model.image_size, model.mean, model.std), model_id=model_sha,
+                   preprocess=model.preprocess_spec, model_id=model_sha,
                    source=source, device=device, normalize=normalize, model=model)
 
     @classmethod
@@ -89,7 +81,7 @@ class Embedder:
             from ..io import sha256_file
 
             model_id = om.model_id or sha256_file(path)
-        return cls(backend="onnx", levels=levels, dims=dims, preprocess=PreprocessSpec(om.image_size, om.mean, om.std),
+        return cls(backend="onnx", levels=levels, dims=dims, preprocess=om.preprocess,
                    model_id=model_id, source=source, device=device, normalize=normalize, onnx_model=om)
 
     @classmethod
@@ -114,12 +106,12 @@ class Embedder:
         pixels = torch.as_tensor(pixels)
         if self.backend == "torch":
             with torch.inference_mode():
-                x = normalize_pixels(pixels.to(self.device, non_blocking=True), self.mean, self.std)
+                x = normalize_pixels(pixels.to(self.device, non_blocking=True), self.preprocess)
                 outs = [y.float().cpu().numpy() for y in self.model.forward_levels(x, self.levels)]
         else:
             om = self.onnx_model
             # A graph exported with its preprocessing takes the uint8 pixels as they are.
-            x = pixels.numpy() if om.takes_pixels else normalize_pixels(pixels, self.mean, self.std).numpy()
+            x = pixels.numpy() if om.takes_pixels else normalize_pixels(pixels, self.preprocess).numpy()
             by_level = dict(zip([int(k) for k in om.levels], om.run(x)))
             outs = [np.asarray(by_level[k], dtype=np.float32) for k in self.levels]
         return [l2_normalize(o) for o in outs] if self.normalize else outs
@@ -130,7 +122,7 @@ class Embedder:
 
         if not images:
             return [np.zeros((0, d), np.float32) for d in self.dims]
-        return self.embed_pixels(np.stack([model_pixels(im, self.image_size) for im in images]))
+        return self.embed_pixels(np.stack([model_pixels(im, self.preprocess) for im in images]))
 
     def store_attrs(self) -> dict:
         """What a store records about the model: identity, levels, and its PreprocessSpec as the

@@ -1,6 +1,6 @@
 """Which images, and their pixels in order: scanning, and decoding in worker processes.
 
-Decoding and preprocessing are `sjea_tools.data`'s (`decode_image`, `model_pixels`): workers send
+Decoding and preprocessing are `sjea_tools.data`'s (`file_pixels`): workers send
 uint8 pixels at the model's size and the batch is normalised once by the Embedder, the same way
 export verification and search prepare their inputs.
 """
@@ -67,15 +67,14 @@ def _listed_images(src: Path) -> list[str]:
 
 def load_pixels(path: str | Path, image_size: int) -> np.ndarray:
     """uint8 (S, S, 3) pixels of one file, or an exception saying why it cannot be read."""
-    from ..data.images import decode_image
-    from ..data.preprocess import model_pixels
+    from ..data.preprocess import file_pixels
 
     st = os.stat(path)
     if not stat.S_ISREG(st.st_mode):
         raise ValueError("not a regular file")  # a FIFO or device would block or never end
     if st.st_size == 0:
         raise ValueError("empty file (0 bytes)")
-    return model_pixels(decode_image(path, target_size=image_size), image_size)
+    return file_pixels(path, image_size)
 
 
 class DecodeDataset:
