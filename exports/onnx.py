@@ -30,7 +30,6 @@ from sjea_tools.errors import SjeaError
 from sjea_tools.io import atomic_path, commit_temp, temp_path_beside
 from sjea_tools.levels import format_levels, parse_levels
 from sjea_tools.progress import Counter, ProgressFn
-from sjea_tools.spec import PreprocessSpec
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
@@ -55,7 +54,7 @@ class LevelsGraph(nn.Module):
             from sjea_tools.data import normalize_pixels
 
             # The one preprocess, traced into the graph: uint8 NHWC -> normalised float NCHW.
-            x = normalize_pixels(x, model_spec(self.model))
+            x = normalize_pixels(x, self.model.preprocess_spec)
         if self.fp16:
             x = x.half()
         if self.output == "embedding":
@@ -70,11 +69,6 @@ def output_names(levels: list[int]) -> list[str]:
     return [f"level{k}" for k in levels]
 
 
-def model_spec(model) -> PreprocessSpec:
-    """The model's input preprocessing as the one spec that the ONNX metadata records."""
-    return PreprocessSpec(model.image_size, model.mean, model.std)
-
-
 def level_dims(model, levels: list[int], output: str) -> list[int]:
     dims = model.embedding_dims if output == "embedding" else model.level_dims
     return [int(dims[k]) for k in levels]
@@ -87,7 +81,7 @@ def build_metadata(model, levels: list[int], output: str, with_preprocessing: bo
     from sjea_tools.runs import model_id
 
     source = getattr(model, "model_file", None)
-    spec = model_spec(model)
+    spec = model.preprocess_spec
     s = spec.image_size
     return {
         "format": FORMAT,

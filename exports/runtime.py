@@ -181,6 +181,8 @@ class OnnxModel:
         if "levels" not in self.metadata:
             raise SjeaError(f"{self.path} has no sjea metadata (levels, image size); export it with 'sjea export'.")
         self.preprocess: PreprocessSpec = preprocess_spec(self.metadata, self.path)
+        # Copies of the frozen spec's fields under the names callers used before it existed.
+        self.image_size, self.mean, self.std = self.preprocess.image_size, self.preprocess.mean, self.preprocess.std
         inputs = self.session.get_inputs()
         self.input_name: str = inputs[0].name
         self.output_names: list[str] = [o.name for o in self.session.get_outputs()]
@@ -191,19 +193,6 @@ class OnnxModel:
         # uint8 NHWC pixels when normalisation is inside the graph, else float32 NCHW.
         self.takes_pixels: bool = self.metadata.get("preprocessing") == "normalize"
         self.input_dtype = np.uint8 if self.takes_pixels else np.float32
-
-    # The preprocessing numbers, read from the one spec (callers of the Embedder pass them on).
-    @property
-    def image_size(self) -> int:
-        return self.preprocess.image_size
-
-    @property
-    def mean(self) -> tuple[float, float, float]:
-        return self.preprocess.mean
-
-    @property
-    def std(self) -> tuple[float, float, float]:
-        return self.preprocess.std
 
     def __repr__(self) -> str:
         return f"OnnxModel({str(self.path)!r}, provider={self.provider!r}, levels={self.levels})"

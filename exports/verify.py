@@ -125,7 +125,7 @@ def reference_outputs(model, pixels: np.ndarray, levels: list[int], output: str)
 
     from sjea_tools.data import normalize_pixels
 
-    x = normalize_pixels(pixels, model.mean, model.std)
+    x = normalize_pixels(pixels, model.preprocess_spec)
     with torch.no_grad():
         ys = model.forward_embeddings(x, levels) if output == "embedding" else model.forward_levels(x, levels)
     return [y.float().cpu().numpy() for y in ys]
@@ -177,7 +177,7 @@ def verify_onnx(path: str | Path, model, pixels: np.ndarray, provider: str | Non
         batch = pixels[:b]
         if len(batch) != b:
             raise SjeaError(f"verification needs {b} images, got {len(batch)}.")
-        feed = batch if onnx_model.takes_pixels else normalize_pixels(batch, model.mean, model.std).numpy()
+        feed = batch if onnx_model.takes_pixels else normalize_pixels(batch, model.preprocess_spec).numpy()
         got = onnx_model.run(feed)
         if reference is not None and b in reference and all(k in reference[b] for k in onnx_model.levels):
             want = [reference[b][k] for k in onnx_model.levels]
