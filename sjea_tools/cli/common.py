@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
@@ -29,13 +31,75 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except SjeaError as e:
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            # plain(): a message quoting a file name with a newline or odd bytes stays one printable line.
+            err_console.print(f"[bold red]error:[/] {escape(plain(str(e)))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]: nothing half-written was kept; run the same command to resume.")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def plain(value) -> str:
+    """User-provided text (a path, a file name, a class name) as one printable line: a newline or
+    another control character becomes its escape (so a table keeps one row per result) and a byte
+    that was not UTF-8 (surrogate-escaped by the OS layer) becomes \\xNN instead of crashing the print."""
+    out = []
+    for ch in str(value):
+        if ch.isprintable():
+            out.append(ch)
+        elif "\udc80" <= ch <= "\udcff":
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(ch.encode("unicode_escape", "backslashreplace").decode("ascii"))
+    return "".join(out)
+
+
+def literal(value) -> Text:
+    """User-provided text for a rich table cell or print: shown as written, never read as markup."""
+    return Text(plain(value))
+
+
+def markup_safe(value) -> str:
+    """User-provided text to embed in a markup string (f"wrote {markup_safe(path)}")."""
+    return escape(plain(value))
+
+
+# Number options. Each is a Typer option callback (callback=positive_int): nan, inf and values that
+# mean nothing (zero images, negative epochs) stop at parsing as one line and exit 2, before any work.
+def number_check(minimum: float | None = None, maximum: float | None = None, *, above: float | None = None,
+                 rule: str | None = None):
+    """A callback refusing non-finite values and values < minimum, <= above or > maximum; None (an
+    option not given) and each item of a repeatable option are checked."""
+    if rule is None:
+        parts = ([f"> {above:g}"] if above is not None else []) + ([f">= {minimum:g}"] if minimum is not None else [])
+        parts += [f"<= {maximum:g}"] if maximum is not None else []
+        rule = "a finite number" + (" " + " and ".join(parts) if parts else "")
+
+    def check(ctx, param, value):
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is None:
+                continue
+            bad = (not math.isfinite(item) or (minimum is not None and item < minimum)
+                   or (above is not None and item <= above) or (maximum is not None and item > maximum))
+            if bad:
+                raise typer.BadParameter(f"{item} is not allowed; give {rule}.")
+        return value
+
+    return check
+
+
+def finite_float(minimum: float | None = None, maximum: float | None = None):
+    return number_check(minimum, maximum)
+
+
+positive_int = number_check(above=0, rule="a whole number >= 1")
+non_negative_int = number_check(minimum=0, rule="a whole number >= 0")
+positive_float = number_check(above=0, rule="a finite number > 0")
+non_negative_float = number_check(minimum=0, rule="a finite number >= 0")
+probability = number_check(0, 1, rule="a number from 0 to 1")
+any_finite = number_check()
 
 
 def print_json(data) -> None:
