@@ -59,9 +59,9 @@ def train_if_needed(cfg, run_dir: Path, retrain: bool) -> Path:
         print(f"{run_dir}: trained already (pass --retrain to train again)")
         return run_dir
     if (run_dir / "checkpoints" / "last.pt").is_file() and not retrain:
-        train(cfg, out_dir=run_dir, resume=True, quiet=False)  # an interrupted training continues
+        train(cfg, out_dir=run_dir, resume=True)  # an interrupted training continues
     else:
-        train(cfg, out_dir=run_dir, overwrite=True, quiet=False)
+        train(cfg, out_dir=run_dir, overwrite=True)
     return run_dir
 
 
