@@ -8,7 +8,8 @@ from typing import List, Optional
 import typer
 
 from . import app
-from .common import console, err_console, handle_errors, print_json, rich_progress
+from .common import (console, err_console, handle_errors, markup_safe, non_negative_int, positive_float,
+                     positive_int, print_json, rich_progress)
 
 
 def _pct(value) -> str:
@@ -20,7 +21,8 @@ def eval_tables(result: dict):
     from rich.table import Table
 
     hier = "hierarchy" in result["levels"][0]
-    title = (f"{result.get('weights', 'stored')} features, {result.get('dataset') or Path(result.get('store', '')).name}: "
+    source = markup_safe(result.get('dataset') or Path(result.get('store', '')).name)
+    title = (f"{result.get('weights', 'stored')} features, {source}: "
              f"{result['n_train']} bank/probe-train, {result['n_test']} queries")
     table = Table(title=title)
     for col in ("level", "dim", "probe top-1", "probe top-5", "k-NN top-1", "RankMe", "mean std"):
@@ -57,17 +59,17 @@ def eval_command(
     dataset: Optional[str] = typer.Option(None, "--dataset", help="fashion-mnist, cifar10, cifar100, stl10, or an "
                                           "image folder with class sub-folders (default: the run's dataset)."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder holding the dataset's files."),
-    max_train: Optional[int] = typer.Option(None, "--max-train", help="Use N random training images (k-NN bank "
+    max_train: Optional[int] = typer.Option(None, "--max-train", callback=positive_int, help="Use N random training images (k-NN bank "
                                             "and probe training set); default all."),
-    max_test: Optional[int] = typer.Option(None, "--max-test", help="Use N random test images (queries); default all."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="STORE only: use N random labelled rows "
+    max_test: Optional[int] = typer.Option(None, "--max-test", callback=positive_int, help="Use N random test images (queries); default all."),
+    limit: Optional[int] = typer.Option(None, "--limit", callback=non_negative_int, help="STORE only: use N random labelled rows "
                                         "(default 100000; 0 = all)."),
     level: Optional[List[str]] = typer.Option(None, "--level", help="Evaluate these levels: repeatable, or 0,1, "
                                               "or all [default: all]."),
-    probe_epochs: int = typer.Option(20, "--probe-epochs", help="Epochs of the linear probe on cached features."),
-    probe_lr: float = typer.Option(0.2, "--probe-lr", help="Peak learning rate of the probe (SGD, momentum 0.9, cosine)."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Images per forward pass."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the subsets and the probe."),
+    probe_epochs: int = typer.Option(20, "--probe-epochs", callback=positive_int, help="Epochs of the linear probe on cached features."),
+    probe_lr: float = typer.Option(0.2, "--probe-lr", callback=positive_float, help="Peak learning rate of the probe (SGD, momentum 0.9, cosine)."),
+    batch_size: int = typer.Option(256, "--batch-size", callback=positive_int, help="Images per forward pass."),
+    seed: int = typer.Option(0, "--seed", callback=non_negative_int, help="Seed of the subsets and the probe."),
     random_init: bool = typer.Option(False, "--random-init", help="Evaluate the run's architecture with random weights "
                                      "instead (the baseline a trained model must beat); writes eval-random-init.json."),
     save_features: bool = typer.Option(False, "--save-features", help="Also write the features and labels used "
@@ -101,5 +103,5 @@ def eval_command(
         return
     for table in eval_tables(result):
         console.print(table)
-    err_console.print(f"wrote {result['output']}" + (f" and {result['features_file']}" if "features_file" in result else ""),
+    err_console.print(f"wrote {markup_safe(result['output'])}" + (f" and {markup_safe(result['features_file'])}" if "features_file" in result else ""),
                       soft_wrap=True)

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from . import app
-from .common import console, err_console, handle_errors, print_json, rich_progress
+from .common import console, err_console, handle_errors, literal, markup_safe, positive_int, print_json, rich_progress
 
 
 def _print_report(report: dict, to_stderr: bool = False) -> None:
@@ -21,21 +21,21 @@ def _print_report(report: dict, to_stderr: bool = False) -> None:
     for f in report["files"]:
         v = f["verification"]
         if v["checker"] != "passed":
-            table.add_row(Path(f["path"]).name, "", "", "", "", f"[red]onnx.checker {v['checker']}[/]")
+            table.add_row(literal(Path(f["path"]).name), "", "", "", "", f"[red]onnx.checker {markup_safe(v['checker'])}[/]")
             continue
         for row, dim in zip(v["levels"], f["dims"]):
             ok = "[green]pass[/]" if row["passed"] else "[red]FAIL[/]"
-            table.add_row(Path(f["path"]).name, str(row["level"]), str(dim), f"{row['max_abs_diff']:.2e}",
+            table.add_row(literal(Path(f["path"]).name), str(row["level"]), str(dim), f"{row['max_abs_diff']:.2e}",
                           f"{row['min_cosine']:.8f}", ok)
     out.print(table)
-    out.print(f"verified on {report['images']}, batch sizes {report['files'][0]['verification']['batch_sizes']}, "
+    out.print(f"verified on {markup_safe(report['images'])}, batch sizes {report['files'][0]['verification']['batch_sizes']}, "
               f"provider {report['provider']}", highlight=False)
     if report["passed"]:
         out.print(f"opset {report['opset']}, {report['precision']}, output {report['output']}"
                   f"{', uint8 pixels in (normalisation inside)' if report['with_preprocessing'] else ''}; "
                   f"checkpoint sha256 {report['model_sha256'][:12]}", highlight=False)
         for f in report["files"]:
-            out.print(f"wrote {f['path']}", highlight=False, soft_wrap=True)
+            out.print(f"wrote {markup_safe(f['path'])}", highlight=False, soft_wrap=True)
 
 
 @app.command("export")
@@ -59,7 +59,7 @@ def export(
     images: Optional[Path] = typer.Option(None, "--images", help="Folder of images to verify on (default: the "
                                           "run's dataset, test split)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing .onnx files."),
-    opset: int = typer.Option(18, "--opset", help="ONNX opset (17 or newer; 17 uses the TorchScript exporter, "
+    opset: int = typer.Option(18, "--opset", callback=positive_int, help="ONNX opset (17 or newer; 17 uses the TorchScript exporter, "
                               "for ONNX Runtime older than 1.14)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     json_out: bool = typer.Option(False, "--json", help="Print the report (files, metadata, parity numbers) as "

@@ -11,7 +11,8 @@ from rich.progress import ProgressColumn
 from rich.text import Text
 
 from . import app
-from .common import console, err_console, handle_errors, print_json, rich_progress
+from .common import (console, err_console, handle_errors, markup_safe, non_negative_float, non_negative_int,
+                     positive_float, positive_int, print_json, rich_progress)
 
 PRESET_HELP = "Named preset: tiny (CPU default, Fashion-MNIST), cifar10-paper, stl10-paper, vicreg-r18, vicreg-r50."
 
@@ -42,10 +43,10 @@ def train(
                                           "path to an image folder (class = first sub-folder)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local dataset files (Fashion-MNIST: the four "
                                             "IDX .gz files; CIFAR/STL: the extracted official archive)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Train on the first N images only."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Input size in pixels [default: the "
+    limit: Optional[int] = typer.Option(None, "--limit", callback=positive_int, help="Train on the first N images only."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", callback=positive_int, help="Input size in pixels [default: the "
                                              "dataset's]."),
-    levels: Optional[int] = typer.Option(None, "--levels", "-l", help="Number of stacked levels (1 = plain VICReg)."),
+    levels: Optional[int] = typer.Option(None, "--levels", "-l", callback=positive_int, help="Number of stacked levels (1 = plain VICReg)."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="Level-0 encoder: resnet18, resnet34, resnet50."),
     stem: Optional[str] = typer.Option(None, "--stem", help="auto, small (3x3, no max-pool) or standard (7x7 + "
                                        "max-pool)."),
@@ -56,23 +57,23 @@ def train(
     projector: Optional[str] = typer.Option(None, "--projector", help="Projector sizes, e.g. 512-512-256."),
     stop_gradient: Optional[bool] = typer.Option(None, "--stop-gradient/--no-stop-gradient",
                                                  help="Detach each level's input from the level below."),
-    epochs: Optional[float] = typer.Option(None, "--epochs", "-e", help="Training epochs (fractions allowed)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per step (per process)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (LARS: base lr x batch/256)."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", "-e", callback=positive_float, help="Training epochs (fractions allowed)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", callback=positive_int, help="Images per step (per process)."),
+    lr: Optional[float] = typer.Option(None, "--lr", callback=positive_float, help="Peak learning rate (LARS: base lr x batch/256)."),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam (authors) or lars (official VICReg)."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Weight decay."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", callback=non_negative_float, help="Weight decay."),
     sim_coeff: Optional[str] = typer.Option(None, "--sim-coeff", help="Invariance coefficient; one value or one "
                                             "per level, comma-separated."),
     std_coeff: Optional[str] = typer.Option(None, "--std-coeff", help="Variance coefficient(s)."),
     cov_coeff: Optional[str] = typer.Option(None, "--cov-coeff", help="Covariance coefficient(s), e.g. 1,0.1."),
     level_weights: Optional[str] = typer.Option(None, "--level-weights", help="Per-level loss weights lambda_k."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Data-loading worker processes."),
+    workers: Optional[int] = typer.Option(None, "--workers", callback=non_negative_int, help="Data-loading worker processes."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
     precision: Optional[str] = typer.Option(None, "--precision", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, "
                                             "fp16."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (data order and augmentation)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps."),
+    seed: Optional[int] = typer.Option(None, "--seed", callback=non_negative_int, help="Random seed (data order and augmentation)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", callback=positive_int, help="Stop after this many steps."),
     sets: list[str] = typer.Option([], "--set", help="Any setting as section.key=value, e.g. "
                                    "--set data.blur_p=0.5 (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and per-level parameter "
@@ -126,7 +127,7 @@ def train(
 
         print_json({"run": str(run_dir), "model": str(run_dir / MODEL_FILE), "metrics": str(run_dir / METRICS_FILE)})
     else:
-        console.print(f"run folder: {run_dir}")
+        console.print(f"run folder: {markup_safe(run_dir)}")
 
 
 class _StepMetrics(ProgressColumn):
@@ -157,8 +158,8 @@ def _train_with_progress(run_training, cfg, quiet: bool, **options) -> Path:
     if metrics.last_step is not None:  # rows reach rank 0 only: other torchrun processes stay silent
         from ..runs import MODEL_FILE, METRICS_FILE
 
-        err_console.print(f"trained {metrics.last_step} steps; model: {run_dir / MODEL_FILE}; "
-                          f"metrics: {run_dir / METRICS_FILE}")
+        err_console.print(f"trained {metrics.last_step} steps; model: {markup_safe(run_dir / MODEL_FILE)}; "
+                          f"metrics: {markup_safe(run_dir / METRICS_FILE)}")
     return run_dir
 
 
