@@ -272,6 +272,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not (math.isfinite(t.epochs) and t.epochs > 0):
         raise SjeaError(f"--epochs must be positive (got {t.epochs}).")
     check_numbers(cfg)
+    check_bounds(cfg)
     choices = {
         "model.stem": (m.stem, ("auto", "small", "standard")),
         "model.encoder": (m.encoder, ("resnet", "mlp")),
@@ -329,6 +330,51 @@ def check_numbers(cfg: RunConfig) -> None:
         values = getattr(cfg.loss, name)
         if not all(math.isfinite(v) and v >= 0 for v in values):
             raise SjeaError(f"loss.{name}: every value must be a finite number, 0 or more (got {values}).")
+
+
+# Upper bounds: far above any recipe (the paper uses 2-3 levels; official VICReg a 8192-8192-8192
+# projector and batch 2048 over many GPUs), low enough that a typo (levels: 100000) is refused at
+# once instead of building a model until the kernel kills the process.
+MAX_LEVELS = 16
+MAX_WIDTH = 65536  # any one size in model.projector / model.mlp_dims
+MAX_DENSE_PARAMETERS = 1_000_000_000  # projectors + mlp encoders over all levels (4 GB of fp32 weights)
+MAX_BATCH = 65536
+MAX_IMAGE_SIZE = 4096
+MAX_SEED = 2**32 - 1  # numpy's seed range
+
+
+def check_bounds(cfg: RunConfig) -> None:
+    """Refuse values outside what any run could use, with the setting's name and the allowed range."""
+    d, o, t, m = cfg.data, cfg.optim, cfg.train, cfg.model
+    ranges = [  # (setting, value, lowest, highest)
+        ("model.levels", m.levels, 1, MAX_LEVELS), ("train.batch_size", t.batch_size, 2, MAX_BATCH),
+        ("data.image_size", d.image_size, 8, MAX_IMAGE_SIZE), ("data.workers", d.workers, 0, 256),
+        ("data.split_seed", d.split_seed, 0, MAX_SEED), ("train.seed", t.seed, 0, MAX_SEED),
+        ("train.epochs", t.epochs, 0, 1e6), ("train.max_steps", t.max_steps, 1, 10**12),
+        ("train.checkpoint_every", t.checkpoint_every, 1, 10**12), ("train.log_every", t.log_every, 1, 10**12),
+        ("optim.lr", o.lr, 0, 100.0), ("optim.weight_decay", o.weight_decay, 0, 10.0),
+        ("optim.momentum", o.momentum, 0, 1.0), ("optim.eta", o.eta, 0, 10.0),
+        ("optim.warmup_epochs", o.warmup_epochs, 0, 1e6), ("optim.final_lr_ratio", o.final_lr_ratio, 0, 1.0),
+    ]
+    ranges += [(f"loss.{name}", v, 0, 1e6) for name in ("sim_coeff", "std_coeff", "cov_coeff", "level_weights")
+               for v in getattr(cfg.loss, name)]
+    ranges += [("data.jitter", v, 0, 0.5 if i == 3 else 10.0) for i, v in enumerate(d.jitter)]  # hue <= 0.5
+    for name, value, low, high in ranges:
+        if value is not None and not (math.isfinite(value) and low <= value <= high):
+            limit = f"at most {high:,}" if math.isfinite(value) and value > high else f"from {low:,} to {high:,}"
+            raise SjeaError(f"{name}: {value} is out of range; give a value {limit}.")
+    dense = 0
+    for spec_name in ("projector", "mlp_dims"):
+        spec = getattr(m, spec_name)
+        dims = [int(v) for v in spec.split("-") if v.strip().isdigit()]
+        if any(v > MAX_WIDTH for v in dims):
+            raise SjeaError(f"model.{spec_name}: '{spec}' has a size above {MAX_WIDTH}; use smaller layers.")
+        if spec_name == "projector" or m.encoder == "mlp":
+            # An upper estimate: every chain read from a 2048-wide input (resnet50's output).
+            dense += m.levels * sum(a * b for a, b in zip([2048] + dims, dims))
+    if dense > MAX_DENSE_PARAMETERS:
+        raise SjeaError(f"model.projector/mlp_dims: about {dense:,} weights over {m.levels} levels (at most "
+                        f"{MAX_DENSE_PARAMETERS:,}); use fewer levels or smaller layers.")
 
 
 def resolve_config(preset: str = "tiny", config_file: str | Path | None = None,

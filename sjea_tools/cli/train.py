@@ -86,7 +86,6 @@ def train(
     torchrun --nproc_per_node N $(which sjea) train ..."""
     from ..config import resolve_config
     from ..errors import SjeaError
-    from trainers.trainer import describe, train as run_training
 
     overrides = {
         "data.dataset": dataset, "data.data_dir": str(data_dir) if data_dir else None, "data.limit": limit,
@@ -110,10 +109,15 @@ def train(
         if given:
             raise SjeaError(f"--resume continues {resume} with its saved settings; drop {', '.join(given)} "
                             "(or start a new run with --out).")
+        from trainers.trainer import train as run_training
+
         cfg = resolve_config(preset)  # replaced by the run's saved config
         run_dir = _train_with_progress(run_training, cfg, quiet, out_dir=resume, resume=True)
     else:
         cfg = resolve_config(preset, config, overrides)
+        # torch is imported only now: a refused configuration answers without that wait.
+        from trainers.trainer import describe, train as run_training
+
         if dry_run:
             summary = describe(cfg)
             if json_out:
