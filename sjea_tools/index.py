@@ -4,11 +4,11 @@
     build_index(vectors, spec)         a FAISS index over L2-normalised vectors (inner product = cosine)
     tune_and_measure(index, vectors)   recall@10 against exact search, raising nprobe/efSearch to 0.95
     build_indexes(store_path)          all of the above for every level of a store, plus the sidecar
-                                       (and the cluster tree, clusters.build_cluster_tree, unless clusters=False)
+                                       (indexes only: pipeline.index_store adds the cluster tree)
     load_indexes(store_path)           the indexes, refused when stale; large files memory-mapped
 
-Layout beside `emb.h5`: `emb.h5.index/index.json` (the sidecar: the store's model id and row
-count, kind, parameters, measured recall, build time, size) and `emb.h5.index/level{K}-{build}.faiss`.
+Layout beside `emb.h5`: `emb.h5.index/index.json` (the sidecar: the store's model id, row
+count and fingerprint (a token every store write renews: a rewritten store's old index is refused), kind, parameters, measured recall, build time, size) and `emb.h5.index/level{K}-{build}.faiss`.
 Every file is written through sjea_tools.io (temporary file, fsync, the user's umask, rename); a
 rebuild writes new files first and then replaces the sidecar in one rename, so a reader never sees
 a half-built set.
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SjeaError
-from .io import atomic_path, atomic_write_text
+from .io import atomic_path, atomic_write_text, stale_temp_files
 from .progress import Counter, ProgressFn
 from .vectors import exact_rerank, l2_normalize
 
@@ -237,6 +237,8 @@ def parse_memory(text: str | int | None) -> int:
     if text is None:
         return DEFAULT_MEMORY_BUDGET
     if isinstance(text, int):
+        if text <= 0:
+            raise SjeaError(f"memory budget {text} must be positive.")
         return text
     s = str(text).strip().upper().removesuffix("IB").removesuffix("B")
     scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(s[-1:] if s else "", 1)
@@ -244,59 +246,108 @@ def parse_memory(text: str | int | None) -> int:
         value = float(s[:-1] if scale > 1 else s) * scale
     except ValueError:
         raise SjeaError(f"memory budget {text!r} is not a size; write e.g. 8G or 512M.") from None
+    if not math.isfinite(value):
+        raise SjeaError(f"memory budget {text!r} is not a finite size; write e.g. 8G or 512M.")
     if value <= 0:
         raise SjeaError(f"memory budget {text!r} must be positive.")
     return int(value)
 
 
 def build_indexes(store_path: str | Path, kind: str = "auto", memory_budget=None, params: dict | None = None,
-                  metric: str = "cosine", sample: int = RECALL_SAMPLE, clusters: bool = True, tune: bool = True,
-                  progress: ProgressFn | None = None) -> dict:
+                  metric: str = "cosine", sample: int = RECALL_SAMPLE, tune: bool = True,
+                  progress: ProgressFn | None = None, clusters: bool = False) -> dict:
     """One FAISS index per level of a store, saved beside it; returns the sidecar dict.
 
     kind "auto" asks choose_index; an explicit kind uses `params` (nlist, nprobe, m, nbits,
-    ef_construction, ef_search) with defaults for the rest. Also builds the cluster tree
-    (clusters.build_cluster_tree) unless clusters=False. Silent unless given `progress`
-    (one task per level: vectors added).
+    ef_construction, ef_search) with defaults for the rest. Indexes only: the cluster tree is
+    pipeline.index_store's next step (`clusters` is accepted only as False, for old callers).
+    Silent unless given `progress` (one task per level: vectors added). Holds the store's writer
+    lock, so two builds never delete each other's files.
     """
-    import faiss
+    from .store import disk_faults, writer_lock
 
-    from .store import open_store
+    if clusters:
+        raise SjeaError("build_indexes builds indexes only; use sjea_tools.pipeline.index_store for the "
+                        "indexes and the cluster tree.")
+    check_build_options(kind, metric, params, sample)
+    budget = parse_memory(memory_budget)
+    store_path = Path(store_path)
+    folder = index_dir(store_path)
+    with writer_lock(store_path), disk_faults(f"the index folder {folder}"):
+        remove_unused_files(folder, read_sidecar_or_none(store_path))  # what a killed build left
+        sidecar = _build_all_levels(store_path, kind, budget, params, metric, sample, tune, progress)
+        atomic_write_text(folder / SIDECAR, json.dumps(sidecar, indent=2) + "\n")
+        remove_unused_files(folder, sidecar)
+    sidecar["path"] = str(folder)
+    return sidecar
 
+
+def check_build_options(kind: str, metric: str, params: dict | None, sample: int) -> None:
+    """Refuse unknown kinds and metrics, and index parameters that are not whole numbers >= 1."""
     if metric not in METRICS:
         raise SjeaError(f"unknown metric {metric!r}; choose cosine or inner-product.")
     if kind != "auto" and kind not in KINDS:
         raise SjeaError(f"unknown index kind {kind!r}; choose one of auto, {', '.join(KINDS)}.")
-    budget = parse_memory(memory_budget)
-    store_path = Path(store_path)
+    names = {"nlist": "--nlist", "nprobe": "--nprobe", "m": "--pq-m/--hnsw-m", "nbits": "nbits",
+             "ef_construction": "ef_construction", "ef_search": "--ef-search"}
+    for key, value in {**(params or {}), "sample": sample}.items():
+        if value is None:
+            continue
+        ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+        if not ok:
+            raise SjeaError(f"{names.get(key, key)} must be a whole number >= 1, not {value!r}.")
+
+
+def _build_all_levels(store_path: Path, kind: str, budget: int, params: dict | None, metric: str, sample: int,
+                      tune: bool, progress: ProgressFn | None) -> dict:
+    import faiss
+
+    from .store import open_store
+
     folder = index_dir(store_path)
     build_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    forced = bool(params) and any(params.get(p) is not None for p in ("nprobe", "ef_search"))
     with open_store(store_path) as store:
         if store.n == 0:
             raise SjeaError(f"{store_path} holds no embeddings yet; run sjea embed first.")
-        model_id, n = store.model_id, store.n
+        model_id, n, fingerprint = store.model_id, store.n, store.fingerprint
         entries: dict[str, dict] = {}
         for level, dim in zip(store.levels, store.dims):
             vectors = store.read_embeddings(level)
             spec = (choose_index(n, dim, budget) if kind == "auto"
                     else explicit_spec(kind, n, dim, **(params or {})))
-            forced = bool(params) and any(params.get(p) is not None for p in ("nprobe", "ef_search"))
             entries[str(level)] = build_level_file(
                 l2_normalize(vectors) if metric == "cosine" else vectors, spec,
                 folder / f"level{level}-{build_id}.faiss", sample=sample, tune=tune and not forced,
                 progress=progress, task=f"level {level} {spec['kind']}")
             del vectors
-    sidecar = {"format": INDEX_FORMAT, "store": store_path.name, "model_id": model_id, "n": n,
-               "metric": metric, "levels": entries, "memory_budget": budget, "faiss_version": faiss.__version__,
-               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    atomic_write_text(folder / SIDECAR, json.dumps(sidecar, indent=2) + "\n")
-    remove_unused_files(folder, sidecar)
-    if clusters:
-        from .clusters import build_cluster_tree
+    return {"format": INDEX_FORMAT, "store": store_path.name, "model_id": model_id, "n": n,
+            "store_fingerprint": fingerprint, "metric": metric, "levels": entries, "memory_budget": budget,
+            "faiss_version": faiss.__version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
-        sidecar["clusters"] = build_cluster_tree(store_path)["sizes"]
-    sidecar["path"] = str(folder)
-    return sidecar
+
+def read_sidecar_or_none(store_path: str | Path) -> dict | None:
+    """The sidecar, or None when it is absent or unreadable (a rebuild replaces it anyway)."""
+    try:
+        return read_sidecar(store_path)
+    except SjeaError:
+        return None
+
+
+def index_is_current(store_path: str | Path) -> bool:
+    """Whether the index beside a store describes the store as it is now (what load_indexes checks)."""
+    from .store import open_store
+
+    sidecar = read_sidecar_or_none(store_path)
+    if sidecar is None:
+        return False
+    with open_store(store_path) as s:
+        try:
+            check_sidecar(store_path, sidecar, s.model_id, s.n, s.levels, s.fingerprint)
+        except SjeaError:
+            return False
+    folder = index_dir(store_path)
+    return all((folder / e["file"]).is_file() for e in sidecar["levels"].values())
 
 
 def build_level_file(vectors: np.ndarray, spec: dict, path: Path, sample: int = RECALL_SAMPLE, tune: bool = True,
@@ -317,17 +368,23 @@ def build_level_file(vectors: np.ndarray, spec: dict, path: Path, sample: int = 
             "build_seconds": round(build_seconds, 3), "bytes": path.stat().st_size}
 
 
-def remove_unused_files(folder: Path, sidecar: dict) -> None:
-    """Delete the index files of the previous build (the new sidecar no longer points at them) and
-    the temporary files a killed build left (sjea_tools.io names them .level*.faiss.*.tmp)."""
-    keep = {e["file"] for e in sidecar["levels"].values()}
-    for path in [*folder.glob("level*.faiss"), *folder.glob(".level*.faiss.*.tmp")]:
+def remove_unused_files(folder: Path, sidecar: dict | None) -> None:
+    """Delete the index files the sidecar does not point at (a previous build's, or a killed
+    build's) and the temporary files a killed build left (sjea_tools.io names them
+    .level*.faiss.*.tmp and .index.json.*.tmp). Called under the store's writer lock."""
+    keep = {e["file"] for e in sidecar["levels"].values()} if sidecar else set()
+    if not folder.is_dir():
+        return
+    for path in [*folder.glob("level*.faiss"), *folder.glob(".level*.faiss.*.tmp"), *stale_temp_files(folder / SIDECAR)]:
         if path.name not in keep:
             path.unlink(missing_ok=True)
 
 
-def check_sidecar(store_path: str | Path, sidecar: dict | None, model_id: str, n: int, levels) -> dict:
-    """Refuse an index that does not describe the store as it is now; the message gives the fix."""
+def check_sidecar(store_path: str | Path, sidecar: dict | None, model_id: str, n: int, levels,
+                  fingerprint: str | None = None) -> dict:
+    """Refuse an index that does not describe the store as it is now; the message gives the fix.
+    Every store write records a new fingerprint and the sidecar the one it was built from, so a
+    store rewritten with the same model and row count is still caught."""
     fix = f"rebuild it with: sjea index {store_path}"
     if sidecar is None:
         raise SjeaError(f"{store_path} has no FAISS index yet; build it with: sjea index {store_path}")
@@ -336,6 +393,9 @@ def check_sidecar(store_path: str | Path, sidecar: dict | None, model_id: str, n
     if sidecar["model_id"] != model_id:
         raise SjeaError(f"the index of {store_path} was built for another model "
                         f"({sidecar['model_id'][:12]}, store has {model_id[:12]}); {fix}")
+    if fingerprint is not None and sidecar.get("store_fingerprint") != fingerprint:
+        raise SjeaError(f"the index of {store_path} is stale: it was built from an earlier version of the store "
+                        f"(rewritten since); {fix}")
     if sidecar["n"] != n:
         raise SjeaError(f"the index of {store_path} is stale: built for {sidecar['n']} rows, the store now "
                         f"has {n}; {fix}")
@@ -359,9 +419,16 @@ def read_faiss(path: Path, mmap: bool | None = None):
                         f"rebuild it with: sjea index {str(path.parent)[:-len('.index')]}") from None
 
 
-def load_indexes(store_path: str | Path, model_id: str, n: int, levels, mmap: bool | None = None) -> dict:
-    """{level: faiss index} for a store whose model id and row count are given; stale -> SjeaError."""
-    sidecar = check_sidecar(store_path, read_sidecar(store_path), model_id, n, levels)
+def load_indexes(store_path: str | Path, model_id: str, n: int, levels, mmap: bool | None = None,
+                 fingerprint: str | None = None) -> dict:
+    """{level: faiss index} for a store whose model id and row count are given; stale -> SjeaError.
+    The store's fingerprint is read from the store unless given."""
+    if fingerprint is None:
+        from .store import open_store
+
+        with open_store(store_path) as s:
+            fingerprint = s.fingerprint
+    sidecar = check_sidecar(store_path, read_sidecar(store_path), model_id, n, levels, fingerprint)
     folder = index_dir(store_path)
     out = {}
     for level in levels:

@@ -16,35 +16,58 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .clusters import build_cluster_tree
+import numpy as np
+
+from .clusters import build_cluster_tree, read_tree
 from .embed import embed_folder
-from .index import build_indexes
+from .index import build_indexes, index_dir, index_is_current, read_sidecar
 from .progress import ProgressFn
-from .store import merge_stores, parse_shard
+from .store import merge_stores, open_store, parse_shard, writer_lock
 
 
-def index_store(store: str | Path, progress: ProgressFn | None = None) -> dict:
-    """What search needs beside a store: one FAISS index per level, then the cluster tree.
+def index_store(store: str | Path, progress: ProgressFn | None = None, *, clusters: bool = True,
+                if_stale: bool = False, **index_options) -> dict:
+    """What search needs beside a store: one FAISS index per level (index.build_indexes, its
+    options passed through: kind, memory_budget, params, metric, ...), then the cluster tree unless
+    clusters=False. With if_stale, an index that still describes the store is kept as it is.
     Returns the index sidecar with the tree's sizes under "clusters"."""
-    sidecar = build_indexes(store, clusters=False, progress=progress)
-    sidecar["clusters"] = build_cluster_tree(store)["sizes"]
+    with writer_lock(store):  # one writer from the first index file to the tree
+        if if_stale and index_is_current(store):
+            sidecar = {**read_sidecar(store), "path": str(index_dir(store)), "status": "up to date"}
+        else:
+            sidecar = build_indexes(store, progress=progress, **index_options)
+        if clusters and if_stale and _tree_sizes(store) is not None:
+            sidecar["clusters"] = _tree_sizes(store)
+        elif clusters:
+            sidecar["clusters"] = build_cluster_tree(store)["sizes"]
     return sidecar
+
+
+def _tree_sizes(store) -> list[int] | None:
+    """The sizes of the store's cluster tree when it is current, else None."""
+    with open_store(store) as s:
+        tree, _ = read_tree(s)
+    return None if tree is None else [int(v) for v in np.atleast_1d(tree["attrs"]["sizes"])]
 
 
 def embed_and_index(images, out, *, index: bool = True, progress: ProgressFn | None = None,
                     **embed_options) -> dict:
-    """embed_folder (its options pass through), then index_store unless index=False."""
-    summary = embed_folder(images, out, progress=progress, **embed_options)
-    if index:
-        summary["index"] = index_store(out, progress)
+    """embed_folder (its options pass through), then index_store unless index=False. A rerun of a
+    finished command (killed while indexing, say) builds what is missing instead of refusing."""
+    with writer_lock(out):
+        summary = embed_folder(images, out, progress=progress, **embed_options)
+        if index:
+            summary["index"] = index_store(out, progress, if_stale=summary["status"] != "written")
     return summary
 
 
-def merge_and_index(inputs: list, out, *, index: bool = True, progress: ProgressFn | None = None) -> dict:
-    """merge_stores, then index_store unless index=False."""
-    summary = merge_stores(inputs, out, progress=progress)
-    if index:
-        summary["index"] = index_store(out, progress)
+def merge_and_index(inputs: list, out, *, index: bool = True, progress: ProgressFn | None = None,
+                    overwrite: bool = False) -> dict:
+    """merge_stores (an existing OUT replaced only with overwrite), then index_store unless index=False."""
+    with writer_lock(out):
+        summary = merge_stores(inputs, out, progress=progress, overwrite=overwrite)
+        if index:
+            summary["index"] = index_store(out, progress, if_stale=summary["status"] != "written")
     return summary
 
 
@@ -55,10 +78,11 @@ def shard_path(out, shard) -> Path:
     return out.with_name(f"{out.stem}-shard{i:03d}of{n:03d}{out.suffix or '.h5'}")
 
 
-def merge_shards(out, count: int, *, index: bool = True, progress: ProgressFn | None = None) -> dict:
+def merge_shards(out, count: int, *, index: bool = True, progress: ProgressFn | None = None,
+                 overwrite: bool = False) -> dict:
     """Merge the `count` files shard_path(out, (I, count)) into OUT (and index it)."""
     return merge_and_index([shard_path(out, (i, count)) for i in range(count)], out, index=index,
-                           progress=progress)
+                           progress=progress, overwrite=overwrite)
 
 
 def torchrun_shard() -> tuple[int, int] | None:
@@ -102,7 +126,9 @@ def embed_on_ranks(images, out, *, index: bool = True, progress: ProgressFn | No
         # The first barrier waits for the slowest rank's whole shard: hours on a large folder.
         dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
     dist.barrier()
-    summary["merged"] = merge_shards(out, shard[1], index=index, progress=progress) if shard[0] == 0 else None
+    # OUT is this same merge's earlier result on a rerun (replaced without asking), else --overwrite decides.
+    summary["merged"] = (merge_shards(out, shard[1], index=index, progress=progress,
+                                      overwrite=embed_options.get("overwrite", False)) if shard[0] == 0 else None)
     dist.barrier()  # no rank exits (tearing down the group) while rank 0 still merges
     dist.destroy_process_group()
     return summary

@@ -180,7 +180,7 @@ time.sleep(60)
 """], stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline().strip() == "ready"
-        with pytest.raises(SjeaError, match="another 'sjea embed' is writing out.h5"):
+        with pytest.raises(SjeaError, match=r"another sjea process is using .*out\.h5; wait for it"):
             Journal.open(folder)
     finally:
         writer.kill()

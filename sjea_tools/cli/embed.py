@@ -10,7 +10,8 @@ from rich.progress import ProgressColumn
 from rich.text import Text
 
 from . import app
-from .common import console, handle_errors, print_json, rich_progress
+from .common import (console, handle_errors, non_negative_float, non_negative_int, plain, positive_int, print_json,
+                     rich_progress)
 
 EMBED_TASK = "embedding"  # sjea_tools.embed.runner.PROGRESS_TASK, the task this column rates
 
@@ -28,7 +29,8 @@ class RateColumn(ProgressColumn):
 def print_index_line(summary: dict) -> None:
     """The line naming the search indexes a command built (shared with `sjea merge`)."""
     if isinstance(summary.get("index"), dict) and summary["index"].get("path"):
-        console.print(f"search indexes: {summary['index']['path']}", highlight=False, soft_wrap=True)
+        console.print(f"search indexes: {plain(summary['index']['path'])}", highlight=False, markup=False,
+                      soft_wrap=True)
 
 
 @app.command()
@@ -47,9 +49,10 @@ def embed(
                                               "K, or 0,1; repeatable (computed in one pass)."),
     levels_old: Optional[str] = typer.Option(None, "--levels", help="Same as --level (old spelling, removed in "
                                              "the next release)."),
-    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per inference batch."),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per inference batch.",
+                                   callback=positive_int),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Decoding processes (default: CPU cores, "
-                                          "at most 8); 0 decodes in the main process."),
+                                          "at most 8); 0 decodes in the main process.", callback=non_negative_int),
     device: str = typer.Option("auto", "--device", help="auto (GPU if one is visible), cpu, cuda or cuda:N."),
     backend: str = typer.Option("auto", "--backend", help="auto (ONNX Runtime on CPU, PyTorch on GPU: the faster "
                                 "one, measured), torch or onnx. A run is exported to ONNX on the fly and cached."),
@@ -64,7 +67,14 @@ def embed(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (it stays intact until the "
                                    "new one is complete)."),
     commit_every: float = typer.Option(2.0, "--commit-every", help="Seconds between durable checkpoints of "
-                                       "the partial run (the most work a kill or power cut can cost)."),
+                                       "the partial run (the most work a kill or power cut can cost); 0: after "
+                                       "every batch.", callback=non_negative_float),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Embed files that symbolic links reach "
+                                         "outside the image folder (by default they are recorded as failures, "
+                                         "never read)."),
+    allow_outside: bool = typer.Option(False, "--allow-outside", help="Let a list file name images outside its "
+                                       "own folder (../x, absolute paths); the root becomes the folder they all "
+                                       "share."),
     no_index: bool = typer.Option(False, "--no-index", help="Do not build the FAISS search indexes and cluster "
                                   "tree afterwards."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -80,17 +90,20 @@ def embed(
         summary = run_embed(images, out, run=run, onnx=onnx, levels=level or levels_old, batch_size=batch_size,
                             workers=workers, device=device, backend=backend, dtype=dtype, normalize=normalize,
                             shard=shard, update=update, overwrite=overwrite, index=not no_index,
-                            progress=progress, commit_every_s=commit_every)
+                            progress=progress, commit_every_s=commit_every, follow_symlinks=follow_symlinks,
+                            allow_outside=allow_outside)
     if json_out:
         print_json(summary)
         return
     rate = f" at {summary['images_per_s']:,.0f} images/s" if summary.get("images_per_s") else ""
-    console.print(f"{summary['status']}: {summary['out']}: {summary['rows']:,} rows ({summary['added']:,} added, "
+    console.print(f"{summary['status']}: {plain(summary['out'])}: {summary['rows']:,} rows ({summary['added']:,} added, "
                   f"{summary['failed']:,} failed{rate}, {summary['backend']} on {summary['device']}, levels "
-                  f"{summary['levels']})", highlight=False, soft_wrap=True)
+                  f"{summary['levels']})", highlight=False, markup=False, soft_wrap=True)
     if summary["failed_total"]:
-        console.print(f"failures are listed in {summary['out']}:/failed (paths, errors)", highlight=False, soft_wrap=True)
+        console.print(f"failures are listed in {plain(summary['out'])}:/failed (paths, errors)", highlight=False,
+                      markup=False, soft_wrap=True)
     print_index_line(summary)
     if summary.get("merged"):
-        console.print(f"merged all shards into {summary['merged']['out']}", highlight=False, soft_wrap=True)
+        console.print(f"merged all shards into {plain(summary['merged']['out'])}", highlight=False, markup=False,
+                      soft_wrap=True)
         print_index_line(summary["merged"])

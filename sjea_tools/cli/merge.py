@@ -9,7 +9,7 @@ from typing import List
 import typer
 
 from . import app
-from .common import console, handle_errors, print_json, rich_progress
+from .common import console, handle_errors, plain, print_json, rich_progress
 from .embed import print_index_line
 
 
@@ -18,6 +18,8 @@ from .embed import print_index_line
 def merge(
     paths: List[Path] = typer.Argument(..., help="The shard stores written with --shard I/N, then the output "
                                        "store last: sjea merge out-*.h5 out.h5."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file (without it, only "
+                                   "this same merge's earlier result is replaced)."),
     no_index: bool = typer.Option(False, "--no-index", help="Do not build the FAISS search indexes and cluster "
                                   "tree afterwards."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -31,10 +33,11 @@ def merge(
         raise SjeaError("give the shard stores and then the output: sjea merge out-*.h5 out.h5.")
     *inputs, out = paths
     with rich_progress(quiet or json_out) as progress:
-        summary = merge_and_index(inputs, out, index=not no_index, progress=progress)
+        summary = merge_and_index(inputs, out, index=not no_index, progress=progress, overwrite=overwrite)
     if json_out:
         print_json(summary)
         return
-    console.print(f"merged {summary['shards']} shards into {summary['out']}: {summary['rows']:,} rows, "
-                  f"{summary['failed']:,} failed", highlight=False, soft_wrap=True)
+    what = "merged" if summary["status"] == "written" else f"{summary['status']}:"
+    console.print(f"{what} {summary['shards']} shards into {plain(summary['out'])}: {summary['rows']:,} rows, "
+                  f"{summary['failed']:,} failed", highlight=False, markup=False, soft_wrap=True)
     print_index_line(summary)

@@ -217,10 +217,22 @@ def _add_cifar100_coarse(data: ImageData, root: Path, split: str) -> None:
 
 # --- image folders ------------------------------------------------------------------------------
 
-def scan_images(root: str | Path) -> list[str]:
-    """Image files under root, recursive, in sorted order, as paths relative to root."""
+def scan_images(root: str | Path, follow_symlinks: bool = True) -> list[str]:
+    """Image files under root, recursive, in sorted order, as paths relative to root (without
+    follow_symlinks, those a symbolic link reaches outside root are left out)."""
+    return scan_folder(root, follow_symlinks)[0]
+
+
+OUTSIDE_LINK = "symbolic link to {what} outside the image root; pass --follow-symlinks to embed it"
+
+
+def scan_folder(root: str | Path, follow_symlinks: bool = True) -> tuple[list[str], dict[str, str]]:
+    """(image paths relative to root, sorted; {path: reason} of the links to outside root left out
+    when not follow_symlinks). Any name the file system allows is kept: names that are not UTF-8
+    come back surrogate-escaped, as os.walk gives them."""
     root = Path(root)
-    found = []
+    real_root = os.path.realpath(root)
+    found, outside = [], {}
     seen: set[tuple[int, int]] = set()  # (device, inode) of every folder scanned
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         st = os.stat(dirpath)
@@ -232,8 +244,76 @@ def scan_images(root: str | Path) -> list[str]:
         seen.add((st.st_dev, st.st_ino))
         dirnames.sort()
         rel = Path(dirpath).relative_to(root)
-        found.extend(str(rel / f) if str(rel) != "." else f for f in sorted(filenames) if is_image_path(f))
-    return sorted(found)
+        join = (lambda name: str(rel / name)) if str(rel) != "." else (lambda name: name)  # noqa: E731
+        if not follow_symlinks:
+            for d in [d for d in dirnames if not _inside(os.path.join(dirpath, d), real_root)]:
+                dirnames.remove(d)
+                outside[join(d)] = OUTSIDE_LINK.format(what="a folder")
+        for f in sorted(filenames):
+            if not is_image_path(f):
+                continue
+            if follow_symlinks or _inside(os.path.join(dirpath, f), real_root):
+                found.append(join(f))
+            else:
+                outside[join(f)] = OUTSIDE_LINK.format(what="a file")
+    return sorted(found), outside
+
+
+def _inside(path: str, real_root: str) -> bool:
+    real = os.path.realpath(path)
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def list_images(src: str | Path, allow_outside: bool = False) -> tuple[Path, list[str]]:
+    """(root, paths relative to it) named by a list file, one per line (# starts a comment), each
+    once, in the file's order. Relative lines are relative to the file's folder, which is the
+    root; a line leading outside it (../x, /elsewhere) is refused unless allow_outside, when the
+    root becomes the folder all listed paths share."""
+    src = Path(src)
+    try:
+        lines = src.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+    except OSError as e:
+        raise SjeaError(f"cannot read the image list {src} ({type(e).__name__}); pass a folder or a text file "
+                        "with one image path per line.") from None
+    base = str(src.resolve().parent)
+    full = []
+    for line in (ln.strip() for ln in lines):
+        if line and not line.startswith("#"):
+            full.append(os.path.normpath(os.path.join(base, line)))
+    if not full:
+        raise SjeaError(f"the image list {src} names no images (one path per line; # starts a comment).")
+    root = base
+    outside = [f for f in full if not (f + os.sep).startswith(base.rstrip(os.sep) + os.sep)]
+    if outside and not allow_outside:
+        raise SjeaError(f"the image list {src} names {outside[0]}, outside its folder {base}; put the list in a "
+                        "folder above every image, or pass --allow-outside to use the folder they all share.")
+    if outside:
+        root = os.path.commonpath([os.path.dirname(f) for f in full])
+    paths = list(dict.fromkeys(os.path.relpath(f, root) for f in full))
+    return Path(root), paths
+
+
+def find_images(images: str | Path, follow_symlinks: bool = False,
+                allow_outside: bool = False) -> tuple[Path, list[str], dict[str, str]]:
+    """(root folder, image paths relative to it, {path: reason} refused) for `sjea embed`: a folder
+    scanned recursively in sorted order, a list file (`list_images`), or one image. Paths a symbolic
+    link takes outside the root are refused unless follow_symlinks."""
+    src = Path(images)
+    if src.is_dir():
+        root = src.resolve()
+        paths, refused = scan_folder(root, follow_symlinks)
+        if not paths and not refused:
+            raise SjeaError(f"no images (jpg, jpeg, png, bmp, gif, tif, tiff, webp) found under {src}; "
+                            "check the folder or pass a text file listing image paths.")
+        return root, sorted(paths + list(refused)), refused
+    if not src.exists():
+        raise SjeaError(f"{src} does not exist; pass a folder of images or a text file listing image paths.")
+    if is_image_path(src):
+        return src.resolve().parent, [src.name], {}
+    root, paths = list_images(src, allow_outside)
+    refused = {} if follow_symlinks or allow_outside else \
+        {p: OUTSIDE_LINK.format(what="a file") for p in paths if not _inside(os.path.join(root, p), os.path.realpath(root))}
+    return root, paths, refused
 
 
 def load_image_folder(root: str | Path) -> ImageData:

@@ -1,7 +1,8 @@
 """What a run still has to do: resume an unfinished journal, add to a store (--update), or start.
 
-The decisions, in order: a journal whose store was already renamed into place is finished work;
-an existing store is replaced (--overwrite), extended (--update) or refused; a journal is resumed
+The decisions, in order: a journal whose store was already renamed into place is finished work,
+and so is a store this same command wrote that holds every wanted image; an existing store is
+replaced (--overwrite), extended (--update) or refused; a journal is resumed
 only when it belongs to this same command (same model, settings, shard, mode and base store),
 otherwise refused, or dropped with --overwrite.
 """
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SjeaError
-from ..store import Journal, check_same_identity, open_store, partial_path
+from ..store import Journal, StoreBusyError, check_same_identity, open_store, partial_path
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Plan:
 def plan_run(out: Path, attrs: dict, wanted: list[str], update: bool, overwrite: bool) -> Plan:
     """The Plan for embedding the images `wanted` into `out` with store attributes `attrs`."""
     journal = Journal.open_existing(partial_path(out))
-    journal, base, finished = _against_existing_store(out, journal, attrs, update, overwrite)
+    journal, base, finished = _against_existing_store(out, journal, attrs, wanted, update, overwrite)
     if finished:
         return Plan("complete")
     mode = "overwrite" if overwrite else ("update" if base is not None else "new")
@@ -61,7 +62,8 @@ def plan_run(out: Path, attrs: dict, wanted: list[str], update: bool, overwrite:
     return Plan("run", journal, base, todo, resumed)
 
 
-def _against_existing_store(out: Path, journal: Journal | None, attrs: dict, update: bool, overwrite: bool):
+def _against_existing_store(out: Path, journal: Journal | None, attrs: dict, wanted: list[str], update: bool,
+                            overwrite: bool):
     """(journal, base store or None, finished): what the store already at `out` means for this run."""
     existing = _readable_store(out, overwrite)
     if existing is None:
@@ -80,9 +82,20 @@ def _against_existing_store(out: Path, journal: Journal | None, attrs: dict, upd
             raise SjeaError(f"{out} holds shard {s.attrs.get('shard') or 'all'}, this run is shard "
                             f"{attrs['shard'] or 'all'}; write to another file or pass --overwrite.")
         if not update and journal is None:
+            if _same_command_done(s, attrs, wanted):
+                return None, None, True  # a rerun of a finished command (killed while indexing, say)
             raise SjeaError(f"{out} already exists; pass --update to add new images, --overwrite to "
                             "replace it, or write to another file.")
     return journal, out, False
+
+
+def _same_command_done(s, attrs: dict, wanted: list[str]) -> bool:
+    """The store is what this very command wrote, and every image it would embed is in it."""
+    if s.attrs.get("input") != attrs.get("input"):
+        return False
+    done = set(s.paths)
+    done.update(p for p, _ in s.failed)
+    return all(p in done for p in wanted)
 
 
 def _readable_store(out: Path, overwrite: bool):
@@ -92,6 +105,8 @@ def _readable_store(out: Path, overwrite: bool):
         return None
     try:
         return open_store(out)
+    except StoreBusyError:
+        raise  # a busy store is healthy: never advise replacing it
     except SjeaError as e:
         if overwrite:
             return None

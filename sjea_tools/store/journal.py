@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import SjeaError
 from ..io import atomic_write_text
+from .guard import writer_lock
 from .reader import FORMAT, copy_rows
 
 PARTIAL_SUFFIX = ".partial"
@@ -47,75 +48,73 @@ class Journal:
         self._last_commit = time.monotonic()
         self._lock = None
 
-    def _acquire_lock(self) -> None:
-        """One writer per journal: a second run on the same OUT stops instead of interleaving rows.
-
-        A POSIX record lock (lockf), not flock: it belongs to this process alone, so forked decode
-        workers do not inherit it, and the kernel drops it the moment the process dies: a killed
-        run never blocks its own resume."""
-        import fcntl
-
-        self._lock = open(self.folder / "lock", "a+b")
-        try:
-            fcntl.lockf(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock.close()
-            self._lock = None
-            target = self.folder.name.removesuffix(PARTIAL_SUFFIX)
-            raise SjeaError(f"another 'sjea embed' is writing {target} right now "
-                            f"(it holds {self.folder / 'lock'}); wait for it to finish or stop it first.") from None
-
     # --- create / open ------------------------------------------------------------------------
+    # One writer per journal: the store's writer lock (store.guard), taken before the folder is
+    # touched; re-entrant, so a run that already holds it (embed_folder does) just keeps it.
     @classmethod
     def create(cls, folder: Path, attrs: dict, base_rows: int = 0, mode: str = "new") -> "Journal":
         folder = Path(folder)
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
         meta = {"format": JOURNAL_FORMAT, "attrs": attrs, "token": uuid.uuid4().hex, "base_rows": base_rows,
                 "mode": mode}
         j = cls(folder, meta)
-        j._acquire_lock()
-        for name in j._file_names():
-            (folder / name).touch()
-        j._write_commit(durable=False)
-        atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1))  # last: marks a usable journal
-        j._open_files()
+        j._lock = _lock_for(folder)
+        try:
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            for name in j._file_names():
+                (folder / name).touch()
+            j._write_commit(durable=False)
+            atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1))  # last: marks a usable journal
+            j._open_files()
+        except BaseException:
+            j.close()
+            raise
         return j
 
     @classmethod
     def open(cls, folder: Path) -> "Journal":
         folder = Path(folder)
+        lock = _lock_for(folder)
         try:
             meta = json.loads((folder / "meta.json").read_text())
             commit = json.loads((folder / "commit.json").read_text())
             assert meta.get("format") == JOURNAL_FORMAT
         except (OSError, ValueError, AssertionError):
+            lock.__exit__(None, None, None)
             raise SjeaError(f"{folder} is not a readable unfinished run; delete it or pass --overwrite.") from None
         j = cls(folder, meta)
-        j._acquire_lock()
-        j.rows, j.failed = int(commit["rows"]), int(commit["failed"])
+        j._lock = lock
+        try:
+            j._cut_to_commit(commit)
+            j._open_files()
+        except BaseException:
+            j.close()
+            raise
+        return j
+
+    def _cut_to_commit(self, commit: dict) -> None:
+        self.rows, self.failed = int(commit["rows"]), int(commit["failed"])
         sizes = {"paths.jsonl": commit["paths_bytes"], "failed.jsonl": commit["failed_bytes"]}
-        for k, d in zip(j.levels, j.dims):
-            sizes[f"level_{k}.bin"] = j.rows * d * j.dtype.itemsize
+        for k, d in zip(self.levels, self.dims):
+            sizes[f"level_{k}.bin"] = self.rows * d * self.dtype.itemsize
         for name, size in sizes.items():
-            path = folder / name
+            path = self.folder / name
             if not path.is_file() or path.stat().st_size < size:
-                raise SjeaError(f"{path} is shorter than its commit says (the disk lost data); delete {folder} "
+                raise SjeaError(f"{path} is shorter than its commit says (the disk lost data); delete {self.folder} "
                                 "or pass --overwrite to start again.")
             os.truncate(path, size)  # drop rows written after the last commit
-        j._open_files()
-        return j
 
     @classmethod
     def open_existing(cls, folder: Path) -> "Journal | None":
         """The journal in `folder`, or None; a folder whose creation was cut short (no meta.json
         yet) holds nothing and is removed."""
         folder = Path(folder)
-        if (folder / "meta.json").is_file():
-            return cls.open(folder)
-        if folder.exists():
-            shutil.rmtree(folder)
+        with writer_lock(_target(folder)):
+            if (folder / "meta.json").is_file():
+                return cls.open(folder)
+            if folder.exists():
+                shutil.rmtree(folder)
         return None
 
     def _file_names(self) -> list[str]:
@@ -162,12 +161,15 @@ class Journal:
             f.close()
         self._files = {}
         if self._lock is not None:
-            self._lock.close()  # releases the lock
-            self._lock = None
+            lock, self._lock = self._lock, None
+            lock.__exit__(None, None, None)
 
     def remove(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+        shutil.rmtree(self.folder, ignore_errors=True)  # still under the lock: no one resumes a half-deleted run
         self.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
 
     # --- reading ------------------------------------------------------------------------------
     def paths(self) -> list[str]:
@@ -189,6 +191,16 @@ class Journal:
                     block[k] = np.fromfile(self.folder / f"level_{k}.bin", dtype=self.dtype.newbyteorder("<"),
                                            count=count * d, offset=start * d * self.dtype.itemsize).reshape(count, d)
                 yield paths, block
+
+
+def _target(folder: Path) -> Path:
+    return folder.with_name(folder.name.removesuffix(PARTIAL_SUFFIX))
+
+
+def _lock_for(folder: Path):
+    lock = writer_lock(_target(folder))
+    lock.__enter__()
+    return lock
 
 
 def _read_jsonl(path: Path, count: int) -> list:

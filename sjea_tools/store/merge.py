@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 from ..errors import SjeaError
+from ..io import remove_stale_temp_files
 from ..progress import ProgressFn
+from .guard import StoreBusyError, disk_faults, writer_lock
 from .reader import IDENTITY_ATTRS, Store, check_same_identity, open_store
 from .writer import write_store
 
@@ -40,31 +43,72 @@ def shard_slice(count: int, shard: tuple[int, int] | None) -> slice:
     return slice(i * count // n, (i + 1) * count // n)
 
 
-def merge_stores(inputs: list[str | Path], out: str | Path, progress: ProgressFn | None = None) -> dict:
+def merge_stores(inputs: list[str | Path], out: str | Path, progress: ProgressFn | None = None,
+                 overwrite: bool = False) -> dict:
     """Combine the shards of one embedding run into the store a single run would have written.
-    progress("merging", rows written, total rows) as the rows are copied."""
+    An existing OUT is replaced only with `overwrite`, or when it is this same merge's earlier
+    result (merged from these files); when those files have not changed since, nothing is
+    rewritten (status "up to date"). progress("merging", rows written, total rows) as rows are copied."""
     out = Path(out)
     inputs = [Path(p) for p in inputs]
+    _check_paths(inputs, out)
+    with writer_lock(out), disk_faults(f"the merged store {out}"):
+        remove_stale_temp_files(out)  # what a killed merge into OUT left
+        stores = [open_store(p) for p in inputs]
+        try:
+            ordered = _shards_in_order(stores)
+            rows = sum(s.n for s in ordered)
+            failures = [f for s in ordered for f in s.failed]
+            status = _against_existing_output(out, ordered, overwrite)
+            if status == "write":
+                write_store(out, _merged_attrs(ordered), [s.iter_rows() for s in ordered], failures,
+                            progress=progress, task="merging", total=rows)
+        finally:
+            for s in stores:
+                s.close()
+    return {"out": str(out), "status": "written" if status == "write" else status, "shards": len(ordered),
+            "rows": rows, "failed": len(failures)}
+
+
+def _check_paths(inputs: list[Path], out: Path) -> None:
     if not inputs:
         raise SjeaError("give the shard stores to merge, e.g. 'sjea merge out-*.h5 out.h5'.")
     if out.is_dir():
         raise SjeaError(f"output {out} is a folder; give a file name such as {out / 'embeddings.h5'}.")
-    if any(p.resolve() == out.resolve() for p in inputs):
-        raise SjeaError(f"output {out} is also one of the inputs; write the merged store to a new file.")
-    stores = [open_store(p) for p in inputs]
+    if out.exists() and not out.is_file():
+        raise SjeaError(f"output {out} exists and is not a regular file; choose another name.")
+    for p in inputs:
+        same = p.resolve() == out.resolve() or (out.exists() and p.exists() and os.path.samefile(p, out))
+        if same:
+            raise SjeaError(f"output {out} is also one of the inputs ({p}); write the merged store to a new file.")
+
+
+def _merged_attrs(ordered: list[Store]) -> dict:
+    attrs = {k: v for k, v in ordered[0].attrs.items() if k not in ("shard", "run_token", "format", "fingerprint")}
+    attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    attrs["merged_from"] = [str(s.path.resolve()) for s in ordered]
+    attrs["merged_fingerprints"] = [str(s.fingerprint) for s in ordered]
+    return attrs
+
+
+def _against_existing_output(out: Path, ordered: list[Store], overwrite: bool) -> str:
+    """"write", or "up to date" when OUT is already this merge of these unchanged shards; any other
+    existing file is refused without --overwrite (it would be destroyed)."""
+    if not out.exists() or overwrite:
+        return "write"
+    fix = f"pass --overwrite to replace it, or write the merged store to a new file."
     try:
-        ordered = _shards_in_order(stores)
-        attrs = {k: v for k, v in ordered[0].attrs.items() if k not in ("shard", "run_token", "format")}
-        attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        attrs["merged_from"] = [str(s.path) for s in ordered]
-        failures = [f for s in ordered for f in s.failed]
-        rows = sum(s.n for s in ordered)
-        write_store(out, attrs, [s.iter_rows() for s in ordered], failures, progress=progress, task="merging",
-                    total=rows)
-    finally:
-        for s in stores:
-            s.close()
-    return {"out": str(out), "shards": len(ordered), "rows": rows, "failed": len(failures)}
+        with open_store(out) as old:
+            merged_from, prints = old.attrs.get("merged_from"), old.attrs.get("merged_fingerprints")
+    except StoreBusyError:
+        raise
+    except SjeaError:
+        raise SjeaError(f"output {out} already exists and is not an sjea store; {fix}") from None
+    if not merged_from or [str(Path(p).resolve()) for p in merged_from] != [str(s.path.resolve()) for s in ordered]:
+        raise SjeaError(f"output {out} already exists (a store that is not a merge of these shards); {fix}")
+    if prints == [str(s.fingerprint) for s in ordered] and None not in [s.fingerprint for s in ordered]:
+        return "up to date"
+    return "write"  # the earlier result of this same merge, from shards rewritten since
 
 
 def _shards_in_order(stores: list[Store]) -> list[Store]:

@@ -1,7 +1,17 @@
-"""Writing a complete store from blocks of rows, in one atomic step (sjea_tools.io.atomic_path)."""
+"""Writing a complete store from blocks of rows, in one atomic step (sjea_tools.io.atomic_path).
+
+Integrity: every numeric dataset carries HDF5's Fletcher32 checksum per chunk (a flipped byte in
+the embeddings is a read error, never a garbage score); HDF5 cannot filter variable-length strings,
+so each string dataset carries the sha256 of its contents in its `sha256` attribute instead; the
+file is written in the HDF5 1.8 format (libver v108), whose object headers and superblock carry
+checksums of their own, so a flipped header byte fails to open instead of reading wrong.
+Every write records a fresh `fingerprint` (a random token): an index built from the store records
+it too, and is refused once the store has been rewritten (sjea_tools.index).
+"""
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Iterable
 
@@ -10,10 +20,12 @@ import numpy as np
 from ..errors import SjeaError
 from ..io import atomic_path
 from ..progress import ProgressFn, report
-from .reader import COPY_ROWS, FORMAT, h5py_module
+from .reader import COPY_ROWS, FORMAT, h5py_module, strings_sha256, to_stored_text
 
 # Rows per HDF5 chunk aim at about 1 MiB, the size HDF5's chunk cache handles well.
 CHUNK_BYTES = 1 << 20
+# The oldest HDF5 format with checksummed metadata; PyTables and every HDF5 since 1.8 read it.
+LIBVER = ("v108", "v108")
 
 RowBlocks = Iterable[tuple[list[str], dict]]
 
@@ -25,16 +37,20 @@ def write_store(out: str | Path, attrs: dict, row_sources: Iterable[RowBlocks], 
     user's umask asks for. progress(task, rows written, total) after every block."""
     h5py = h5py_module()
     out = Path(out)
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_path(out) as tmp, h5py.File(tmp, "w", libver=LIBVER) as f:
         paths_ds, level_ds = _create_rows(f, attrs)
         all_paths = _append_rows(paths_ds, level_ds, row_sources, np.dtype(attrs["dtype"]), progress, task, total)
         if len(set(all_paths)) != len(all_paths):
             raise SjeaError(f"the rows for {out} name some images twice; the inputs overlap (merge each "
                             "shard once).")
+        paths_ds.attrs["sha256"] = strings_sha256(all_paths)
         _write_labels_and_failures(f, all_paths, failures)
         for key, value in attrs.items():
             if value is not None:
                 f.attrs[key] = value
+        # A small integer, not numpy's bool: h5py writes bools as an HDF5 enum PyTables cannot read.
+        f.attrs["normalized"] = np.uint8(bool(attrs.get("normalized")))
+        f.attrs["fingerprint"] = uuid.uuid4().hex
         f.attrs["format"] = FORMAT
     return out
 
@@ -48,7 +64,7 @@ def _create_rows(f, attrs: dict):
     for k, d in zip((int(k) for k in attrs["levels"]), (int(d) for d in attrs["dims"])):
         chunk_rows = max(1, min(65536, CHUNK_BYTES // (d * dtype.itemsize)))
         level_ds[k] = f.create_group(f"level_{k}").create_dataset(
-            "embeddings", shape=(0, d), maxshape=(None, d), dtype=dtype, chunks=(chunk_rows, d))
+            "embeddings", shape=(0, d), maxshape=(None, d), dtype=dtype, chunks=(chunk_rows, d), fletcher32=True)
         level_ds[k].attrs["level"] = k
     return paths_ds, level_ds
 
@@ -61,7 +77,7 @@ def _append_rows(paths_ds, level_ds: dict, row_sources: Iterable[RowBlocks], dty
         for paths, block in source:
             m = len(paths)
             paths_ds.resize((n + m,))
-            paths_ds[n:n + m] = paths
+            paths_ds[n:n + m] = to_stored_text(paths)
             for k, ds in level_ds.items():
                 ds.resize((n + m, ds.shape[1]))
                 ds[n:n + m] = np.asarray(block[k]).astype(dtype, copy=False)
@@ -71,15 +87,21 @@ def _append_rows(paths_ds, level_ds: dict, row_sources: Iterable[RowBlocks], dty
     return all_paths
 
 
+def write_text_dataset(group, name: str, values: list[str]) -> None:
+    """A string dataset that keeps any file name (see reader.to_stored_text) with its sha256."""
+    ds = group.create_dataset(name, data=to_stored_text(values), dtype=h5py_module().string_dtype("utf-8"),
+                              maxshape=(None,))
+    ds.attrs["sha256"] = strings_sha256(values)
+
+
 def _write_labels_and_failures(f, paths: list[str], failures: list[tuple[str, str]]) -> None:
     # Imported here: sjea_tools.data imports torch, which readers of a store never need.
     from ..data.datasets import folder_labels
 
-    text = h5py_module().string_dtype("utf-8")
     labels, names = folder_labels(paths)
     if labels is not None:
-        f.create_dataset("labels", data=labels)
-        f.create_dataset("label_names", data=names, dtype=text)
+        f.create_dataset("labels", data=labels, chunks=(max(1, min(len(labels), 65536)),), fletcher32=True)
+        write_text_dataset(f, "label_names", names)
     g = f.create_group("failed")
-    g.create_dataset("paths", data=[p for p, _ in failures], dtype=text, maxshape=(None,))
-    g.create_dataset("errors", data=[e for _, e in failures], dtype=text, maxshape=(None,))
+    write_text_dataset(g, "paths", [p for p, _ in failures])
+    write_text_dataset(g, "errors", [e for _, e in failures])
