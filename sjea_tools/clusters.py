@@ -1,4 +1,7 @@
-"""The cluster tree: k-means on level 0, then k-means inside each level-0 cluster on level 1, ...
+"""The cluster tree: k-means on the coarse level, then k-means inside each cluster on the next level, ...
+
+Which level is coarse is measured when the tree is built (`coarse_order`, stored in the
+attrs "levels" and "agreement"); `order` forces it.
 
 Pure part (arrays in, arrays out): `default_sizes`, `build_tree`, `query_paths`.
 Store part: `build_cluster_tree(store)` writes group "clusters" into the store; `cluster_tree(store)`
@@ -22,6 +25,8 @@ from .vectors import l2_normalize
 GROUP = "clusters"
 MIN_POINTS_PER_CLUSTER = 5
 EXAMPLES = 3
+AGREEMENT_ROWS = 20_000  # rows the coarse-level measurement samples: cost stays flat for any store
+AGREEMENT_K = 10
 
 
 def default_sizes(n: int, depths: int) -> list[int]:
@@ -102,6 +107,31 @@ def examples_of(x: np.ndarray, members: np.ndarray, centroid: np.ndarray, count:
     return out
 
 
+def neighbourhood_agreement(x: np.ndarray, assign: np.ndarray, k: int = AGREEMENT_K) -> float:
+    """Mean fraction of each row's k nearest neighbours (cosine, excluding itself) in its own cluster."""
+    import faiss  # exact inner-product search on the sample (unit rows: cosine)
+
+    flat = faiss.IndexFlatIP(x.shape[1])
+    flat.add(np.ascontiguousarray(x, dtype=np.float32))
+    _, ids = flat.search(np.ascontiguousarray(x, dtype=np.float32), k + 1)
+    return float((assign[ids[:, 1:]] == assign[:, None]).mean())
+
+
+def coarse_order(vectors: list[np.ndarray], clusters: int, seed: int = 0,
+                 sample: int = AGREEMENT_ROWS) -> tuple[list[int], list[float]]:
+    """(positions of `vectors` ordered coarse first, agreement of each position) on a seeded sample
+    of rows, each level split into `clusters` k-means clusters. Ties keep the given order."""
+    n = len(vectors[0])
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(n, sample), replace=False))
+    agreement = []
+    for x in vectors:
+        unit = l2_normalize(np.asarray(x)[rows])
+        _, assign = kmeans(unit, clusters, seed)
+        agreement.append(round(neighbourhood_agreement(unit, assign), 4))
+    order = sorted(range(len(vectors)), key=lambda i: -agreement[i])
+    return order, agreement
+
+
 def build_tree(levels: list[np.ndarray], sizes: list[int], seed: int = 0, examples: int = EXAMPLES) -> dict:
     """The tree over rows whose vectors at each depth are levels[d] (n, dim_d); sizes[d] per parent."""
     n = len(levels[0])
@@ -146,20 +176,37 @@ def query_paths(tree: dict, queries: list[np.ndarray]) -> np.ndarray:
 # In the store
 
 
-def build_cluster_tree(store_path, sizes: list[int] | None = None, seed: int = 0) -> dict:
-    """Build the tree from the store's levels (in order) and write it as group "clusters"."""
+def build_cluster_tree(store_path, sizes: list[int] | None = None, seed: int = 0, order=None) -> dict:
+    """Build the tree from the store's levels, coarse level first, and write it as group "clusters".
+
+    `order` ('1,0' or [1, 0]) forces the levels' order; by default it is measured
+    (`coarse_order`) and the measurement is stored with the tree (attrs "agreement").
+    """
+    from .levels import parse_levels
     from .store import open_store
 
     with open_store(store_path) as store:
         levels, n, model_id = store.levels, store.n, store.model_id
         if n == 0:
             raise SjeaError(f"{store_path} holds no embeddings yet; run sjea embed first.")
-        sizes = sizes or default_sizes(n, len(levels))
-        tree = build_tree([store.read_embeddings(lv) for lv in levels[:len(sizes)]], sizes, seed=seed)
-    attrs = {"sizes": sizes, "levels": levels[:len(sizes)], "n": n, "model_id": model_id, "seed": seed}
+        vectors = {lv: store.read_embeddings(lv) for lv in levels}
+    if order is not None:
+        levels = parse_levels(order, levels, option="--order", ordered=True)
+    sizes = sizes or default_sizes(n, len(levels))
+    agreement = None
+    if order is None and len(levels) > 1:
+        pos, agreement = coarse_order([vectors[lv] for lv in levels], sizes[0], seed=seed)
+        levels = [levels[p] for p in pos]
+        agreement = [agreement[p] for p in pos]
+    tree = build_tree([vectors[lv] for lv in levels[:len(sizes)]], sizes, seed=seed)
+    attrs = {"sizes": sizes, "levels": levels[:len(sizes)], "n": n, "model_id": model_id, "seed": seed,
+             "order": "measured" if agreement is not None else "given"}
+    if agreement is not None:
+        attrs["agreement"] = agreement[:len(sizes)]
     with open_store(store_path, mode="a") as store:
         store.write_group(GROUP, tree, attrs)
-    return {"sizes": sizes, "levels": attrs["levels"], "nodes": [len(tree[f"size_{d}"]) for d in range(len(sizes))]}
+    return {"sizes": sizes, "levels": attrs["levels"], "nodes": [len(tree[f"size_{d}"]) for d in range(len(sizes))],
+            "agreement": attrs.get("agreement")}
 
 
 def read_tree(store) -> tuple[dict | None, str | None]:
@@ -175,17 +222,18 @@ def read_tree(store) -> tuple[dict | None, str | None]:
     return arrays, None
 
 
-def cluster_tree(store_path, rebuild: bool = False, sizes=None, examples: int = EXAMPLES) -> dict:
+def cluster_tree(store_path, rebuild: bool = False, sizes=None, examples: int = EXAMPLES, order=None) -> dict:
     """The tree as nested nodes with sizes and example paths; built first when missing, stale, asked
-    for (`rebuild`) or given `sizes` ('10,4' or [10, 4]: clusters at level 0, sub-clusters per cluster)."""
+    for (`rebuild`) or given `sizes` ('10,4' or [10, 4]: clusters at the coarse level, sub-clusters
+    per cluster) or `order` (levels coarse first, '0,1'; default measured)."""
     from .store import open_store
 
     with open_store(store_path) as store:
         tree, why = read_tree(store)
         sizes = parse_sizes(sizes, len(store.levels))
     built = False
-    if rebuild or sizes is not None or tree is None:
-        build_cluster_tree(store_path, sizes=sizes)
+    if rebuild or sizes is not None or order is not None or tree is None:
+        build_cluster_tree(store_path, sizes=sizes, order=order)
         built = True
     with open_store(store_path) as store:
         tree, why = read_tree(store)
@@ -205,5 +253,9 @@ def cluster_tree(store_path, rebuild: bool = False, sizes=None, examples: int = 
             return out
 
         roots = [node(0, i) for i in range(len(tree["size_0"]))]
+        agreement = attrs.get("agreement")
         return {"store": str(store_path), "n": store.n, "levels": levels,
-                "sizes": [int(s) for s in np.atleast_1d(attrs["sizes"])], "built": built, "clusters": roots}
+                "sizes": [int(s) for s in np.atleast_1d(attrs["sizes"])], "built": built,
+                "order": str(attrs.get("order", "given")),
+                "agreement": None if agreement is None else [float(a) for a in np.atleast_1d(agreement)],
+                "clusters": roots}
