@@ -13,8 +13,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-
 from .config import RunConfig
 from .errors import SjeaError
 from .io import atomic_write, atomic_write_text, sha256_file
@@ -29,11 +27,15 @@ DEFAULT_RUNS_DIR = Path("runs")
 
 def atomic_torch_save(obj, path: Path) -> None:
     """torch.save through a temporary file and a rename: a kill never leaves a broken file."""
+    import torch
+
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def safe_torch_load(path: Path) -> dict:
     """torch.load with weights_only=True; a corrupt file is a one-line error."""
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
