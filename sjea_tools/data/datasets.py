@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import SjeaError
 from .images import is_image_path
@@ -61,6 +60,8 @@ def resize_pixels(pixels: np.ndarray, size: int, chunk: int = 4096) -> np.ndarra
     training batches need no per-image work (antialiased when shrinking)."""
     if pixels.shape[1] == size and pixels.shape[2] == size:
         return pixels
+    import torch
+
     out = np.empty((len(pixels), size, size, 3), dtype=np.uint8)
     for i in range(0, len(pixels), chunk):
         x = torch.from_numpy(pixels[i:i + chunk]).permute(0, 3, 1, 2).float()
@@ -84,8 +85,10 @@ def row_pixels(data: ImageData, i: int, image_size: int | None = None) -> np.nda
     return file_pixels(data.paths[i], image_size)
 
 
-class PixelDataset(torch.utils.data.Dataset):
-    """(uint8 HWC pixels at `image_size`, label) pairs; decodes folder images in workers."""
+class PixelDataset:
+    """(uint8 HWC pixels at `image_size`, label) pairs; decodes folder images in workers. A map-style
+    dataset for torch's DataLoader (which needs only __len__ and __getitem__), defined without
+    torch so that scanning and decoding images (the query path) do not import it."""
 
     def __init__(self, data: ImageData, image_size: int):
         self.data, self.image_size = data, image_size
@@ -94,6 +97,8 @@ class PixelDataset(torch.utils.data.Dataset):
         return len(self.data)
 
     def __getitem__(self, i: int):
+        import torch
+
         label = int(self.data.labels[i]) if self.data.labels is not None else -1
         return torch.from_numpy(np.ascontiguousarray(row_pixels(self.data, i, self.image_size))), label
 
