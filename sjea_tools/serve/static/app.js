@@ -54,7 +54,10 @@ function options() {
   if (levels > 1 || mode === "per-level") p.set("mode", levels > 1 ? mode : "per-level");
   if ($("level").value.trim() && mode === "per-level") p.set("level", $("level").value.trim());
   if ($("order").value.trim() && mode !== "per-level") p.set("order", $("order").value.trim());
-  if ($("factor").value && mode !== "per-level") p.set("factor", $("factor").value);
+  if (mode !== "per-level") {
+    p.set("probes", $("probes").value || "1");
+    p.set("within", $("within").value);
+  }
   if ($("min-score").value.trim()) p.set("min_score", $("min-score").value.trim());
   return p;
 }
@@ -94,33 +97,34 @@ function render(res, queryImage) {
   $("query").hidden = false;
   $("query-thumb").src = queryImage;
   $("query-label").textContent = r.query;
+  const treeLevels = res.order || (state.info && state.info.tree_levels) || res.levels;
   $("query-cluster").textContent = r.cluster_path
-    ? "cluster path " + r.cluster_path.map((c, i) => `L${res.levels[i] ?? i}:${c}`).join(" › ") : "";
+    ? "cluster path " + r.cluster_path.map((c, i) => `L${treeLevels[i] ?? i}:${c}`).join(" › ") : "";
   const box = $("results");
   box.replaceChildren();
   for (const [lv, hits] of Object.entries(r.per_level || {})) {
     box.append(column(`Level ${lv}`, "", hits, r.query_id, false, res.levels));
   }
   if (r.hierarchical) {
-    const order = (res.order || []).join(" → ");
-    box.append(column("Hierarchical", `${order}, ×${res.factor} candidates`, r.hierarchical, r.query_id, true,
-                      res.levels));
+    const gate = r.gate ? `, gate: cluster ${r.gate.clusters.join("+")} (${r.gate.rows} rows)` : "";
+    box.append(column("Hierarchical", `${(res.order || []).join(" → ")}${gate}, by ${res.within}`, r.hierarchical,
+                      r.query_id, true, res.levels, treeLevels));
   }
   box.dataset.query = r.query;
 }
 
-function column(title, sub, hits, queryId, hierarchical, levels) {
+function column(title, sub, hits, queryId, hierarchical, levels, treeLevels) {
   const col = el("div", "column");
   col.dataset.kind = hierarchical ? "hierarchical" : title;
   const h = el("h2", "", title + " ");
   if (sub) h.append(el("span", "sub", sub));
   col.append(h);
   if (!hits.length) col.append(el("div", "muted", "no hits (min score?)"));
-  for (const hit of hits) col.append(hitRow(hit, queryId, hierarchical, levels));
+  for (const hit of hits) col.append(hitRow(hit, queryId, hierarchical, levels, treeLevels));
   return col;
 }
 
-function hitRow(hit, queryId, hierarchical, levels) {
+function hitRow(hit, queryId, hierarchical, levels, treeLevels) {
   const row = el("div", "hit" + (queryId === hit.id ? " same" : ""));
   row.dataset.id = hit.id;
   row.dataset.path = hit.path;
@@ -131,6 +135,9 @@ function hitRow(hit, queryId, hierarchical, levels) {
   meta.append(el("div", "score", hit.score.toFixed(4)), el("div", "path", hit.path));
   if (hierarchical && hit.scores) {
     meta.append(el("div", "scores", levels.map((lv) => `L${lv} ${hit.scores[lv].toFixed(3)}`).join("  ")));
+  }
+  if (hit.group) {
+    meta.append(el("div", "scores", "cluster " + hit.group.map((c, i) => `L${treeLevels[i] ?? i}:${c}`).join(" › ")));
   }
   row.append(meta);
   row.addEventListener("click", () => searchId(hit.id));
@@ -183,7 +190,8 @@ async function openNode(depth, node) {
     crumbs.replaceChildren(top);
     n.path.forEach((id, d) => {
       crumbs.append(" › ");
-      const a = el("a", "", `L${d} ${id}`);
+      const lv = state.info && state.info.tree_levels ? state.info.tree_levels[d] : d;
+      const a = el("a", "", `L${lv} cluster ${id}`);
       a.addEventListener("click", () => openNode(d, id));
       crumbs.append(a);
     });
