@@ -20,6 +20,7 @@ import numpy as np
 
 from .clusters import build_cluster_tree, read_tree
 from .embed import embed_folder
+from .errors import SjeaError
 from .index import build_indexes, index_dir, index_is_current, read_sidecar
 from .progress import ProgressFn
 from .store import merge_stores, open_store, parse_shard, writer_lock
@@ -39,8 +40,23 @@ def index_store(store: str | Path, progress: ProgressFn | None = None, *, cluste
         if clusters and if_stale and _tree_sizes(store) is not None:
             sidecar["clusters"] = _tree_sizes(store)
         elif clusters:
+            _check_room_for_tree(store)
             sidecar["clusters"] = build_cluster_tree(store)["sizes"]
     return sidecar
+
+
+def _check_room_for_tree(store) -> None:
+    """The tree is written into the store in place; HDF5 does not survive a full disk mid-write, so
+    refuse first when the folder lacks room (assignments per row and depth, centroids, examples)."""
+    import shutil
+
+    with open_store(store) as s:
+        need = s.n * 8 * 2 * len(s.levels) + sum(s.dims) * 4 * 1024 + (1 << 20)
+    free = shutil.disk_usage(Path(store).absolute().parent).free
+    if free < need:
+        raise SjeaError(f"cannot write the cluster tree into {store}: the disk is full ({need / 1e6:.1f} MB needed, "
+                        f"{free / 1e6:.1f} MB free). The store and its indexes are intact; free some space, then "
+                        f"run: sjea index {store}")
 
 
 def _tree_sizes(store) -> list[int] | None:

@@ -94,13 +94,16 @@ def test_bad_input_is_one_line_and_leaves_the_store_intact(env, tmp_path, case):
     base, run, other, folder, out, _ = env
     before = out.read_bytes()
     (tmp_path / "empty" / "sub").mkdir(parents=True)
+    if case == "exists":  # another input, same root (the very same command again is "complete")
+        listing = folder / "list-exists.txt"
+        listing.write_text("".join(f"{p.relative_to(folder)}\n" for p in sorted(folder.rglob("*.png"))[:5]))
     args = {
         "no images": ([str(tmp_path / "empty"), str(out)], "no images"),
         "missing folder": ([str(tmp_path / "nope"), str(out)], "does not exist"),
         "output is a folder": ([str(folder), str(tmp_path)], "is a folder"),
         "other model": ([str(folder), str(out), "--run", str(other), "--update"], "another model"),
         "bad shard": ([str(folder), str(out), "--shard", "3/2"], "--shard 3/2"),
-        "exists": ([str(folder), str(out)], "--update"),
+        "exists": ([str(folder / "list-exists.txt"), str(out)], "--update"),
     }[case]
     extra = [] if "--run" in args[0] else ["--run", str(run)]
     res = CliRunner().invoke(app, ["embed", *args[0], *extra, "--backend", "torch", "--workers", "0", "--no-index"])

@@ -138,11 +138,12 @@ def _finish(out: Path, attrs: dict, plan: Plan) -> None:
         _refuse_empty(out, journal)
     final_attrs = {**attrs, "created": now, "run_token": journal.meta["token"]}
     if plan.base is None:
-        write_store(out, final_attrs, [journal.iter_rows()], journal.failures())
+        write_store(out, final_attrs, [journal.iter_rows()], journal.failures(), total=journal.rows)
     else:
         with open_store(plan.base) as base:
             final_attrs.update(created=base.attrs.get("created", now), updated=now)
-            write_store(out, final_attrs, [base.iter_rows(), journal.iter_rows()], base.failed + journal.failures())
+            write_store(out, final_attrs, [base.iter_rows(), journal.iter_rows()], base.failed + journal.failures(),
+                        total=base.n + journal.rows)
     journal.remove()
 
 

@@ -114,7 +114,7 @@ def disk_faults(what: str) -> Iterator[None]:
     """Re-raise a full/read-only/forbidden-disk OSError inside the block as one SjeaError line."""
     try:
         yield
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # FAISS reports a failed write as RuntimeError
         reason = describe_disk_error(e)
         if reason is None:
             raise

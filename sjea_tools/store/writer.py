@@ -37,6 +37,8 @@ def write_store(out: str | Path, attrs: dict, row_sources: Iterable[RowBlocks], 
     user's umask asks for. progress(task, rows written, total) after every block."""
     h5py = h5py_module()
     out = Path(out)
+    if total is not None:
+        check_free_space(out, attrs, total)
     with atomic_path(out) as tmp, h5py.File(tmp, "w", libver=LIBVER) as f:
         paths_ds, level_ds = _create_rows(f, attrs)
         all_paths = _append_rows(paths_ds, level_ds, row_sources, np.dtype(attrs["dtype"]), progress, task, total)
@@ -55,6 +57,37 @@ def write_store(out: str | Path, attrs: dict, row_sources: Iterable[RowBlocks], 
     return out
 
 
+def chunk_rows(dim: int, dtype: np.dtype) -> int:
+    return max(1, min(65536, CHUNK_BYTES // (dim * dtype.itemsize)))
+
+
+def estimated_bytes(attrs: dict, rows: int) -> int:
+    """An upper estimate of a store's size: whole chunks per level (HDF5 allocates them whole),
+    paths and failures at 256 bytes a row, and HDF5's own overhead."""
+    dtype = np.dtype(attrs["dtype"])
+    total = 256 * 1024 + 256 * rows
+    for d in (int(d) for d in attrs["dims"]):
+        per_chunk = chunk_rows(d, dtype)
+        total += -(-max(rows, 1) // per_chunk) * per_chunk * d * dtype.itemsize
+    return int(total * 1.1)
+
+
+def check_free_space(out: Path, attrs: dict, rows: int) -> None:
+    """Refuse before writing when the folder cannot hold the store: HDF5 does not survive a full disk
+    in the middle of a write (measured: a segmentation fault), Python code does."""
+    import errno
+    import shutil
+
+    folder = out.parent if str(out.parent) else Path(".")
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # the write itself reports what is wrong with the folder
+    need = estimated_bytes(attrs, rows)
+    if free < need:
+        raise OSError(errno.ENOSPC, f"{need / 1e6:.1f} MB needed for {out}, {free / 1e6:.1f} MB free")
+
+
 def _create_rows(f, attrs: dict):
     """Empty resizable /paths and /level_K/embeddings datasets."""
     text = h5py_module().string_dtype("utf-8")
@@ -62,9 +95,9 @@ def _create_rows(f, attrs: dict):
     paths_ds = f.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=text, chunks=(COPY_ROWS,))
     level_ds = {}
     for k, d in zip((int(k) for k in attrs["levels"]), (int(d) for d in attrs["dims"])):
-        chunk_rows = max(1, min(65536, CHUNK_BYTES // (d * dtype.itemsize)))
         level_ds[k] = f.create_group(f"level_{k}").create_dataset(
-            "embeddings", shape=(0, d), maxshape=(None, d), dtype=dtype, chunks=(chunk_rows, d), fletcher32=True)
+            "embeddings", shape=(0, d), maxshape=(None, d), dtype=dtype, chunks=(chunk_rows(d, dtype), d),
+            fletcher32=True)
         level_ds[k].attrs["level"] = k
     return paths_ds, level_ds
 
