@@ -303,6 +303,8 @@ def evaluate_run(run=None, dataset: str | None = None, data_dir: str | None = No
     from .runs import find_run, load_model, model_id
 
     run_dir = find_run(run)
+    out_path = Path(out) if out else run_dir / ("eval-random-init.json" if random_init else EVAL_FILE)
+    check_writable(out_path)
     model = load_model(run_dir, device=device)
     source_id = model_id(model)
     dataset, data_dir = eval_dataset(model.cfg, dataset, data_dir)
@@ -320,7 +322,6 @@ def evaluate_run(run=None, dataset: str | None = None, data_dir: str | None = No
     t_features = time.perf_counter() - t0
     result = evaluate_features(train_feats, train.labels, test_feats, test.labels, levels, coarse_of(train),
                                probe_epochs=probe_epochs, probe_lr=probe_lr, seed=seed)
-    out_path = Path(out) if out else run_dir / ("eval-random-init.json" if random_init else EVAL_FILE)
     result = {
         "source": "run", "run": str(Path(run_dir).resolve()), "model_id": source_id,
         "weights": "random-init" if random_init else "trained", "dataset": dataset, "class_names": train.class_names,
@@ -337,6 +338,21 @@ def evaluate_run(run=None, dataset: str | None = None, data_dir: str | None = No
         result["features_file"] = str(feat_path)
     atomic_write_text(out_path, json.dumps(result, indent=2) + "\n")
     return result
+
+
+def check_writable(path: Path) -> None:
+    """Refuse before minutes of work an output that could not be written (read-only disk, no
+    permission): a temporary file is made and removed where the real write will make one (in the
+    nearest existing folder above it, so that nothing is created before the work succeeds)."""
+    from .io import temp_path_beside, writing_error
+
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        temp_path_beside(folder / Path(path).name).unlink()
+    except OSError as e:
+        raise (writing_error(e, path) or e) from None
 
 
 def save_feature_file(path: Path, levels, train_feats, train_labels, test_feats, test_labels) -> None:
@@ -363,7 +379,9 @@ def evaluate_store(store_path, max_rows: int | None = STORE_EVAL_ROWS, test_frac
     from .store import open_store
 
     store_path = Path(store_path)
+    out_path = Path(out) if out else store_path.with_name(store_path.name + ".eval.json")
     with open_store(store_path) as store:
+        check_writable(out_path)
         if store.labels is None:
             raise SjeaError(f"{store_path} holds no labels; embed a folder with one sub-folder per class "
                             "(sjea embed) or evaluate a run on a dataset with --run RUN --dataset NAME.")
@@ -381,7 +399,6 @@ def evaluate_store(store_path, max_rows: int | None = STORE_EVAL_ROWS, test_frac
     tr, te = seeded_split(len(rows), test_fraction, seed)
     result = evaluate_features([f[tr] for f in feats], labels[tr], [f[te] for f in feats], labels[te], levels,
                                coarse_from_class_names(label_names), probe_epochs=probe_epochs, probe_lr=probe_lr, seed=seed)
-    out_path = Path(out) if out else store_path.with_name(store_path.name + ".eval.json")
     result = {"source": "store", "store": str(store_path.resolve()), "model_id": model, "class_names": label_names,
               "n_train": int(len(tr)), "n_test": int(len(te)), "test_rows": rows[te].tolist(),
               "settings": {"knn_k": KNN_K, "knn_temperature": KNN_TEMPERATURE, "probe_epochs": probe_epochs,

@@ -10,8 +10,10 @@ the new one, never half of one; a failure removes the temporary file.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -124,3 +126,44 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# errno -> (what is wrong, how to fix). A write that fails for one of these is the user's disk or
+# permissions, not a bug: one line, never a traceback. Nothing was replaced (atomic writes).
+_WRITE_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "free some space (df -h) or write to another folder, then run "
+                   "again"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or write to another folder, then run again"),
+    errno.EFBIG: ("file too large for this file system", "write to another folder"),
+    errno.EROFS: ("read-only file system", "write to a folder on a writable disk"),
+    errno.EACCES: ("permission denied", "check the folder's owner and mode, or write to another folder"),
+    errno.EPERM: ("operation not permitted", "check the folder's owner and mode, or write to another folder"),
+}
+# Libraries that write files themselves (torch.save, h5py) may report a full disk without an errno
+# (torch: "unexpected pos ..."); with less than this free beside the target, the disk is blamed.
+FULL_DISK_BYTES = 1 << 20
+
+
+def writing_error(err: BaseException, path: str | Path | None = None) -> "SjeaError | None":
+    """The one-line SjeaError for a failed write caused by the disk or permissions (full, read-only,
+    quota, access), naming `path` (or the file in the OSError; a temporary file is named by its folder),
+    else None: the caller re-raises the original, which is then a real bug."""
+    from .errors import SjeaError
+
+    code = err.errno if isinstance(err, OSError) else None
+    if code is None and path is not None:
+        try:
+            folder = Path(path) if Path(path).is_dir() else Path(path).parent
+            if shutil.disk_usage(folder).free < FULL_DISK_BYTES:
+                code = errno.ENOSPC
+        except OSError:
+            pass
+    if code not in _WRITE_ERRORS:
+        return None
+    where = path if path is not None else getattr(err, "filename", None)
+    if where is not None:
+        where = Path(where)
+        if where.name.startswith(".") and where.name.endswith(TEMP_SUFFIX):
+            where = where.parent  # the temporary file beside the target: name the folder
+    what, fix = _WRITE_ERRORS[code]
+    return SjeaError(f"cannot write {where}: {what}; {fix}." if where is not None else f"{what}; {fix}.")

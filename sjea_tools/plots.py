@@ -203,7 +203,7 @@ def plot_run(run=None, out_dir: str | Path | None = None, class_name: str | None
              progress: ProgressFn | None = None) -> list[Path]:
     """Write the PNGs of a run (default all of PLOT_KINDS) to out_dir (default RUN/plots); silent
     unless given `progress` (feature extraction of the images plotted)."""
-    from .evaluation import eval_dataset, load_eval_splits
+    from .evaluation import check_writable, eval_dataset, load_eval_splits
     from .runs import find_run, load_model, read_metrics
 
     kinds = list(PLOT_KINDS) if not kinds else list(dict.fromkeys(kinds))
@@ -217,6 +217,7 @@ def plot_run(run=None, out_dir: str | Path | None = None, class_name: str | None
     out_dir = Path(out_dir) if out_dir else run_dir / "plots"
     name = run_dir.name
     # Check everything that can be wrong before any slow work.
+    check_writable(out_dir / f"{kinds[0]}.png")  # the first PNG to be written (subclusters_<class>.png alike)
     series = covariance_series(read_metrics(run_dir)) if "covariance" in kinds else None
     if "tsne" not in kinds and "subclusters" not in kinds:
         return [draw_covariance(*series, f"{name}: covariance term per level", out_dir / "covariance.png")]

@@ -15,6 +15,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
                            TimeElapsedColumn, TimeRemainingColumn)
 
 from ..errors import SjeaError
+from ..io import writing_error
 
 # Output to a file or pipe gets room for the wide tables (rich assumes 80 columns there) and never
 # breaks a printed path across lines.
@@ -23,17 +24,27 @@ console = Console(soft_wrap=True, width=_PIPE_WIDTH)
 err_console = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
 
 
+def _fail(e: SjeaError):
+    # plain(): a message quoting a file name with a newline or odd bytes stays one printable line.
+    err_console.print(f"[bold red]error:[/] {escape(plain(str(e)))}", highlight=False, soft_wrap=True)
+    return typer.Exit(e.exit_code)
+
+
 def handle_errors(fn):
-    """Turn SjeaError (and Ctrl-C) into one line on stderr and a non-zero exit, never a traceback."""
+    """Turn SjeaError (and Ctrl-C, and a write refused by a full, read-only or forbidden disk, see
+    io.writing_error) into one line on stderr and a non-zero exit, never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except SjeaError as e:
-            # plain(): a message quoting a file name with a newline or odd bytes stays one printable line.
-            err_console.print(f"[bold red]error:[/] {escape(plain(str(e)))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(e.exit_code) from None
+            raise _fail(e) from None
+        except OSError as e:
+            disk = writing_error(e)
+            if disk is None:
+                raise  # not the disk: a bug, keep its traceback
+            raise _fail(disk) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]: nothing half-written was kept; run the same command to resume.")
             raise typer.Exit(130) from None

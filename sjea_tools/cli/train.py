@@ -156,9 +156,19 @@ class _StepMetrics(ProgressColumn):
 
 
 def _train_with_progress(run_training, cfg, quiet: bool, **options) -> Path:
+    from ..io import writing_error
+
     metrics = _StepMetrics()
-    with rich_progress(quiet, metrics) as progress:
-        run_dir = run_training(cfg, progress=progress, log=None if quiet else metrics.log, **options)
+    try:
+        with rich_progress(quiet, metrics) as progress:
+            run_dir = run_training(cfg, progress=progress, log=None if quiet else metrics.log, **options)
+    except RuntimeError as e:
+        # torch.save on a full disk raises RuntimeError ("unexpected pos ...") with no errno; the
+        # checkpoint is written atomically, so what was written before it stays as it was.
+        disk = writing_error(e, options.get("out_dir") or Path("runs"))
+        if disk is None:
+            raise
+        raise disk from None
     if metrics.last_step is not None:  # rows reach rank 0 only: other torchrun processes stay silent
         from ..runs import MODEL_FILE, METRICS_FILE
 
