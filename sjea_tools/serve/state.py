@@ -59,7 +59,9 @@ class LoadedStore:
             self.paths = store.paths
             self.labels, self.label_names = store.labels, store.label_names
             self.sidecar = read_sidecar(path)
-            self.indexes = load_indexes(path, store.model_id, store.n, store.levels)
+            self.store_fingerprint = getattr(store, "fingerprint", None)
+            self.indexes = load_indexes(path, store.model_id, store.n, store.levels,
+                                        fingerprint=self.store_fingerprint)
             self.tree, self.tree_note = read_tree(store)
             if previous_embedder is not None and previous_embedder.model_id == store.model_id \
                     and previous_embedder.levels == store.levels:
@@ -166,7 +168,8 @@ class LoadedStore:
     def info(self) -> dict:
         kinds = {lv: e.get("kind") for lv, e in (self.sidecar or {}).get("levels", {}).items()}
         return {"store": str(self.path), "root": str(self.root), "n": self.n, "levels": self.levels, "dims": self.dims,
-                "model_id": self.model_id, "model_source": self.attrs.get("model_source"),
+                "model_id": self.model_id, "fingerprint": self.store_fingerprint,
+                "model_source": self.attrs.get("model_source"),
                 "backend": self.attrs.get("backend"), "metric": "cosine" if self.cosine else "inner-product",
                 "index_kinds": kinds, "cluster_tree": self.tree is not None, "cluster_note": self.tree_note,
                 "image_search": self.embedder is not None, "image_search_error": self.embedder_error,
