@@ -195,11 +195,15 @@ RACER = textwrap.dedent("""
     from pathlib import Path
     from sjea_tools.embed import Embedder, embed_folder
     from sjea_tools.errors import SjeaError
-    images, base, run, start, trials = sys.argv[1], Path(sys.argv[2]), sys.argv[3], float(sys.argv[4]), int(sys.argv[5])
+    images, base, run, trials = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     emb = Embedder.from_source(run=run, backend="torch")
+    print("ready", flush=True)
+    start = float(sys.stdin.readline())  # the same moment for both processes
     for t in range(trials):
-        while time.time() < start + t * 0.5:
-            pass  # busy-wait: both processes leave this loop within microseconds of each other
+        slot = start + t * 0.4
+        time.sleep(max(0.0, slot - time.time() - 0.005))
+        while time.time() < slot:
+            pass  # the last 5 ms busy-waited: both leave within microseconds of each other
         try:
             status = embed_folder(images, base / f"race{t}.h5", embedder=emb, workers=0, batch_size=4,
                                   commit_every_s=0)["status"]
@@ -212,16 +216,20 @@ RACER = textwrap.dedent("""
 
 
 def test_5_two_embeds_started_together_never_both_write(env, tmp_path, fmnist_test):
+    """30 trials of two processes starting the same embed at the same instant: the old code (lock
+    taken after the journal folder was recreated) left no store or a broken journal in some."""
     import json
 
     base, run, _, _ = env
-    folder = write_fmnist_folder(tmp_path / "imgs", fmnist_test, 8)
-    trials = 24
-    start = time.time() + 25  # both have imported torch and loaded the model by then
-    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(folder), str(tmp_path), str(run), str(start),
-                               str(trials)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    folder = write_fmnist_folder(tmp_path / "imgs", fmnist_test, 4)
+    trials = 30
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(folder), str(tmp_path), str(run), str(trials)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               cwd=ROOT) for _ in range(2)]
-    outputs = [p.communicate(timeout=300) for p in procs]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready", p.stderr.read()[-2000:]
+    start = time.time() + 0.5
+    outputs = [p.communicate(f"{start}\n", timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0 and "Traceback" not in err, err[-2000:]
     results = [dict(json.loads(line) for line in out.splitlines()) for out, _ in outputs]
@@ -235,7 +243,7 @@ def test_5_two_embeds_started_together_never_both_write(env, tmp_path, fmnist_te
                                     or "another sjea process is using" in other[0]), statuses
         out = tmp_path / f"race{t}.h5"
         with open_store(out) as s:
-            assert s.n == 8 and len(set(s.paths)) == 8
+            assert s.n == 4 and len(set(s.paths)) == 4
         assert not partial_path(out).exists() and not _temp_files(tmp_path)
 
 
