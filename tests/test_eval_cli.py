@@ -98,3 +98,16 @@ def test_eval_bad_options_are_one_line(tmp_path, make_run):
     assert_one_line_error(runner.invoke(app, ["eval", "--run", str(run), "--level", "5"]), "level")
     assert_one_line_error(runner.invoke(app, ["eval", "--run", str(run), "--dataset", "imagenet"]), "unknown dataset")
     assert_one_line_error(runner.invoke(app, ["eval", "--run", str(tmp_path / "nowhere")]), "does not exist")
+
+
+def test_paths_are_printed_literally_on_one_line(tmp_path, make_run):
+    """A folder named with rich markup, a newline and a byte that is not UTF-8 is printed as written
+    (markup shown, the newline and the byte escaped), never interpreted or crashing the print."""
+    run = make_run(tmp_path / "run", levels=1)
+    odd = tmp_path / "[bold]a\nb\udce9[/bold]"
+    result = runner.invoke(app, ["eval", "--run", str(run), "--out", str(odd / "e.json"), "--max-train", "200",
+                                 "--max-test", "50", "--probe-epochs", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((odd / "e.json").read_text())["output"] == str(odd / "e.json")
+    shown = f"wrote {tmp_path}/[bold]a\\nb\\xe9[/bold]/e.json"
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [shown], result.stderr

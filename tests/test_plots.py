@@ -124,3 +124,13 @@ def test_plot_errors_are_one_line(tmp_path, make_run, monkeypatch):
     real = plots.importlib.util.find_spec
     monkeypatch.setattr(plots.importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     assert_one_line_error(runner.invoke(app, ["plot", "--run", str(run)]), "pip install matplotlib scikit-learn")
+
+
+def test_plot_prints_an_odd_folder_name_literally(tmp_path, make_run):
+    run = make_run(tmp_path / "run")
+    write_metrics(run)
+    odd = tmp_path / "[/bold]x\n[red]y"  # a closing tag alone used to raise MarkupError
+    result = runner.invoke(app, ["plot", "--run", str(run), "--only", "covariance", "--out-dir", str(odd)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [f"wrote {tmp_path}/[/bold]x\\n[red]y/covariance.png"]
+    assert (odd / "covariance.png").stat().st_size > 1000
