@@ -186,7 +186,7 @@ def build_cluster_tree(store_path, sizes: list[int] | None = None, seed: int = 0
     from .store import open_store
 
     with open_store(store_path) as store:
-        levels, n, model_id = store.levels, store.n, store.model_id
+        levels, n, model_id, fingerprint = store.levels, store.n, store.model_id, store.fingerprint
         if n == 0:
             raise SjeaError(f"{store_path} holds no embeddings yet; run sjea embed first.")
         vectors = {lv: store.read_embeddings(lv) for lv in levels}
@@ -201,6 +201,8 @@ def build_cluster_tree(store_path, sizes: list[int] | None = None, seed: int = 0
     tree = build_tree([vectors[lv] for lv in levels[:len(sizes)]], sizes, seed=seed)
     attrs = {"sizes": sizes, "levels": levels[:len(sizes)], "n": n, "model_id": model_id, "seed": seed,
              "order": "measured" if agreement is not None else "given"}
+    if fingerprint is not None:  # a rewrite with the same row count still makes this tree stale
+        attrs["store_fingerprint"] = fingerprint
     if agreement is not None:
         attrs["agreement"] = agreement[:len(sizes)]
     with open_store(store_path, mode="a") as store:
@@ -218,6 +220,9 @@ def read_tree(store) -> tuple[dict | None, str | None]:
     if int(attrs.get("n", -1)) != store.n or attrs.get("model_id") != store.model_id:
         return None, (f"the cluster tree is stale (built for {attrs.get('n')} rows, the store has {store.n}); "
                       f"rebuild it with: sjea clusters {store.path} --rebuild")
+    if store.fingerprint is not None and attrs.get("store_fingerprint", store.fingerprint) != store.fingerprint:
+        return None, (f"the cluster tree is stale (built before the store's last write); rebuild it with: "
+                      f"sjea clusters {store.path} --rebuild")
     arrays["attrs"] = attrs
     return arrays, None
 
