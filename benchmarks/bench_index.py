@@ -70,7 +70,45 @@ def index_bytes(index) -> int:
         return os.path.getsize(path)
 
 
-def bench_size(n: int, dim: int, n_queries: int, k: int, seed: int, budget: int) -> dict:
+def bench_hierarchical(vectors, queries, lat_q, flat_truth, auto_found, k: int, seed: int) -> dict:
+    """Cluster-gated hierarchical search (sjea_tools.hierarchy) over the same vectors: the coarse
+    level is a 128-d random projection of them (a lossy, coarser view), the tree is built as
+    `sjea index` builds it (default sizes), the fine level ranks inside the query's cluster.
+    Recall@10 of its top 10 against Flat's and against the auto index's, same queries."""
+    import faiss
+
+    from sjea_tools.clusters import build_tree, default_sizes
+    from sjea_tools.hierarchy import gated_search
+
+    proj = np.random.default_rng(seed + 2).standard_normal((vectors.shape[1], 128), dtype=np.float32)
+    coarse = np.concatenate([l2_normalize(vectors[s:s + 100_000] @ proj) for s in range(0, len(vectors), 100_000)])
+    t0 = time.perf_counter()
+    sizes = default_sizes(len(vectors), 2)
+    tree = build_tree([coarse, vectors], sizes, seed=seed)
+    build_s = time.perf_counter() - t0
+    print(f"[{len(vectors):,}] hierarchical tree {sizes} built {build_s:.1f}s", flush=True)
+
+    def search(q: np.ndarray) -> dict:
+        return gated_search([l2_normalize(q @ proj), q], lambda ids: vectors[ids], tree, k)
+
+    got = search(queries[:1000])
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    search(lat_q[:5])  # warm-up
+    times = []
+    for q in lat_q:
+        t = time.perf_counter()
+        search(q[None, :])
+        times.append((time.perf_counter() - t) * 1000)
+    faiss.omp_set_num_threads(threads)
+    return {"hier_sizes": sizes, "hier_build_s": round(build_s, 1),
+            "hier_recall_vs_flat": round(ix.recall_at_k(got["ids"], flat_truth), 4),
+            "hier_recall_vs_auto": round(ix.recall_at_k(got["ids"], auto_found[:, :k]), 4),
+            "hier_rows_touched": round(float(np.mean(got["gate_rows"])) / len(vectors), 4),
+            "hier_p50_ms": round(float(np.percentile(times, 50)), 3), "hier_p99_ms": round(float(np.percentile(times, 99)), 3)}
+
+
+def bench_size(n: int, dim: int, n_queries: int, k: int, seed: int, budget: int, hierarchical: bool = False) -> dict:
     import faiss
 
     t0 = time.perf_counter()
@@ -119,6 +157,8 @@ def bench_size(n: int, dim: int, n_queries: int, k: int, seed: int, budget: int)
         "flat_bytes": index_bytes(flat), "auto_bytes": index_bytes(auto),
     }
     row["p50_speedup"] = round(row["flat_p50_ms"] / row["auto_p50_ms"], 1)
+    if hierarchical:
+        row.update(bench_hierarchical(vectors, queries, lat_q, truth, found, k, seed))
     print(f"[{n:,}] p50 flat {row['flat_p50_ms']} ms, {spec['kind']} {row['auto_p50_ms']} ms "
           f"-> {row['p50_speedup']}x; recall@10 {row['recall_at_10']}", flush=True)
     return row
@@ -133,12 +173,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory-budget", default="8G", help="what choose_index may use (as sjea index)")
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
+    p.add_argument("--hierarchical", action="store_true", help="also measure cluster-gated hierarchical search")
     args = p.parse_args()
     import faiss
 
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, {os.cpu_count()} cpus", flush=True)
-    rows = [bench_size(int(s), args.dim, args.queries, args.k, args.seed, ix.parse_memory(args.memory_budget))
-            for s in args.sizes.split(",")]
+    rows = [bench_size(int(s), args.dim, args.queries, args.k, args.seed, ix.parse_memory(args.memory_budget),
+                       args.hierarchical) for s in args.sizes.split(",")]
     print("\n| vectors | auto index | recall@10 vs Flat | p50 / p99 Flat (ms) | p50 / p99 auto (ms) | p50 speed-up "
           "| build Flat / auto (s) | size Flat / auto (MB) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -148,6 +189,14 @@ def main() -> None:
               f"{r['flat_p99_ms']:.2f} | {r['auto_p50_ms']:.2f} / {r['auto_p99_ms']:.2f} | {r['p50_speedup']}x | "
               f"{r['flat_build_s']:.1f} / {r['auto_build_s'] + r['auto_tune_s']:.1f} | "
               f"{r['flat_bytes'] / 1e6:.0f} / {r['auto_bytes'] / 1e6:.0f} |")
+    if args.hierarchical:
+        print("\n| vectors | hierarchical tree | rows touched | recall@10 vs Flat | recall@10 vs auto | p50 / p99 Flat (ms) "
+              "| p50 / p99 auto (ms) | p50 / p99 hierarchical (ms) | tree build (s) |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['n']:,} | {r['hier_sizes']} | {100 * r['hier_rows_touched']:.1f}% | {r['hier_recall_vs_flat']:.3f} | "
+                  f"{r['hier_recall_vs_auto']:.3f} | {r['flat_p50_ms']:.2f} / {r['flat_p99_ms']:.2f} | {r['auto_p50_ms']:.2f} / "
+                  f"{r['auto_p99_ms']:.2f} | {r['hier_p50_ms']:.2f} / {r['hier_p99_ms']:.2f} | {r['hier_build_s']:.1f} |")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
 
