@@ -21,7 +21,11 @@ ZERO_ALLOWED = {
     ("eval", "--seed"), ("eval", "--limit"),  # eval --limit 0 = every labelled row
     ("embed", "--workers"), ("embed", "--commit-every"),  # decode in-process; commit after every batch
     ("search", "--id"), ("clusters", "--examples"),  # row 0 is a row; no example images
+    ("serve", "--port"),  # port 0: the system picks a free one
+    ("search", "--min-score"),
 }
+# (command, option) where negative values are meaningful too.
+NEGATIVE_ALLOWED = {("search", "--min-score")}  # a cosine threshold, from -1 to 1
 # Commands another engineer is hardening now; their cases may fail until that work lands.
 OWNERS = {"embed": "issue 14 store side", "merge": "issue 14 store side", "index": "issue 14 store side",
           "search": "issue 9", "clusters": "issue 9"}
@@ -50,7 +54,8 @@ def number_options() -> list[tuple[str, str, type]]:
 
 
 def bad_values(command: str, option: str) -> list[str]:
-    values = ["nan", "inf", "-inf", "-1"]
+    values = ["nan", "inf", "-inf"]
+    values += [] if (command, option) in NEGATIVE_ALLOWED else ["-1"]
     return values if (command, option) in ZERO_ALLOWED else values + ["0"]
 
 
@@ -66,7 +71,7 @@ def test_the_walk_finds_the_number_options():
     assert found[("train", "--epochs")] is float and found[("train", "--levels")] is int
     assert found[("eval", "--probe-lr")] is float and found[("plot", "--clusters")] is int
     assert found[("export", "--opset")] is int and found[("images", "--limit")] is int
-    assert len(CASES) >= 5 * len(found) - len(ZERO_ALLOWED)
+    assert len(CASES) >= 5 * len(found) - len(ZERO_ALLOWED) - len(NEGATIVE_ALLOWED)
 
 
 @pytest.mark.parametrize("command,option,value", CASES)
@@ -76,7 +81,7 @@ def test_bad_number_is_one_line_and_exit_2(command, option, value):
     assert result.exit_code == 2, (result.exit_code, result.output)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert f"'{option}'" in lines[0], lines[0]  # names the option, not some argument checked before it
+    assert option in lines[0], lines[0]  # names the option, not some argument checked before it
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
 

@@ -79,13 +79,21 @@ def markup_safe(value) -> str:
 
 # Number options. Each is a Typer option callback (callback=positive_int): nan, inf and values that
 # mean nothing (zero images, negative epochs) stop at parsing as one line and exit 2, before any work.
+class _BadNumber(typer.BadParameter):
+    """Shown as written ("--levels must be 1 or more (got 0)."), without click's "Invalid value" prefix."""
+
+    def format_message(self) -> str:
+        return self.message
+
+
 def number_check(minimum: float | None = None, maximum: float | None = None, *, above: float | None = None,
                  rule: str | None = None):
     """A callback refusing non-finite values and values < minimum, <= above or > maximum; None (an
-    option not given) and each item of a repeatable option are checked."""
+    option not given) and each item of a repeatable option are checked. `rule` completes
+    "--option must be ..." (default: from the bounds)."""
     if rule is None:
-        parts = ([f"> {above:g}"] if above is not None else []) + ([f">= {minimum:g}"] if minimum is not None else [])
-        parts += [f"<= {maximum:g}"] if maximum is not None else []
+        parts = ([f"above {above:g}"] if above is not None else []) + ([f"{minimum:g} or more"] if minimum is not None else [])
+        parts += [f"at most {maximum:g}"] if maximum is not None else []
         rule = "a finite number" + (" " + " and ".join(parts) if parts else "")
 
     def check(ctx, param, value):
@@ -95,7 +103,8 @@ def number_check(minimum: float | None = None, maximum: float | None = None, *, 
             bad = (not math.isfinite(item) or (minimum is not None and item < minimum)
                    or (above is not None and item <= above) or (maximum is not None and item > maximum))
             if bad:
-                raise typer.BadParameter(f"{item} is not allowed; give {rule}.")
+                name = next((o for o in param.opts if o.startswith("--")), param.opts[0]) if param else "value"
+                raise _BadNumber(f"{name} must be {rule} (got {item}).", ctx=ctx, param=param)
         return value
 
     return check
@@ -105,10 +114,10 @@ def finite_float(minimum: float | None = None, maximum: float | None = None):
     return number_check(minimum, maximum)
 
 
-positive_int = number_check(above=0, rule="a whole number >= 1")
-non_negative_int = number_check(minimum=0, rule="a whole number >= 0")
-positive_float = number_check(above=0, rule="a finite number > 0")
-non_negative_float = number_check(minimum=0, rule="a finite number >= 0")
+positive_int = number_check(1, rule="1 or more")
+non_negative_int = number_check(0, rule="0 or more")
+positive_float = number_check(above=0, rule="a finite number above 0")
+non_negative_float = number_check(0, rule="a finite number, 0 or more")
 probability = number_check(0, 1, rule="a number from 0 to 1")
 any_finite = number_check()
 

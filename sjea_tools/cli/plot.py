@@ -23,7 +23,7 @@ def plot_command(
                                           "(default: the run's dataset)."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder holding the dataset's files."),
     max_points: int = typer.Option(2000, "--max-points", callback=positive_int, help="Test images in the t-SNE (t-SNE is slow beyond ~5k)."),
-    clusters: int = typer.Option(3, "--clusters", callback=number_check(2, rule="a whole number >= 2"), help="Number of sub-clusters inside the class (the spherical "
+    clusters: int = typer.Option(3, "--clusters", callback=number_check(2, rule="2 or more"), help="Number of sub-clusters inside the class (the spherical "
                                  "k-means of 'sjea clusters'; at least 5 images each)."),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Folder for the PNGs (default: RUN/plots)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
