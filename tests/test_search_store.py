@@ -57,7 +57,9 @@ def test_every_sampled_image_finds_itself_first_at_every_level(store):
 
 
 def test_json_carries_the_table(store, monkeypatch):
-    args = ["search", "--id", "3", "--store", str(store["out"]), "--k", "4"]
+    default = json.loads(invoke(["search", "--id", "3", "--store", str(store["out"]), "--json"]).stdout)
+    assert default["mode"] == "per-level" and set(default["results"][0]["per_level"]) == {"0", "1"}
+    args = ["search", "--id", "3", "--store", str(store["out"]), "--k", "4", "--mode", "hierarchical"]
     table = invoke(args)
     data = json.loads(invoke(args + ["--json"]).stdout)
     assert table.exit_code == 0 and data["mode"] == "hierarchical"
@@ -113,7 +115,7 @@ def test_query_model_other_than_the_stores_is_refused(store, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--id", "0", "--k", "0"], "0 is not allowed; give a whole number >= 1"),
+    (["--id", "0", "--k", "0"], "--k must be"),
     (["--id", "0", "--level", "7"], "level 7 does not exist; levels here: 0, 1"),
     (["--id", "0", "--level", "0,0"], "repeats a level"),
     (["--id", "0", "--order", "1"], "--order needs at least 2"),
@@ -121,12 +123,13 @@ def test_query_model_other_than_the_stores_is_refused(store, tmp_path):
     (["--id", "0", "--level", "1", "--mode", "hierarchical"], "its levels are the cluster tree's"),
     (["--id", "0", "--order", "0,5"], "level 5 does not exist; levels here: 0, 1"),
     (["--id", "0", "--min-score", "2"], "--min-score must be a cosine from -1 to 1"),
-    (["--id", "0", "--min-score", "nan"], "nan is not allowed"),
+    (["--id", "0", "--min-score", "nan"], "--min-score must be"),
     (["--id", "0", "--factor", "nan"], "--factor is gone"),
-    (["--id", "0", "--probes", "0"], "0 is not allowed"),
+    (["--id", "0", "--probes", "0"], "--probes must be"),
     (["--id", "0", "--within", "sideways"], "--within must be one of"),
     (["--id", "999"], "out of range"),
     (["--id", "0", "--mode", "sideways"], "--mode must be one of"),
+    (["--id", "0", "--mode", "per-level", "--order", "1,0"], "--order sets the levels of hierarchical search"),
     (["NOT_AN_IMAGE"], "not a readable image"),
     (["missing.png"], "does not exist"),
 ])
@@ -146,11 +149,11 @@ def test_level_spellings_pick_the_per_level_searches(store):
                 "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["results"][0]["per_level"] == by_list["results"][0]["per_level"]
-    tree_order = search_store(store["out"], ids=[5], k=2)["order"]
-    hier = search_store(store["out"], ids=[5], k=2, order=",".join(map(str, tree_order)))
+    tree_order = search_store(store["out"], ids=[5], k=2, mode="hierarchical")["order"]
+    hier = search_store(store["out"], ids=[5], k=2, mode="hierarchical", order=",".join(map(str, tree_order)))
     assert hier["order"] == tree_order and hier["results"][0]["hierarchical"][0]["id"] == 5
     with pytest.raises(SjeaError, match="rebuild it: sjea clusters .* --order"):
-        search_store(store["out"], ids=[5], k=2, order=",".join(map(str, tree_order[::-1])))
+        search_store(store["out"], ids=[5], k=2, mode="hierarchical", order=",".join(map(str, tree_order[::-1])))
 
 
 def test_missing_store_and_k_clipped(store, tmp_path):
@@ -244,7 +247,7 @@ def test_hierarchical_differs_from_every_level_and_keeps_groups(store, tmp_path)
             differs.append(r["query_id"])
     assert differs, "no query where the hierarchical top 10 differs from both levels' top 10"
     qid = differs[0]
-    args = ["search", "--id", str(qid), "--store", str(store["out"]), "--k", "10"]
+    args = ["search", "--id", str(qid), "--store", str(store["out"]), "--k", "10", "--mode", "hierarchical"]
     data = json.loads(invoke(args + ["--json"]).stdout)
     hits = data["results"][0]["hierarchical"]
     assert data["results"][0]["cluster_path"][0] in data["results"][0]["gate"]["clusters"]
@@ -257,7 +260,7 @@ def test_hierarchical_differs_from_every_level_and_keeps_groups(store, tmp_path)
     assert f"answer from cluster(s) L{order[0]}:" in table.stdout
     # grid: the hierarchical row captions each hit with its sub-cluster and draws a bar between groups
     out = tmp_path / "g.png"
-    r = invoke(args + ["--grid", str(out), "--within", "groups"])
+    r = invoke(args[:-2] + ["--grid", str(out), "--within", "groups"])  # the grid: both modes
     assert r.exit_code == 0, r.output
     grouped = search_store(store["out"], ids=[qid], k=10, mode="both", within="groups")
     row = [rw for rw in grid_rows(grouped) if rw[0].startswith("hier.")][0]

@@ -23,7 +23,7 @@ def search(
     level: Optional[List[str]] = typer.Option(None, "--level", help="Search only these levels, each on its own "
                                               "(implies --mode per-level): repeatable, or 0,1, or all."),
     mode: Optional[str] = typer.Option(None, "--mode", help="per-level, hierarchical or both [default: "
-                                       "hierarchical for 2+ levels; see docs/search.md for what it measured]."),
+                                       "per-level, the mode that measured best: docs/search.md]."),
     order: Optional[str] = typer.Option(None, "--order", help="Hierarchical: the levels coarse first, e.g. 1,0; "
                                         "must match the store's cluster tree [default: the tree's, measured]."),
     probes: int = typer.Option(1, "--probes", callback=positive_int, help="Hierarchical: coarse clusters the "
