@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from exports.runtime import ModelIdentityError
 
 from ..devices import resolve_device
 from ..errors import SjeaError
@@ -40,7 +41,10 @@ class Embedder:
     @classmethod
     def from_source(cls, run=None, onnx=None, backend: str = "auto", device: str = "cpu", levels=None,
                     normalize: bool = True) -> "Embedder":
-        """The latest run by default, a run folder (`run`), or an exported ONNX file (`onnx`)."""
+        """The latest run by default, a run folder (`run`), or an exported ONNX file (`onnx`).
+
+        A run on ONNX Runtime uses its cached graph (exported once per checkpoint) without
+        loading the checkpoint, so torch is not imported when the cache is there."""
         if backend not in BACKENDS:
             raise SjeaError(f"--backend must be one of {', '.join(BACKENDS)}, not '{backend}'.")
         device = resolve_device(device)
@@ -52,16 +56,22 @@ class Embedder:
             return cls._from_onnx(Path(onnx), device, levels, normalize, source=str(Path(onnx).resolve()))
         from .. import runs
 
-        model = runs.load_model(run)
-        model_sha = runs.model_id(model)
-        levels = parse_levels(levels, model.num_levels)
+        run_dir = runs.find_run(run)
+        model_sha = runs.model_id(runs.model_file(run_dir))
+        source = str(Path(run_dir).resolve())
         if backend == "auto":
             backend = choose_backend(device, _onnx_runtime_available())
-        source = str(Path(model.run_dir).resolve())
         if backend == "onnx":
-            return cls._from_onnx(_exported_onnx(model, model_sha), device, levels, normalize, source=source,
-                                  model_id=model_sha)
-        model = model.to(device)
+            cached = Path(run_dir) / ONNX_CACHE_DIR / cache_name(model_sha)
+            if cached.is_file():
+                try:
+                    return cls._from_onnx(cached, device, levels, normalize, source=source, model_id=model_sha)
+                except ModelIdentityError:
+                    pass  # changed after export, or another model's: exported again below
+            _export_run_onnx(run_dir, cached)
+            return cls._from_onnx(cached, device, levels, normalize, source=source, model_id=model_sha)
+        model = runs.load_model(run_dir).to(device)
+        levels = parse_levels(levels, model.num_levels)
         return cls(backend="torch", levels=levels, dims=[model.level_dims[k] for k in levels],
                    preprocess=model.preprocess_spec, model_id=model_sha,
                    source=source, device=device, normalize=normalize, model=model)
@@ -69,25 +79,36 @@ class Embedder:
     @classmethod
     def _from_onnx(cls, path: Path, device: str, levels, normalize: bool, source: str,
                    model_id: str | None = None) -> "Embedder":
+        """An ONNX file on ONNX Runtime; its model id is the one OnnxModel verified from its content
+        (a changed file is refused), and must equal `model_id` when one is expected."""
         if not path.is_file():
             raise SjeaError(f"ONNX file {path} does not exist; export one with 'sjea export'.")
         from exports.runtime import OnnxModel
 
         om = OnnxModel(str(path), provider="cuda" if device.startswith("cuda") else "cpu")
+        if model_id is not None and om.model_id != model_id:
+            raise ModelIdentityError(f"{path} is not the ONNX graph of model {model_id[:12]} (it is {om.model_id[:12]}); "
+                            "delete it and run the command again to re-export it.")
         available = [int(k) for k in om.levels]
         levels = parse_levels(levels, available)
         dims = [int(om.dims[available.index(k)]) for k in levels]
-        if model_id is None:
-            from ..io import sha256_file
-
-            model_id = om.model_id or sha256_file(path)
         return cls(backend="onnx", levels=levels, dims=dims, preprocess=om.preprocess,
-                   model_id=model_id, source=source, device=device, normalize=normalize, onnx_model=om)
+                   model_id=om.model_id, source=source, device=device, normalize=normalize, onnx_model=om)
 
     @classmethod
     def for_store(cls, store, backend: str = "auto", device: str = "cpu") -> "Embedder":
-        """The model that wrote a store, with its levels and normalisation: for embedding queries."""
+        """The model that wrote a store, with its levels and normalisation: for embedding queries.
+
+        On the CPU, a run's cached ONNX graph of the store's model id serves without torch (no
+        checkpoint is loaded or hashed); otherwise the run or ONNX file the store names."""
         src = Path(store.attrs.get("model_source", ""))
+        cached = src / ONNX_CACHE_DIR / cache_name(store.model_id)
+        if src.suffix != ".onnx" and backend != "torch" and resolve_device(device) == "cpu" and cached.is_file():
+            try:
+                return cls._from_onnx(cached, "cpu", store.levels, store.normalized, source=str(src),
+                                      model_id=store.model_id)
+            except ModelIdentityError:
+                pass  # a changed or foreign cache file: the run itself decides below
         where = {"onnx": src} if src.suffix == ".onnx" else {"run": src}
         emb = cls.from_source(**where, backend=backend, device=device, levels=store.levels,
                               normalize=store.normalized)
@@ -98,31 +119,56 @@ class Embedder:
 
     # --- embedding ----------------------------------------------------------------------------
     def embed_pixels(self, pixels) -> list[np.ndarray]:
-        """uint8 (B, S, S, 3) pixels -> one float32 (B, dim) array per level."""
-        import torch
-
-        from ..data.preprocess import normalize_pixels
-
-        pixels = torch.as_tensor(pixels)
+        """uint8 (B, S, S, 3) pixels (numpy or a torch tensor) -> one float32 (B, dim) array per level."""
         if self.backend == "torch":
+            import torch
+
+            from ..data.preprocess import normalize_pixels
+
             with torch.inference_mode():
-                x = normalize_pixels(pixels.to(self.device, non_blocking=True), self.preprocess)
+                x = normalize_pixels(torch.as_tensor(pixels).to(self.device, non_blocking=True), self.preprocess)
                 outs = [y.float().cpu().numpy() for y in self.model.forward_levels(x, self.levels)]
         else:
+            from ..data.preprocess import normalize_array
+
             om = self.onnx_model
+            pixels = np.asarray(pixels)
             # A graph exported with its preprocessing takes the uint8 pixels as they are.
-            x = pixels.numpy() if om.takes_pixels else normalize_pixels(pixels, self.preprocess).numpy()
+            x = pixels if om.takes_pixels else normalize_array(pixels, self.preprocess)
             by_level = dict(zip([int(k) for k in om.levels], om.run(x)))
             outs = [np.asarray(by_level[k], dtype=np.float32) for k in self.levels]
         return [l2_normalize(o) for o in outs] if self.normalize else outs
 
     def embed_images(self, images) -> list[np.ndarray]:
-        """PIL images -> one float32 (n, dim) array per level (L2-normalised when `normalize`)."""
+        """PIL images -> one float32 (n, dim) array per level (L2-normalised when `normalize`).
+
+        For image files use embed_files: it decodes exactly as a store does (JPEG draft decoding
+        at the model's size), which an image opened here by the caller cannot."""
         from ..data.preprocess import model_pixels
 
         if not images:
             return [np.zeros((0, d), np.float32) for d in self.dims]
         return self.embed_pixels(np.stack([model_pixels(im, self.preprocess) for im in images]))
+
+    def embed_files(self, paths, batch_size: int = 256) -> list[np.ndarray]:
+        """Image files -> one float32 (n, dim) array per level: the rows `sjea embed` stores for
+        them (same decoder, preprocess and model). A file that cannot be read is a one-line error."""
+        from ..data.images import describe_error
+        from ..data.preprocess import file_pixels
+
+        paths = [Path(p) for p in paths]
+        parts: list[list[np.ndarray]] = [[] for _ in self.levels]
+        for start in range(0, len(paths), max(1, batch_size)):
+            pixels = []
+            for p in paths[start:start + batch_size]:
+                try:
+                    pixels.append(file_pixels(p, self.preprocess))
+                except Exception as e:  # noqa: BLE001 - every decoder raises its own types
+                    raise SjeaError(f"{p} is not a readable image ({describe_error(e)}); pass image files "
+                                    "(jpg, png, ...) or a folder of images.") from None
+            for part, y in zip(parts, self.embed_pixels(np.stack(pixels))):
+                part.append(y)
+        return [np.concatenate(p) if p else np.zeros((0, d), np.float32) for p, d in zip(parts, self.dims)]
 
     def store_attrs(self) -> dict:
         """What a store records about the model: identity, levels, and its PreprocessSpec as the
@@ -135,24 +181,24 @@ class Embedder:
 
 
 def _onnx_runtime_available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
+    """ONNX Runtime and the onnx package are installed (found, not imported: importing the
+    exporter would import torch)."""
+    from importlib.util import find_spec
 
-        import exports.onnx  # noqa: F401
-        import exports.runtime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return find_spec("onnxruntime") is not None and find_spec("onnx") is not None
 
 
-def _exported_onnx(model, model_sha: str) -> Path:
-    """The run's ONNX graph of every level, exported once per checkpoint and cached in the run folder.
+def cache_name(model_sha: str) -> str:
+    return f"levels-{model_sha[:16]}.onnx"
 
-    export_levels writes atomically (sjea_tools.io): concurrent ranks may all export, and the last
-    rename wins with a whole file."""
-    path = Path(model.run_dir) / ONNX_CACHE_DIR / f"levels-{model_sha[:16]}.onnx"
-    if path.is_file():
-        return path
+
+def _export_run_onnx(run_dir: Path, path: Path) -> Path:
+    """Export every level of the run's model to `path`, its ONNX cache (once per checkpoint).
+
+    Written atomically (sjea_tools.io): concurrent ranks may all export; the last rename wins whole."""
     from exports.onnx import export_levels
 
+    from .. import runs
+
+    model = runs.load_model(run_dir)
     return export_levels(model, path, list(range(model.num_levels)), output="representation")
