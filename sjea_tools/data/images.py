@@ -68,7 +68,8 @@ def decode_image(path: str | Path, target_size: int | None = None) -> Image.Imag
                 img = ImageOps.exif_transpose(img)
                 return to_rgb(img)
         except Image.DecompressionBombError as e:  # not an OSError: callers catching bad files would crash
-            raise ValueError(f"image too large to decode safely: {e}") from None
+            # Pillow's own stop (at twice its default) fires in Image.open, before check_pixel_count.
+            raise ValueError(f"image too large to decode safely: over the {MAX_PIXELS / 1e6:.1f} MP cap ({e})") from None
 
 
 def describe_error(exc: BaseException) -> str:
