@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-from ..data.datasets import find_images
 from ..errors import SjeaError
 from ..io import remove_stale_temp_files
 from ..progress import ProgressFn, report
@@ -42,6 +41,8 @@ def embed_folder(images, out, run=None, onnx=None, levels=None, batch_size: int 
     follow_symlinks: embed files that symbolic links reach outside the image root (else recorded
     as failures); allow_outside: a list file may name paths outside its folder.
     """
+    from ..data.datasets import find_images  # here: sjea_tools.data imports torch, a CPU query path never needs it
+
     t0 = time.perf_counter()
     out = Path(out)
     workers = _checked_options(out, dtype, batch_size, workers, update, overwrite, commit_every_s)
