@@ -145,8 +145,10 @@ def score_spread(bank, qv, f, levels) -> dict:
     return out
 
 
-def tables(rows: list[dict], command: str) -> str:
+def tables(rows: list[dict], command: str, note: str | None = None) -> str:
     lines = [f"Written by `{command}` ({time.strftime('%Y-%m-%d')}); k = {K}, exact search on the arrays.", ""]
+    if note:
+        lines += [f"Note: {note}", ""]
     for r in rows:
         lines += [f"**Run {r['run']}** (model {r['model_id']}): bank {r['bank']:,} training images, "
                   f"{r['queries']:,} test queries, cluster tree sizes {r['sizes']}.", "",
@@ -166,12 +168,35 @@ def tables(rows: list[dict], command: str) -> str:
             lines.append(f"| {name} | {m['coarse_p10']:.2f} | {m['coarse_map10']:.2f} | {m['fine_p10']:.2f} | "
                          f"{m['fine_map10']:.2f} | " + " | ".join(f"{m[c]:.1f}%" for c in diff_cols)
                          + f" | {m.get('gate_rows', r['bank']):,} |")
-        lines += ["", "Scores: raw cosine against cosine after centring by the bank's mean (medians):", "",
+        lines += ["", verdict(r), "", "Scores: raw cosine against cosine after centring by the bank's mean (medians):", "",
                   "| level, score | fine P@10 | random pair | top-1 same class | 10th neighbour |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {name} | {s['fine_p10']:.2f} | {s['random_pair']:.3f} | {s['top1_same_class']:.3f} | {s['top10']:.3f} |"
                   for name, s in r["scores"].items()]
-        lines.append("")
+        lines += ["", score_verdict(r), ""]
     return "\n".join(lines)
+
+
+MEASURES = {"coarse_p10": "coarse P@10", "coarse_map10": "coarse mAP@10", "fine_p10": "fine P@10",
+            "fine_map10": "fine mAP@10"}
+
+
+def verdict(r: dict) -> str:
+    """One sentence from the numbers: which hierarchical variants beat the best single level, on what."""
+    single = {m: max(v[m] for name, v in r["methods"].items() if name.startswith("level")) for m in MEASURES}
+    wins = [f"{name} on {MEASURES[m]} ({v[m]:.2f} > {single[m]:.2f})" for name, v in r["methods"].items()
+            if name.startswith("hier") for m in MEASURES if v[m] > single[m]]
+    if not wins:
+        return ("**With this model, hierarchical search beats the best single level on none of the four measures**; "
+                "what it gives is the grouping (every hit from the query's coarse cluster) and a smaller search.")
+    return "Hierarchical search beats the best single level: " + "; ".join(wins) + "."
+
+
+def score_verdict(r: dict) -> str:
+    parts = []
+    for name, s in r["scores"].items():
+        parts.append(f"{name}: a random pair scores about {s['random_pair']:.2f}, a same-class top-1 neighbour "
+                     f"about {s['top1_same_class']:.2f}")
+    return "What a score means (medians): " + "; ".join(parts) + "."
 
 
 def write_block(path: Path, block: str) -> None:
@@ -194,12 +219,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default="/tmp/sjea-bench-hierarchical", help="feature cache folder")
     p.add_argument("--write-docs", action="store_true")
+    p.add_argument("--note", default=None, help="a line printed under the header (e.g. what the run is)")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = p.parse_args()
     rows = [bench_run(r, args) for r in args.run]
     command = "python benchmarks/bench_hierarchical.py " + " ".join(f"--run {r}" for r in args.run) + (
         f" --bank {args.bank} --queries {args.queries}")
-    block = tables(rows, command)
+    block = tables(rows, command, args.note)
     print(block)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
