@@ -218,9 +218,9 @@ def test_numpy_only_snippet_runs_without_sjea_on_the_path(exported_mlp2, fmnist_
     image_path = tmp_path / "sneaker.png"
     Image.fromarray(fmnist_test.pixels[0]).resize((50, 36), Image.NEAREST).save(image_path)
     code = readme_snippet()
-    assert 'MODEL = "runs/tiny/onnx/all_levels.onnx"' in code and 'IMAGE = "shoe.jpg"' in code
+    assert 'MODEL = "runs/tiny/onnx/all_levels.onnx"' in code and 'IMAGES = ["shoe.jpg", "bag.png"]' in code
     code = code.replace('"runs/tiny/onnx/all_levels.onnx"', repr(str(run / "onnx" / "all_levels.onnx")))
-    code = code.replace('"shoe.jpg"', repr(str(image_path)))
+    code = code.replace('["shoe.jpg", "bag.png"]', repr([str(image_path)]))
     code += ("\nimport importlib.util, sys\n"
              "assert importlib.util.find_spec('sjea_tools') is None and importlib.util.find_spec('exports') is None\n"
              "assert 'torch' not in sys.modules\n"
