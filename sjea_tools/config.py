@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import SjeaError
 from .io import atomic_write_text
-from .spec import PreprocessSpec
+from .spec import PreprocessSpec, ReadsPreprocessSpec
 
 # Per-dataset facts: normalisation, native size, whether images are grayscale.
 DATASET_STATS: dict[str, dict[str, Any]] = {
@@ -102,7 +102,7 @@ class TrainConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(ReadsPreprocessSpec):
     name: str = "tiny"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -132,18 +132,6 @@ class RunConfig:
         stats = dataset_stats(self.data.dataset)
         return PreprocessSpec(self.data.image_size or stats["size"], self.data.mean or stats["mean"],
                               self.data.std or stats["std"])
-
-    @property
-    def image_size(self) -> int:
-        return self.preprocess_spec.image_size
-
-    @property
-    def mean(self) -> tuple[float, float, float]:
-        return self.preprocess_spec.mean
-
-    @property
-    def std(self) -> tuple[float, float, float]:
-        return self.preprocess_spec.std
 
 
 def dataset_stats(dataset: str) -> dict[str, Any]:

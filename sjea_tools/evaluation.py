@@ -299,7 +299,7 @@ def evaluate_run(run=None, dataset: str | None = None, data_dir: str | None = No
     `levels`: None/'all', 1, '0,1' or [0, 1] (sjea_tools.levels). Silent unless given `progress`.
     """
     from .models import build_model
-    from .io import atomic_write_text
+    from .io import atomic_write_text, check_writable
     from .runs import find_run, load_model, model_id
 
     run_dir = find_run(run)
@@ -340,21 +340,6 @@ def evaluate_run(run=None, dataset: str | None = None, data_dir: str | None = No
     return result
 
 
-def check_writable(path: Path) -> None:
-    """Refuse before minutes of work an output that could not be written (read-only disk, no
-    permission): a temporary file is made and removed where the real write will make one (in the
-    nearest existing folder above it, so that nothing is created before the work succeeds)."""
-    from .io import temp_path_beside, writing_error
-
-    folder = Path(path).parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        temp_path_beside(folder / Path(path).name).unlink()
-    except OSError as e:
-        raise (writing_error(e, path) or e) from None
-
-
 def save_feature_file(path: Path, levels, train_feats, train_labels, test_feats, test_labels) -> None:
     import io
 
@@ -375,7 +360,7 @@ def evaluate_store(store_path, max_rows: int | None = STORE_EVAL_ROWS, test_frac
     (and probe training set) and queries. Writes <store>.eval.json beside the store.
     `levels`: None/'all', 1, '0,1' or [0, 1] of the stored levels (sjea_tools.levels)."""
     from .data import coarse_from_class_names
-    from .io import atomic_write_text
+    from .io import atomic_write_text, check_writable
     from .store import open_store
 
     store_path = Path(store_path)

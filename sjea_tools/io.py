@@ -144,13 +144,23 @@ _WRITE_ERRORS = {
 FULL_DISK_BYTES = 1 << 20
 
 
+def disk_error_code(err: BaseException) -> int | None:
+    """The errno of a failure that is the disk's or the folder's fault (one of _WRITE_ERRORS), else
+    None. HDF5 and FAISS report errno only in their message text ("errno = 28"), so that is read too."""
+    code = getattr(err, "errno", None)
+    if code in _WRITE_ERRORS:
+        return code
+    text = str(err)
+    return next((c for c in _WRITE_ERRORS if f"errno = {c}," in text or os.strerror(c) in text), None)
+
+
 def writing_error(err: BaseException, path: str | Path | None = None) -> "SjeaError | None":
     """The one-line SjeaError for a failed write caused by the disk or permissions (full, read-only,
     quota, access), naming `path` (or the file in the OSError; a temporary file is named by its folder),
     else None: the caller re-raises the original, which is then a real bug."""
     from .errors import SjeaError
 
-    code = err.errno if isinstance(err, OSError) else None
+    code = disk_error_code(err)
     if code is None and path is not None:
         try:
             folder = Path(path) if Path(path).is_dir() else Path(path).parent
@@ -158,7 +168,7 @@ def writing_error(err: BaseException, path: str | Path | None = None) -> "SjeaEr
                 code = errno.ENOSPC
         except OSError:
             pass
-    if code not in _WRITE_ERRORS:
+    if code is None:
         return None
     where = path if path is not None else getattr(err, "filename", None)
     if where is not None:
@@ -167,3 +177,45 @@ def writing_error(err: BaseException, path: str | Path | None = None) -> "SjeaEr
             where = where.parent  # the temporary file beside the target: name the folder
     what, fix = _WRITE_ERRORS[code]
     return SjeaError(f"cannot write {where}: {what}; {fix}." if where is not None else f"{what}; {fix}.")
+
+
+@contextmanager
+def disk_faults(what: str) -> Iterator[None]:
+    """Re-raise a full/read-only/forbidden-disk failure inside the block as one SjeaError line that
+    says the work done so far is kept (writes are atomic; journals resume)."""
+    from .errors import SjeaError
+
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # FAISS reports a failed write as RuntimeError
+        code = disk_error_code(e)
+        if code is None:
+            raise
+        reason, fix = _WRITE_ERRORS[code]
+        raise SjeaError(f"cannot write {what}: {reason}. Nothing already written was lost; {fix}.") from None
+
+
+def check_writable(path: str | Path) -> None:
+    """Refuse, before minutes of work, an output that could not be written (read-only disk, no
+    permission): a temporary file is made and removed where the real write will make one (in the
+    nearest existing folder above it, so that nothing is created before the work succeeds)."""
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        temp_path_beside(folder / Path(path).name).unlink()
+    except OSError as e:
+        raise (writing_error(e, path) or e) from None
+
+
+def require_free_space(path: str | Path, need: int) -> None:
+    """Raise ENOSPC before writing `need` bytes at `path` when its folder has less free: HDF5 does
+    not survive a full disk in the middle of a write (measured here: a segmentation fault), so
+    writers of HDF5 files ask first. The caller's `disk_faults` turns it into one line."""
+    folder = Path(path).absolute().parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # the write itself reports what is wrong with the folder
+    if free < need:
+        raise OSError(errno.ENOSPC, f"{need / 1e6:.1f} MB needed for {path}, {free / 1e6:.1f} MB free")

@@ -20,8 +20,8 @@ import numpy as np
 
 from .clusters import build_cluster_tree, read_tree
 from .embed import embed_folder
-from .errors import SjeaError
 from .index import build_indexes, index_dir, index_is_current, read_sidecar
+from .io import disk_faults, require_free_space
 from .progress import ProgressFn
 from .store import merge_stores, open_store, parse_shard, writer_lock
 
@@ -46,17 +46,12 @@ def index_store(store: str | Path, progress: ProgressFn | None = None, *, cluste
 
 
 def _check_room_for_tree(store) -> None:
-    """The tree is written into the store in place; HDF5 does not survive a full disk mid-write, so
-    refuse first when the folder lacks room (assignments per row and depth, centroids, examples)."""
-    import shutil
-
+    """The tree is written into the store in place: ask for room first (assignments per row and
+    depth, centroids, examples), as every HDF5 writer does."""
     with open_store(store) as s:
         need = s.n * 8 * 2 * len(s.levels) + sum(s.dims) * 4 * 1024 + (1 << 20)
-    free = shutil.disk_usage(Path(store).absolute().parent).free
-    if free < need:
-        raise SjeaError(f"cannot write the cluster tree into {store}: the disk is full ({need / 1e6:.1f} MB needed, "
-                        f"{free / 1e6:.1f} MB free). The store and its indexes are intact; free some space, then "
-                        f"run: sjea index {store}")
+    with disk_faults(f"the cluster tree into {store} (the store and its indexes are intact)"):
+        require_free_space(store, need)
 
 
 def _tree_sizes(store) -> list[int] | None:

@@ -203,7 +203,8 @@ def plot_run(run=None, out_dir: str | Path | None = None, class_name: str | None
              progress: ProgressFn | None = None) -> list[Path]:
     """Write the PNGs of a run (default all of PLOT_KINDS) to out_dir (default RUN/plots); silent
     unless given `progress` (feature extraction of the images plotted)."""
-    from .evaluation import check_writable, eval_dataset, load_eval_splits
+    from .evaluation import eval_dataset, load_eval_splits
+    from .io import check_writable
     from .runs import find_run, load_model, read_metrics
 
     kinds = list(PLOT_KINDS) if not kinds else list(dict.fromkeys(kinds))

@@ -427,7 +427,7 @@ def test_10_a_full_disk_is_one_line_keeps_what_was_written_and_resumes(env, tmp_
         for cmd in (["embed", str(more), str(disk / "new.h5"), *embed], ["index", str(out)],
                     ["merge", str(out), str(s1), str(disk / "m.h5"), "--no-index"]):
             res = CliRunner().invoke(app, [*cmd, "--quiet"])
-            _one_line_error(res, "the disk is full")
+            _one_line_error(res, "no space left on the device")
             assert "Nothing already written was lost" in res.output
             assert not _temp_files(disk), _temp_files(disk)
         assert _sha(out) == before
@@ -451,7 +451,7 @@ def test_10_a_full_disk_during_the_final_write_resumes_from_the_journal(env, tmp
         filler = _fill(disk, journal_bytes)
         res = _embed(more, out, run, "--no-index")
         assert res.exit_code == 2 and "Traceback" not in res.output, res.output
-        assert "disk is full" in res.output
+        assert "no space left on the device" in res.output
         assert not out.exists() and not _temp_files(disk)
         filler.unlink()
         res = _embed(more, out, run, "--no-index", "--json")

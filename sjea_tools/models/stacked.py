@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import RunConfig
 from ..levels import parse_levels
-from ..spec import PreprocessSpec
+from ..spec import PreprocessSpec, ReadsPreprocessSpec
 from .heads import MLPEncoder, projector
 from .registry import create_backbone
 from .resnet import VectorResNet
@@ -23,7 +23,7 @@ def resolve_stem(cfg: RunConfig) -> str:
     return "small" if cfg.image_size <= 64 else "standard"
 
 
-class StackedModel(nn.Module):
+class StackedModel(nn.Module, ReadsPreprocessSpec):
     def __init__(self, cfg: RunConfig):
         super().__init__()
         self.cfg = cfg
@@ -52,18 +52,6 @@ class StackedModel(nn.Module):
     def preprocess_spec(self) -> PreprocessSpec:
         """The input this model expects (size, mean, std, colour mode); exports and stores record it."""
         return self.cfg.preprocess_spec
-
-    @property
-    def image_size(self) -> int:
-        return self.preprocess_spec.image_size
-
-    @property
-    def mean(self) -> tuple[float, float, float]:
-        return self.preprocess_spec.mean
-
-    @property
-    def std(self) -> tuple[float, float, float]:
-        return self.preprocess_spec.std
 
     def forward_train(self, images: torch.Tensor, upto: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Representations Y and embeddings Z of levels 0..upto-1 (all by default)."""

@@ -12,13 +12,11 @@ It is a POSIX record lock (lockf) on a hidden file beside the store, `.NAME.lock
   got the lock sees that the path no longer names its inode and tries again, so two processes can
   never each hold "the" lock through two different files.
 
-`disk_faults(what)` turns a full disk, a quota, a read-only or forbidden folder into a SjeaError
-that says what could not be written and that the work done so far is kept.
+Disk faults (full, read-only, forbidden) are mapped to one line by `io.disk_faults`.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import threading
 from contextlib import contextmanager
@@ -26,6 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import SjeaError
+from ..io import disk_faults
 
 _held: dict[str, list] = {}  # lock path -> [fd, count]
 _mutex = threading.Lock()
@@ -89,34 +88,3 @@ def _acquire(path: Path, store: Path) -> int:
             return fd
         os.close(fd)  # the holder removed this file while we waited: lock the current one
     raise StoreBusyError(busy_message(store))
-
-
-DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-               errno.EPERM: "permission denied", errno.EFBIG: "the file is too large for the file system"}
-
-
-def describe_disk_error(e: BaseException) -> str | None:
-    """The reason for an OSError that is the disk's or the folder's fault, else None. HDF5 reports
-    errno only in its message text ("errno = 28"), so that is read too."""
-    code = getattr(e, "errno", None)
-    if code in DISK_ERRNOS:
-        return DISK_ERRNOS[code]
-    text = str(e)
-    for code, reason in DISK_ERRNOS.items():
-        if f"errno = {code}," in text or os.strerror(code) in text:
-            return reason
-    return None
-
-
-@contextmanager
-def disk_faults(what: str) -> Iterator[None]:
-    """Re-raise a full/read-only/forbidden-disk OSError inside the block as one SjeaError line."""
-    try:
-        yield
-    except (OSError, RuntimeError) as e:  # FAISS reports a failed write as RuntimeError
-        reason = describe_disk_error(e)
-        if reason is None:
-            raise
-        raise SjeaError(f"cannot write {what}: {reason}. Nothing already written was lost; free some space "
-                        "or choose a writable folder, then run the same command again.") from None

@@ -18,7 +18,7 @@ from typing import Iterable
 import numpy as np
 
 from ..errors import SjeaError
-from ..io import atomic_path
+from ..io import atomic_path, require_free_space
 from ..progress import ProgressFn, report
 from .reader import COPY_ROWS, FORMAT, h5py_module, strings_sha256, to_stored_text
 
@@ -73,19 +73,8 @@ def estimated_bytes(attrs: dict, rows: int) -> int:
 
 
 def check_free_space(out: Path, attrs: dict, rows: int) -> None:
-    """Refuse before writing when the folder cannot hold the store: HDF5 does not survive a full disk
-    in the middle of a write (measured: a segmentation fault), Python code does."""
-    import errno
-    import shutil
-
-    folder = out.parent if str(out.parent) else Path(".")
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        return  # the write itself reports what is wrong with the folder
-    need = estimated_bytes(attrs, rows)
-    if free < need:
-        raise OSError(errno.ENOSPC, f"{need / 1e6:.1f} MB needed for {out}, {free / 1e6:.1f} MB free")
+    """Refuse before writing when the folder cannot hold the store (io.require_free_space)."""
+    require_free_space(out, estimated_bytes(attrs, rows))
 
 
 def _create_rows(f, attrs: dict):
