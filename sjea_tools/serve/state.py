@@ -86,7 +86,7 @@ class LoadedStore:
             if k > self.n:
                 notes.append(f"k={k} is larger than the store ({self.n} rows): showing all {self.n}")
                 k = self.n
-            labels, qv = query_vectors(store, self.path, ids, files, self.embedder)
+            labels, qv = self._query_vectors(store, ids, files)
             qv = [l2_normalize(v) if self.cosine else v for v in qv]
 
             def get_rows(j: int, rows: np.ndarray) -> np.ndarray:
@@ -108,6 +108,19 @@ class LoadedStore:
                 "mode": mode, "levels": used if mode == "per-level" else self.levels, "order": tree_levels,
                 "within": within if tree is not None else None, "probes": probes if tree is not None else None,
                 "min_score": min_score, "notes": notes, "results": results}
+
+    def _query_vectors(self, store, ids, files) -> tuple[list[dict], list[np.ndarray]]:
+        """search.query_vectors, except that stored rows take their path from the loaded list: the
+        library reads (and checksums) every path of the store per call, about 1 s at 100,000 rows."""
+        rows = [self.check_id(i) for i in ids]
+        labels = [{"query": f"id:{i}", "query_id": i, "query_file": str(self.root / self.paths[i])} for i in rows]
+        per_level = [[store.read_embeddings(lv, rows)] if rows else [] for lv in self.levels]
+        if files:
+            file_labels, vecs = query_vectors(store, self.path, [], files, self.embedder)
+            labels += file_labels
+            for j, v in enumerate(vecs):
+                per_level[j].append(v)
+        return labels, [np.concatenate(v).astype(np.float32) for v in per_level]
 
     def _hierarchy_tree(self, store, wanted: list[int] | None) -> dict:
         """The loaded tree when it is the one asked for; otherwise search's own check gives the message."""
