@@ -164,6 +164,43 @@ def bench_size(n: int, dim: int, n_queries: int, k: int, seed: int, budget: int,
     return row
 
 
+HIER_BEGIN = "<!-- hierarchical:begin (written by benchmarks/bench_index.py --hierarchical) -->"
+HIER_END = "<!-- hierarchical:end -->"
+
+
+def hierarchical_block(rows: list[dict], args) -> str:
+    """The hierarchical rows as the markdown table docs/benchmarks.md carries, with their command."""
+    sizes = ",".join(str(r["n"]) for r in rows)
+    lines = [f"`.venv/bin/python benchmarks/bench_index.py --sizes {sizes} --queries {args.queries} --hierarchical "
+             f"--out rows.json` (then `--rows rows.json --write-docs`); synthetic clustered vectors (see the script), "
+             f"dimension {rows[0]['dim']}, coarse level a 128-d random projection of them; recall on 1,000 held-out "
+             "queries, latency one query per call on one thread.", "",
+             "| vectors | hierarchical tree | rows touched | recall@10 vs Flat | recall@10 vs auto | p50 / p99 Flat (ms) "
+             "| p50 / p99 auto (ms) | p50 / p99 hierarchical (ms) | tree build (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['n']:,} | {r['hier_sizes']} | {100 * r['hier_rows_touched']:.1f}% | "
+                     f"{r['hier_recall_vs_flat']:.3f} | {r['hier_recall_vs_auto']:.3f} | {r['flat_p50_ms']:.2f} / "
+                     f"{r['flat_p99_ms']:.2f} | {r['kind']} {r['auto_p50_ms']:.2f} / {r['auto_p99_ms']:.2f} | "
+                     f"{r['hier_p50_ms']:.2f} / {r['hier_p99_ms']:.2f} | {r['hier_build_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def write_docs_block(block: str) -> None:
+    import re
+
+    from sjea_tools.io import atomic_write_text
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+    text = path.read_text()
+    new = f"{HIER_BEGIN}\n{block}\n{HIER_END}"
+    if HIER_BEGIN in text:
+        text = re.sub(re.escape(HIER_BEGIN) + r".*?" + re.escape(HIER_END), lambda _: new, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n## Hierarchical search at 1,000,000 x 512\n\n" + new + "\n"
+    atomic_write_text(path, text)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="100000,1000000", help="comma-separated vector counts")
@@ -174,12 +211,17 @@ def main() -> None:
     p.add_argument("--memory-budget", default="8G", help="what choose_index may use (as sjea index)")
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
     p.add_argument("--hierarchical", action="store_true", help="also measure cluster-gated hierarchical search")
+    p.add_argument("--rows", default=None, help="print (and --write-docs) rows saved by --out instead of measuring")
+    p.add_argument("--write-docs", action="store_true", help="write the hierarchical table into docs/benchmarks.md")
     args = p.parse_args()
     import faiss
 
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, {os.cpu_count()} cpus", flush=True)
-    rows = [bench_size(int(s), args.dim, args.queries, args.k, args.seed, ix.parse_memory(args.memory_budget),
-                       args.hierarchical) for s in args.sizes.split(",")]
+    if args.rows:  # render rows measured earlier (--out of a --hierarchical run)
+        rows = json.loads(Path(args.rows).read_text())
+    else:
+        rows = [bench_size(int(s), args.dim, args.queries, args.k, args.seed, ix.parse_memory(args.memory_budget),
+                           args.hierarchical) for s in args.sizes.split(",")]
     print("\n| vectors | auto index | recall@10 vs Flat | p50 / p99 Flat (ms) | p50 / p99 auto (ms) | p50 speed-up "
           "| build Flat / auto (s) | size Flat / auto (MB) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -189,14 +231,11 @@ def main() -> None:
               f"{r['flat_p99_ms']:.2f} | {r['auto_p50_ms']:.2f} / {r['auto_p99_ms']:.2f} | {r['p50_speedup']}x | "
               f"{r['flat_build_s']:.1f} / {r['auto_build_s'] + r['auto_tune_s']:.1f} | "
               f"{r['flat_bytes'] / 1e6:.0f} / {r['auto_bytes'] / 1e6:.0f} |")
-    if args.hierarchical:
-        print("\n| vectors | hierarchical tree | rows touched | recall@10 vs Flat | recall@10 vs auto | p50 / p99 Flat (ms) "
-              "| p50 / p99 auto (ms) | p50 / p99 hierarchical (ms) | tree build (s) |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['n']:,} | {r['hier_sizes']} | {100 * r['hier_rows_touched']:.1f}% | {r['hier_recall_vs_flat']:.3f} | "
-                  f"{r['hier_recall_vs_auto']:.3f} | {r['flat_p50_ms']:.2f} / {r['flat_p99_ms']:.2f} | {r['auto_p50_ms']:.2f} / "
-                  f"{r['auto_p99_ms']:.2f} | {r['hier_p50_ms']:.2f} / {r['hier_p99_ms']:.2f} | {r['hier_build_s']:.1f} |")
+    if args.hierarchical or args.rows:
+        block = hierarchical_block(rows, args)
+        print("\n" + block)
+        if args.write_docs:
+            write_docs_block(block)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
 
