@@ -65,7 +65,9 @@ def gated_search(queries: list[np.ndarray], get_rows, tree: dict, k: int, probes
     depths = assign.shape[1]
     path = query_paths(tree, queries)
     gate = gates(tree, queries[0], k, probes)
-    rows_sorted, starts = members_by_node(assign[:, 0])
+    if "members_0" not in tree:  # cached in the tree: a held tree (server, benchmark) sorts its rows once
+        tree["members_0"] = members_by_node(assign[:, 0])
+    rows_sorted, starts = tree["members_0"]
     q_last = l2_normalize(queries[-1])
     nq = len(q_last)
     ids = np.full((nq, k), -1, np.int64)
