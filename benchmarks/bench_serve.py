@@ -228,7 +228,9 @@ def measure(args) -> dict:
     rss = served.pop("rss")
     with open_store(store) as s, open((args.work / "info.json"), "w") as f:
         json.dump({"levels": s.levels, "dims": s.dims}, f)
-    return {"rows": n, "clients": args.clients, "k": args.k, "upload_every": args.upload_every,
+    trained = (args.run / "metrics.jsonl").is_file()
+    return {"rows": n, "run": f"{args.run.name} ({'trained' if trained else 'untrained weights: latency does not depend on them'})",
+            "clients": args.clients, "k": args.k, "upload_every": args.upload_every,
             "index_kinds": loaded.info()["index_kinds"], "store_build_s": round(build_s, 1), "served": served,
             "rss": rss_flat(rss), "library_search_store": direct, "library_loaded_store": direct_loaded,
             "cpus": os.cpu_count(), "python": platform.python_version()}
@@ -246,7 +248,8 @@ def render(res: dict, command: str, commit: str) -> str:
     return "\n".join([
         BEGIN,
         f"**sjea serve under load** ({res['rows']:,}-row store of real Fashion-MNIST images and flipped copies, "
-        f"index {res['index_kinds']}, k={res['k']}, default mode; one request in {res['upload_every']} uploads a "
+        f"model: run {res.get('run', '?')}, index per level "
+        f"{', '.join(f'{lv}: {kind}' for lv, kind in res['index_kinds'].items())}, k={res['k']}, default mode; one request in {res['upload_every']} uploads a "
         f"stored PNG, the rest search by id; {res['cpus']} CPU cores shared by server, clients and other work; "
         f"commit {commit}):",
         "",
@@ -286,16 +289,25 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--upload-every", type=int, default=10, help="every Nth request uploads an image (0: none)")
     ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--rewrite-docs", action="store_true", help="write the block again from WORK/result.json (the "
+                    "last measurement) without measuring: docs/benchmarks.md has several writers")
     args = ap.parse_args()
     args.work = args.work.resolve()
     args.run = args.run.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
+    saved = args.work / "result.json"
+    if args.rewrite_docs:
+        write_docs(render(**json.loads(saved.read_text())))
+        print(f"written to {DOCS} from {saved}")
+        return
     res = measure(args)
     print(json.dumps(res, indent=2))
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    command = " ".join(["python benchmarks/bench_serve.py", *[a for a in sys.argv[1:] if a != "--write-docs"]])
+    saved.write_text(json.dumps({"res": res, "command": command, "commit": commit}))
     if args.write_docs:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
-        write_docs(render(res, " ".join(["python benchmarks/bench_serve.py", *sys.argv[1:]]), commit))
+        write_docs(render(res, command, commit))
         print(f"written to {DOCS}")
 
 
