@@ -2,13 +2,12 @@
 
 Decoding and preprocessing are `sjea_tools.data`'s (`file_pixels`): workers send
 uint8 pixels at the model's size and the batch is normalised once by the Embedder, the same way
-export verification and search prepare their inputs.
+export verification, search and `sjea_tools.embed_files` prepare their inputs. No torch here.
 """
 
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 from typing import Sequence
 
@@ -66,50 +65,63 @@ def _listed_images(src: Path) -> list[str]:
 
 
 def load_pixels(path: str | Path, image_size: int) -> np.ndarray:
-    """uint8 (S, S, 3) pixels of one file, or an exception saying why it cannot be read."""
+    """uint8 (S, S, 3) pixels of one file, or an exception saying why it cannot be read
+    (data.preprocess.file_pixels: the one way from a file to model pixels)."""
     from ..data.preprocess import file_pixels
 
-    st = os.stat(path)
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError("not a regular file")  # a FIFO or device would block or never end
-    if st.st_size == 0:
-        raise ValueError("empty file (0 bytes)")
     return file_pixels(path, image_size)
 
 
-class DecodeDataset:
-    """Item i -> (i, pixels, None) or (i, None, reason): decoding never raises into the loader."""
+def decode_batch(root: Path, paths: Sequence[str], start: int, image_size: int):
+    """One batch: (indices decoded, uint8 (b, S, S, 3) array or None, [(index, reason)]), indices
+    counted from `start`; decoding never raises, the reason of each failure is kept."""
+    from ..data.images import describe_error
 
-    def __init__(self, root: Path, paths: Sequence[str], image_size: int):
-        self.root, self.paths, self.image_size = Path(root), paths, image_size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        from ..data.images import describe_error
-
+    ok, pixels, errors = [], [], []
+    for i, rel in enumerate(paths, start):
         try:
-            return i, load_pixels(self.root / self.paths[i], self.image_size), None
+            pixels.append(load_pixels(Path(root) / rel, image_size))
+            ok.append(i)
         except Exception as e:  # every decoder raises its own types; the reason is recorded
-            return i, None, describe_error(e)
-
-
-def collate_decoded(items):
-    """A batch: (indices of decoded items, uint8 tensor (b, S, S, 3) or None, [(index, reason)])."""
-    import torch
-
-    ok = [(i, px) for i, px, err in items if err is None]
-    pixels = torch.from_numpy(np.stack([px for _, px in ok])) if ok else None
-    return [i for i, _ in ok], pixels, [(i, err) for i, _, err in items if err is not None]
+            errors.append((i, describe_error(e)))
+    return ok, (np.stack(pixels) if pixels else None), errors
 
 
 def decoded_batches(root: Path, paths: Sequence[str], image_size: int, batch_size: int, workers: int,
                     pin_memory: bool = False):
-    """Batches in order, decoded by `workers` processes ahead of the consumer (0 = in this process)."""
+    """Batches in order (decode_batch's), decoded by `workers` processes ahead of the consumer
+    (0 = in this process); pin_memory gives page-locked torch tensors for a CUDA model.
+
+    A process pool rather than torch's DataLoader: embedding with ONNX Runtime then never imports
+    torch (about 2 s of every run's start-up). A worker that dies raises BrokenProcessPool
+    instead of hanging; at most 2 batches per worker wait decoded, so memory stays bounded."""
+    tasks = ((paths[s:s + batch_size], s) for s in range(0, len(paths), max(1, batch_size)))
+    if workers == 0:
+        for chunk, s in tasks:
+            yield _pinned(decode_batch(root, chunk, s, image_size), pin_memory)
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+        pending: deque = deque()
+        try:
+            for chunk, s in tasks:
+                pending.append(pool.submit(decode_batch, root, chunk, s, image_size))
+                if len(pending) >= 2 * workers:
+                    yield _pinned(pending.popleft().result(), pin_memory)
+            while pending:
+                yield _pinned(pending.popleft().result(), pin_memory)
+        finally:
+            for future in pending:
+                future.cancel()  # a consumer that stopped early does not wait for the rest
+
+
+def _pinned(batch, pin_memory: bool):
+    if not pin_memory or batch[1] is None:
+        return batch
     import torch
 
-    loader = torch.utils.data.DataLoader(
-        DecodeDataset(root, paths, image_size), batch_size=batch_size, shuffle=False, num_workers=workers,
-        collate_fn=collate_decoded, pin_memory=pin_memory, prefetch_factor=4 if workers else None)
-    return iter(loader)
+    return batch[0], torch.from_numpy(batch[1]).pin_memory(), batch[2]
