@@ -185,6 +185,7 @@ def test_page_and_its_files_are_served_by_the_package(client):
     ("/api/search?id=1&mode=hierarchical&level=0", 400),
     ("/api/search?id=1&mode=per-level&level=7", 400),
     ("/api/search?id=1&mode=hierarchical&order=0,5", 400),
+    ("/api/search?id=1&mode=per-level&order=1,0", 400),
     ("/api/search?id=1&min_score=2", 400),
     ("/api/search?id=1&min_score=nan", 400),
     ("/api/search", 422),                               # nothing to search for

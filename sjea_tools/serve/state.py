@@ -77,7 +77,11 @@ class LoadedStore:
         """What `search_store` returns (the fields of `sjea search --json`), on the loaded indexes and
         tree; each result also carries the query's cluster path when the store has a tree."""
         notes: list[str] = []
+        if order is not None and mode is None and level is None:
+            mode = "hierarchical"  # as in search_store: order implies it, as level implies per-level
         mode, used = check_options(k, mode, level, self.levels, probes, within, min_score, self.cosine)
+        if order is not None and mode == "per-level":
+            raise SjeaError("--order sets the levels of hierarchical search; use it with --mode hierarchical or both.")
         wanted = check_order(order, self.levels) if mode != "per-level" else None
         if files and self.embedder is None:
             raise SjeaError(f"searching by image needs the store's model, which did not load: {self.embedder_error}")
