@@ -137,19 +137,6 @@ def expand_queries(queries) -> list[Path]:
     return out
 
 
-def decode_queries(paths: list[Path]) -> list:
-    from .data.images import decode_image, describe_error
-
-    images = []
-    for p in paths:
-        try:
-            images.append(decode_image(p))
-        except Exception as e:  # noqa: BLE001 - any decoder failure is the same user error
-            raise SjeaError(f"query {p} is not a readable image ({describe_error(e)}); pass an image file "
-                            "(jpg, png, ...), a folder of images, or --id N.") from None
-    return images
-
-
 def check_options(k: int, mode: str | None, level, levels: list[int], probes: int = 1, within: str = "score",
                   min_score: float | None = None, cosine: bool = True) -> tuple[str, list[int]]:
     """(mode, levels a per-level search visits); `level` is a levels spec (sjea_tools.levels)."""
@@ -197,45 +184,62 @@ def search_store(store_path=None, queries=(), ids=(), k: int = 10, mode: str | N
     from .store import open_store
 
     path, note = find_store(store_path)
-    notes = [note] if note else []
     if not queries and not ids:
         raise SjeaError("nothing to search for: pass image files, a folder of images, or --id N.")
     with open_store(path) as store:
-        levels, n = store.levels, store.n
         sidecar = read_sidecar(path)
         cosine = (sidecar or {}).get("metric", "cosine") == "cosine"
-        if order is not None and mode is None and level is None:
-            mode = "hierarchical"  # --order implies it, as --level implies per-level
-        mode, used = check_options(k, mode, level, levels, probes, within, min_score, cosine)
-        if order is not None and mode == "per-level":
-            raise SjeaError("--order sets the levels of hierarchical search; use it with --mode hierarchical or both.")
-        wanted = check_order(order, levels) if mode != "per-level" else None
+        mode, used, wanted = resolve_request(k, mode, level, order, store.levels, probes, within, min_score, cosine)
         tree = hierarchy_tree(store, path, wanted) if mode != "per-level" else None
-        if k > n:
-            notes.append(f"k={k} is larger than the store ({n} rows): showing all {n}")
-            k = n
-        indexes = load_indexes(path, store.model_id, n, used, mmap=mmap) if mode != "hierarchical" else {}
+        indexes = load_indexes(path, store.model_id, store.n, used, mmap=mmap) if mode != "hierarchical" else {}
         labels, qv = query_vectors(store, path, ids, queries, embedder)
-        qv = [l2_normalize(v) if cosine else v for v in qv]
+        return search_open_store(store, path, labels, qv, indexes=indexes, sidecar=sidecar, tree=tree,
+                                 paths=store.paths, k=k, mode=mode, used=used, probes=probes, within=within,
+                                 min_score=min_score, notes=[note] if note else [])
 
-        def get_rows(j: int, rows: np.ndarray) -> np.ndarray:
-            x = store.read_embeddings(levels[j], rows)
-            return l2_normalize(x) if cosine else x
 
-        searcher = _Searcher(indexes, sidecar, qv, levels, get_rows, n, store.paths)
-        results = [dict(lab) for lab in labels]
-        if mode in ("per-level", "both"):
-            for r, hits in zip(results, searcher.per_level(used, k)):
-                r["per_level"] = {lv: keep_above(h, min_score) for lv, h in hits.items()}
-        tree_levels = None
-        if tree is not None:
-            tree_levels = [int(v) for v in np.atleast_1d(tree["attrs"]["levels"])]
-            for r, (hits, cp, gate) in zip(results, searcher.hierarchical(tree, tree_levels, k, probes, within)):
-                r.update(hierarchical=keep_above(hits, min_score), cluster_path=cp, gate=gate)
-        return {"store": str(path), "root": store.root, "n": n, "model_id": store.model_id, "k": k, "mode": mode,
-                "levels": used if mode == "per-level" else levels, "order": tree_levels, "within": within
-                if tree is not None else None, "probes": probes if tree is not None else None,
-                "min_score": min_score, "notes": notes, "results": results}
+def resolve_request(k: int, mode: str | None, level, order, levels: list[int], probes: int, within: str,
+                    min_score: float | None, cosine: bool) -> tuple[str, list[int], list[int] | None]:
+    """Every option check of a search: (mode, levels a per-level search visits, the hierarchical
+    order asked for or None for the tree's measured one)."""
+    if order is not None and mode is None and level is None:
+        mode = "hierarchical"  # --order implies it, as --level implies per-level
+    mode, used = check_options(k, mode, level, levels, probes, within, min_score, cosine)
+    if order is not None and mode == "per-level":
+        raise SjeaError("--order sets the levels of hierarchical search; use it with --mode hierarchical or both.")
+    return mode, used, (check_order(order, levels) if mode != "per-level" else None)
+
+
+def search_open_store(store, path: Path, labels: list[dict], qv: list[np.ndarray], *, indexes: dict,
+                      sidecar: dict | None, tree: dict | None, paths: list[str], k: int, mode: str, used: list[int],
+                      probes: int, within: str, min_score: float | None, notes: list[str]) -> dict:
+    """The search itself, on an open store with its indexes and tree at hand: `search_store` loads
+    them per call, `sjea serve` once per store version; both answer through this function."""
+    levels, n = store.levels, store.n
+    cosine = (sidecar or {}).get("metric", "cosine") == "cosine"
+    if k > n:
+        notes.append(f"k={k} is larger than the store ({n} rows): showing all {n}")
+        k = n
+    qv = [l2_normalize(v) if cosine else v for v in qv]
+
+    def get_rows(j: int, rows: np.ndarray) -> np.ndarray:
+        x = store.read_embeddings(levels[j], rows)
+        return l2_normalize(x) if cosine else x
+
+    searcher = Searcher(indexes, sidecar, qv, levels, get_rows, n, paths)
+    results = [dict(lab) for lab in labels]
+    if mode in ("per-level", "both"):
+        for r, hits in zip(results, searcher.per_level(used, k)):
+            r["per_level"] = {lv: keep_above(h, min_score) for lv, h in hits.items()}
+    tree_levels = None
+    if tree is not None:
+        tree_levels = [int(v) for v in np.atleast_1d(tree["attrs"]["levels"])]
+        for r, (hits, cp, gate) in zip(results, searcher.hierarchical(tree, tree_levels, k, probes, within)):
+            r.update(hierarchical=keep_above(hits, min_score), cluster_path=cp, gate=gate)
+    return {"store": str(path), "root": store.root, "n": n, "model_id": store.model_id, "k": k, "mode": mode,
+            "levels": used if mode == "per-level" else levels, "order": tree_levels, "within": within
+            if tree is not None else None, "probes": probes if tree is not None else None,
+            "min_score": min_score, "notes": notes, "results": results}
 
 
 def keep_above(hits: list[dict], min_score: float | None) -> list[dict]:
@@ -299,7 +303,7 @@ def query_embedder(store, path: Path, embedder=None):
     return emb
 
 
-class _Searcher:
+class Searcher:
     """The FAISS indexes and stored vectors of one open store, searched with unit query vectors
     qv[j] (one array per store level j); hits are dicts ready for the result."""
 

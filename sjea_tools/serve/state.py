@@ -21,8 +21,8 @@ import numpy as np
 
 from ..errors import SjeaError
 from ..index import load_indexes, read_sidecar
-from ..search import (DEFAULT_MODE, DEFAULT_WITHIN, _Searcher, check_options, check_order, hierarchy_tree, keep_above,
-                      query_vectors)
+from ..search import (DEFAULT_MODE, DEFAULT_WITHIN, hierarchy_tree, query_vectors, resolve_request,
+                      search_open_store)
 from ..store import open_store
 from ..vectors import l2_normalize
 
@@ -74,44 +74,22 @@ class LoadedStore:
     # --- search -----------------------------------------------------------------------------------
     def search(self, ids=(), files=(), k: int = 10, mode: str | None = None, level=None, order=None,
                probes: int = 1, within: str = DEFAULT_WITHIN, min_score: float | None = None) -> dict:
-        """What `search_store` returns (the fields of `sjea search --json`), on the loaded indexes and
-        tree; each result also carries the query's cluster path when the store has a tree."""
-        notes: list[str] = []
-        if order is not None and mode is None and level is None:
-            mode = "hierarchical"  # as in search_store: order implies it, as level implies per-level
-        mode, used = check_options(k, mode, level, self.levels, probes, within, min_score, self.cosine)
-        if order is not None and mode == "per-level":
-            raise SjeaError("--order sets the levels of hierarchical search; use it with --mode hierarchical or both.")
-        wanted = check_order(order, self.levels) if mode != "per-level" else None
+        """What `search_store` returns (the fields of `sjea search --json`), through the same
+        search.search_open_store on the loaded indexes and tree; each result also carries the
+        query's cluster path when the store has a tree."""
+        mode, used, wanted = resolve_request(k, mode, level, order, self.levels, probes, within, min_score,
+                                             self.cosine)
         if files and self.embedder is None:
             raise SjeaError(f"searching by image needs the store's model, which did not load: {self.embedder_error}")
         with open_store(self.path) as store:
             tree = self._hierarchy_tree(store, wanted) if mode != "per-level" else None
-            if k > self.n:
-                notes.append(f"k={k} is larger than the store ({self.n} rows): showing all {self.n}")
-                k = self.n
             labels, qv = self._query_vectors(store, ids, files)
-            qv = [l2_normalize(v) if self.cosine else v for v in qv]
-
-            def get_rows(j: int, rows: np.ndarray) -> np.ndarray:
-                x = store.read_embeddings(self.levels[j], rows)
-                return l2_normalize(x) if self.cosine else x
-
-            searcher = _Searcher(self.indexes, self.sidecar, qv, self.levels, get_rows, self.n, self.paths)
-            results = [dict(lab) for lab in labels]
-            if mode in ("per-level", "both"):
-                for r, hits in zip(results, searcher.per_level(used, k)):
-                    r["per_level"] = {lv: keep_above(h, min_score) for lv, h in hits.items()}
-            tree_levels = None
-            if tree is not None:
-                tree_levels = [int(v) for v in np.atleast_1d(tree["attrs"]["levels"])]
-                for r, (hits, cp, gate) in zip(results, searcher.hierarchical(tree, tree_levels, k, probes, within)):
-                    r.update(hierarchical=keep_above(hits, min_score), cluster_path=cp, gate=gate)
-        self._add_cluster_paths(results, qv)
-        return {"store": str(self.path), "root": str(self.root), "n": self.n, "model_id": self.model_id, "k": k,
-                "mode": mode, "levels": used if mode == "per-level" else self.levels, "order": tree_levels,
-                "within": within if tree is not None else None, "probes": probes if tree is not None else None,
-                "min_score": min_score, "notes": notes, "results": results}
+            res = search_open_store(store, self.path, labels, qv, indexes=self.indexes, sidecar=self.sidecar,
+                                    tree=tree, paths=self.paths, k=k, mode=mode, used=used, probes=probes,
+                                    within=within, min_score=min_score, notes=[])
+        self._add_cluster_paths(res["results"], [l2_normalize(v) if self.cosine else v for v in qv])
+        res["root"] = str(self.root)
+        return res
 
     def _query_vectors(self, store, ids, files) -> tuple[list[dict], list[np.ndarray]]:
         """search.query_vectors, except that stored rows take their path from the loaded list: the
