@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from . import app
-from .common import (any_finite, console, err_console, handle_errors, literal, markup_safe, positive_int,
+from .common import (any_finite, non_negative_int, console, err_console, handle_errors, literal, markup_safe, positive_int,
                      print_json)
 
 
@@ -16,7 +16,8 @@ from .common import (any_finite, console, err_console, handle_errors, literal, m
 @handle_errors
 def search(
     queries: Optional[List[Path]] = typer.Argument(None, help="Query image files and/or folders of images."),
-    ids: Optional[List[int]] = typer.Option(None, "--id", help="Also search with stored row N (repeatable)."),
+    ids: Optional[List[int]] = typer.Option(None, "--id", help="Also search with stored row N (repeatable).",
+                                        callback=non_negative_int),
     store: Optional[Path] = typer.Option(None, "--store", "-s", help="The store to search [default: the newest "
                                          ".h5 in this folder]."),
     k: int = typer.Option(10, "--k", "-k", callback=positive_int, help="Results per query (clipped to the store's size)."),
