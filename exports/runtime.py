@@ -101,6 +101,10 @@ def _try_session(model_bytes_or_path, full: str, so, precise: bool):
     return sess, None
 
 
+def _model_name(model) -> str:
+    return str(model) if isinstance(model, (str, Path)) else "the model"
+
+
 def create_session(model, provider: str | None = None, threads: int | None = None, precise: bool = False):
     """(session, provider actually used). provider=None: CUDA when it really starts, else CPU;
     a named provider that cannot start is an error, never a silent fallback."""
@@ -114,12 +118,15 @@ def create_session(model, provider: str | None = None, threads: int | None = Non
         full = provider_name(provider)
         if full not in available:
             raise SjeaError(f"ONNX Runtime provider {full} is not available in this installation "
-                            f"(available: {', '.join(available)}); use --provider cpu.")
+                            f"(available: {', '.join(available)}); run on the CPU instead.")
         sess, why = _try_session(source, full, so, precise)
         if sess is None:
             if full == CUDA:
                 _cuda_failed = why
-            raise SjeaError(f"provider {full} could not start: {why}; use --provider cpu.")
+            if full == CPU:  # the file itself is the problem: no provider advice helps
+                raise SjeaError(f"ONNX Runtime cannot load {_model_name(model)}: {why}; re-export it with "
+                                "'sjea export'.")
+            raise SjeaError(f"provider {full} could not start: {why}; run on the CPU instead.")
         return sess, full
     if CUDA in available and _cuda_failed is None:
         sess, why = _try_session(source, CUDA, so, precise)
@@ -128,7 +135,7 @@ def create_session(model, provider: str | None = None, threads: int | None = Non
         _cuda_failed = why
     sess, why = _try_session(source, CPU, so, precise)
     if sess is None:
-        raise SjeaError(f"ONNX Runtime cannot load {model if isinstance(model, (str, Path)) else 'the model'}: {why}")
+        raise SjeaError(f"ONNX Runtime cannot load {_model_name(model)}: {why}; re-export it with 'sjea export'.")
     return sess, CPU
 
 
@@ -145,7 +152,10 @@ def check_provider(provider: str) -> str:
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
     probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     probe.ir_version = min(probe.ir_version, onnx.IR_VERSION)
-    _, used = create_session(probe.SerializeToString(), provider, threads=1)
+    try:
+        _, used = create_session(probe.SerializeToString(), provider, threads=1)
+    except SjeaError as e:  # the commands that call this have --provider: name the option
+        raise SjeaError(str(e).replace("run on the CPU instead", "use --provider cpu")) from None
     return used
 
 
