@@ -16,8 +16,8 @@ from .common import console, handle_errors, markup_safe, positive_int, print_jso
 def clusters(
     store: Path = typer.Argument(..., help="The .h5 store written by 'sjea embed'."),
     sizes: Optional[str] = typer.Option(None, "--sizes", help="Clusters at the coarse level, then sub-clusters per "
-                                        "cluster at each next level, e.g. 10,4 (rebuilds) [default: from the row count]."),
-    order: Optional[str] = typer.Option(None, "--order", help="Levels coarse first, e.g. 0,1 (rebuilds) [default: "
+                                        "cluster at each next level, e.g. 10,4 (rebuilds) \\[default: from the row count]."),
+    order: Optional[str] = typer.Option(None, "--order", help="Levels coarse first, e.g. 0,1 (rebuilds) \\[default: "
                                         "measured: the level whose clusters keep neighbourhoods best is coarse]."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Build the tree again even if the store has one."),
     examples: int = typer.Option(3, "--examples", callback=positive_int, help="Example paths shown per cluster (nearest the centre)."),

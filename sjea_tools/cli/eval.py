@@ -65,7 +65,7 @@ def eval_command(
     limit: Optional[int] = typer.Option(None, "--limit", callback=non_negative_int, help="STORE only: use N random labelled rows "
                                         "(default 100000; 0 = all)."),
     level: Optional[List[str]] = typer.Option(None, "--level", help="Evaluate these levels: repeatable, or 0,1, "
-                                              "or all [default: all]."),
+                                              "or all \\[default: all]."),
     probe_epochs: int = typer.Option(20, "--probe-epochs", callback=positive_int, help="Epochs of the linear probe on cached features."),
     probe_lr: float = typer.Option(0.2, "--probe-lr", callback=positive_float, help="Peak learning rate of the probe (SGD, momentum 0.9, cosine)."),
     batch_size: int = typer.Option(256, "--batch-size", callback=positive_int, help="Images per forward pass."),

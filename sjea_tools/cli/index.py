@@ -20,15 +20,15 @@ def index(
     kind: str = typer.Option("auto", "--kind", help=KIND_HELP),
     memory_budget: str = typer.Option("8G", "--memory-budget", help="Memory the index may use, e.g. 8G or 512M; "
                                       "auto picks a compressed index (ivf-pq) when the full vectors do not fit."),
-    nlist: Optional[int] = typer.Option(None, "--nlist", help="IVF lists (ivf-flat, ivf-pq) [default: ~sqrt(rows)].",
+    nlist: Optional[int] = typer.Option(None, "--nlist", help="IVF lists (ivf-flat, ivf-pq) \\[default: ~sqrt(rows)].",
                                         callback=positive_int),
-    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF lists searched per query [default: tuned to "
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF lists searched per query \\[default: tuned to "
                                          "recall@10 >= 0.95].", callback=positive_int),
     pq_m: Optional[int] = typer.Option(None, "--pq-m", help="ivf-pq bytes per vector (must divide the dimension).",
                                        callback=positive_int),
-    hnsw_m: Optional[int] = typer.Option(None, "--hnsw-m", help="HNSW neighbours per node [default: 32].",
+    hnsw_m: Optional[int] = typer.Option(None, "--hnsw-m", help="HNSW neighbours per node \\[default: 32].",
                                          callback=positive_int),
-    ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW search breadth [default: tuned to "
+    ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW search breadth \\[default: tuned to "
                                             "recall@10 >= 0.95].", callback=positive_int),
     metric: str = typer.Option("cosine", "--metric", help="cosine (L2-normalised vectors, inner product) or "
                                "inner-product (raw vectors)."),

@@ -18,15 +18,15 @@ def search(
     queries: Optional[List[Path]] = typer.Argument(None, help="Query image files and/or folders of images."),
     ids: Optional[List[int]] = typer.Option(None, "--id", help="Also search with stored row N (repeatable).",
                                         callback=non_negative_int),
-    store: Optional[Path] = typer.Option(None, "--store", "-s", help="The store to search [default: the newest "
+    store: Optional[Path] = typer.Option(None, "--store", "-s", help="The store to search \\[default: the newest "
                                          ".h5 in this folder]."),
     k: int = typer.Option(10, "--k", "-k", callback=positive_int, help="Results per query (clipped to the store's size)."),
     level: Optional[List[str]] = typer.Option(None, "--level", help="Search only these levels, each on its own "
                                               "(implies --mode per-level): repeatable, or 0,1, or all."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="per-level, hierarchical or both [default: "
+    mode: Optional[str] = typer.Option(None, "--mode", help="per-level, hierarchical or both \\[default: "
                                        "per-level, the mode that measured best: docs/search.md]."),
     order: Optional[str] = typer.Option(None, "--order", help="Hierarchical: the levels coarse first, e.g. 1,0; "
-                                        "must match the store's cluster tree [default: the tree's, measured]."),
+                                        "must match the store's cluster tree \\[default: the tree's, measured]."),
     probes: int = typer.Option(1, "--probes", callback=positive_int, help="Hierarchical: coarse clusters the "
                                "answer may come from (nearest first; widened until they hold k rows)."),
     within: str = typer.Option("score", "--within", help="Hierarchical: order inside the coarse cluster: score "

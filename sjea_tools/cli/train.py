@@ -35,7 +35,7 @@ def train(
     preset: str = typer.Option("tiny", "--preset", "-p", help=PRESET_HELP),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML, TOML or JSON file of settings "
                                           "(sections model, data, optim, loss, train) applied over the preset."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder to write [default: runs/<preset>]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder to write \\[default: runs/<preset>]."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its last "
                                           "checkpoint (its saved config is used)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
@@ -44,7 +44,7 @@ def train(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local dataset files (Fashion-MNIST: the four "
                                             "IDX .gz files; CIFAR/STL: the extracted official archive)."),
     limit: Optional[int] = typer.Option(None, "--limit", callback=positive_int, help="Train on the first N images only."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", callback=positive_int, help="Input size in pixels [default: the "
+    image_size: Optional[int] = typer.Option(None, "--image-size", callback=positive_int, help="Input size in pixels \\[default: the "
                                              "dataset's]."),
     levels: Optional[int] = typer.Option(None, "--levels", "-l", callback=positive_int, help="Number of stacked levels (1 = plain VICReg)."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="Level-0 encoder: resnet18, resnet34, resnet50."),
