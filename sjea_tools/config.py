@@ -42,6 +42,19 @@ class ModelConfig:
 
 
 @dataclass
+class ViewConfig:
+    """Per-view overrides of the augmentation (data.view1.*, data.view2.*); None = the shared value."""
+    crop_scale: tuple[float, float] | None = None
+    flip_p: float | None = None
+    jitter: tuple[float, float, float, float] | None = None
+    jitter_p: float | None = None
+    grayscale_p: float | None = None
+    blur_p: float | None = None
+    blur_sigma: tuple[float, float] | None = None
+    solarize_p: float | None = None
+
+
+@dataclass
 class DataConfig:
     dataset: str = "fashion-mnist"  # one of DATASETS, or a path to an image folder
     data_dir: str | None = None  # local files; None = the usual places, then download
@@ -51,13 +64,19 @@ class DataConfig:
     limit: int | None = None  # train on the first N images only (None = all)
     holdout: int = 0  # images held out of training (CIFAR recipe: 5000)
     split_seed: int = 22343
+    # Augmentation: a named recipe (data/augment.py RECIPES: authors, vicreg) or "custom" = the fields
+    # below for both views; view1/view2 override either, per view.
+    augment: str = "custom"
     crop_scale: tuple[float, float] = (0.3, 1.0)
     flip_p: float = 0.5
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
     blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # in pixels of the training image
     solarize_p: float = 0.0
+    view1: ViewConfig = field(default_factory=ViewConfig)
+    view2: ViewConfig = field(default_factory=ViewConfig)
     workers: int = 2
 
 
@@ -265,6 +284,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         "model.encoder": (m.encoder, ("resnet", "mlp")),
         "model.level_input": (m.level_input, ("representation", "embedding")),
         "optim.optimizer": (cfg.optim.optimizer, ("adam", "lars")),
+        "data.augment": (cfg.data.augment, ("custom", "authors", "vicreg")),
         "train.precision": (t.precision, ("auto", "fp32", "bf16", "fp16")),
     }
     for name, (value, allowed) in choices.items():
@@ -303,14 +323,21 @@ def check_numbers(cfg: RunConfig) -> None:
         raise SjeaError(f"data.limit must be 1 or more; leave it unset for all images (got {d.limit}).")
     if d.holdout < 0:
         raise SjeaError(f"data.holdout must be 0 or more (got {d.holdout}).")
-    for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
-        p = getattr(d, name)
-        if not 0.0 <= p <= 1.0:  # also refuses NaN
-            raise SjeaError(f"data.{name} is a probability: give a value from 0 to 1 (got {p}).")
-    if len(d.crop_scale) != 2 or not 0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0:
-        raise SjeaError(f"data.crop_scale: give min,max with 0 < min <= max <= 1, e.g. 0.3,1.0 (got {d.crop_scale}).")
-    if len(d.jitter) != 4 or not all(v >= 0 for v in d.jitter):
-        raise SjeaError(f"data.jitter: give brightness,contrast,saturation,hue, e.g. 0.4,0.4,0.4,0.1 (got {d.jitter}).")
+    for where, v in (("data", d), ("data.view1", d.view1), ("data.view2", d.view2)):
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+            p = getattr(v, name)
+            if p is not None and not 0.0 <= p <= 1.0:  # also refuses NaN
+                raise SjeaError(f"{where}.{name} is a probability: give a value from 0 to 1 (got {p}).")
+        c = v.crop_scale
+        if c is not None and (len(c) != 2 or not 0.0 < c[0] <= c[1] <= 1.0):
+            raise SjeaError(f"{where}.crop_scale: give min,max with 0 < min <= max <= 1, e.g. 0.3,1.0 (got {c}).")
+        j = v.jitter
+        if j is not None and (len(j) != 4 or not all(x >= 0 for x in j) or j[3] > 0.5):
+            raise SjeaError(f"{where}.jitter: give brightness,contrast,saturation,hue (hue <= 0.5), "
+                            f"e.g. 0.4,0.4,0.4,0.1 (got {j}).")
+        b = v.blur_sigma
+        if b is not None and (len(b) != 2 or not 0.0 < b[0] <= b[1] or not math.isfinite(b[1])):
+            raise SjeaError(f"{where}.blur_sigma: give min,max in pixels with 0 < min <= max, e.g. 0.1,2.0 (got {b}).")
     if not (math.isfinite(o.lr) and o.lr > 0):
         raise SjeaError(f"optim.lr must be a positive number (got {o.lr}).")
     if not (math.isfinite(o.weight_decay) and o.weight_decay >= 0):

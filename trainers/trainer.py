@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from sjea_tools.config import RunConfig, save_config
-from sjea_tools.data.augment import per_image_transform, two_views
+from sjea_tools.data.augment import per_image_transforms, two_views
 from sjea_tools.data.datasets import PixelDataset, load_dataset, resize_pixels, train_split
 from sjea_tools.data.preprocess import normalize_pixels
 from sjea_tools.errors import SjeaError
@@ -81,8 +81,8 @@ def step_batches(n: int, batch: int, info: DistInfo, seed: int, epoch: int) -> l
 class _TwoViewPixels(torch.utils.data.Dataset):
     """The straightforward path: per-image torchvision augmentation in DataLoader workers."""
 
-    def __init__(self, base: PixelDataset, transform):
-        self.base, self.transform = base, transform
+    def __init__(self, base: PixelDataset, transforms):
+        self.base, self.transforms = base, transforms
 
     def __len__(self):
         return len(self.base)
@@ -90,7 +90,7 @@ class _TwoViewPixels(torch.utils.data.Dataset):
     def __getitem__(self, i):
         px, _ = self.base[i]
         img = px.permute(2, 0, 1)
-        return self.transform(img), self.transform(img)
+        return self.transforms[0](img), self.transforms[1](img)
 
 
 def batch_source(data, cfg: RunConfig, batches: list[np.ndarray], device: torch.device):
@@ -104,7 +104,7 @@ def batch_source(data, cfg: RunConfig, batches: list[np.ndarray], device: torch.
         return
     base = PixelDataset(data, size)
     dataset = base if cfg.train.augment_on_device else _TwoViewPixels(
-        base, per_image_transform(cfg.data, size, cfg.mean, cfg.std))
+        base, per_image_transforms(cfg.data, size, cfg.mean, cfg.std))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.data.workers,
                                          pin_memory=pin, persistent_workers=False)
     for item in loader:
