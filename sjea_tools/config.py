@@ -112,7 +112,7 @@ class TrainConfig:
     augment_on_device: bool = True  # batched augmentation on the training device
     checkpoint_every: int = 200  # steps between checkpoints (and at every epoch end)
     log_every: int = 10  # steps between metric rows
-    max_steps: int | None = None  # stop early after this many steps
+    max_steps: int | None = None  # stop early after this many steps (the lr schedule still spans all epochs)
 
 
 @dataclass
@@ -176,6 +176,16 @@ PRESETS: dict[str, dict] = {
         "model": {"backbone": "resnet18", "stem": "standard", "levels": 2, "encoder": "resnet"},
         "data": {"dataset": "stl10", "image_size": 64},
         "train": {"epochs": 300, "batch_size": 256},
+    },
+    # Official VICReg (facebookresearch/vicreg): LARS, base lr 0.2 x batch/256, wd 1e-6, eta 0.001,
+    # biases and norms excluded, 10 warm-up epochs, cosine to 0.001 x lr, 8192-8192-8192 projector.
+    "vicreg-official": {
+        "model": {"backbone": "resnet18", "stem": "small", "levels": 1, "projector": "8192-8192-8192",
+                  "projector_last_bias": False},
+        "data": {"dataset": "cifar10", "image_size": 32, "holdout": 5000, "augment": "vicreg"},
+        "optim": {"optimizer": "lars", "lr": 0.2, "weight_decay": 1e-6, "eta": 0.001, "momentum": 0.9,
+                  "warmup_epochs": 10, "final_lr_ratio": 0.001},
+        "train": {"epochs": 100, "batch_size": 256},
     },
     # One-level baselines; r50 is parameter-matched to 2-level S-JEA.
     "vicreg-r18": {

@@ -167,13 +167,23 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def train(cfg: RunConfig, out_dir: Path | str | None = None, resume: bool = False, overwrite: bool = False,
           quiet: bool = False, runs_dir: Path | str = DEFAULT_RUNS_DIR, log=None) -> Path:
     """Train a stack; returns the run folder. With resume=True, `out_dir` is the run to continue and
-    its saved configuration is used."""
+    its saved configuration is used, before anything reads it (device, seed, distributed backend)."""
+    if resume:
+        cfg = resume_config(out_dir)
     info = setup_distributed("cuda" if cfg.train.device.startswith("cuda") or (
         cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu")
     try:
         return _train(cfg, out_dir, resume, overwrite, quiet, Path(runs_dir), info, log)
     finally:
         cleanup_distributed()
+
+
+def resume_config(run_dir) -> RunConfig:
+    """The configuration a run was trained with, from its checkpoint."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CHECKPOINT_FILE).is_file():
+        raise SjeaError(f"{run_dir} has no checkpoint to resume from ({CHECKPOINT_FILE}); start a new run.")
+    return RunConfig.from_dict(load_checkpoint(run_dir)["config"])
 
 
 def _train(cfg, out_dir, resume, overwrite, quiet, runs_dir, info: DistInfo, log) -> Path:
@@ -210,9 +220,9 @@ def _train(cfg, out_dir, resume, overwrite, quiet, runs_dir, info: DistInfo, log
             save_config(cfg, run_dir / CONFIG_FILE)
     barrier(info)
 
-    total_steps = math.ceil(cfg.train.epochs * steps_per_epoch)
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
+    total_steps = math.ceil(cfg.train.epochs * steps_per_epoch)  # the lr schedule spans all epochs
+    # max_steps stops early without shortening the schedule (a quick look at the start of a real run).
+    stop_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
 
     model = build_model(cfg).to(device)
@@ -241,7 +251,7 @@ def _train(cfg, out_dir, resume, overwrite, quiet, runs_dir, info: DistInfo, log
         start_step = int(state["step"])
         if info.is_main:
             _truncate_metrics(run_dir / METRICS_FILE, start_step)
-        console.print(f"resuming {run_dir} at step {start_step}/{total_steps}")
+        console.print(f"resuming {run_dir} at step {start_step}/{stop_step}")
 
     # Fixed images for the per-epoch collapse check.
     probe_n = min(1024, len(data))
@@ -254,14 +264,14 @@ def _train(cfg, out_dir, resume, overwrite, quiet, runs_dir, info: DistInfo, log
     last_rate = 0.0
     model.train()
     progress = _progress(console, quiet or not info.is_main)
-    task = progress.add_task("train", total=total_steps, completed=start_step, info="")
+    task = progress.add_task("train", total=stop_step, completed=start_step, info="")
     with progress:
         step = start_step
-        while step < total_steps:
+        while step < stop_step:
             epoch = step // steps_per_epoch
             batches = step_batches(len(data), batch, info, cfg.train.seed, epoch)
             first = step - epoch * steps_per_epoch
-            last = min(steps_per_epoch, first + total_steps - step)
+            last = min(steps_per_epoch, first + stop_step - step)
             for item in batch_source(data, cfg, batches[first:last], device):
                 # Augmentation randomness depends only on (seed, step, rank): exact on resume.
                 g = torch.Generator(device=device).manual_seed(
@@ -287,12 +297,14 @@ def _train(cfg, out_dir, resume, overwrite, quiet, runs_dir, info: DistInfo, log
                     optimizer.step()
                 step += 1
                 seen_since += len(v1) * info.world_size
-                if step % cfg.train.log_every == 0 or step == total_steps:
+                if step % cfg.train.log_every == 0 or step == stop_step:
                     loss_value = float(loss.detach())
                     if not math.isfinite(loss_value):
-                        raise SjeaError(f"the loss became {loss_value} at step {step}; lower --lr or use more "
-                                        f"warm-up (--set optim.warmup_epochs=...), then --resume {run_dir}.",
-                                        exit_code=1)
+                        raise SjeaError(f"the loss became {loss_value} at step {step}: train again with a lower "
+                                        f"--lr (this run: {cfg.optim.lr:g}) or more warm-up (--set "
+                                        f"optim.warmup_epochs=N, this run: {cfg.optim.warmup_epochs:g}), e.g. the "
+                                        f"same command with --lr {cfg.optim.lr / 4:g} --overwrite (resuming would "
+                                        "reload the same settings).", exit_code=1)
                     now = time.perf_counter()
                     last_rate = seen_since / max(now - t_since, 1e-9)
                     seen_since, t_since = 0, now
@@ -309,7 +321,7 @@ def _train(cfg, out_dir, resume, overwrite, quiet, runs_dir, info: DistInfo, log
                     progress.update(task, info=f"{losses}  {last_rate:.0f} img/s")
                 progress.update(task, completed=step)
                 epoch_end = step % steps_per_epoch == 0
-                if info.is_main and (step % cfg.train.checkpoint_every == 0 or epoch_end or step == total_steps):
+                if info.is_main and (step % cfg.train.checkpoint_every == 0 or epoch_end or step == stop_step):
                     save_checkpoint(run_dir, model=model, optimizer=optimizer, scaler=scaler, step=step,
                                     cfg_dict=cfg.to_dict())
                 if epoch_end and info.is_main:
@@ -330,7 +342,7 @@ def _train(cfg, out_dir, resume, overwrite, quiet, runs_dir, info: DistInfo, log
     if info.is_main:
         path = save_model(run_dir, model, cfg)
         set_latest(run_dir, runs_dir)
-        console.print(f"trained {total_steps} steps; model: {path}; metrics: {run_dir / METRICS_FILE}")
+        console.print(f"trained {stop_step} steps; model: {path}; metrics: {run_dir / METRICS_FILE}")
     barrier(info)
     return run_dir
 

@@ -10,7 +10,8 @@ import typer
 from . import app
 from .common import console, handle_errors, print_json
 
-PRESET_HELP = "Named preset: tiny (CPU default, Fashion-MNIST), cifar10-paper, stl10-paper, vicreg-r18, vicreg-r50."
+PRESET_HELP = ("Named preset: tiny (CPU default, Fashion-MNIST), cifar10-paper, stl10-paper, vicreg-official "
+               "(LARS recipe of the VICReg code), vicreg-r18, vicreg-r50.")
 
 
 def _parse_sets(sets: list[str]) -> dict:
@@ -69,7 +70,7 @@ def train(
                                             "fp16."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (data order and augmentation)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop early after this many steps (the lr schedule still spans --epochs)."),
     sets: list[str] = typer.Option([], "--set", help="Any setting as section.key=value, e.g. "
                                    "--set data.blur_p=0.5 (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and per-level parameter "
