@@ -36,3 +36,30 @@ def pixel_baseline_features(train_data, test_data) -> dict[str, tuple[np.ndarray
     """{"raw pixels": (train, test), "centred pixels": (train, test)} feature pairs."""
     tr, te = pixel_features(train_data), pixel_features(test_data)
     return {"raw pixels": (tr, te), "centred pixels": centre(tr, te)}
+
+
+def baseline_results(train_data, test_data, train_feats, test_feats, levels, probe_epochs: int = 20,
+                     probe_lr: float = 0.2, seed: int = 0) -> dict:
+    """The pixel rows under the model's own protocol (k-NN as is and centred, the same cheap probe),
+    and the model's levels under the centred k-NN as well, so every number has its floor beside it."""
+    from .evaluation import knn_accuracy, linear_probe
+
+    ytr, yte = np.asarray(train_data.labels), np.asarray(test_data.labels)
+    model = []
+    for level, ftr, fte in zip(levels, train_feats, test_feats):
+        ctr, cte = centre(ftr, fte)
+        model.append({"level": int(level), "knn_top1_centred": knn_accuracy(ctr, ytr, cte, yte)})
+    if train_data.pixels is None or test_data.pixels is None:
+        return {"model": model, "pixels": [], "note": "pixel baselines need in-memory pixels (not an image folder)"}
+    raw_tr, raw_te = pixel_features(train_data), pixel_features(test_data)
+    if raw_tr.shape[1] != raw_te.shape[1]:
+        return {"model": model, "pixels": [], "note": "train and test images differ in size"}
+    ctr, cte = centre(raw_tr, raw_te)
+    raw_knn, centred_knn = knn_accuracy(raw_tr, ytr, raw_te, yte), knn_accuracy(ctr, ytr, cte, yte)
+    pixels = []
+    # Centring twice changes nothing: the centred-pixels row has one k-NN value for both protocols.
+    for name, (tr, te), knn in (("raw pixels", (raw_tr, raw_te), raw_knn), ("centred pixels", (ctr, cte), centred_knn)):
+        probe = linear_probe(tr, ytr, te, yte, epochs=probe_epochs, lr=probe_lr, seed=seed)
+        pixels.append({"features": name, "dim": int(tr.shape[1]), "knn_top1": knn, "knn_top1_centred": centred_knn,
+                       "linear_top1": probe["top1"], "linear_top5": probe["top5"]})
+    return {"model": model, "pixels": pixels}
