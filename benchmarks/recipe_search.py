@@ -186,7 +186,8 @@ def _summary(cfg: dict) -> dict:
             aug += f"; {view}: " + ", ".join(f"{k}={v}" for k, v in over.items())
     return {"backbone": f"{m['backbone']} ({m['stem']} stem)", "size": d["image_size"] or 28,
             "images": d["limit"] or 60000, "epochs": t["epochs"], "batch": t["batch_size"],
-            "optim": f"{o['optimizer']} lr {o['lr']:g}" + (f" wd {o['weight_decay']:g}" if o["weight_decay"] else ""),
+            "optim": f"{o['optimizer']} lr {o['lr']:g}, warm-up {o['warmup_epochs']:g} ep"
+                     + (f", wd {o['weight_decay']:g}" if o["weight_decay"] else ""),
             "projector": m["projector"], "levels": m["levels"], "aug": aug}
 
 
@@ -219,7 +220,7 @@ def report() -> str:
         lines.append("")
     lines += ["## Trials, in the order they ran", "",
               "| # | trial | backbone | epochs x images | batch | optimiser | projector | augmentations | steps | "
-              "wall s | load 1-min before/after | k-NN | centred | probe | k-NN - random init |",
+              "wall s | load 1-min before/after, torch threads | k-NN | centred | probe | k-NN - random init |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(trials, 1):
         s = _summary(r["config"])
@@ -228,7 +229,7 @@ def report() -> str:
         lines.append(
             f"| {i} | {r['name']} | {s['backbone']}, {s['size']} px | {s['epochs']:g} x {s['images']} | {s['batch']} | "
             f"{s['optim']} | {s['projector']} | {s['aug']} | {r['steps']} | {r['wall_s']:.0f} | "
-            f"{r['load_before'][0]:.1f}/{r['load_after'][0]:.1f} | {r['knn']:.2f} | {r['knn_centred']:.2f} | "
+            f"{r['load_before'][0]:.1f}/{r['load_after'][0]:.1f}, {r['threads']} thr | {r['knn']:.2f} | {r['knn_centred']:.2f} | "
             f"{'-' if r.get('probe') is None else format(r['probe'], '.2f')} | {gain} |")
     lines.append("")
     if pixels and trials:
