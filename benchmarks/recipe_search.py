@@ -237,6 +237,10 @@ def report() -> str:
         beat = [r for r in trials if r["knn"] > floor]
         lines.append(f"Trials whose k-NN beats centred pixels ({floor:.2f}): "
                      + (", ".join(f"{r['name']} ({r['knn']:.2f}, {r['wall_s']:.0f} s)" for r in beat) or "none") + ".")
+        above = [r for r in trials if r["arch"] in floors and r["knn"] >= floors[r["arch"]]["knn"] + 8]
+        lines.append("Trials at least 8 points above their architecture at random init: "
+                     + (", ".join(f"{r['name']} ({r['knn'] - floors[r['arch']]['knn']:+.2f})" for r in above) or "none")
+                     + ".")
         lines.append("")
     text = "\n".join(lines)
     DOC.write_text(text)
