@@ -38,12 +38,12 @@ def pixel_baseline_features(train_data, test_data) -> dict[str, tuple[np.ndarray
     return {"raw pixels": (tr, te), "centred pixels": centre(tr, te)}
 
 
-def baseline_results(train_data, test_data, train_feats, test_feats, levels, probe_epochs: int = 20,
-                     probe_lr: float = 0.2, seed: int = 0) -> dict:
+def baseline_results(train_data, test_data, train_feats, test_feats, levels, knn_accuracy, probe) -> dict:
     """The pixel rows under the model's own protocol (k-NN as is and centred, the same cheap probe),
-    and the model's levels under the centred k-NN as well, so every number has its floor beside it."""
-    from .evaluation import knn_accuracy, linear_probe
+    and the model's levels under the centred k-NN as well, so every number has its floor beside it.
 
+    `knn_accuracy(bank, bank_labels, queries, query_labels)` and `probe(train_x, train_y, test_x, test_y)`
+    are the evaluation's own functions (passed in: this module stays free of project imports)."""
     ytr, yte = np.asarray(train_data.labels), np.asarray(test_data.labels)
     model = []
     for level, ftr, fte in zip(levels, train_feats, test_feats):
@@ -59,7 +59,7 @@ def baseline_results(train_data, test_data, train_feats, test_feats, levels, pro
     pixels = []
     # Centring twice changes nothing: the centred-pixels row has one k-NN value for both protocols.
     for name, (tr, te), knn in (("raw pixels", (raw_tr, raw_te), raw_knn), ("centred pixels", (ctr, cte), centred_knn)):
-        probe = linear_probe(tr, ytr, te, yte, epochs=probe_epochs, lr=probe_lr, seed=seed)
+        scores = probe(tr, ytr, te, yte)
         pixels.append({"features": name, "dim": int(tr.shape[1]), "knn_top1": knn, "knn_top1_centred": centred_knn,
-                       "linear_top1": probe["top1"], "linear_top5": probe["top5"]})
+                       "linear_top1": scores["top1"], "linear_top5": scores["top5"]})
     return {"model": model, "pixels": pixels}

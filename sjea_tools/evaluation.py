@@ -342,7 +342,8 @@ def evaluate_run(run=None, dataset: str | None = None, data_dir: str | None = No
     if baselines:
         from .baselines import baseline_results
 
-        result["baselines"] = baseline_results(train, test, train_feats, test_feats, levels, probe_epochs, probe_lr, seed)
+        probe = lambda a, b, c, d: linear_probe(a, b, c, d, epochs=probe_epochs, lr=probe_lr, seed=seed)  # noqa: E731
+        result["baselines"] = baseline_results(train, test, train_feats, test_feats, levels, knn_accuracy, probe)
     out_path = Path(out) if out else run_dir / ("eval-random-init.json" if random_init else EVAL_FILE)
     result = {
         "source": "run", "run": str(Path(run_dir).resolve()), "model_id": source_id,
