@@ -41,11 +41,11 @@ def _write_range(args):
     from PIL import Image
 
     from sjea_tools.data import load_dataset
+    from sjea_tools.data.write_folder import class_folder_name
 
     data = load_dataset("fashion-mnist", split="train")
     for i in range(start, stop):
-        cls = data.class_names[int(data.labels[i])].replace("/", "-").replace(" ", "_")
-        folder = Path(root) / cls
+        folder = Path(root) / class_folder_name(data.class_names[int(data.labels[i])])
         folder.mkdir(parents=True, exist_ok=True)
         img = Image.fromarray(data.pixels[i])
         if kind == "large":
@@ -127,7 +127,7 @@ def sjea_rate(root: Path, emb, workers: int, batch: int, out: Path) -> tuple[flo
     for p in (out, out.with_name(out.name + ".partial")):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     t = time.perf_counter()
-    summary = embed_folder(root, out, embedder=emb, workers=workers, batch_size=batch, index=False)
+    summary = embed_folder(root, out, embedder=emb, workers=workers, batch_size=batch)
     return (summary["added"] + summary["failed"]) / (time.perf_counter() - t), summary
 
 
@@ -190,8 +190,7 @@ def _child_embed(folder: str, out: str, run: str, workers: int, batch: int, back
     """Runs in a fresh interpreter: embed, then report peak RSS of this process and of its workers."""
     from sjea_tools.embed import embed_folder
 
-    summary = embed_folder(folder, out, run=run, backend=backend, device="cpu", workers=workers, batch_size=batch,
-                           index=False)
+    summary = embed_folder(folder, out, run=run, backend=backend, device="cpu", workers=workers, batch_size=batch)
     print(json.dumps({"rows": summary["rows"], "main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "workers_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 

@@ -31,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sjea_tools import index as ix  # noqa: E402
+from sjea_tools.vectors import exact_rerank, l2_normalize  # noqa: E402
 
 
 def embeddings_like(n: int, dim: int, seed: int, coarse: int = 100, fine: int = 20) -> tuple[np.ndarray, callable]:
@@ -46,7 +47,7 @@ def embeddings_like(n: int, dim: int, seed: int, coarse: int = 100, fine: int = 
             which = rng.integers(0, len(subs), b)
             spread = rng.uniform(0.35, 0.6, (b, 1)).astype(np.float32)
             out[start:start + b] = subs[which] + spread * rng.standard_normal((b, dim), dtype=np.float32)
-        return ix.normalized(out)
+        return l2_normalize(out)
 
     return sample(n, rng), sample
 
@@ -69,7 +70,45 @@ def index_bytes(index) -> int:
         return os.path.getsize(path)
 
 
-def bench_size(n: int, dim: int, n_queries: int, k: int, seed: int, budget: int) -> dict:
+def bench_hierarchical(vectors, queries, lat_q, flat_truth, auto_found, k: int, seed: int) -> dict:
+    """Cluster-gated hierarchical search (sjea_tools.hierarchy) over the same vectors: the coarse
+    level is a 128-d random projection of them (a lossy, coarser view), the tree is built as
+    `sjea index` builds it (default sizes), the fine level ranks inside the query's cluster.
+    Recall@10 of its top 10 against Flat's and against the auto index's, same queries."""
+    import faiss
+
+    from sjea_tools.clusters import build_tree, default_sizes
+    from sjea_tools.hierarchy import gated_search
+
+    proj = np.random.default_rng(seed + 2).standard_normal((vectors.shape[1], 128), dtype=np.float32)
+    coarse = np.concatenate([l2_normalize(vectors[s:s + 100_000] @ proj) for s in range(0, len(vectors), 100_000)])
+    t0 = time.perf_counter()
+    sizes = default_sizes(len(vectors), 2)
+    tree = build_tree([coarse, vectors], sizes, seed=seed)
+    build_s = time.perf_counter() - t0
+    print(f"[{len(vectors):,}] hierarchical tree {sizes} built {build_s:.1f}s", flush=True)
+
+    def search(q: np.ndarray) -> dict:
+        return gated_search([l2_normalize(q @ proj), q], lambda ids: vectors[ids], tree, k)
+
+    got = search(queries[:1000])
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    search(lat_q[:5])  # warm-up
+    times = []
+    for q in lat_q:
+        t = time.perf_counter()
+        search(q[None, :])
+        times.append((time.perf_counter() - t) * 1000)
+    faiss.omp_set_num_threads(threads)
+    return {"hier_sizes": sizes, "hier_build_s": round(build_s, 1),
+            "hier_recall_vs_flat": round(ix.recall_at_k(got["ids"], flat_truth), 4),
+            "hier_recall_vs_auto": round(ix.recall_at_k(got["ids"], auto_found[:, :k]), 4),
+            "hier_rows_touched": round(float(np.mean(got["gate_rows"])) / len(vectors), 4),
+            "hier_p50_ms": round(float(np.percentile(times, 50)), 3), "hier_p99_ms": round(float(np.percentile(times, 99)), 3)}
+
+
+def bench_size(n: int, dim: int, n_queries: int, k: int, seed: int, budget: int, hierarchical: bool = False) -> dict:
     import faiss
 
     t0 = time.perf_counter()
@@ -97,7 +136,7 @@ def bench_size(n: int, dim: int, n_queries: int, k: int, seed: int, budget: int)
     fetch = k * spec.get("rerank", 1)
     _, found = auto.search(queries[:1000], fetch)
     if fetch > k:
-        found, _ = ix.exact_rerank(queries[:1000], found, lambda ids: vectors[ids], k)
+        found, _ = exact_rerank(queries[:1000], found, lambda ids: vectors[ids], k)
     recall = ix.recall_at_k(found, truth)
 
     # One thread per query: a single query gains little from a second core and, on a shared
@@ -118,9 +157,48 @@ def bench_size(n: int, dim: int, n_queries: int, k: int, seed: int, budget: int)
         "flat_bytes": index_bytes(flat), "auto_bytes": index_bytes(auto),
     }
     row["p50_speedup"] = round(row["flat_p50_ms"] / row["auto_p50_ms"], 1)
+    if hierarchical:
+        row.update(bench_hierarchical(vectors, queries, lat_q, truth, found, k, seed))
     print(f"[{n:,}] p50 flat {row['flat_p50_ms']} ms, {spec['kind']} {row['auto_p50_ms']} ms "
           f"-> {row['p50_speedup']}x; recall@10 {row['recall_at_10']}", flush=True)
     return row
+
+
+HIER_BEGIN = "<!-- hierarchical:begin (written by benchmarks/bench_index.py --hierarchical) -->"
+HIER_END = "<!-- hierarchical:end -->"
+
+
+def hierarchical_block(rows: list[dict], args) -> str:
+    """The hierarchical rows as the markdown table docs/benchmarks.md carries, with their command."""
+    sizes = ",".join(str(r["n"]) for r in rows)
+    lines = [f"`.venv/bin/python benchmarks/bench_index.py --sizes {sizes} --queries {args.queries} --hierarchical "
+             f"--out rows.json` (then `--rows rows.json --write-docs`); synthetic clustered vectors (see the script), "
+             f"dimension {rows[0]['dim']}, coarse level a 128-d random projection of them; recall on 1,000 held-out "
+             "queries, latency one query per call on one thread.", "",
+             "| vectors | hierarchical tree | rows touched | recall@10 vs Flat | recall@10 vs auto | p50 / p99 Flat (ms) "
+             "| p50 / p99 auto (ms) | p50 / p99 hierarchical (ms) | tree build (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['n']:,} | {r['hier_sizes']} | {100 * r['hier_rows_touched']:.1f}% | "
+                     f"{r['hier_recall_vs_flat']:.3f} | {r['hier_recall_vs_auto']:.3f} | {r['flat_p50_ms']:.2f} / "
+                     f"{r['flat_p99_ms']:.2f} | {r['kind']} {r['auto_p50_ms']:.2f} / {r['auto_p99_ms']:.2f} | "
+                     f"{r['hier_p50_ms']:.2f} / {r['hier_p99_ms']:.2f} | {r['hier_build_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def write_docs_block(block: str) -> None:
+    import re
+
+    from sjea_tools.io import atomic_write_text
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+    text = path.read_text()
+    new = f"{HIER_BEGIN}\n{block}\n{HIER_END}"
+    if HIER_BEGIN in text:
+        text = re.sub(re.escape(HIER_BEGIN) + r".*?" + re.escape(HIER_END), lambda _: new, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n## Hierarchical search at 1,000,000 x 512\n\n" + new + "\n"
+    atomic_write_text(path, text)
 
 
 def main() -> None:
@@ -132,12 +210,18 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory-budget", default="8G", help="what choose_index may use (as sjea index)")
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
+    p.add_argument("--hierarchical", action="store_true", help="also measure cluster-gated hierarchical search")
+    p.add_argument("--rows", default=None, help="print (and --write-docs) rows saved by --out instead of measuring")
+    p.add_argument("--write-docs", action="store_true", help="write the hierarchical table into docs/benchmarks.md")
     args = p.parse_args()
     import faiss
 
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, {os.cpu_count()} cpus", flush=True)
-    rows = [bench_size(int(s), args.dim, args.queries, args.k, args.seed, ix.parse_memory(args.memory_budget))
-            for s in args.sizes.split(",")]
+    if args.rows:  # render rows measured earlier (--out of a --hierarchical run)
+        rows = json.loads(Path(args.rows).read_text())
+    else:
+        rows = [bench_size(int(s), args.dim, args.queries, args.k, args.seed, ix.parse_memory(args.memory_budget),
+                           args.hierarchical) for s in args.sizes.split(",")]
     print("\n| vectors | auto index | recall@10 vs Flat | p50 / p99 Flat (ms) | p50 / p99 auto (ms) | p50 speed-up "
           "| build Flat / auto (s) | size Flat / auto (MB) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -147,6 +231,11 @@ def main() -> None:
               f"{r['flat_p99_ms']:.2f} | {r['auto_p50_ms']:.2f} / {r['auto_p99_ms']:.2f} | {r['p50_speedup']}x | "
               f"{r['flat_build_s']:.1f} / {r['auto_build_s'] + r['auto_tune_s']:.1f} | "
               f"{r['flat_bytes'] / 1e6:.0f} / {r['auto_bytes'] / 1e6:.0f} |")
+    if args.hierarchical or args.rows:
+        block = hierarchical_block(rows, args)
+        print("\n" + block)
+        if args.write_docs:
+            write_docs_block(block)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
 

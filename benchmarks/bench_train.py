@@ -36,7 +36,8 @@ def measure(device: str, steps: int, batch: int, fast: bool, workers: int, prese
     cfg = resolve_config(preset, overrides=overrides)
     rates: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
-        train(cfg, out_dir=Path(tmp) / "run", quiet=True, runs_dir=Path(tmp), log=lambda row: rates.append(row["images_per_s"]))
+        train(cfg, out_dir=Path(tmp) / "run", runs_dir=Path(tmp),
+              log=lambda row: rates.append(row["images_per_s"]) if row["kind"] == "step" else None)
     return statistics.median(rates[1:])
 
 

@@ -10,7 +10,7 @@ import random
 from pathlib import Path
 from PIL import Image, ImageOps
 from sjea_tools.data.write_folder import write_image_folder
-from sjea_tools.embed import embed_folder
+from sjea_tools.pipeline import embed_and_index
 from sjea_tools.search import search_store
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -23,7 +23,7 @@ root, run = Path(args.workdir), args.run
 write_image_folder("fashion-mnist", root / "images", split="test", limit=args.images)
 store = root / "fmnist.h5"
 if not store.exists():
-    print(embed_folder(root / "images", store, run=run, workers=2))
+    print(embed_and_index(root / "images", store, run=run, workers=2))  # search needs the indexes
 paths = sorted(str(p.relative_to(root / "images")) for p in (root / "images").rglob("*.png"))
 random.seed(0)
 sample = random.sample(paths, args.sample)

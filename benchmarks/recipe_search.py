@@ -135,7 +135,7 @@ def run_trial(name: str, sets: list[str], with_probe: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         t0 = time.perf_counter()
-        train(cfg, out_dir=run_dir, quiet=True, runs_dir=Path(tmp))
+        train(cfg, out_dir=run_dir, runs_dir=Path(tmp))
         wall = time.perf_counter() - t0
         load_after = os.getloadavg()
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

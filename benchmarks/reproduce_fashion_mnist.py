@@ -66,9 +66,9 @@ def train_if_needed(cfg, run_dir: Path, retrain: bool) -> float | None:
         return None
     t0 = time.perf_counter()
     if (run_dir / "checkpoints" / "last.pt").is_file() and not retrain:
-        train(cfg, out_dir=run_dir, resume=True, quiet=True)
+        train(cfg, out_dir=run_dir, resume=True)
     else:
-        train(cfg, out_dir=run_dir, overwrite=True, quiet=True)
+        train(cfg, out_dir=run_dir, overwrite=True)
     return time.perf_counter() - t0
 
 

@@ -6,9 +6,24 @@
 
 Modules: onnx (build a graph, metadata, export_run), verify (parity against PyTorch on real
 images), runtime (ONNX Runtime sessions: provider choice, fast options, IO binding).
+
+Names are imported on first use: running a graph (exports.runtime) must not import torch,
+which building one (exports.onnx) needs.
 """
 
-from .onnx import VerificationError, build_onnx, export_levels, export_run, read_metadata
-from .runtime import OnnxModel
+from __future__ import annotations
 
-__all__ = ["OnnxModel", "VerificationError", "build_onnx", "export_levels", "export_run", "read_metadata"]
+import importlib
+
+_LAZY = {"OnnxModel": "runtime", "VerificationError": "onnx", "build_onnx": "onnx", "export_levels": "onnx",
+         "export_run": "onnx", "read_metadata": "onnx"}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'exports' has no attribute '{name}'")

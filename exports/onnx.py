@@ -20,12 +20,16 @@ import contextlib
 import io
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from sjea_tools.errors import SjeaError
+from sjea_tools.io import atomic_path, commit_temp, temp_path_beside
+from sjea_tools.levels import format_levels, parse_levels
+from sjea_tools.progress import Counter, ProgressFn
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
@@ -50,7 +54,7 @@ class LevelsGraph(nn.Module):
             from sjea_tools.data import normalize_pixels
 
             # The one preprocess, traced into the graph: uint8 NHWC -> normalised float NCHW.
-            x = normalize_pixels(x, self.model.mean, self.model.std)
+            x = normalize_pixels(x, self.model.preprocess_spec)
         if self.fp16:
             x = x.half()
         if self.output == "embedding":
@@ -65,18 +69,6 @@ def output_names(levels: list[int]) -> list[str]:
     return [f"level{k}" for k in levels]
 
 
-def check_levels(model, levels) -> list[int]:
-    have = list(range(model.num_levels))
-    levels = [int(k) for k in levels]
-    bad = [k for k in levels if k not in have]
-    if not levels or bad:
-        raise SjeaError(f"level {', '.join(map(str, bad)) or '(none)'} does not exist: this run has levels "
-                        f"{', '.join(map(str, have))} (or 'all').")
-    if len(set(levels)) != len(levels):
-        raise SjeaError(f"levels {levels} repeat a level; give each level once.")
-    return levels
-
-
 def level_dims(model, levels: list[int], output: str) -> list[int]:
     dims = model.embedding_dims if output == "embedding" else model.level_dims
     return [int(dims[k]) for k in levels]
@@ -89,7 +81,8 @@ def build_metadata(model, levels: list[int], output: str, with_preprocessing: bo
     from sjea_tools.runs import model_id
 
     source = getattr(model, "model_file", None)
-    s = int(model.image_size)
+    spec = model.preprocess_spec
+    s = spec.image_size
     return {
         "format": FORMAT,
         "level": str(levels[0]) if single_level else "all",
@@ -101,10 +94,13 @@ def build_metadata(model, levels: list[int], output: str, with_preprocessing: bo
         "input_format": (f"uint8 (N, {s}, {s}, 3) RGB pixels at the model's size" if with_preprocessing else
                          f"float32 (N, 3, {s}, {s}): RGB / 255, minus mean, divided by std"),
         "preprocessing": "normalize" if with_preprocessing else "none",
+        # The spec's fields under the keys files written before it existed have (read by old clients
+        # and the numpy-only snippet), and the whole spec as JSON under 'preprocess'.
         "image_size": str(s),
-        "mean": json.dumps([float(v) for v in model.mean]),
-        "std": json.dumps([float(v) for v in model.std]),
-        "color_mode": "RGB",
+        "mean": json.dumps(list(spec.mean)),
+        "std": json.dumps(list(spec.std)),
+        "color_mode": spec.colour_mode,
+        "preprocess": spec.to_json(),
         "resize": f"short side to {s} (bilinear), centre crop {s}x{s}; done by the client, not the graph",
         "precision": "fp16" if fp16 else "fp32",
         "sjea_version": sjea_tools.__version__,
@@ -150,8 +146,13 @@ def _export_proto(graph: LevelsGraph, example: torch.Tensor, input_name: str, na
 
 
 def set_metadata(proto, metadata: dict[str, str]) -> None:
-    """Replace the graph's metadata_props with `metadata` (string keys and values)."""
+    """Replace the graph's metadata_props with `metadata` (string keys and values), plus
+    'graph_sha256': the hash of the graph and weights as serialized, which OnnxModel checks on
+    every load, so the checkpoint identity (model_sha256) cannot be claimed by a changed file."""
+    from .runtime import graph_sha256
+
     del proto.metadata_props[:]
+    metadata = {**metadata, "graph_sha256": graph_sha256(proto.SerializeToString())}
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, str(value)
@@ -168,11 +169,8 @@ def build_onnx(model, levels, output: str = "representation", with_preprocessing
     Metadata 'level' is the level number for a single-level graph, 'all' otherwise
     (`single_level` overrides: a one-level run's all-levels model still says 'all').
     """
-    if output not in OUTPUTS:
-        raise SjeaError(f"--output must be one of {', '.join(OUTPUTS)}, not '{output}'.")
-    if opset < MIN_OPSET:
-        raise SjeaError(f"--opset must be {MIN_OPSET} or newer (got {opset}).")
-    levels = check_levels(model, levels)
+    ExportOptions(output, with_preprocessing, fp16, opset).check()
+    levels = parse_levels(levels, model.num_levels, ordered=True)
     source = model
     if fp16:
         import copy
@@ -217,11 +215,10 @@ def export_levels(model, path: str | Path, levels, output: str = "representation
 
     Python entry point without verification; `export_run` (and `sjea export`) also verifies.
     """
-    from sjea_tools.io import atomic_write_bytes
-
     proto = build_onnx(model, levels, output, with_preprocessing, fp16, opset)
     path = Path(path)
-    atomic_write_bytes(path, proto.SerializeToString())
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(proto.SerializeToString())
     return path
 
 
@@ -235,38 +232,69 @@ class VerificationError(SjeaError):
         self.report = report
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """What kind of graph `sjea export` makes and how it checks it (its options, validated)."""
+
+    output: str = "representation"
+    with_preprocessing: bool = False
+    fp16: bool = False
+    opset: int = DEFAULT_OPSET
+    provider: str | None = None
+    images: str | Path | None = None
+    overwrite: bool = False
+
+    def check(self) -> "ExportOptions":
+        if self.output not in OUTPUTS:
+            raise SjeaError(f"--output must be one of {', '.join(OUTPUTS)}, not '{self.output}'.")
+        if self.opset < MIN_OPSET:
+            raise SjeaError(f"--opset must be {MIN_OPSET} or newer (got {self.opset}).")
+        if self.provider is not None:
+            from .runtime import check_provider
+
+            check_provider(self.provider)  # a provider that cannot start fails now, not after the export
+        return self
+
+    @property
+    def suffix(self) -> str:
+        """Variants get their own names so that exporting one never replaces another."""
+        return file_suffix(self.output, self.with_preprocessing, self.fp16)
+
+
 def file_suffix(output: str, with_preprocessing: bool, fp16: bool) -> str:
-    """Variants get their own names so that exporting one never replaces another."""
     return ("-embedding" if output == "embedding" else "") + ("-uint8" if with_preprocessing else "") + \
         ("-fp16" if fp16 else "")
 
 
-def parse_level(level, num_levels: int) -> list[int] | None:
-    """'all' -> None; '2' / 2 -> [2]; anything else is a one-line error listing the run's levels."""
-    have = ", ".join(map(str, range(num_levels)))
-    if isinstance(level, str) and level.strip().lower() == "all":
-        return None
-    try:
-        k = int(str(level).strip())
-    except ValueError:
-        raise SjeaError(f"--level must be a level number or 'all', not '{level}' (this run has levels {have}).") from None
-    if not 0 <= k < num_levels:
-        raise SjeaError(f"level {k} does not exist: this run has levels {have} (or 'all').")
-    return [k]
+@dataclass(frozen=True)
+class PlannedFile:
+    name: str
+    levels: list[int]
+    whole: bool  # the exported graph itself, not a sub-graph cut out of it
+
+
+def asks_for_all(level) -> bool:
+    """'all' also asks for all_levels.onnx; level numbers ask only for those levels' files."""
+    return level is None or (isinstance(level, str) and level.strip().lower() == "all")
+
+
+def plan_files(levels: list[int], want_all: bool, suffix: str) -> list[PlannedFile]:
+    """level{K}.onnx per level and, for 'all', all_levels.onnx (then `levels` is every level).
+
+    One graph computes `levels`; a lone level's file is that graph, every other per-level file is
+    an exact sub-graph of it."""
+    plan = [PlannedFile(f"level{k}{suffix}.onnx", [k], whole=len(levels) == 1 and not want_all) for k in levels]
+    if want_all:
+        plan.append(PlannedFile(f"all_levels{suffix}.onnx", list(levels), whole=True))
+    return plan
 
 
 def prepare_out_dir(out: Path) -> Path:
     """Create the folder and prove it is writable before any work is done."""
-    import os
-    import tempfile
-
     if out.exists() and not out.is_dir():
         raise SjeaError(f"output folder {out} is a file; pass --out with a folder.")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".sjea-write-test.", dir=out)
-        os.close(fd)
-        os.unlink(probe)
+        temp_path_beside(out / ".sjea-write-test").unlink()
     except OSError as e:
         raise SjeaError(f"output folder {out} is not writable ({e.strerror or e}); pass --out with a "
                         "folder you can write to.") from None
@@ -275,118 +303,114 @@ def prepare_out_dir(out: Path) -> Path:
 
 def export_run(run=None, level="all", out=None, output: str = "representation", with_preprocessing: bool = False,
                fp16: bool = False, provider: str | None = None, images=None, overwrite: bool = False,
-               opset: int = DEFAULT_OPSET, progress=None) -> dict:
-    """Export level K (or every level and one all-levels model) of a run, verify, install.
+               opset: int = DEFAULT_OPSET, progress: ProgressFn | None = None) -> dict:
+    """Export levels of a run ('all', K or '0,1'), verify, install.
 
     Files go to RUN/onnx (or `out`): level{K}.onnx per level and, for level='all', all_levels.onnx
     computing every level in one pass. Each file is written under a temporary name, checked with
     onnx.checker and against PyTorch on real images, and renamed into place only when every file
-    passed; on any failure nothing new is left behind. `progress(done, total, what)` is called as
-    work advances (`what` names the step now running). Returns a report dict; raises
-    VerificationError (with `.report`) on failed parity.
+    passed; on any failure nothing new is left behind. `progress` follows sjea_tools.progress.
+    Returns a report dict; raises VerificationError (with `.report`) on failed parity.
     """
     from sjea_tools.runs import find_run, load_model
 
-    from .runtime import check_provider
-
-    if output not in OUTPUTS:
-        raise SjeaError(f"--output must be one of {', '.join(OUTPUTS)}, not '{output}'.")
-    if opset < MIN_OPSET:
-        raise SjeaError(f"--opset must be {MIN_OPSET} or newer (got {opset}).")
-    if provider is not None:
-        check_provider(provider)  # a provider that cannot start fails now, not after the export
+    opts = ExportOptions(output, with_preprocessing, fp16, opset, provider, images, overwrite).check()
     run_dir = find_run(run)
     model = load_model(run_dir)
-    single = parse_level(level, model.num_levels)
+    levels = parse_levels(level, model.num_levels, option="--level")
     out_dir = Path(out) if out is not None else Path(run_dir) / "onnx"
     created = not out_dir.exists()
     prepare_out_dir(out_dir)
     try:
-        return _export_into(model, run_dir, out_dir, single, output, with_preprocessing, fp16, provider, images,
-                            overwrite, opset, progress)
+        return _export_into(model, run_dir, out_dir, levels, asks_for_all(level), opts, progress)
     except BaseException:
         if created and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()  # a folder this call made and could not fill goes away again
         raise
 
 
-def _export_into(model, run_dir, out_dir: Path, single, output, with_preprocessing, fp16, provider, images,
-                 overwrite, opset, progress) -> dict:
-    import os
-    import secrets
-
-    from .verify import reference_by_batch, tolerance_for, verification_pixels, verify_onnx
-
-    all_levels = list(range(model.num_levels))
-    suffix = file_suffix(output, with_preprocessing, fp16)
-    # (file name, levels, is a single-level file)
-    plan = [(f"level{k}{suffix}.onnx", [k], True) for k in (single or all_levels)]
-    if single is None:
-        plan.append((f"all_levels{suffix}.onnx", all_levels, False))
-    existing = [name for name, _, _ in plan if (out_dir / name).exists()]
+def _refuse_existing(out_dir: Path, plan: list[PlannedFile], overwrite: bool) -> None:
+    existing = [f.name for f in plan if (out_dir / f.name).exists()]
     if existing and not overwrite:
-        raise SjeaError(f"{out_dir / existing[0]} already exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}; "
-                        "pass --overwrite to replace, or --out for another folder.")
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise SjeaError(f"{out_dir / existing[0]} already exists{more}; pass --overwrite to replace, or --out "
+                        "for another folder.")
 
-    total = 2 + 2 * len(plan)
-    step = 0
 
-    def advance(what: str) -> None:
-        nonlocal step
-        step += 1
-        if progress is not None:
-            progress(step, total, what)
+def _export_into(model, run_dir, out_dir: Path, levels: list[int], want_all: bool, opts: ExportOptions,
+                 progress: ProgressFn | None) -> dict:
+    from .verify import reference_by_batch, verification_pixels
 
-    pixels, image_source = verification_pixels(model, images)
-    levels_needed = single or all_levels
-    reference = reference_by_batch(model, pixels, levels_needed, output)
-    advance("exporting the graph")
+    plan = plan_files(levels, want_all, opts.suffix)
+    _refuse_existing(out_dir, plan, opts.overwrite)
+    pixels, image_source = verification_pixels(model, opts.images)
+    # The first report comes after the last check of the input, so a bad option prints only its error.
+    stage = Counter(progress, "exporting the graph", 2)
+    reference = reference_by_batch(model, pixels, levels, opts.output)
+    stage.advance()
+    full = build_onnx(model, levels, opts.output, opts.with_preprocessing, opts.fp16, opts.opset,
+                      single_level=len(levels) == 1 and not want_all)
+    stage.advance()
     temps: dict[str, Path] = {}
     try:
-        # One export of every needed level; single-level files are exact sub-graphs of it.
-        full = build_onnx(model, levels_needed, output, with_preprocessing, fp16, opset,
-                          single_level=single is not None)
-        advance(f"writing {plan[0][0]}")
-        files = []
-        for i, (name, levels, is_single) in enumerate(plan):
-            # With --level all, every per-level file is cut out of the all-levels graph.
-            proto = full if (single is not None or not is_single) else extract_levels(full, levels)
-            temp = out_dir / f".{name}.{secrets.token_hex(4)}.tmp"
-            temps[name] = temp
-            data = proto.SerializeToString()
-            with open(temp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            advance(f"verifying {name}")
-            check = verify_onnx(temp, model, pixels, provider=provider, fp16=fp16, reference=reference)
-            check["path"] = str(out_dir / name)
-            files.append({"path": str(out_dir / name), "levels": levels,
-                          "dims": level_dims(model, levels, output), "bytes": len(data), "verification": check})
-            advance(f"writing {plan[i + 1][0]}" if i + 1 < len(plan) else "verified")
-        metadata = {p.key: p.value for p in full.metadata_props}
-        report = {
-            "run": str(run_dir), "model_sha256": metadata["model_sha256"], "metadata": metadata,
-            "run_levels": all_levels, "level": "all" if single is None else single[0], "output": output,
-            "precision": "fp16" if fp16 else "fp32", "with_preprocessing": with_preprocessing, "opset": opset,
-            "provider": files[0]["verification"]["provider"], "images": image_source,
-            "tolerance": tolerance_for(fp16).describe(), "out": str(out_dir), "files": files,
-            "passed": all(f["verification"]["passed"] for f in files),
-        }
-        if not report["passed"]:
-            bad = next(f for f in files if not f["verification"]["passed"])
-            v = bad["verification"]
-            if v["checker"] != "passed":
-                why = f"onnx.checker {v['checker']}"
-            else:
-                row = next(r for r in v["levels"] if not r["passed"])
-                why = (f"level {row['level']} max abs diff {row['max_abs_diff']:.3g}, min cosine "
-                       f"{row['min_cosine']:.7f} ({report['tolerance']})")
-            raise VerificationError(f"verification failed for {Path(bad['path']).name}: {why}; nothing was "
-                                    "written.", report)
+        files = _write_and_verify(full, plan, out_dir, model, pixels, reference, opts, temps, progress)
+        report = _report(model, run_dir, out_dir, full, levels, want_all, opts, image_source, files)
+        _raise_if_failed(report)
         for name, temp in temps.items():
-            os.replace(temp, out_dir / name)
+            commit_temp(temp, out_dir / name)  # verified: now put in place, with the umask's mode
         return report
     finally:
         for temp in temps.values():
             temp.unlink(missing_ok=True)
+
+
+def _write_and_verify(full, plan: list[PlannedFile], out_dir: Path, model, pixels, reference,
+                      opts: ExportOptions, temps: dict[str, Path], progress: ProgressFn | None) -> list[dict]:
+    """Each planned file written to a temporary file beside its target (recorded in `temps`, so
+    the caller removes it on failure) and verified there; one entry per file for the report."""
+    from .verify import verify_onnx
+
+    files = []
+    verified = Counter(progress, "verifying files", len(plan))
+    for f in plan:
+        proto = full if f.whole else extract_levels(full, f.levels)
+        temps[f.name] = temp = temp_path_beside(out_dir / f.name)
+        data = proto.SerializeToString()
+        temp.write_bytes(data)
+        check = verify_onnx(temp, model, pixels, provider=opts.provider, fp16=opts.fp16, reference=reference)
+        check["path"] = str(out_dir / f.name)
+        files.append({"path": str(out_dir / f.name), "levels": f.levels,
+                      "dims": level_dims(model, f.levels, opts.output), "bytes": len(data), "verification": check})
+        verified.advance()
+    return files
+
+
+def _report(model, run_dir, out_dir: Path, full, levels: list[int], want_all: bool, opts: ExportOptions,
+            image_source: str, files: list[dict]) -> dict:
+    from .verify import tolerance_for
+
+    metadata = {p.key: p.value for p in full.metadata_props}
+    return {
+        "run": str(run_dir), "model_sha256": metadata["model_sha256"], "metadata": metadata,
+        "run_levels": list(range(model.num_levels)),
+        "level": "all" if want_all else levels[0] if len(levels) == 1 else format_levels(levels),
+        "output": opts.output, "precision": "fp16" if opts.fp16 else "fp32",
+        "with_preprocessing": opts.with_preprocessing, "opset": opts.opset,
+        "provider": files[0]["verification"]["provider"], "images": image_source,
+        "tolerance": tolerance_for(opts.fp16).describe(), "out": str(out_dir), "files": files,
+        "passed": all(f["verification"]["passed"] for f in files),
+    }
+
+
+def _raise_if_failed(report: dict) -> None:
+    if report["passed"]:
+        return
+    bad = next(f for f in report["files"] if not f["verification"]["passed"])
+    v = bad["verification"]
+    if v["checker"] != "passed":
+        why = f"onnx.checker {v['checker']}"
+    else:
+        row = next(r for r in v["levels"] if not r["passed"])
+        why = (f"level {row['level']} max abs diff {row['max_abs_diff']:.3g}, min cosine "
+               f"{row['min_cosine']:.7f} ({report['tolerance']})")
+    raise VerificationError(f"verification failed for {Path(bad['path']).name}: {why}; nothing was written.", report)

@@ -6,12 +6,17 @@
 
 ONNX Runtime silently falls back to the CPU when the CUDA provider cannot start (no GPU, missing
 cuDNN), so the provider actually used is read back from the session and exposed as `.provider`.
-Everything a caller needs to feed the graph (image size, mean, std, levels, dims, the checkpoint's
-sha256) comes from the file's metadata, never from guessing.
+Everything a caller needs to feed the graph (its PreprocessSpec: image size, mean, std; levels,
+dims, the checkpoint's sha256) comes from the file's metadata, never from guessing. The
+checkpoint's sha256 is the model's identity only when the file's content (graph and weights)
+still hashes to the `graph_sha256` recorded at export: a file changed afterwards is refused, and
+a file without that record is identified by its content hash (`content_model_id`).
+Imports neither torch nor onnx: this module is the query path's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from sjea_tools.errors import SjeaError
+from sjea_tools.spec import PreprocessSpec
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -154,6 +160,89 @@ def parse_metadata(props: dict[str, str]) -> dict:
     return out
 
 
+def preprocess_spec(metadata: dict, path: Path) -> PreprocessSpec:
+    """The graph's input preprocessing: the 'preprocess' record, or, in files exported before it
+    existed, the same numbers under their separate keys."""
+    record = metadata.get("preprocess")
+    if isinstance(record, dict):
+        return PreprocessSpec.from_dict(record)
+    if "image_size" not in metadata:
+        raise SjeaError(f"{path} has no sjea metadata (levels, image size); export it with 'sjea export'.")
+    return PreprocessSpec.from_dict({"image_size": metadata["image_size"], "mean": metadata.get("mean"),
+                                     "std": metadata.get("std"),
+                                     "colour_mode": metadata.get("color_mode", "RGB")})
+
+
+# Top-level ModelProto fields that describe rather than compute (producer_name, producer_version,
+# doc_string, metadata_props): left out of the content hash, so metadata can record the hash.
+DESCRIPTIVE_FIELDS = frozenset({2, 3, 6, 14})
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data):
+            raise ValueError("truncated varint")
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def graph_sha256(data: bytes) -> str:
+    """sha256 of a serialized ONNX model's computing content: every top-level protobuf field
+    (graph with its weights, opsets, functions, IR version) except the descriptive ones, in file
+    order. Reads the wire format directly (no onnx import); ValueError when it is not protobuf."""
+    h, pos, view = hashlib.sha256(), 0, memoryview(data)
+    while pos < len(data):
+        start = pos
+        key, pos = _varint(data, pos)
+        wire = key & 7
+        if wire == 0:
+            _, pos = _varint(data, pos)
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            pos += length
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+        if pos > len(data):
+            raise ValueError("truncated field")
+        if key >> 3 not in DESCRIPTIVE_FIELDS:
+            h.update(view[start:pos])
+    return h.hexdigest()
+
+
+def content_model_id(graph_hash: str) -> str:
+    """The model id of an ONNX file that records no verifiable checkpoint identity."""
+    return f"onnx-graph-sha256:{graph_hash}"
+
+
+class ModelIdentityError(SjeaError):
+    """An ONNX file is not the model it claims (or is expected) to be."""
+
+
+def verified_model_id(data: bytes, metadata: dict, path: Path) -> str:
+    """The model id a file may claim: the checkpoint's sha256 from its metadata when its content
+    still hashes to the graph_sha256 recorded at export, else (no record) its content hash; a
+    mismatch (weights or graph changed after export) is refused."""
+    try:
+        actual = graph_sha256(data)
+    except ValueError as e:
+        raise SjeaError(f"{path} is not a readable ONNX file ({e}); export it again with 'sjea export'.") from None
+    recorded = str(metadata.get("graph_sha256", ""))
+    if not recorded:
+        return content_model_id(actual)
+    if recorded != actual:
+        raise ModelIdentityError(f"{path} was modified after export: its graph and weights hash to {actual[:12]}, "
+                        f"not the {recorded[:12]} recorded when it was exported; use the genuine file or "
+                        "export it again with 'sjea export'.")
+    return str(metadata.get("model_sha256") or "") or content_model_id(actual)
+
+
 class OnnxModel:
     """An exported sjea graph in an ONNX Runtime session, described by its own metadata."""
 
@@ -162,19 +251,21 @@ class OnnxModel:
         self.path = Path(path)
         if not self.path.is_file():
             raise SjeaError(f"ONNX file {self.path} does not exist; create it with 'sjea export'.")
-        self.session, self.provider = create_session(self.path, provider, threads, precise)
+        # The bytes hashed are the bytes loaded: the file cannot change between check and use.
+        data = self.path.read_bytes()
+        self.session, self.provider = create_session(data, provider, threads, precise)
         self.metadata = parse_metadata(dict(self.session.get_modelmeta().custom_metadata_map))
-        if "levels" not in self.metadata or "image_size" not in self.metadata:
+        if "levels" not in self.metadata:
             raise SjeaError(f"{self.path} has no sjea metadata (levels, image size); export it with 'sjea export'.")
+        self.preprocess: PreprocessSpec = preprocess_spec(self.metadata, self.path)
+        # Copies of the frozen spec's fields under the names callers used before it existed.
+        self.image_size, self.mean, self.std = self.preprocess.image_size, self.preprocess.mean, self.preprocess.std
         inputs = self.session.get_inputs()
         self.input_name: str = inputs[0].name
         self.output_names: list[str] = [o.name for o in self.session.get_outputs()]
         self.levels: list[int] = [int(k) for k in self.metadata["levels"]]
         self.dims: list[int] = [int(d) for d in self.metadata["dims"]]
-        self.image_size: int = int(self.metadata["image_size"])
-        self.mean: tuple[float, ...] = tuple(float(v) for v in self.metadata["mean"])
-        self.std: tuple[float, ...] = tuple(float(v) for v in self.metadata["std"])
-        self.model_id: str = str(self.metadata.get("model_sha256", ""))
+        self.model_id: str = verified_model_id(data, self.metadata, self.path)
         self.output: str = str(self.metadata.get("output", "representation"))
         # uint8 NHWC pixels when normalisation is inside the graph, else float32 NCHW.
         self.takes_pixels: bool = self.metadata.get("preprocessing") == "normalize"

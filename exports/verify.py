@@ -75,45 +75,48 @@ def verification_pixels(model, images: str | Path | None = None, n: int = max(BA
     """n real images as uint8 (n, S, S, 3) at the model's size, and where they came from.
 
     Default: the run's own dataset (test split); `images`: a folder, decoded with the project's
-    decoder. Both go through `model_pixels`, the one preprocess.
+    decoder. Both go through sjea_tools.data's one row/file -> pixels path.
     """
-    from PIL import Image
-
-    from sjea_tools.data import decode_image, load_dataset, model_pixels, scan_images
-
-    s = int(model.image_size)
     if images is not None:
-        root = Path(images)
-        if not root.is_dir():
-            raise SjeaError(f"--images {root} is not a folder; pass a folder of image files.")
-        paths = scan_images(root)
-        pixels, errors = [], []
-        for rel in paths:
-            try:
-                pixels.append(model_pixels(decode_image(root / rel, target_size=s), s))
-            except (OSError, ValueError) as e:
-                errors.append(f"{rel}: {e}")
-            if len(pixels) == n:
-                break
-        if not pixels:
-            raise SjeaError(f"no readable images under {root} to verify the export with"
-                            f"{' (' + errors[0] + ')' if errors else ''}.")
-        source = f"{len(pixels)} images from {root}"
+        pixels, source = _folder_pixels(Path(images), int(model.image_size), n)
     else:
-        cfg = model.cfg
-        data = load_dataset(cfg.data.dataset, cfg.data.data_dir, split="test")
-        if data.pixels is not None:
-            pixels = [px if px.shape[:2] == (s, s) else model_pixels(Image.fromarray(px), s)
-                      for px in data.pixels[:n]]
-        else:
-            pixels = [model_pixels(decode_image(p, target_size=s), s) for p in data.paths[:n]]
-        if not pixels:
-            raise SjeaError(f"the run's dataset {cfg.data.dataset} has no test images; pass --images DIR.")
-        source = f"{len(pixels)} images of {cfg.data.dataset} (test split)"
+        pixels, source = _dataset_pixels(model, n)
     # Fewer images than the large batch: repeat them, so the batched path is still exercised.
     while len(pixels) < n:
         pixels.append(pixels[len(pixels) % max(1, len(pixels))])
     return np.stack(pixels[:n]).astype(np.uint8), source
+
+
+def _folder_pixels(root: Path, size: int, n: int) -> tuple[list[np.ndarray], str]:
+    """The first n readable images of a folder; unreadable ones are skipped (the first reason is
+    reported when none can be read)."""
+    from sjea_tools.data import file_pixels, scan_images
+
+    if not root.is_dir():
+        raise SjeaError(f"--images {root} is not a folder; pass a folder of image files.")
+    pixels, errors = [], []
+    for rel in scan_images(root):
+        try:
+            pixels.append(file_pixels(root / rel, size))
+        except (OSError, ValueError) as e:
+            errors.append(f"{rel}: {e}")
+        if len(pixels) == n:
+            break
+    if not pixels:
+        raise SjeaError(f"no readable images under {root} to verify the export with"
+                        f"{' (' + errors[0] + ')' if errors else ''}.")
+    return pixels, f"{len(pixels)} images from {root}"
+
+
+def _dataset_pixels(model, n: int) -> tuple[list[np.ndarray], str]:
+    from sjea_tools.data import load_dataset, row_pixels
+
+    cfg = model.cfg
+    data = load_dataset(cfg.data.dataset, cfg.data.data_dir, split="test")
+    pixels = [row_pixels(data, i, int(model.image_size)) for i in range(min(n, len(data)))]
+    if not pixels:
+        raise SjeaError(f"the run's dataset {cfg.data.dataset} has no test images; pass --images DIR.")
+    return pixels, f"{len(pixels)} images of {cfg.data.dataset} (test split)"
 
 
 def reference_outputs(model, pixels: np.ndarray, levels: list[int], output: str) -> list[np.ndarray]:
@@ -122,7 +125,7 @@ def reference_outputs(model, pixels: np.ndarray, levels: list[int], output: str)
 
     from sjea_tools.data import normalize_pixels
 
-    x = normalize_pixels(pixels, model.mean, model.std)
+    x = normalize_pixels(pixels, model.preprocess_spec)
     with torch.no_grad():
         ys = model.forward_embeddings(x, levels) if output == "embedding" else model.forward_levels(x, levels)
     return [y.float().cpu().numpy() for y in ys]
@@ -174,7 +177,7 @@ def verify_onnx(path: str | Path, model, pixels: np.ndarray, provider: str | Non
         batch = pixels[:b]
         if len(batch) != b:
             raise SjeaError(f"verification needs {b} images, got {len(batch)}.")
-        feed = batch if onnx_model.takes_pixels else normalize_pixels(batch, model.mean, model.std).numpy()
+        feed = batch if onnx_model.takes_pixels else normalize_pixels(batch, model.preprocess_spec).numpy()
         got = onnx_model.run(feed)
         if reference is not None and b in reference and all(k in reference[b] for k in onnx_model.levels):
             want = [reference[b][k] for k in onnx_model.levels]

@@ -13,6 +13,13 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   fi
 fi
 
+# A real browser for the page test of `sjea serve` (tests skip it, saying why, where none installs).
+if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
+    || echo "note: chromium/chromium-driver could not be installed; the browser test will be skipped" >&2
+fi
+
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip

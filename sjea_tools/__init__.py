@@ -3,7 +3,12 @@
     import sjea_tools
     model = sjea_tools.load_model("runs/tiny")          # eval mode
     ys = model.forward_levels(batch)                      # Y[0..N-1] in one pass
-    x = model.preprocess(pil_image)                       # the exact input tensor
+    rows = sjea_tools.embed_files(["a.jpg"], store="photos.h5")   # {level: rows}, as stored
+
+`embed_files` is the one way from image files to vectors (store, run or ONNX file): the same
+decoder and preprocess as `sjea embed`, so it returns a file's stored row. `model.preprocess` on
+an image you opened yourself skips that decoder (no JPEG draft decoding, EXIF, alpha, 16-bit
+scaling) and can differ from the stored row.
 
 Names are imported on first use, so that `sjea --help` does not pay for importing torch.
 """
@@ -20,6 +25,7 @@ _LAZY = {
     "stacked_vicreg_loss": "losses", "vicreg_loss": "losses",
     "StackedModel": "models", "build_model": "models",
     "find_run": "runs", "load_model": "runs", "model_id": "runs",
+    "embed_files": "query",
 }
 
 __all__ = ["__version__", *_LAZY]

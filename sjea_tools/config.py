@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SjeaError
+from .io import atomic_write_text
+from .spec import PreprocessSpec, ReadsPreprocessSpec
 
 # Per-dataset facts: normalisation, native size, whether images are grayscale.
 DATASET_STATS: dict[str, dict[str, Any]] = {
@@ -26,6 +28,13 @@ DATASET_STATS: dict[str, dict[str, Any]] = {
     "folder": {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "size": 64},
 }
 DATASETS = ("cifar10", "cifar100", "stl10", "fashion-mnist")
+# The level-0 encoders a configuration may name; models/resnet.py and models/convnet.py register a
+# factory for each. Kept here, not read from the model registry, so that the configuration layer
+# imports no model code (tests/test_models.py checks that the two lists are the same).
+RESNET_NAMES = ("resnet18", "resnet34", "resnet50")
+# Small plain CNNs for small images on CPU, convnet-W[-D]: stage widths W..8W, D convs per stage.
+CONVNET_NAMES = tuple(f"convnet-{w}" + (f"-{d}" if d > 1 else "") for w in (16, 32, 48, 64) for d in (1, 2))
+BACKBONE_NAMES = RESNET_NAMES + CONVNET_NAMES
 
 
 @dataclass
@@ -116,7 +125,7 @@ class TrainConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(ReadsPreprocessSpec):
     name: str = "tiny"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -141,16 +150,11 @@ class RunConfig:
         return values
 
     @property
-    def image_size(self) -> int:
-        return self.data.image_size or dataset_stats(self.data.dataset)["size"]
-
-    @property
-    def mean(self) -> tuple[float, float, float]:
-        return tuple(self.data.mean or dataset_stats(self.data.dataset)["mean"])
-
-    @property
-    def std(self) -> tuple[float, float, float]:
-        return tuple(self.data.std or dataset_stats(self.data.dataset)["std"])
+    def preprocess_spec(self) -> PreprocessSpec:
+        """What the model of this run expects as input: the data settings, else the dataset's."""
+        stats = dataset_stats(self.data.dataset)
+        return PreprocessSpec(self.data.image_size or stats["size"], self.data.mean or stats["mean"],
+                              self.data.std or stats["std"])
 
 
 def dataset_stats(dataset: str) -> dict[str, Any]:
@@ -201,7 +205,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _coerce(value: Any, current: Any, annotation: str, where: str) -> Any:
+def _coerce(value: Any, annotation: str, where: str) -> Any:
     """Convert a value from a file or the command line to the type of the field."""
     try:
         if "list[float]" in annotation:
@@ -251,7 +255,7 @@ def apply_nested(cfg: Any, data: dict, where: str) -> None:
                 raise SjeaError(f"{where}.{key}: expected a table of settings.")
             apply_nested(current, value, f"{where}.{key}")
         else:
-            setattr(cfg, name, _coerce(value, current, str(fields[name].type), f"{where}.{key}"))
+            setattr(cfg, name, _coerce(value, str(fields[name].type), f"{where}.{key}"))
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -289,6 +293,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not (math.isfinite(t.epochs) and t.epochs > 0):
         raise SjeaError(f"--epochs must be positive (got {t.epochs}).")
     check_numbers(cfg)
+    check_bounds(cfg)
     choices = {
         "model.stem": (m.stem, ("auto", "small", "standard")),
         "model.encoder": (m.encoder, ("resnet", "mlp")),
@@ -304,10 +309,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         n = len(getattr(cfg.loss, name))
         if n not in (1, m.levels):
             raise SjeaError(f"loss.{name}: give one value or one per level ({m.levels}), not {n}.")
-    from .models import BACKBONES  # late import: models imports config
-
-    if m.backbone not in BACKBONES:
-        raise SjeaError(f"unknown backbone '{m.backbone}' (known: {', '.join(sorted(BACKBONES))}).")
+    if m.backbone not in BACKBONE_NAMES:
+        raise SjeaError(f"unknown backbone '{m.backbone}' (known: {', '.join(BACKBONE_NAMES)}).")
     for spec_name in ("projector", "mlp_dims"):
         spec = getattr(m, spec_name)
         try:
@@ -342,7 +345,7 @@ def check_numbers(cfg: RunConfig) -> None:
         if c is not None and (len(c) != 2 or not 0.0 < c[0] <= c[1] <= 1.0):
             raise SjeaError(f"{where}.crop_scale: give min,max with 0 < min <= max <= 1, e.g. 0.3,1.0 (got {c}).")
         j = v.jitter
-        if j is not None and (len(j) != 4 or not all(x >= 0 for x in j) or j[3] > 0.5):
+        if j is not None and (len(j) != 4 or not all(x >= 0 for x in j)):  # the bounds: check_bounds
             raise SjeaError(f"{where}.jitter: give brightness,contrast,saturation,hue (hue <= 0.5), "
                             f"e.g. 0.4,0.4,0.4,0.1 (got {j}).")
         b = v.blur_sigma
@@ -356,6 +359,52 @@ def check_numbers(cfg: RunConfig) -> None:
         values = getattr(cfg.loss, name)
         if not all(math.isfinite(v) and v >= 0 for v in values):
             raise SjeaError(f"loss.{name}: every value must be a finite number, 0 or more (got {values}).")
+
+
+# Upper bounds: far above any recipe (the paper uses 2-3 levels; official VICReg a 8192-8192-8192
+# projector and batch 2048 over many GPUs), low enough that a typo (levels: 100000) is refused at
+# once instead of building a model until the kernel kills the process.
+MAX_LEVELS = 16
+MAX_WIDTH = 65536  # any one size in model.projector / model.mlp_dims
+MAX_DENSE_PARAMETERS = 1_000_000_000  # projectors + mlp encoders over all levels (4 GB of fp32 weights)
+MAX_BATCH = 65536
+MAX_IMAGE_SIZE = 4096
+MAX_SEED = 2**32 - 1  # numpy's seed range
+
+
+def check_bounds(cfg: RunConfig) -> None:
+    """Refuse values outside what any run could use, with the setting's name and the allowed range."""
+    d, o, t, m = cfg.data, cfg.optim, cfg.train, cfg.model
+    ranges = [  # (setting, value, lowest, highest)
+        ("model.levels", m.levels, 1, MAX_LEVELS), ("train.batch_size", t.batch_size, 2, MAX_BATCH),
+        ("data.image_size", d.image_size, 8, MAX_IMAGE_SIZE), ("data.workers", d.workers, 0, 256),
+        ("data.split_seed", d.split_seed, 0, MAX_SEED), ("train.seed", t.seed, 0, MAX_SEED),
+        ("train.epochs", t.epochs, 0, 1e6), ("train.max_steps", t.max_steps, 1, 10**12),
+        ("train.checkpoint_every", t.checkpoint_every, 1, 10**12), ("train.log_every", t.log_every, 1, 10**12),
+        ("optim.lr", o.lr, 0, 100.0), ("optim.weight_decay", o.weight_decay, 0, 10.0),
+        ("optim.momentum", o.momentum, 0, 1.0), ("optim.eta", o.eta, 0, 10.0),
+        ("optim.warmup_epochs", o.warmup_epochs, 0, 1e6), ("optim.final_lr_ratio", o.final_lr_ratio, 0, 1.0),
+    ]
+    ranges += [(f"loss.{name}", v, 0, 1e6) for name in ("sim_coeff", "std_coeff", "cov_coeff", "level_weights")
+               for v in getattr(cfg.loss, name)]
+    for where, jitter in (("data", d.jitter), ("data.view1", d.view1.jitter), ("data.view2", d.view2.jitter)):
+        ranges += [(f"{where}.jitter", v, 0, 0.5 if i == 3 else 10.0) for i, v in enumerate(jitter or ())]  # hue <= 0.5
+    for name, value, low, high in ranges:
+        if value is not None and not (math.isfinite(value) and low <= value <= high):
+            limit = f"at most {high:,}" if math.isfinite(value) and value > high else f"from {low:,} to {high:,}"
+            raise SjeaError(f"{name}: {value} is out of range; give a value {limit}.")
+    dense = 0
+    for spec_name in ("projector", "mlp_dims"):
+        spec = getattr(m, spec_name)
+        dims = [int(v) for v in spec.split("-") if v.strip().isdigit()]
+        if any(v > MAX_WIDTH for v in dims):
+            raise SjeaError(f"model.{spec_name}: '{spec}' has a size above {MAX_WIDTH}; use smaller layers.")
+        if spec_name == "projector" or m.encoder == "mlp":
+            # An upper estimate: every chain read from a 2048-wide input (resnet50's output).
+            dense += m.levels * sum(a * b for a, b in zip([2048] + dims, dims))
+    if dense > MAX_DENSE_PARAMETERS:
+        raise SjeaError(f"model.projector/mlp_dims: about {dense:,} weights over {m.levels} levels (at most "
+                        f"{MAX_DENSE_PARAMETERS:,}); use fewer levels or smaller layers.")
 
 
 def resolve_config(preset: str = "tiny", config_file: str | Path | None = None,
@@ -382,6 +431,4 @@ def _nest(keys: list[str], leaf: dict) -> dict:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    from .io import atomic_write_text
-
     atomic_write_text(Path(path), json.dumps(cfg.to_dict(), indent=2) + "\n")

@@ -7,13 +7,13 @@ from .errors import SjeaError
 
 def resolve_device(device: str = "auto") -> str:
     """'auto' -> 'cuda' when a GPU is usable, else 'cpu'; 'cpu', 'cuda', 'cuda:N' are checked."""
+    device = (device or "auto").strip().lower()
+    if device == "cpu":
+        return device  # before importing torch: the CPU query path runs without it
     import torch
 
-    device = (device or "auto").strip().lower()
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return device
     if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
         if not torch.cuda.is_available():
             raise SjeaError(f"--device {device}: no CUDA GPU is available here; use --device cpu or auto.")

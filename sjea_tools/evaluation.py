@@ -21,29 +21,17 @@ import numpy as np
 import torch
 
 from .errors import SjeaError
+from .levels import parse_levels
+from .progress import Counter, ProgressFn
 
 EVAL_FILE = "eval.json"
 KNN_K = 200
 KNN_TEMPERATURE = 0.1
 PRECISION_K = 10
 STORE_EVAL_ROWS = 100_000  # default sample of a store's labelled rows: bounded time and memory
-# Fashion-MNIST's natural grouping (method.md), by class name, so that image folders of the same
-# classes (any spelling of the names) get coarse labels too.
-FASHION_MNIST_GROUPS = {
-    "tops": ("t-shirt/top", "pullover", "coat", "shirt"), "bottoms": ("trouser",), "dresses": ("dress",),
-    "footwear": ("sandal", "sneaker", "ankle boot"), "bags": ("bag",),
-}
 
 
 # --- pure metric functions ------------------------------------------------------------------------
-
-def nearest_neighbours(bank: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine top-k of each query among the bank rows: (ids (q,k), similarities (q,k)), best first."""
-    from .index import normalized
-    from .search import cosine_top_k
-
-    return cosine_top_k(queries, normalized(bank), k)  # chunked over queries: bounded memory
-
 
 def weighted_vote(neighbour_labels: np.ndarray, similarities: np.ndarray, num_classes: int,
                   temperature: float = KNN_TEMPERATURE) -> np.ndarray:
@@ -57,7 +45,9 @@ def weighted_vote(neighbour_labels: np.ndarray, similarities: np.ndarray, num_cl
 def knn_accuracy(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, query_labels: np.ndarray,
                  k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> float:
     """Weighted k-NN top-1 accuracy in percent (cosine similarity, vote weight exp(sim/T))."""
-    ids, sims = nearest_neighbours(bank, queries, k)
+    from .search import cosine_top_k
+
+    ids, sims = cosine_top_k(queries, bank, k)  # chunked over queries: bounded memory
     return knn_accuracy_from_neighbours(ids, sims, bank_labels, query_labels, temperature)
 
 
@@ -132,22 +122,7 @@ def retrieval_scores(ids: np.ndarray, sims: np.ndarray, bank_labels: np.ndarray,
             "precision_at_10": precision_at_k(ids, bank_labels, query_labels, PRECISION_K)}
 
 
-# --- labels -----------------------------------------------------------------------------------------
-
-def _canonical(name: str) -> str:
-    return "".join(ch for ch in name.lower() if ch.isalnum())
-
-
-def coarse_from_class_names(class_names: Sequence[str] | None) -> tuple[np.ndarray, list[str]] | None:
-    """fine -> coarse index map when the class names are Fashion-MNIST's (any spelling), else None."""
-    if not class_names:
-        return None
-    group_of = {_canonical(c): g for g, members in enumerate(FASHION_MNIST_GROUPS.values()) for c in members}
-    canon = [_canonical(c) for c in class_names]
-    if sorted(canon) != sorted(group_of):
-        return None
-    return np.asarray([group_of[c] for c in canon], dtype=np.int64), list(FASHION_MNIST_GROUPS)
-
+# --- samples and splits --------------------------------------------------------------------------------
 
 def random_subset(n: int, limit: int | None, seed: int) -> np.ndarray:
     """Sorted indices of `limit` rows drawn with a fixed seed (all rows when limit is None).
@@ -161,6 +136,13 @@ def random_subset(n: int, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
+def seeded_split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, test rows), each sorted: a seeded random `test_fraction` (at least one row) is test."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = max(1, int(round(test_fraction * n)))
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
 # --- evaluating feature sets --------------------------------------------------------------------------
 
 def evaluate_features(train_feats: Sequence[np.ndarray], train_labels: np.ndarray, test_feats: Sequence[np.ndarray],
@@ -168,6 +150,8 @@ def evaluate_features(train_feats: Sequence[np.ndarray], train_labels: np.ndarra
                       probe_epochs: int = 20, probe_lr: float = 0.2, seed: int = 0, k: int = KNN_K,
                       temperature: float = KNN_TEMPERATURE) -> dict:
     """Every metric for every level, from cached features; `coarse` = (fine->coarse map, names)."""
+    from .search import cosine_top_k
+
     train_labels = np.asarray(train_labels, dtype=np.int64)
     test_labels = np.asarray(test_labels, dtype=np.int64)
     if len(np.unique(train_labels)) < 2:
@@ -179,7 +163,7 @@ def evaluate_features(train_feats: Sequence[np.ndarray], train_labels: np.ndarra
     per_level = []
     for level, ftr, fte in zip(levels, train_feats, test_feats):
         probe = linear_probe(ftr, train_labels, fte, test_labels, epochs=probe_epochs, lr=probe_lr, seed=seed)
-        ids, sims = nearest_neighbours(ftr, fte, max(k, PRECISION_K))
+        ids, sims = cosine_top_k(fte, ftr, max(k, PRECISION_K))
         row = {"level": int(level), "dim": int(ftr.shape[1]),
                "linear_top1": probe["top1"], "linear_top5": probe["top5"],
                "knn_top1": knn_accuracy_from_neighbours(ids[:, :k], sims[:, :k], train_labels, test_labels, temperature),
@@ -219,11 +203,9 @@ def hierarchical_scores(train_feats, test_feats, levels, label_sets, k, temperat
 # --- features of a model ------------------------------------------------------------------------------
 
 def extract_features(model, data, levels: Sequence[int] | None = None, batch_size: int = 256,
-                     progress=None, description: str = "features") -> list[np.ndarray]:
-    """Representations Y[k] of every image of `data` (an ImageData), model in eval mode, in order.
-
-    `progress`: an optional rich Progress (anything with add_task/advance) to report to.
-    """
+                     progress: ProgressFn | None = None, task: str = "features") -> list[np.ndarray]:
+    """Representations Y[k] of every image of `data` (an ImageData), model in eval mode, in order;
+    images done are reported to `progress` under `task`."""
     from .data import PixelDataset, normalize_pixels
 
     levels = list(range(model.num_levels)) if levels is None else list(levels)
@@ -233,14 +215,13 @@ def extract_features(model, data, levels: Sequence[int] | None = None, batch_siz
     loader = torch.utils.data.DataLoader(PixelDataset(data, model.image_size), batch_size=batch_size,
                                          shuffle=False, num_workers=workers)
     out: list[list[np.ndarray]] = [[] for _ in levels]
-    task = progress.add_task(description, total=len(data)) if progress is not None else None
+    done = Counter(progress, task, len(data))
     with torch.no_grad():
         for pixels, _ in loader:
             x = normalize_pixels(pixels.to(device), model.mean, model.std)
             for k, y in enumerate(model.forward_levels(x, levels)):
                 out[k].append(y.float().cpu().numpy())
-            if task is not None:
-                progress.advance(task, len(pixels))
+            done.advance(len(pixels))
     return [np.concatenate(chunks) for chunks in out]
 
 
@@ -277,9 +258,8 @@ def load_eval_splits(dataset: str, data_dir: str | None, seed: int, test_fractio
         if folder.labels is None:
             raise SjeaError(f"{dataset} has no labels: evaluation needs one sub-folder per class "
                             "(e.g. photos/cat/1.jpg, photos/dog/2.jpg).")
-        perm = np.random.default_rng(seed).permutation(len(folder))
-        n_test = max(1, int(round(test_fraction * len(folder))))
-        train, test = folder.subset(np.sort(perm[n_test:])), folder.subset(np.sort(perm[:n_test]))
+        tr, te = seeded_split(len(folder), test_fraction, seed)
+        train, test = folder.subset(tr), folder.subset(te)
     for split, data in (("train", train), ("test", test)):
         if data.labels is None:
             raise SjeaError(f"the {split} split of {dataset} has no labels; evaluation needs labelled images.")
@@ -301,31 +281,36 @@ def coarse_of(data) -> tuple[np.ndarray, list[str]] | None:
         fine_to_coarse = np.zeros(n_fine, dtype=np.int64)
         fine_to_coarse[data.labels] = data.coarse_labels
         return fine_to_coarse, list(data.coarse_names)
+    from .data import coarse_from_class_names
+
     return coarse_from_class_names(data.class_names)
 
 
 def evaluate_run(run=None, dataset: str | None = None, data_dir: str | None = None, max_train: int | None = None,
-                 max_test: int | None = None, levels: Sequence[int] | None = None, probe_epochs: int = 20,
+                 max_test: int | None = None, levels=None, probe_epochs: int = 20,
                  probe_lr: float = 0.2, batch_size: int = 256, seed: int = 0, random_init: bool = False,
                  device: str = "cpu", out: str | Path | None = None, save_features: bool = False,
-                 progress=None, baselines: bool = False) -> dict:
+                 progress: ProgressFn | None = None, baselines: bool = False) -> dict:
     """Evaluate a run's model on a labelled dataset (default: the one it was trained on).
 
     Writes eval.json in the run folder (eval-random-init.json for the random-init baseline) and
     returns the same dictionary. `random_init=True` evaluates the run's architecture with fresh
     weights (BatchNorm statistics from training images): the floor a trained model must beat.
+    `levels`: None/'all', 1, '0,1' or [0, 1] (sjea_tools.levels). Silent unless given `progress`.
     `baselines=True` adds raw- and centred-pixel rows under the same k-NN and probe, and the
     centred k-NN of every level (baselines.py).
     """
     from .models import build_model
-    from .io import atomic_write_text
+    from .io import atomic_write_text, check_writable
     from .runs import find_run, load_model, model_id
 
     run_dir = find_run(run)
+    out_path = Path(out) if out else run_dir / ("eval-random-init.json" if random_init else EVAL_FILE)
+    check_writable(out_path)
     model = load_model(run_dir, device=device)
     source_id = model_id(model)
     dataset, data_dir = eval_dataset(model.cfg, dataset, data_dir)
-    levels = check_levels(levels, model.num_levels)
+    levels = parse_levels(levels, model.num_levels)
     t0 = time.perf_counter()
     train, test = load_eval_splits(dataset, data_dir, seed)
     train = train.subset(random_subset(len(train), max_train, seed))
@@ -344,7 +329,6 @@ def evaluate_run(run=None, dataset: str | None = None, data_dir: str | None = No
 
         probe = lambda a, b, c, d: linear_probe(a, b, c, d, epochs=probe_epochs, lr=probe_lr, seed=seed)  # noqa: E731
         result["baselines"] = baseline_results(train, test, train_feats, test_feats, levels, knn_accuracy, probe)
-    out_path = Path(out) if out else run_dir / ("eval-random-init.json" if random_init else EVAL_FILE)
     result = {
         "source": "run", "run": str(Path(run_dir).resolve()), "model_id": source_id,
         "weights": "random-init" if random_init else "trained", "dataset": dataset, "class_names": train.class_names,
@@ -376,33 +360,24 @@ def save_feature_file(path: Path, levels, train_feats, train_labels, test_feats,
     atomic_write_bytes(path, buf.getvalue())
 
 
-def check_levels(levels: Sequence[int] | None, num_levels: int) -> list[int]:
-    if levels is None:
-        return list(range(num_levels))
-    levels = sorted(set(int(v) for v in levels))
-    bad = [v for v in levels if not 0 <= v < num_levels]
-    if bad or not levels:
-        raise SjeaError(f"--level {bad[0] if bad else ''} does not exist: this model has levels 0..{num_levels - 1}.")
-    return levels
-
-
 def evaluate_store(store_path, max_rows: int | None = STORE_EVAL_ROWS, test_fraction: float = 0.2, probe_epochs: int = 20,
-                   probe_lr: float = 0.2, seed: int = 0, levels: Sequence[int] | None = None,
+                   probe_lr: float = 0.2, seed: int = 0, levels=None,
                    out: str | Path | None = None) -> dict:
     """Evaluate the embeddings of a labelled HDF5 store: a seeded split of its rows into a bank
-    (and probe training set) and queries. Writes <store>.eval.json beside the store."""
-    from .io import atomic_write_text
+    (and probe training set) and queries. Writes <store>.eval.json beside the store.
+    `levels`: None/'all', 1, '0,1' or [0, 1] of the stored levels (sjea_tools.levels)."""
+    from .data import coarse_from_class_names
+    from .io import atomic_write_text, check_writable
     from .store import open_store
 
     store_path = Path(store_path)
+    out_path = Path(out) if out else store_path.with_name(store_path.name + ".eval.json")
     with open_store(store_path) as store:
+        check_writable(out_path)
         if store.labels is None:
             raise SjeaError(f"{store_path} holds no labels; embed a folder with one sub-folder per class "
                             "(sjea embed) or evaluate a run on a dataset with --run RUN --dataset NAME.")
-        levels = list(store.levels) if levels is None else [int(v) for v in levels]
-        missing = [v for v in levels if v not in store.levels]
-        if missing:
-            raise SjeaError(f"{store_path} has no level {missing[0]} (stored levels: {list(store.levels)}).")
+        levels = parse_levels(levels, store.levels)
         labels = np.asarray(store.labels, dtype=np.int64)
         keep = labels >= 0  # rows without a class (images outside the class folders)
         rows = random_subset(int(keep.sum()), max_rows, seed)
@@ -413,12 +388,9 @@ def evaluate_store(store_path, max_rows: int | None = STORE_EVAL_ROWS, test_frac
         label_names = list(store.label_names) if store.label_names is not None else None
         model = store.model_id
     labels = labels[rows]
-    perm = np.random.default_rng(seed).permutation(len(rows))
-    n_test = max(1, int(round(test_fraction * len(rows))))
-    te, tr = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    tr, te = seeded_split(len(rows), test_fraction, seed)
     result = evaluate_features([f[tr] for f in feats], labels[tr], [f[te] for f in feats], labels[te], levels,
                                coarse_from_class_names(label_names), probe_epochs=probe_epochs, probe_lr=probe_lr, seed=seed)
-    out_path = Path(out) if out else store_path.with_name(store_path.name + ".eval.json")
     result = {"source": "store", "store": str(store_path.resolve()), "model_id": model, "class_names": label_names,
               "n_train": int(len(tr)), "n_test": int(len(te)), "test_rows": rows[te].tolist(),
               "settings": {"knn_k": KNN_K, "knn_temperature": KNN_TEMPERATURE, "probe_epochs": probe_epochs,

@@ -4,19 +4,20 @@
     build_index(vectors, spec)         a FAISS index over L2-normalised vectors (inner product = cosine)
     tune_and_measure(index, vectors)   recall@10 against exact search, raising nprobe/efSearch to 0.95
     build_indexes(store_path)          all of the above for every level of a store, plus the sidecar
+                                       (indexes only: pipeline.index_store adds the cluster tree)
     load_indexes(store_path)           the indexes, refused when stale; large files memory-mapped
 
-Layout beside `emb.h5`: `emb.h5.index/index.json` (the sidecar: the store's model id and row
-count, kind, parameters, measured recall, build time, size) and `emb.h5.index/level{K}-{build}.faiss`.
-A rebuild writes new files first and then replaces the sidecar in one rename, so a reader never
-sees a half-built set.
+Layout beside `emb.h5`: `emb.h5.index/index.json` (the sidecar: the store's model id, row
+count and fingerprint (a token every store write renews: a rewritten store's old index is refused), kind, parameters, measured recall, build time, size) and `emb.h5.index/level{K}-{build}.faiss`.
+Every file is written through sjea_tools.io (temporary file, fsync, the user's umask, rename); a
+rebuild writes new files first and then replaces the sidecar in one rename, so a reader never sees
+a half-built set.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SjeaError
-from .io import atomic_write_text
-from .vectors import l2_normalize as normalized  # one definition, used under this name here
+from .io import atomic_path, atomic_write_text, stale_temp_files
+from .progress import Counter, ProgressFn
+from .vectors import exact_rerank, l2_normalize
 
 KINDS = ("flat", "hnsw", "ivf-flat", "ivf-pq")
 METRICS = ("cosine", "inner-product")
@@ -129,8 +131,10 @@ def factory_string(spec: dict) -> str:
             "ivf-pq": lambda: f"IVF{p['nlist']},PQ{p['m']}x{p['nbits']}"}[spec["kind"]]()
 
 
-def build_index(vectors: np.ndarray, spec: dict, on_added=None, seed: int = 0, chunk: int = 50_000):
-    """A FAISS inner-product index over vectors (normalise them first for cosine)."""
+def build_index(vectors: np.ndarray, spec: dict, progress: ProgressFn | None = None, task: str = "adding vectors",
+                seed: int = 0, chunk: int = 50_000):
+    """A FAISS inner-product index over vectors (normalise them first for cosine); reports the
+    vectors added to `progress` under `task`."""
     import faiss
 
     x = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -145,10 +149,10 @@ def build_index(vectors: np.ndarray, spec: dict, on_added=None, seed: int = 0, c
         n_train = min(len(x), per_list * spec["params"]["nlist"])
         rows = np.sort(np.random.default_rng(seed).choice(len(x), n_train, replace=False))
         index.train(x[rows])
+    added = Counter(progress, task, len(x))
     for start in range(0, len(x), chunk):
         index.add(x[start:start + chunk])
-        if on_added:
-            on_added(min(chunk, len(x) - start))
+        added.advance(min(chunk, len(x) - start))
     set_search_params(index, spec["search_params"])
     return index
 
@@ -168,22 +172,6 @@ def exact_neighbours(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.nda
     _, ids = faiss.knn(np.ascontiguousarray(queries, dtype=np.float32),
                        np.ascontiguousarray(vectors, dtype=np.float32), k, metric=faiss.METRIC_INNER_PRODUCT)
     return ids
-
-
-def exact_rerank(queries: np.ndarray, candidates: np.ndarray, get_rows, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Re-score candidate ids (q, m) exactly with the stored vectors and keep the top k.
-
-    get_rows(sorted unique ids) -> their vectors (normalised for cosine). Ids of -1 (FAISS pads
-    with them when fewer than m were found) rank last with score -inf.
-    """
-    valid = np.unique(candidates[candidates >= 0])
-    table = get_rows(valid) if len(valid) else np.zeros((0, queries.shape[1]), np.float32)
-    pos = np.searchsorted(valid, np.where(candidates >= 0, candidates, 0))
-    scores = np.einsum("qd,qmd->qm", queries.astype(np.float32), table[pos.clip(0, max(0, len(valid) - 1))]) \
-        if len(valid) else np.full(candidates.shape, -np.inf, np.float32)
-    scores = np.where(candidates >= 0, scores, -np.inf)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(candidates, order, 1), np.take_along_axis(scores, order, 1).astype(np.float32)
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
@@ -249,6 +237,8 @@ def parse_memory(text: str | int | None) -> int:
     if text is None:
         return DEFAULT_MEMORY_BUDGET
     if isinstance(text, int):
+        if text <= 0:
+            raise SjeaError(f"memory budget {text} must be positive.")
         return text
     s = str(text).strip().upper().removesuffix("IB").removesuffix("B")
     scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(s[-1:] if s else "", 1)
@@ -256,87 +246,145 @@ def parse_memory(text: str | int | None) -> int:
         value = float(s[:-1] if scale > 1 else s) * scale
     except ValueError:
         raise SjeaError(f"memory budget {text!r} is not a size; write e.g. 8G or 512M.") from None
+    if not math.isfinite(value):
+        raise SjeaError(f"memory budget {text!r} is not a finite size; write e.g. 8G or 512M.")
     if value <= 0:
         raise SjeaError(f"memory budget {text!r} must be positive.")
     return int(value)
 
 
-def build_indexes(store_path: str | Path, kind: str = "auto", progress: bool = True, memory_budget=None,
-                  params: dict | None = None, metric: str = "cosine", sample: int = RECALL_SAMPLE,
-                  clusters: bool = True, tune: bool = True) -> dict:
+def build_indexes(store_path: str | Path, kind: str = "auto", memory_budget=None, params: dict | None = None,
+                  metric: str = "cosine", sample: int = RECALL_SAMPLE, tune: bool = True,
+                  progress: ProgressFn | None = None, clusters: bool = False) -> dict:
     """One FAISS index per level of a store, saved beside it; returns the sidecar dict.
 
     kind "auto" asks choose_index; an explicit kind uses `params` (nlist, nprobe, m, nbits,
-    ef_construction, ef_search) with defaults for the rest. Also builds the cluster tree
-    (clusters.build_cluster_tree) unless clusters=False.
+    ef_construction, ef_search) with defaults for the rest. Indexes only: the cluster tree is
+    pipeline.index_store's next step (`clusters` is accepted only as False, for old callers).
+    Silent unless given `progress` (one task per level: vectors added). Holds the store's writer
+    lock, so two builds never delete each other's files.
     """
-    import faiss
+    from .store import disk_faults, writer_lock
 
-    from .cli.common import progress_bar
-    from .store import open_store
-
-    if metric not in METRICS:
-        raise SjeaError(f"unknown metric {metric!r}; choose cosine or inner-product.")
-    if kind != "auto" and kind not in KINDS:
-        raise SjeaError(f"unknown index kind {kind!r}; choose one of auto, {', '.join(KINDS)}.")
+    if clusters:
+        raise SjeaError("build_indexes builds indexes only; use sjea_tools.pipeline.index_store for the "
+                        "indexes and the cluster tree.")
+    check_build_options(kind, metric, params, sample)
     budget = parse_memory(memory_budget)
     store_path = Path(store_path)
     folder = index_dir(store_path)
-    build_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-    with open_store(store_path) as store:
-        if store.n == 0:
-            raise SjeaError(f"{store_path} holds no embeddings yet; run sjea embed first.")
-        model_id, n, levels, dims = store.model_id, store.n, list(store.levels), list(store.dims)
-        entries: dict[str, dict] = {}
-        folder.mkdir(parents=True, exist_ok=True)
-        with progress_bar(not progress) as bar:
-            for level, dim in zip(levels, dims):
-                vectors = store.read_embeddings(level)
-                if metric == "cosine":
-                    vectors = normalized(vectors)
-                spec = (choose_index(n, dim, budget) if kind == "auto"
-                        else explicit_spec(kind, n, dim, **(params or {})))
-                task = bar.add_task(f"level {level} {spec['kind']}", total=n)
-                t0 = time.perf_counter()
-                index = build_index(vectors, spec, on_added=lambda m, t=task: bar.advance(t, m))
-                build_seconds = time.perf_counter() - t0
-                forced = bool(params) and any(params.get(p) is not None for p in ("nprobe", "ef_search"))
-                measured = tune_and_measure(index, vectors, spec, sample=sample, tune=tune and not forced)
-                name = f"level{level}-{build_id}.faiss"
-                tmp = folder / f".{name}.tmp"
-                faiss.write_index(index, str(tmp))
-                os.replace(tmp, folder / name)
-                entries[str(level)] = {
-                    "file": name, "kind": spec["kind"], "params": spec["params"],
-                    "search_params": spec["search_params"], "rerank": spec.get("rerank", 1), "dim": dim, "reason": spec["reason"],
-                    "recall_at_10": round(measured["recall_at_k"], 4), "recall_k": measured["k"],
-                    "recall_sample": measured["sample"], "recall_tuning": measured["tried"],
-                    "build_seconds": round(build_seconds, 3), "bytes": (folder / name).stat().st_size,
-                }
-                del index, vectors
-    sidecar = {"format": INDEX_FORMAT, "store": store_path.name, "model_id": model_id, "n": n,
-               "metric": metric, "levels": entries, "memory_budget": budget, "faiss_version": faiss.__version__,
-               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    atomic_write_text(folder / SIDECAR, json.dumps(sidecar, indent=2) + "\n")
-    remove_unused_files(folder, sidecar)
-    if clusters:
-        from .clusters import build_cluster_tree
-
-        sidecar["clusters"] = build_cluster_tree(store_path)["sizes"]
+    with writer_lock(store_path), disk_faults(f"the index folder {folder}"):
+        remove_unused_files(folder, read_sidecar_or_none(store_path))  # what a killed build left
+        sidecar = _build_all_levels(store_path, kind, budget, params, metric, sample, tune, progress)
+        atomic_write_text(folder / SIDECAR, json.dumps(sidecar, indent=2) + "\n")
+        remove_unused_files(folder, sidecar)
     sidecar["path"] = str(folder)
     return sidecar
 
 
-def remove_unused_files(folder: Path, sidecar: dict) -> None:
-    """Delete the index files of the previous build (the new sidecar no longer points at them)."""
-    keep = {e["file"] for e in sidecar["levels"].values()}
-    for path in folder.glob("level*.faiss"):
+def check_build_options(kind: str, metric: str, params: dict | None, sample: int) -> None:
+    """Refuse unknown kinds and metrics, and index parameters that are not whole numbers >= 1."""
+    if metric not in METRICS:
+        raise SjeaError(f"unknown metric {metric!r}; choose cosine or inner-product.")
+    if kind != "auto" and kind not in KINDS:
+        raise SjeaError(f"unknown index kind {kind!r}; choose one of auto, {', '.join(KINDS)}.")
+    names = {"nlist": "--nlist", "nprobe": "--nprobe", "m": "--pq-m/--hnsw-m", "nbits": "nbits",
+             "ef_construction": "ef_construction", "ef_search": "--ef-search"}
+    for key, value in {**(params or {}), "sample": sample}.items():
+        if value is None:
+            continue
+        ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+        if not ok:
+            raise SjeaError(f"{names.get(key, key)} must be a whole number >= 1, not {value!r}.")
+
+
+def _build_all_levels(store_path: Path, kind: str, budget: int, params: dict | None, metric: str, sample: int,
+                      tune: bool, progress: ProgressFn | None) -> dict:
+    import faiss
+
+    from .store import open_store
+
+    folder = index_dir(store_path)
+    build_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    forced = bool(params) and any(params.get(p) is not None for p in ("nprobe", "ef_search"))
+    with open_store(store_path) as store:
+        if store.n == 0:
+            raise SjeaError(f"{store_path} holds no embeddings yet; run sjea embed first.")
+        model_id, n, fingerprint = store.model_id, store.n, store.fingerprint
+        entries: dict[str, dict] = {}
+        for level, dim in zip(store.levels, store.dims):
+            vectors = store.read_embeddings(level)
+            spec = (choose_index(n, dim, budget) if kind == "auto"
+                    else explicit_spec(kind, n, dim, **(params or {})))
+            entries[str(level)] = build_level_file(
+                l2_normalize(vectors) if metric == "cosine" else vectors, spec,
+                folder / f"level{level}-{build_id}.faiss", sample=sample, tune=tune and not forced,
+                progress=progress, task=f"level {level} {spec['kind']}")
+            del vectors
+    return {"format": INDEX_FORMAT, "store": store_path.name, "model_id": model_id, "n": n,
+            "store_fingerprint": fingerprint, "metric": metric, "levels": entries, "memory_budget": budget,
+            "faiss_version": faiss.__version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def read_sidecar_or_none(store_path: str | Path) -> dict | None:
+    """The sidecar, or None when it is absent or unreadable (a rebuild replaces it anyway)."""
+    try:
+        return read_sidecar(store_path)
+    except SjeaError:
+        return None
+
+
+def index_is_current(store_path: str | Path) -> bool:
+    """Whether the index beside a store describes the store as it is now (what load_indexes checks)."""
+    from .store import open_store
+
+    sidecar = read_sidecar_or_none(store_path)
+    if sidecar is None:
+        return False
+    with open_store(store_path) as s:
+        try:
+            check_sidecar(store_path, sidecar, s.model_id, s.n, s.levels, s.fingerprint)
+        except SjeaError:
+            return False
+    folder = index_dir(store_path)
+    return all((folder / e["file"]).is_file() for e in sidecar["levels"].values())
+
+
+def build_level_file(vectors: np.ndarray, spec: dict, path: Path, sample: int = RECALL_SAMPLE, tune: bool = True,
+                     progress: ProgressFn | None = None, task: str = "adding vectors") -> dict:
+    """Build, tune and measure one level's index, write it to `path` atomically; its sidecar entry."""
+    import faiss
+
+    t0 = time.perf_counter()
+    index = build_index(vectors, spec, progress=progress, task=task)
+    build_seconds = time.perf_counter() - t0
+    measured = tune_and_measure(index, vectors, spec, sample=sample, tune=tune)
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
+    return {"file": path.name, "kind": spec["kind"], "params": spec["params"],
+            "search_params": spec["search_params"], "rerank": spec.get("rerank", 1), "dim": int(vectors.shape[1]),
+            "reason": spec["reason"], "recall_at_10": round(measured["recall_at_k"], 4), "recall_k": measured["k"],
+            "recall_sample": measured["sample"], "recall_tuning": measured["tried"],
+            "build_seconds": round(build_seconds, 3), "bytes": path.stat().st_size}
+
+
+def remove_unused_files(folder: Path, sidecar: dict | None) -> None:
+    """Delete the index files the sidecar does not point at (a previous build's, or a killed
+    build's) and the temporary files a killed build left (sjea_tools.io names them
+    .level*.faiss.*.tmp and .index.json.*.tmp). Called under the store's writer lock."""
+    keep = {e["file"] for e in sidecar["levels"].values()} if sidecar else set()
+    if not folder.is_dir():
+        return
+    for path in [*folder.glob("level*.faiss"), *folder.glob(".level*.faiss.*.tmp"), *stale_temp_files(folder / SIDECAR)]:
         if path.name not in keep:
             path.unlink(missing_ok=True)
 
 
-def check_sidecar(store_path: str | Path, sidecar: dict | None, model_id: str, n: int, levels) -> dict:
-    """Refuse an index that does not describe the store as it is now; the message gives the fix."""
+def check_sidecar(store_path: str | Path, sidecar: dict | None, model_id: str, n: int, levels,
+                  fingerprint: str | None = None) -> dict:
+    """Refuse an index that does not describe the store as it is now; the message gives the fix.
+    Every store write records a new fingerprint and the sidecar the one it was built from, so a
+    store rewritten with the same model and row count is still caught."""
     fix = f"rebuild it with: sjea index {store_path}"
     if sidecar is None:
         raise SjeaError(f"{store_path} has no FAISS index yet; build it with: sjea index {store_path}")
@@ -345,6 +393,9 @@ def check_sidecar(store_path: str | Path, sidecar: dict | None, model_id: str, n
     if sidecar["model_id"] != model_id:
         raise SjeaError(f"the index of {store_path} was built for another model "
                         f"({sidecar['model_id'][:12]}, store has {model_id[:12]}); {fix}")
+    if fingerprint is not None and sidecar.get("store_fingerprint") != fingerprint:
+        raise SjeaError(f"the index of {store_path} is stale: it was built from an earlier version of the store "
+                        f"(rewritten since); {fix}")
     if sidecar["n"] != n:
         raise SjeaError(f"the index of {store_path} is stale: built for {sidecar['n']} rows, the store now "
                         f"has {n}; {fix}")
@@ -368,9 +419,16 @@ def read_faiss(path: Path, mmap: bool | None = None):
                         f"rebuild it with: sjea index {str(path.parent)[:-len('.index')]}") from None
 
 
-def load_indexes(store_path: str | Path, model_id: str, n: int, levels, mmap: bool | None = None) -> dict:
-    """{level: faiss index} for a store whose model id and row count are given; stale -> SjeaError."""
-    sidecar = check_sidecar(store_path, read_sidecar(store_path), model_id, n, levels)
+def load_indexes(store_path: str | Path, model_id: str, n: int, levels, mmap: bool | None = None,
+                 fingerprint: str | None = None) -> dict:
+    """{level: faiss index} for a store whose model id and row count are given; stale -> SjeaError.
+    The store's fingerprint is read from the store unless given."""
+    if fingerprint is None:
+        from .store import open_store
+
+        with open_store(store_path) as s:
+            fingerprint = s.fingerprint
+    sidecar = check_sidecar(store_path, read_sidecar(store_path), model_id, n, levels, fingerprint)
     folder = index_dir(store_path)
     out = {}
     for level in levels:

@@ -10,8 +10,10 @@ the new one, never half of one; a failure removes the temporary file.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -124,3 +126,96 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# errno -> (what is wrong, how to fix). A write that fails for one of these is the user's disk or
+# permissions, not a bug: one line, never a traceback. Nothing was replaced (atomic writes).
+_WRITE_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "free some space (df -h) or write to another folder, then run "
+                   "again"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or write to another folder, then run again"),
+    errno.EFBIG: ("file too large for this file system", "write to another folder"),
+    errno.EROFS: ("read-only file system", "write to a folder on a writable disk"),
+    errno.EACCES: ("permission denied", "check the folder's owner and mode, or write to another folder"),
+    errno.EPERM: ("operation not permitted", "check the folder's owner and mode, or write to another folder"),
+}
+# Libraries that write files themselves (torch.save, h5py) may report a full disk without an errno
+# (torch: "unexpected pos ..."); with less than this free beside the target, the disk is blamed.
+FULL_DISK_BYTES = 1 << 20
+
+
+def disk_error_code(err: BaseException) -> int | None:
+    """The errno of a failure that is the disk's or the folder's fault (one of _WRITE_ERRORS), else
+    None. HDF5 and FAISS report errno only in their message text ("errno = 28"), so that is read too."""
+    code = getattr(err, "errno", None)
+    if code in _WRITE_ERRORS:
+        return code
+    text = str(err)
+    return next((c for c in _WRITE_ERRORS if f"errno = {c}," in text or os.strerror(c) in text), None)
+
+
+def writing_error(err: BaseException, path: str | Path | None = None) -> "SjeaError | None":
+    """The one-line SjeaError for a failed write caused by the disk or permissions (full, read-only,
+    quota, access), naming `path` (or the file in the OSError; a temporary file is named by its folder),
+    else None: the caller re-raises the original, which is then a real bug."""
+    from .errors import SjeaError
+
+    code = disk_error_code(err)
+    if code is None and path is not None:
+        try:
+            folder = Path(path) if Path(path).is_dir() else Path(path).parent
+            if shutil.disk_usage(folder).free < FULL_DISK_BYTES:
+                code = errno.ENOSPC
+        except OSError:
+            pass
+    if code is None:
+        return None
+    where = path if path is not None else getattr(err, "filename", None)
+    if where is not None:
+        where = Path(where)
+        if where.name.startswith(".") and where.name.endswith(TEMP_SUFFIX):
+            where = where.parent  # the temporary file beside the target: name the folder
+    what, fix = _WRITE_ERRORS[code]
+    return SjeaError(f"cannot write {where}: {what}; {fix}." if where is not None else f"{what}; {fix}.")
+
+
+@contextmanager
+def disk_faults(what: str) -> Iterator[None]:
+    """Re-raise a full/read-only/forbidden-disk failure inside the block as one SjeaError line that
+    says the work done so far is kept (writes are atomic; journals resume)."""
+    from .errors import SjeaError
+
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # FAISS reports a failed write as RuntimeError
+        code = disk_error_code(e)
+        if code is None:
+            raise
+        reason, fix = _WRITE_ERRORS[code]
+        raise SjeaError(f"cannot write {what}: {reason}. Nothing already written was lost; {fix}.") from None
+
+
+def check_writable(path: str | Path) -> None:
+    """Refuse, before minutes of work, an output that could not be written (read-only disk, no
+    permission): a temporary file is made and removed where the real write will make one (in the
+    nearest existing folder above it, so that nothing is created before the work succeeds)."""
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        temp_path_beside(folder / Path(path).name).unlink()
+    except OSError as e:
+        raise (writing_error(e, path) or e) from None
+
+
+def require_free_space(path: str | Path, need: int) -> None:
+    """Raise ENOSPC before writing `need` bytes at `path` when its folder has less free: HDF5 does
+    not survive a full disk in the middle of a write (measured here: a segmentation fault), so
+    writers of HDF5 files ask first. The caller's `disk_faults` turns it into one line."""
+    folder = Path(path).absolute().parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # the write itself reports what is wrong with the folder
+    if free < need:
+        raise OSError(errno.ENOSPC, f"{need / 1e6:.1f} MB needed for {path}, {free / 1e6:.1f} MB free")

@@ -16,6 +16,8 @@ from typing import Sequence
 import numpy as np
 
 from .errors import SjeaError
+from .progress import ProgressFn
+from .vectors import l2_normalize
 
 PLOT_KINDS = ("tsne", "covariance", "subclusters")
 TSNE_PERPLEXITY = 30
@@ -49,9 +51,7 @@ def tsne_2d(features: np.ndarray, perplexity: float = TSNE_PERPLEXITY, seed: int
     """Paper Figure 2: t-SNE of L2-normalised features, coordinates min-max scaled to [0, 1]."""
     from sklearn.manifold import TSNE
 
-    from .index import normalized
-
-    x = normalized(features)
+    x = l2_normalize(features)
     perplexity = min(perplexity, max(1.0, (len(x) - 1) / 3))  # sklearn needs perplexity < n
     with sklearn_threads():
         coords = TSNE(n_components=2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(x)
@@ -59,17 +59,17 @@ def tsne_2d(features: np.ndarray, perplexity: float = TSNE_PERPLEXITY, seed: int
     return (coords - lo) / np.maximum(hi - lo, 1e-12)
 
 
-def sub_clusters(features: np.ndarray, n_clusters: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """k-means on L2-normalised features: (cluster of each row, distance of each row to its centre)."""
-    from sklearn.cluster import KMeans
+def sub_clusters(features: np.ndarray, n_clusters: int, seed: int = 0,
+                 typical: int = THUMBS_PER_CLUSTER) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Paper Figure 3: spherical k-means of L2-normalised features with clusters.kmeans, the one
+    `sjea clusters` uses, so both agree. (cluster of each row, per cluster its `typical` rows
+    nearest the centre, most typical first)."""
+    from .clusters import examples_of, kmeans
 
-    from .index import normalized
-
-    x = normalized(features)
-    with sklearn_threads():
-        km = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit(x)
-    dist = np.linalg.norm(x - km.cluster_centers_[km.labels_], axis=1)
-    return km.labels_, dist
+    x = l2_normalize(features)
+    centroids, assign = kmeans(x, n_clusters, seed)
+    nearest = [examples_of(x, np.flatnonzero(assign == c), centroids[c], typical) for c in range(len(centroids))]
+    return assign, [rows[rows >= 0] for rows in nearest]
 
 
 def covariance_series(rows: list[dict]) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -200,9 +200,11 @@ def thumbnail_strip(data, rows: Sequence[int], size: int, pad: int = 2) -> np.nd
 def plot_run(run=None, out_dir: str | Path | None = None, class_name: str | None = None,
              kinds: Sequence[str] | None = None, dataset: str | None = None, data_dir: str | None = None,
              max_points: int = 2000, n_clusters: int = 3, seed: int = 0, device: str = "cpu",
-             progress=None) -> list[Path]:
-    """Write the PNGs of a run (default all of PLOT_KINDS) to out_dir (default RUN/plots)."""
-    from .evaluation import eval_dataset, extract_features, load_eval_splits, random_subset
+             progress: ProgressFn | None = None) -> list[Path]:
+    """Write the PNGs of a run (default all of PLOT_KINDS) to out_dir (default RUN/plots); silent
+    unless given `progress` (feature extraction of the images plotted)."""
+    from .evaluation import eval_dataset, load_eval_splits
+    from .io import check_writable
     from .runs import find_run, load_model, read_metrics
 
     kinds = list(PLOT_KINDS) if not kinds else list(dict.fromkeys(kinds))
@@ -216,9 +218,8 @@ def plot_run(run=None, out_dir: str | Path | None = None, class_name: str | None
     out_dir = Path(out_dir) if out_dir else run_dir / "plots"
     name = run_dir.name
     # Check everything that can be wrong before any slow work.
-    metrics = read_metrics(run_dir) if "covariance" in kinds else None
-    series = covariance_series(metrics) if metrics is not None else None
-    written: list[Path] = []
+    check_writable(out_dir / f"{kinds[0]}.png")  # the first PNG to be written (subclusters_<class>.png alike)
+    series = covariance_series(read_metrics(run_dir)) if "covariance" in kinds else None
     if "tsne" not in kinds and "subclusters" not in kinds:
         return [draw_covariance(*series, f"{name}: covariance term per level", out_dir / "covariance.png")]
 
@@ -227,34 +228,50 @@ def plot_run(run=None, out_dir: str | Path | None = None, class_name: str | None
     _, test = load_eval_splits(dataset, data_dir, seed)
     class_names = test.class_names or [str(c) for c in range(int(test.labels.max()) + 1)]
     chosen = resolve_class(class_name, class_names) if "subclusters" in kinds else None
-    levels = list(range(model.num_levels))
-    top = levels[-1]
+    written: list[Path] = []
     if series is not None:
         written.append(draw_covariance(*series, f"{name}: covariance term per level", out_dir / "covariance.png"))
-
     if "tsne" in kinds:
-        sample = test.subset(random_subset(len(test), max_points, seed))
-        feats = extract_features(model, sample, levels, progress=progress, description="t-SNE features")
-        coords = [tsne_2d(f) for f in feats]
-        written.append(draw_tsne(coords, sample.labels, class_names, levels,
-                                 f"{name}: t-SNE of each level ({dataset} test, {len(sample)} images)",
-                                 out_dir / "tsne.png"))
+        written.append(plot_tsne(model, test, class_names, max_points, seed, f"{name}: t-SNE of each level",
+                                 f"{dataset} test", out_dir / "tsne.png", progress))
     if "subclusters" in kinds:
-        in_class = np.flatnonzero(test.labels == chosen)
-        if len(in_class) < n_clusters:
-            raise SjeaError(f"class '{class_names[chosen]}' has {len(in_class)} test images, fewer than --clusters {n_clusters}.")
-        in_class = in_class[random_subset(len(in_class), max_points, seed)]
-        members = test.subset(in_class)
-        (feats,) = extract_features(model, members, [top], progress=progress, description=f"'{class_names[chosen]}' features")
-        clusters, dist = sub_clusters(feats, n_clusters, seed)
-        coords = tsne_2d(feats)
-        strips = []
-        for c in range(n_clusters):
-            rows = np.flatnonzero(clusters == c)
-            rows = rows[np.argsort(dist[rows])][:THUMBS_PER_CLUSTER]  # the most typical members first
-            strips.append(thumbnail_strip(members, rows.tolist(), size=max(32, model.image_size)))
-        safe = "".join(ch if ch.isalnum() else "_" for ch in class_names[chosen])
-        written.append(draw_subclusters(coords, clusters, strips,
-                                        f"{name}: level {top} sub-clusters of '{class_names[chosen]}' "
-                                        f"({len(members)} {dataset} test images)", out_dir / f"subclusters_{safe}.png"))
+        written.append(plot_subclusters(model, test, class_names[chosen], test.labels == chosen, n_clusters,
+                                        max_points, seed, f"{name}: level {model.num_levels - 1} sub-clusters of "
+                                        f"'{class_names[chosen]}'", f"{dataset} test", out_dir, progress))
     return written
+
+
+def plot_tsne(model, test, class_names: Sequence[str], max_points: int, seed: int, title: str, source: str,
+              path: Path, progress: ProgressFn | None = None) -> Path:
+    """Figure 2: every level of the model on `max_points` random test images (titled with `source`)."""
+    from .evaluation import extract_features, random_subset
+
+    levels = list(range(model.num_levels))
+    sample = test.subset(random_subset(len(test), max_points, seed))
+    feats = extract_features(model, sample, levels, progress=progress, task="t-SNE features")
+    return draw_tsne([tsne_2d(f) for f in feats], sample.labels, class_names, levels,
+                     f"{title} ({source}, {len(sample)} images)", path)
+
+
+def plot_subclusters(model, test, class_label: str, in_class_mask: np.ndarray, n_clusters: int, max_points: int,
+                     seed: int, title: str, source: str, out_dir: Path, progress: ProgressFn | None = None) -> Path:
+    """Figure 3: sub-clusters of one class's test images at the model's top level, with the most
+    typical members of each as thumbnails (titled with `source`)."""
+    from .clusters import MIN_POINTS_PER_CLUSTER
+    from .evaluation import extract_features, random_subset
+
+    in_class = np.flatnonzero(in_class_mask)
+    in_class = in_class[random_subset(len(in_class), max_points, seed)]
+    need = n_clusters * MIN_POINTS_PER_CLUSTER  # k-means keeps at least this many rows per cluster
+    if len(in_class) < need:
+        raise SjeaError(f"class '{class_label}' has {len(in_class)} test images (with --max-points {max_points}); "
+                        f"--clusters {n_clusters} needs at least {need}: lower --clusters or raise --max-points.")
+    members = test.subset(in_class)
+    top = model.num_levels - 1
+    (feats,) = extract_features(model, members, [top], progress=progress, task=f"'{class_label}' features")
+    clusters, typical = sub_clusters(feats, n_clusters, seed)
+    size = max(32, model.image_size)
+    strips = [thumbnail_strip(members, rows.tolist(), size=size) for rows in typical]
+    safe = "".join(ch if ch.isalnum() else "_" for ch in class_label)
+    return draw_subclusters(tsne_2d(feats), clusters, strips, f"{title} ({source}, {len(members)} images)",
+                            out_dir / f"subclusters_{safe}.png")

@@ -10,9 +10,8 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
-
-import torch
 
 from .config import RunConfig
 from .errors import SjeaError
@@ -28,11 +27,15 @@ DEFAULT_RUNS_DIR = Path("runs")
 
 def atomic_torch_save(obj, path: Path) -> None:
     """torch.save through a temporary file and a rename: a kill never leaves a broken file."""
+    import torch
+
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def safe_torch_load(path: Path) -> dict:
     """torch.load with weights_only=True; a corrupt file is a one-line error."""
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -47,6 +50,24 @@ def set_latest(run_dir: Path, runs_dir: Path = DEFAULT_RUNS_DIR) -> None:
     run_dir = Path(run_dir).resolve()
     for folder in {Path(runs_dir).resolve(), run_dir.parent}:
         atomic_write_text(folder / LATEST_FILE, str(run_dir) + "\n")
+
+
+def prepare_run_dir(cfg: RunConfig, out_dir: Path | None, overwrite: bool, runs_dir: Path) -> Path:
+    """Create the folder of a new run (`out_dir`, else runs_dir/<config name>); an existing
+    non-empty one is refused unless `overwrite`, which empties it first."""
+    run_dir = Path(out_dir) if out_dir else Path(runs_dir) / cfg.name
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SjeaError(f"{run_dir} exists and is not a folder; choose another --out.")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise SjeaError(f"run folder {run_dir} already exists; continue it with --resume {run_dir}, "
+                            "replace it with --overwrite, or pick another --out.")
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SjeaError(f"cannot create run folder {run_dir}: {e.strerror or e}; choose another --out.") from None
+    return run_dir
 
 
 def find_run(run: str | Path | None = None, runs_dir: Path = DEFAULT_RUNS_DIR) -> Path:
@@ -121,3 +142,12 @@ def read_metrics(run_dir: Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
     return rows
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """After a resume, drop metric rows a killed run wrote past its last checkpoint (at `step`)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return
+    keep = [row for row in read_metrics(run_dir) if row.get("step", 0) <= step]
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in keep))

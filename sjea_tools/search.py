@@ -1,13 +1,14 @@
-"""Search a store: per level, or hierarchically (candidates from one level, re-ranked by the next).
+"""Search a store: per level, or hierarchically (inside the query's coarse cluster, ranked by the fine level).
 
 Pure, on arrays (the evaluation uses these):
     cosine_top_k(queries, base, k)                           exact top-k by cosine
-    hierarchical_search(queries, bases, k, factor, order)    the funnel over in-memory features
+    hierarchical_search(queries, bases, k, order)            cluster-gated search (sjea_tools.hierarchy)
 On a store (`sjea search` calls this):
     search_store(store_path, queries=[image files or folders], ids=[rows], k, mode, level, ...)
 
-Scores are always exact cosines computed from the stored vectors: an approximate index only
-proposes candidates (PQ proposes 4x more), so a reported score is never an approximation.
+Scores are always exact, computed from the stored vectors (cosines for a cosine index, raw inner
+products for an inner-product one): an approximate index only proposes candidates (PQ proposes 4x
+more), so a reported score is never an approximation.
 """
 
 from __future__ import annotations
@@ -17,10 +18,17 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SjeaError
-from .index import exact_rerank, load_indexes, normalized, read_sidecar
+from .index import load_indexes, read_sidecar
+from .levels import parse_levels
+from .hierarchy import WITHIN
+from .vectors import exact_rerank, exact_scores, l2_normalize
 
 MODES = ("per-level", "hierarchical", "both")
-DEFAULT_FACTOR = 10
+# Chosen by benchmarks/bench_hierarchical.py (docs/search.md): the mode and ordering that measured best.
+# On the model measured, hierarchical search beat the best single level on no measure, so the
+# default is per-level; rerun the script on a trained run and switch this if it does.
+DEFAULT_MODE = "per-level"
+DEFAULT_WITHIN = "score"
 STORE_SUFFIXES = (".h5", ".hdf5")
 
 
@@ -44,7 +52,7 @@ def _in_chunks(fn, n_queries: int, floats_per_query: int):
 
 def cosine_top_k(queries: np.ndarray, base: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k ids and cosine scores (q, k) of each query against base (n, d)."""
-    q, b = normalized(queries), normalized(base)
+    q, b = l2_normalize(queries), l2_normalize(base)
     return _in_chunks(lambda c: _cosine_top_k(q[c], b, k), len(q), len(b))
 
 
@@ -57,77 +65,41 @@ def _cosine_top_k(q: np.ndarray, b: np.ndarray, k: int) -> tuple[np.ndarray, np.
     return ids, np.take_along_axis(sims, ids, 1)
 
 
-def stage_sizes(k: int, factor: float, stages: int, n: int) -> list[int]:
-    """Candidates kept after each stage: factor*k first, shrinking geometrically to k at the last."""
-    if stages == 1:
-        return [min(n, k)]
-    sizes = [int(round(k * factor ** ((stages - 1 - i) / (stages - 1)))) for i in range(stages)]
-    return [max(k, min(n, s)) if i < stages - 1 else min(n, k) for i, s in enumerate(sizes)]
+def check_order(order, levels: int | list[int]) -> list[int] | None:
+    """The levels a hierarchical search uses, coarse first (2 or more, each once); None = measured."""
+    if order is None:
+        return None
+    have = list(range(levels)) if isinstance(levels, int) else list(levels)
+    return parse_levels(order, have, option="--order", ordered=True, min_count=2)
 
 
-def check_order(order, n_levels: int) -> list[int]:
-    """The levels a hierarchical search visits. Default: top level first, re-ranked down to level 0.
+def hierarchical_search(queries: list[np.ndarray], bases: list[np.ndarray], k: int, order: list[int] | None = None,
+                        probes: int = 1, within: str = DEFAULT_WITHIN, seed: int = 0,
+                        sizes: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster-gated search (sjea_tools.hierarchy) on in-memory features of every level.
 
-    Measured on Fashion-MNIST (docs/reproduction.md): the stacked level is the relatively coarser
-    one (its fine-class precision@10 falls about three times as much as its coarse one), and
-    candidates from level 1 re-ranked by level 0 beat the reverse order on coarse and fine labels.
+    queries[l] (q, d_l) and bases[l] (n, d_l). Builds the cluster tree over the levels of `order`
+    (coarse first; default: measured by `clusters.coarse_order`), then searches inside each
+    query's coarse cluster. Returns ids (q, k) (-1 padded) and each hit's cosine at every level,
+    scores (q, k, levels) (-inf for padding).
     """
-    order = list(range(n_levels - 1, -1, -1)) if order is None else [int(v) for v in order]
-    if len(order) < 2 or len(set(order)) != len(order) or any(not 0 <= v < n_levels for v in order):
-        raise SjeaError(f"--order {','.join(map(str, order))} must name 2 or more distinct levels of 0..{n_levels - 1}, "
-                        "e.g. 1,0 (coarse level first).")
-    return order
+    from .clusters import build_tree, coarse_order, default_sizes
+    from .hierarchy import gated_search
 
-
-def funnel(queries: list[np.ndarray], first: np.ndarray, get_rows, k: int, factor: float, order: list[int],
-           n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Re-rank candidate ids `first` (q, m) by each level of order[1:], then score the k kept at every level.
-
-    queries[level] are unit query vectors; get_rows(level, sorted ids) -> unit stored vectors.
-    """
-    sizes = stage_sizes(k, factor, len(order), n)
-    ids = first
-    for level, keep in zip(order[1:], sizes[1:]):
-        ids, _ = exact_rerank(queries[level], ids, lambda rows, lv=level: get_rows(lv, rows), keep)
-    scores = np.stack([score_rows(queries[lv], ids, lambda rows, lv=lv: get_rows(lv, rows))
-                       for lv in range(len(queries))], axis=2)
-    return ids, scores
-
-
-def score_rows(queries: np.ndarray, ids: np.ndarray, get_rows) -> np.ndarray:
-    """Cosine of each query with each of its ids (q, m); -1 ids score nan."""
-    valid = np.unique(ids[ids >= 0])
-    table = get_rows(valid)
-    pos = np.searchsorted(valid, np.where(ids >= 0, ids, valid[0] if len(valid) else 0))
-    s = np.einsum("qd,qmd->qm", queries, table[pos]) if len(valid) else np.full(ids.shape, np.nan, np.float32)
-    return np.where(ids >= 0, s, np.nan).astype(np.float32)
-
-
-def hierarchical_search(queries: list[np.ndarray], bases: list[np.ndarray], k: int, factor: float = DEFAULT_FACTOR,
-                        order: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Coarse-to-fine search on in-memory features of every level (default order: top level first).
-
-    queries[l] (q, d_l) and bases[l] (n, d_l) for each level l. Takes the exact top factor*k by
-    cosine at level order[0], re-ranks them by order[1], ... (keeping geometrically fewer, k at the
-    last). Returns ids (q, k) and the cosine of each hit at every level, scores (q, k, levels).
-    """
     if k <= 0:
         raise SjeaError(f"k must be at least 1, not {k}.")
-    if factor < 1:
-        raise SjeaError(f"--factor must be at least 1, not {factor}.")
-    order = check_order(order, len(bases))
-    n = len(bases[0])
-    unit_q = [normalized(q) for q in queries]
-    unit_b = [normalized(b) for b in bases]
-    m = stage_sizes(k, factor, len(order), n)[0]
-
-    def search(c: slice):
-        chunk = [q[c] for q in unit_q]
-        first, _ = _cosine_top_k(chunk[order[0]], unit_b[order[0]], m)
-        return funnel(chunk, first, lambda lv, rows: unit_b[lv][rows], k, factor, order, n)
-
-    # Per query: its similarities to every row, then its m candidates' vectors when re-ranking.
-    return _in_chunks(search, len(unit_q[0]), max(n, m * max(b.shape[1] for b in unit_b)))
+    unit_b = [l2_normalize(b) for b in bases]
+    unit_q = [l2_normalize(q) for q in queries]
+    n = len(unit_b[0])
+    sizes = sizes or default_sizes(n, len(bases))
+    order = check_order(order, len(bases)) or coarse_order(unit_b, sizes[0], seed=seed)[0]
+    tree = build_tree([unit_b[i] for i in order], sizes[:len(order)], seed=seed)
+    got = gated_search([unit_q[i] for i in order], lambda rows: unit_b[order[-1]][rows], tree, min(k, n), probes,
+                       within)
+    ids = got["ids"]
+    scores = np.stack([exact_scores(unit_q[j], ids, lambda rows, j=j: unit_b[j][rows]) for j in range(len(bases))],
+                      axis=2)
+    return ids, scores
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,35 +150,50 @@ def decode_queries(paths: list[Path]) -> list:
     return images
 
 
-def check_options(k: int, mode: str | None, level: int | None, levels: list[int], factor: float) -> str:
+def check_options(k: int, mode: str | None, level, levels: list[int], probes: int = 1, within: str = "score",
+                  min_score: float | None = None, cosine: bool = True) -> tuple[str, list[int]]:
+    """(mode, levels a per-level search visits); `level` is a levels spec (sjea_tools.levels)."""
     if k <= 0:
         raise SjeaError(f"--k must be at least 1, not {k}.")
-    if factor < 1:
-        raise SjeaError(f"--factor must be at least 1, not {factor}.")
-    if level is not None and level not in levels:
-        raise SjeaError(f"--level {level} is out of range: the store has levels {levels}.")
+    if probes <= 0:
+        raise SjeaError(f"--probes must be at least 1 (coarse clusters the answer may come from), not {probes}.")
+    if within not in WITHIN:
+        raise SjeaError(f"--within must be one of {', '.join(WITHIN)}, not '{within}'.")
+    check_min_score(min_score, cosine)
+    chosen = None if level is None else parse_levels(level, levels)
     if mode is None:
-        mode = "per-level" if level is not None or len(levels) < 2 else "hierarchical"
+        mode = "per-level" if chosen is not None or len(levels) < 2 else DEFAULT_MODE
     if mode not in MODES:
         raise SjeaError(f"--mode must be one of {', '.join(MODES)}, not '{mode}'.")
     if mode != "per-level" and len(levels) < 2:
         raise SjeaError(f"--mode {mode} needs a store with 2 or more levels; this one has {levels}: use --mode per-level.")
-    if mode != "per-level" and level is not None:
-        raise SjeaError("--level picks one level for --mode per-level; leave it out for hierarchical search.")
-    return mode
+    if mode != "per-level" and chosen is not None:
+        raise SjeaError("--level picks the levels of --mode per-level; leave it out for hierarchical search "
+                        "(its levels are the cluster tree's: sjea clusters STORE --order ...).")
+    return mode, levels if chosen is None else chosen
 
 
-def search_store(store_path=None, queries=(), ids=(), k: int = 10, mode: str | None = None, level: int | None = None,
-                 factor: float = DEFAULT_FACTOR, order: list[int] | None = None, embedder=None,
-                 mmap: bool | None = None) -> dict:
+def check_min_score(min_score: float | None, cosine: bool) -> None:
+    if min_score is None:
+        return
+    if not np.isfinite(min_score) or (cosine and not -1 <= min_score <= 1):
+        raise SjeaError(f"--min-score must be a cosine from -1 to 1, not {min_score}; see docs/search.md for "
+                        "what scores mean.")
+
+
+def search_store(store_path=None, queries=(), ids=(), k: int = 10, mode: str | None = None, level=None,
+                 order=None, probes: int = 1, within: str = DEFAULT_WITHIN, min_score: float | None = None,
+                 embedder=None, mmap: bool | None = None) -> dict:
     """Search a store with image files/folders (`queries`) and/or stored rows (`ids`).
 
-    mode: "per-level" (each level's own top k), "hierarchical" (default with 2+ levels), or
-    "both". Returns {"store", "notes", "k", "mode", "levels", "order", "factor", "root",
-    "results": [{"query", "per_level": {level: hits}, "hierarchical": hits, "cluster_path"}]}
-    where a hit is {"rank", "id", "path", "score"} (+ "scores" by level in hierarchical).
+    mode: "per-level" (each level's own top k; `level` picks levels: 1, "0,1", [0, 1], "all"),
+    "hierarchical" (inside the query's coarse cluster(s) of the store's cluster tree, see
+    sjea_tools.hierarchy; `order` e.g. "1,0" must match the tree's), or "both"; default DEFAULT_MODE
+    with 2+ levels. Hits scoring below `min_score` are left out. Returns {"store", "notes", "k",
+    "mode", "levels", "order", "root", "results": [{"query", "per_level": {level: hits},
+    "hierarchical": hits, "cluster_path", "gate"}]} where a hit is {"rank", "id", "path", "score"}
+    (+ "scores" by level and "group", its cluster per tree level, in hierarchical).
     """
-    from .clusters import query_paths, read_tree
     from .store import open_store
 
     path, note = find_store(store_path)
@@ -215,84 +202,147 @@ def search_store(store_path=None, queries=(), ids=(), k: int = 10, mode: str | N
         raise SjeaError("nothing to search for: pass image files, a folder of images, or --id N.")
     with open_store(path) as store:
         levels, n = store.levels, store.n
-        mode = check_options(k, mode, level, levels, factor)
+        sidecar = read_sidecar(path)
+        cosine = (sidecar or {}).get("metric", "cosine") == "cosine"
+        if order is not None and mode is None and level is None:
+            mode = "hierarchical"  # --order implies it, as --level implies per-level
+        mode, used = check_options(k, mode, level, levels, probes, within, min_score, cosine)
+        if order is not None and mode == "per-level":
+            raise SjeaError("--order sets the levels of hierarchical search; use it with --mode hierarchical or both.")
+        wanted = check_order(order, levels) if mode != "per-level" else None
+        tree = hierarchy_tree(store, path, wanted) if mode != "per-level" else None
         if k > n:
             notes.append(f"k={k} is larger than the store ({n} rows): showing all {n}")
             k = n
-        order_pos = check_order(None if order is None else [levels.index(v) if v in levels else -1 for v in order],
-                                len(levels)) if mode != "per-level" else None
-        sidecar = read_sidecar(path)
-        used = levels if level is None else [level]
-        indexes = load_indexes(path, store.model_id, n, used if mode == "per-level" else levels, mmap=mmap)
-        cosine = (sidecar or {}).get("metric", "cosine") == "cosine"
-
-        # Query vectors, one (q, d) array per store level, unit length.
-        labels: list[dict] = []
-        per_level_q: list[list[np.ndarray]] = [[] for _ in levels]
-        for i in ids:
-            if not 0 <= int(i) < n:
-                raise SjeaError(f"--id {i} is out of range: the store has rows 0..{n - 1}.")
-            for j, lv in enumerate(levels):
-                per_level_q[j].append(store.read_embeddings(lv, [int(i)]))
-            labels.append({"query": f"id:{int(i)}", "query_id": int(i), "query_file": str(Path(store.root) / store.paths[int(i)])})
-        files = expand_queries(queries)
-        if files:
-            from .embed import Embedder
-
-            emb = embedder or Embedder.for_store(store)
-            if emb.model_id != store.model_id:
-                raise SjeaError(f"the query model ({emb.model_id[:12]}) is not the model that wrote {path} "
-                                f"({store.model_id[:12]}); search with the store's own model, or re-embed the "
-                                f"images with this one: sjea embed IMAGES {path} --overwrite")
-            missing = [lv for lv in levels if lv not in emb.levels]
-            if missing:
-                raise SjeaError(f"the query model lacks level(s) {missing} of {path}; use the model that wrote it.")
-            vecs = emb.embed_images(decode_queries(files))
-            for j, lv in enumerate(levels):
-                per_level_q[j].append(vecs[emb.levels.index(lv)])
-            labels.extend({"query": str(p), "query_id": None, "query_file": str(p.resolve())} for p in files)
-        qv = [np.concatenate(v).astype(np.float32) for v in per_level_q]
-        qv = [normalized(v) if cosine else v for v in qv]
+        indexes = load_indexes(path, store.model_id, n, used, mmap=mmap) if mode != "hierarchical" else {}
+        labels, qv = query_vectors(store, path, ids, queries, embedder)
+        qv = [l2_normalize(v) if cosine else v for v in qv]
 
         def get_rows(j: int, rows: np.ndarray) -> np.ndarray:
             x = store.read_embeddings(levels[j], rows)
-            return normalized(x) if cosine else x
+            return l2_normalize(x) if cosine else x
 
-        paths = store.paths
+        searcher = _Searcher(indexes, sidecar, qv, levels, get_rows, n, store.paths)
         results = [dict(lab) for lab in labels]
         if mode in ("per-level", "both"):
-            for r in results:
-                r["per_level"] = {}
-            for lv in used:
-                j = levels.index(lv)
-                hits_ids, hits_scores = index_top(indexes[lv], qv[j], k, sidecar["levels"][str(lv)].get("rerank", 1),
-                                                  lambda rows, j=j: get_rows(j, rows), n)
-                for r, hid, hsc in zip(results, hits_ids, hits_scores):
-                    r["per_level"][str(lv)] = [{"rank": i + 1, "id": int(h), "path": paths[h], "score": float(s)}
-                                               for i, (h, s) in enumerate(zip(hid, hsc)) if h >= 0]
-        if mode in ("hierarchical", "both"):
-            first_level = order_pos[0]
-            m0 = stage_sizes(k, factor, len(order_pos), n)[0]
-            first, _ = index_top(indexes[levels[first_level]], qv[first_level], m0,
-                                 sidecar["levels"][str(levels[first_level])].get("rerank", 1),
-                                 lambda rows: get_rows(first_level, rows), n)
-            hids, hscores = funnel(qv, first, get_rows, k, factor, order_pos, n)
-            tree, why = read_tree(store)
-            cpaths = query_paths(tree, [qv[levels.index(lv)] for lv in np.atleast_1d(tree["attrs"]["levels"])]) \
-                if tree is not None else None
-            if why:
-                notes.append(why)
-            last = order_pos[-1]
-            for qi, r in enumerate(results):
-                r["hierarchical"] = [
-                    {"rank": i + 1, "id": int(h), "path": paths[h], "score": float(hscores[qi, i, last]),
-                     "scores": {str(lv): float(hscores[qi, i, j]) for j, lv in enumerate(levels)}}
-                    for i, h in enumerate(hids[qi]) if h >= 0]
-                r["cluster_path"] = None if cpaths is None else [int(c) for c in cpaths[qi]]
+            for r, hits in zip(results, searcher.per_level(used, k)):
+                r["per_level"] = {lv: keep_above(h, min_score) for lv, h in hits.items()}
+        tree_levels = None
+        if tree is not None:
+            tree_levels = [int(v) for v in np.atleast_1d(tree["attrs"]["levels"])]
+            for r, (hits, cp, gate) in zip(results, searcher.hierarchical(tree, tree_levels, k, probes, within)):
+                r.update(hierarchical=keep_above(hits, min_score), cluster_path=cp, gate=gate)
         return {"store": str(path), "root": store.root, "n": n, "model_id": store.model_id, "k": k, "mode": mode,
-                "levels": used if mode == "per-level" else levels,
-                "order": None if order_pos is None else [levels[j] for j in order_pos],
-                "factor": factor if mode != "per-level" else None, "notes": notes, "results": results}
+                "levels": used if mode == "per-level" else levels, "order": tree_levels, "within": within
+                if tree is not None else None, "probes": probes if tree is not None else None,
+                "min_score": min_score, "notes": notes, "results": results}
+
+
+def keep_above(hits: list[dict], min_score: float | None) -> list[dict]:
+    return hits if min_score is None else [h for h in hits if h["score"] >= min_score]
+
+
+def hierarchy_tree(store, path: Path, wanted: list[int] | None) -> dict:
+    """The store's cluster tree, required by hierarchical search, in the level order asked for."""
+    from .clusters import read_tree
+
+    tree, why = read_tree(store)
+    if tree is None:
+        raise SjeaError(f"hierarchical search needs the store's cluster tree: {why.split('; ', 1)[0]}; build it "
+                        f"with: sjea clusters {path} --rebuild (or search with --mode per-level).")
+    have = [int(v) for v in np.atleast_1d(tree["attrs"]["levels"])]
+    if len(have) < 2:
+        raise SjeaError(f"the cluster tree of {path} covers one level ({have}); rebuild it over two or more: "
+                        f"sjea clusters {path} --rebuild")
+    if wanted is not None and wanted != have:
+        raise SjeaError(f"the cluster tree of {path} goes {' > '.join(map(str, have))} (coarse first, measured); "
+                        f"to search {' > '.join(map(str, wanted))} rebuild it: sjea clusters {path} --order "
+                        f"{','.join(map(str, wanted))}")
+    return tree
+
+
+def query_vectors(store, path: Path, ids, queries, embedder=None) -> tuple[list[dict], list[np.ndarray]]:
+    """(a label per query, a (q, d) float32 array per store level): stored rows `ids` first, then
+    the images of `queries` embedded with the store's own model."""
+    n, levels = store.n, store.levels
+    labels: list[dict] = []
+    per_level: list[list[np.ndarray]] = [[] for _ in levels]
+    for i in ids:
+        if not 0 <= int(i) < n:
+            raise SjeaError(f"--id {i} is out of range: the store has rows 0..{n - 1}.")
+        for j, lv in enumerate(levels):
+            per_level[j].append(store.read_embeddings(lv, [int(i)]))
+        labels.append({"query": f"id:{int(i)}", "query_id": int(i),
+                       "query_file": str(Path(store.root) / store.paths[int(i)])})
+    files = expand_queries(queries)
+    if files:
+        emb = query_embedder(store, path, embedder)
+        vecs = emb.embed_files(files)  # the decode + preprocess the store used (JPEG draft too)
+        for j, lv in enumerate(levels):
+            per_level[j].append(vecs[emb.levels.index(lv)])
+        labels.extend({"query": str(p), "query_id": None, "query_file": str(p.resolve())} for p in files)
+    return labels, [np.concatenate(v).astype(np.float32) for v in per_level]
+
+
+def query_embedder(store, path: Path, embedder=None):
+    """The embedder for query images: the one given, else the store's own model; another model is refused."""
+    from .embed import Embedder
+
+    emb = embedder or Embedder.for_store(store)
+    if emb.model_id != store.model_id:
+        raise SjeaError(f"the query model ({emb.model_id[:12]}) is not the model that wrote {path} "
+                        f"({store.model_id[:12]}); search with the store's own model, or re-embed the "
+                        f"images with this one: sjea embed IMAGES {path} --overwrite")
+    missing = [lv for lv in store.levels if lv not in emb.levels]
+    if missing:
+        raise SjeaError(f"the query model lacks level(s) {missing} of {path}; use the model that wrote it.")
+    return emb
+
+
+class _Searcher:
+    """The FAISS indexes and stored vectors of one open store, searched with unit query vectors
+    qv[j] (one array per store level j); hits are dicts ready for the result."""
+
+    def __init__(self, indexes: dict, sidecar: dict, qv: list[np.ndarray], levels: list[int], get_rows, n: int,
+                 paths: list[str]):
+        self.indexes, self.sidecar, self.qv, self.levels = indexes, sidecar, qv, levels
+        self.get_rows, self.n, self.paths = get_rows, n, paths
+
+    def top(self, j: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        lv = self.levels[j]
+        return index_top(self.indexes[lv], self.qv[j], k, self.sidecar["levels"][str(lv)].get("rerank", 1),
+                         lambda rows: self.get_rows(j, rows), self.n)
+
+    def per_level(self, used: list[int], k: int) -> list[dict]:
+        """Per query: {level: hits} for each level of `used`."""
+        out: list[dict] = [{} for _ in self.qv[0]]
+        for lv in used:
+            hit_ids, hit_scores = self.top(self.levels.index(lv), k)
+            for r, hid, hsc in zip(out, hit_ids, hit_scores):
+                r[str(lv)] = [{"rank": i + 1, "id": int(h), "path": self.paths[h], "score": float(s)}
+                              for i, (h, s) in enumerate(zip(hid, hsc)) if h >= 0]
+        return out
+
+    def hierarchical(self, tree: dict, tree_levels: list[int], k: int, probes: int,
+                     within: str) -> list[tuple[list[dict], list[int], dict]]:
+        """Per query: (hits of the gated search, scored at every level; its cluster path; its gate)."""
+        from .hierarchy import gated_search
+
+        pos = [self.levels.index(lv) for lv in tree_levels]
+        got = gated_search([self.qv[j] for j in pos], lambda rows: self.get_rows(pos[-1], rows), tree, k, probes,
+                           within)
+        ids = got["ids"]
+        scores = np.stack([exact_scores(self.qv[j], ids, lambda rows, j=j: self.get_rows(j, rows))
+                           for j in range(len(self.levels))], axis=2)
+        out = []
+        for qi in range(len(ids)):
+            hits = [{"rank": i + 1, "id": int(h), "path": self.paths[h], "score": float(scores[qi, i, pos[-1]]),
+                     "scores": {str(lv): float(scores[qi, i, j]) for j, lv in enumerate(self.levels)},
+                     "group": [int(c) for c in got["nodes"][qi, i]]}
+                    for i, h in enumerate(ids[qi]) if h >= 0]
+            gate = {"clusters": list(got["gate"][qi]), "rows": int(got["gate_rows"][qi])}
+            out.append((hits, [int(c) for c in got["path"][qi]], gate))
+        return out
 
 
 def index_top(index, queries: np.ndarray, k: int, rerank: int, get_rows, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -53,3 +53,22 @@ class PreprocessSpec:
         except json.JSONDecodeError:
             raise SjeaError("preprocessing record is not valid JSON; re-export or re-embed with this version "
                             "of sjea.") from None
+
+
+class ReadsPreprocessSpec:
+    """`image_size`, `mean` and `std` as reads of `self.preprocess_spec`, for the classes that carry
+    one (RunConfig, StackedModel): the numbers live in the spec alone."""
+
+    preprocess_spec: PreprocessSpec
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocess_spec.image_size
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self.preprocess_spec.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self.preprocess_spec.std

@@ -11,3 +11,26 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     norm = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64)).astype(np.float32)
     return x / np.maximum(norm, eps)[:, None]
+
+
+def exact_scores(queries: np.ndarray, ids: np.ndarray, get_rows) -> np.ndarray:
+    """Inner product of each query (q, d) with the stored vectors of its ids (q, m), float32.
+
+    get_rows(sorted unique ids) -> their vectors (normalised for cosine). Each stored row is read
+    once however many queries name it. Ids of -1 (FAISS pads with them when it found fewer than m)
+    score -inf, so they rank last.
+    """
+    valid = np.unique(ids[ids >= 0])
+    if not len(valid):
+        return np.full(ids.shape, -np.inf, np.float32)
+    table = get_rows(valid)
+    pos = np.searchsorted(valid, np.where(ids >= 0, ids, valid[0]))
+    scores = np.einsum("qd,qmd->qm", np.asarray(queries, dtype=np.float32), table[pos])
+    return np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+
+
+def exact_rerank(queries: np.ndarray, candidates: np.ndarray, get_rows, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of each query's candidate ids (q, m) by `exact_scores`: (ids (q, k), scores (q, k))."""
+    scores = exact_scores(queries, candidates, get_rows)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(candidates, order, 1), np.take_along_axis(scores, order, 1)

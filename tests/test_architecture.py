@@ -17,6 +17,7 @@ LAYERS = {
     "sjea_tools": 0, "sjea_tools.errors": 0, "sjea_tools.io": 0, "sjea_tools.progress": 0,
     "sjea_tools.levels": 0, "sjea_tools.spec": 0, "sjea_tools.devices": 0, "sjea_tools.vectors": 0,
     "sjea_tools.metrics": 0, "sjea_tools.losses": 0, "sjea_tools.config": 0,
+    "sjea_tools.baselines": 0,  # pixel floors; the evaluation passes its k-NN and probe in
     # 1: models, data, run folders
     "sjea_tools.models": 1, "sjea_tools.data": 1, "sjea_tools.runs": 1,
     # 2: training and export, built on the model
@@ -24,6 +25,8 @@ LAYERS = {
     # 3: everything that works on stores and results
     "sjea_tools.store": 3, "sjea_tools.index": 3, "sjea_tools.clusters": 3, "sjea_tools.embed": 3,
     "sjea_tools.search": 3, "sjea_tools.evaluation": 3, "sjea_tools.plots": 3, "sjea_tools.grid": 3,
+    "sjea_tools.query": 3,
+    "sjea_tools.hierarchy": 3,
     "sjea_tools.pipeline": 4, "sjea_tools.serve": 5,
     # the command line is on top; nothing imports it
     "sjea_tools.cli": 9,

@@ -254,3 +254,72 @@ def test_from_dict_validates():
         RunConfig.from_dict({"model": {"levels": 0}})
     with pytest.raises(SjeaError, match="unknown setting 'colour'"):
         RunConfig.from_dict({"data": {"colour": "red"}})
+
+
+# --- bounds: a typo is refused at once, before any model is built --------------------------------
+
+@pytest.mark.parametrize("key,value,pattern", [
+    ("model.levels", 100000, r"model.levels: 100000 is out of range; give a value at most 16"),
+    ("model.projector", "100000-256", r"model.projector: '100000-256' has a size above 65536"),
+    ("model.projector", "60000-60000-60000", r"about [\d,]+ weights over 2 levels"),
+    ("model.mlp_dims", "70000", r"model.mlp_dims: '70000' has a size above"),
+    ("train.batch_size", 10**7, r"train.batch_size: 10000000 is out of range"),
+    ("data.image_size", 100000, r"data.image_size: 100000 is out of range"),
+    ("data.image_size", 4, r"data.image_size: 4 is out of range; give a value from 8 to 4,096"),
+    ("data.workers", -1, r"data.workers: -1"),
+    ("train.seed", -1, r"train.seed: -1"),
+    ("train.seed", 2**40, r"train.seed: .* at most 4,294,967,295"),
+    ("train.epochs", 1e9, r"train.epochs"),
+    ("train.max_steps", 0, r"train.max_steps: 0"),
+    ("train.checkpoint_every", 0, r"train.checkpoint_every"),
+    ("train.log_every", -3, r"train.log_every"),
+    ("optim.lr", 1e4, r"optim.lr: 10000.0 is out of range; give a value at most 100"),
+    ("optim.weight_decay", "inf", r"optim.weight_decay"),
+    ("optim.momentum", 1.5, r"optim.momentum"),
+    ("optim.eta", "nan", r"optim.eta: nan"),
+    ("optim.warmup_epochs", -1, r"optim.warmup_epochs"),
+    ("optim.final_lr_ratio", 2, r"optim.final_lr_ratio"),
+    ("loss.std_coeff", "1e9", r"loss.std_coeff: 1000000000.0 is out of range"),
+    ("data.jitter", "0.4,0.4,0.4,0.9", r"data.jitter: 0.9 .* at most 0.5"),
+    ("data.jitter", "inf,0.4,0.4,0.1", r"data.jitter: inf"),
+])
+def test_values_beyond_any_run_are_refused_with_one_line(key, value, pattern):
+    with pytest.raises(SjeaError, match=pattern) as e:
+        resolve_config("tiny", overrides={key: value})
+    assert "\n" not in str(e.value)
+
+
+def test_bounds_admit_the_largest_real_recipes():
+    # Official VICReg's projector and batch on ImageNet-sized images, over three levels ...
+    cfg = resolve_config("vicreg-r50", overrides={"model.projector": "8192-8192-8192", "train.batch_size": 2048,
+                                                  "model.levels": 3, "data.image_size": 224, "optim.lr": 0.2})
+    assert cfg.model.levels == 3 and cfg.model.projector == "8192-8192-8192"
+    # ... and the most levels with the usual projector.
+    assert resolve_config("cifar10-paper", overrides={"model.levels": 16}).model.levels == 16
+
+
+def test_a_saved_config_out_of_bounds_is_refused_on_load():
+    data = resolve_config("tiny").to_dict()
+    data["model"]["levels"] = 100000
+    with pytest.raises(SjeaError, match="model.levels: 100000 is out of range"):
+        RunConfig.from_dict(data)
+
+
+def test_dry_run_of_a_huge_config_file_is_refused_fast_and_small(tmp_path):
+    """`--config` with model.levels: 100000 --dry-run used to build the model until the kernel killed
+    it at 22 GB; now the CLI refuses it before importing torch."""
+    import subprocess
+    import sys
+
+    (tmp_path / "big.yaml").write_text("model:\n  levels: 100000\n")
+    child = ("import resource, subprocess, sys; "
+             "r = subprocess.run([sys.executable, '-c', 'from sjea_tools.cli import main; main()', 'train', "
+             "'--config', sys.argv[1], '--dry-run'], capture_output=True, text=True); "
+             "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+             "sys.stderr.write(r.stderr + r.stdout)")
+    done = subprocess.run([sys.executable, "-c", child, str(tmp_path / "big.yaml")], capture_output=True,
+                          text=True, timeout=120)
+    rc, peak_kb = map(int, done.stdout.split())
+    assert rc == 2, done.stderr
+    assert done.stderr.strip().splitlines() == ["error: model.levels: 100000 is out of range; give a value at most 16."]
+    assert peak_kb < 300_000, f"peak {peak_kb} KB: something big was built or imported"

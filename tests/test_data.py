@@ -15,11 +15,16 @@ import torch
 from PIL import Image
 
 from sjea_tools import SjeaError
-from sjea_tools.data import PixelDataset, decode_image, load_dataset, model_pixels, scan_images
+from sjea_tools.data import (PixelDataset, coarse_from_class_names, decode_image, file_pixels, load_dataset,
+                             model_pixels, normalize_pixels, preprocess_image, row_pixels, scan_images)
 from sjea_tools.data.datasets import train_split
+from sjea_tools.spec import PreprocessSpec
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+# CLASSES in the order of the lower-cased folder names used in the coarse-grouping test
+CLASSES_SORTED = ["Bag", "Ankle boot", "Coat", "Dress", "Pullover", "Sandal", "Shirt", "Sneaker", "T-shirt/top",
+                  "Trouser"]
 # method.md's grouping, by class name, written independently of the library's table
 GROUPS = {"tops": {"T-shirt/top", "Pullover", "Coat", "Shirt"}, "bottoms": {"Trouser"}, "dresses": {"Dress"},
           "footwear": {"Sandal", "Sneaker", "Ankle boot"}, "bags": {"Bag"}}
@@ -132,6 +137,47 @@ def test_pixel_dataset_resizes_to_the_model_size(fmnist_test):
     assert px.shape == (32, 32, 3) and px.dtype == torch.uint8 and label == int(fmnist_test.labels[1])
     same, _ = PixelDataset(fmnist_test.subset(np.arange(4)), image_size=28)[1]
     assert np.array_equal(same.numpy(), fmnist_test.pixels[1])
+
+
+def test_row_pixels_is_the_same_for_memory_and_folder_rows(tmp_path, fmnist_test):
+    """The one row -> pixels: a folder of the same images gives the same pixels as memory."""
+    data = fmnist_test.subset(np.arange(3))
+    for i in range(3):
+        Image.fromarray(data.pixels[i]).save(tmp_path / f"{i}.png")
+    folder = load_dataset(str(tmp_path))
+    for i in range(3):
+        assert np.shares_memory(row_pixels(data, i), data.pixels[i])  # as stored: no copy, no resize
+        assert np.array_equal(row_pixels(folder, i, 28), data.pixels[i])
+        assert np.array_equal(row_pixels(folder, i, 40), row_pixels(data, i, 40))
+        assert row_pixels(data, i, 40).shape == (40, 40, 3)
+    assert np.array_equal(file_pixels(tmp_path / "1.png", 28), data.pixels[1])
+    with pytest.raises(SjeaError, match="size to decode"):
+        row_pixels(folder, 0)
+
+
+def test_preprocess_takes_a_spec_or_the_numbers(fmnist_test):
+    spec = PreprocessSpec(32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    img = Image.fromarray(fmnist_test.pixels[0])
+    by_numbers = preprocess_image(img, 32, spec.mean, spec.std)
+    assert by_numbers.shape == (3, 32, 32)
+    assert torch.equal(preprocess_image(img, spec), by_numbers)
+    assert np.array_equal(model_pixels(img, spec), model_pixels(img, 32))
+    px = fmnist_test.pixels[:2]
+    want = (torch.from_numpy(px).permute(0, 3, 1, 2).float() / 255 - 0.4) / 0.25
+    assert torch.allclose(normalize_pixels(px, spec)[:, 1], want[:, 1], atol=1e-6)
+
+
+def test_coarse_groups_by_class_name_in_any_spelling_and_order():
+    names = ["bag", "ankle_boot", "coat", "dress", "pullover", "sandal", "shirt", "sneaker", "t-shirt top",
+             "TROUSER"]
+    fine_to_coarse, coarse_names = coarse_from_class_names(names)
+    assert sorted(coarse_names) == sorted(GROUPS)
+    by_group = {g: set() for g in coarse_names}
+    for name, c in zip(CLASSES_SORTED, fine_to_coarse):
+        by_group[coarse_names[c]].add(name)
+    assert by_group == GROUPS
+    assert coarse_from_class_names(names[:-1]) is None  # not all ten classes: no grouping
+    assert coarse_from_class_names(["cat", "dog"]) is None and coarse_from_class_names(None) is None
 
 
 # --- image folders --------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ from PIL import Image
 
 from conftest import make_run, write_fmnist_folder
 from sjea_tools.data import decode_image, model_pixels, normalize_pixels
-from sjea_tools.embed import Embedder, collect_images, embed_folder, l2_normalize
+from sjea_tools.embed import Embedder, collect_images, embed_folder
 from sjea_tools.errors import SjeaError
 from sjea_tools.store import open_store
+from sjea_tools.vectors import l2_normalize
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def _expected(model, root: Path, paths: list[str], normalize: bool) -> list[np.n
 def test_mixed_folder_rows_are_the_readable_images_and_failures_have_reasons(tmp_path, fmnist_test, run_dir, model):
     good, bad = make_mixed_folder(tmp_path / "imgs", fmnist_test)
     summary = embed_folder(tmp_path / "imgs", tmp_path / "out.h5", run=run_dir, backend="torch", batch_size=5,
-                           workers=2, normalize=False, index=False)
+                           workers=2, normalize=False)
     assert summary["rows"] == len(good) and summary["failed"] == len(bad)
     with open_store(tmp_path / "out.h5") as s:
         assert s.paths == good  # sorted, recursive, case-insensitive extensions
@@ -132,14 +133,17 @@ def test_mixed_folder_rows_are_the_readable_images_and_failures_have_reasons(tmp
 def test_normalized_float16_and_labels_from_class_folders(tmp_path, fmnist_test, run_dir, model):
     folder = write_fmnist_folder(tmp_path / "imgs", fmnist_test, 40)
     embed_folder(folder, tmp_path / "n.h5", run=run_dir, backend="torch", workers=0, batch_size=16,
-                 dtype="float16", levels="1", index=False)
+                 dtype="float16", levels="1")
     paths = collect_images(folder)[1]
     with open_store(tmp_path / "n.h5") as s:
         assert s.levels == [1] and s.normalized and s.attrs["dtype"] == "float16"
-        assert s._f["level_1/embeddings"].dtype == np.float16
         got = s.read_embeddings(1)
         assert s.label_names == sorted({p.split("/")[0] for p in paths})
         assert [s.label_names[c] for c in s.labels] == [p.split("/")[0] for p in s.paths]
+    import h5py
+
+    with h5py.File(tmp_path / "n.h5", "r") as f:  # stored as half precision, as the format says
+        assert f["level_1/embeddings"].dtype == np.float16
     want = _expected(model, folder, paths, normalize=True)[1]
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=2e-3)
     assert np.abs(got - want).max() <= 2e-3  # float16 rounding of unit vectors
@@ -148,24 +152,23 @@ def test_normalized_float16_and_labels_from_class_folders(tmp_path, fmnist_test,
 def test_update_adds_only_new_images_and_a_list_file_works(tmp_path, fmnist_test, run_dir):
     folder = write_fmnist_folder(tmp_path / "imgs", fmnist_test, 30)
     out = tmp_path / "s.h5"
-    embed_folder(folder, out, run=run_dir, backend="torch", workers=1, batch_size=8, index=False)
+    embed_folder(folder, out, run=run_dir, backend="torch", workers=1, batch_size=8)
     with open_store(out) as s:
         first_paths, first_rows = s.paths, s.read_embeddings(0)
     write_fmnist_folder(folder, fmnist_test, 10, start=30)
     with pytest.raises(SjeaError, match="already exists"):
-        embed_folder(folder, out, run=run_dir, backend="torch", index=False)
-    summary = embed_folder(folder, out, run=run_dir, backend="torch", workers=1, batch_size=8, update=True,
-                           index=False)
+        embed_folder(folder, out, run=run_dir, backend="torch")
+    summary = embed_folder(folder, out, run=run_dir, backend="torch", workers=1, batch_size=8, update=True)
     assert summary["added"] == 10 and summary["rows"] == 40
     with open_store(out) as s:
         assert s.paths[:30] == first_paths and len(set(s.paths)) == 40
         np.testing.assert_array_equal(s.read_embeddings(0)[:30], first_rows)
         new_rows = s.read_embeddings(0)[30:]
         new_paths = s.paths[30:]
-    assert embed_folder(folder, out, run=run_dir, backend="torch", update=True, index=False)["status"] == "up to date"
+    assert embed_folder(folder, out, run=run_dir, backend="torch", update=True)["status"] == "up to date"
     # The same images through a list file (relative to its folder) give the same rows.
     (folder / "list.txt").write_text("# new ones\n" + "\n".join(new_paths) + "\n\n")
-    embed_folder(folder / "list.txt", tmp_path / "l.h5", run=run_dir, backend="torch", workers=0, index=False)
+    embed_folder(folder / "list.txt", tmp_path / "l.h5", run=run_dir, backend="torch", workers=0)
     with open_store(tmp_path / "l.h5") as s:
         assert s.paths == new_paths
         assert np.abs(s.read_embeddings(0) - new_rows).max() <= 1e-5
@@ -173,7 +176,7 @@ def test_update_adds_only_new_images_and_a_list_file_works(tmp_path, fmnist_test
 
 def test_embedder_embed_images_matches_the_store(tmp_path, fmnist_test, run_dir):
     folder = write_fmnist_folder(tmp_path / "imgs", fmnist_test, 12)
-    embed_folder(folder, tmp_path / "s.h5", run=run_dir, backend="torch", workers=0, index=False)
+    embed_folder(folder, tmp_path / "s.h5", run=run_dir, backend="torch", workers=0)
     with open_store(tmp_path / "s.h5") as s:
         emb = Embedder.for_store(s, backend="torch")
         rows = [s.read_embeddings(k) for k in s.levels]
@@ -187,11 +190,11 @@ def test_embedder_embed_images_matches_the_store(tmp_path, fmnist_test, run_dir)
 def test_bad_library_arguments(tmp_path, run_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SjeaError, match="no images"):
-        embed_folder(tmp_path / "empty", tmp_path / "o.h5", run=run_dir, index=False)
+        embed_folder(tmp_path / "empty", tmp_path / "o.h5", run=run_dir)
     with pytest.raises(SjeaError, match="levels"):
         Embedder.from_source(run=run_dir, backend="torch", levels="0,5")
     with pytest.raises(SjeaError, match="--dtype"):
-        embed_folder(tmp_path / "empty", tmp_path / "o.h5", run=run_dir, dtype="int8", index=False)
+        embed_folder(tmp_path / "empty", tmp_path / "o.h5", run=run_dir, dtype="int8")
     with pytest.raises(SjeaError, match="--backend"):
         Embedder.from_source(run=run_dir, backend="tensorflow")
 
@@ -206,15 +209,15 @@ def test_onnx_backend_matches_torch_within_the_export_tolerance(tmp_path, fmnist
 
     folder = write_fmnist_folder(tmp_path / "imgs", fmnist_test, 24)
     (folder / "Bag" / "bad.png").write_bytes(b"garbage")
-    embed_folder(folder, tmp_path / "t.h5", run=run_dir, backend="torch", normalize=False, workers=0, index=False)
+    embed_folder(folder, tmp_path / "t.h5", run=run_dir, backend="torch", normalize=False, workers=0)
     # auto on CPU exports the run on the fly (cached in the run folder by checkpoint sha) and uses ONNX.
     summary = embed_folder(folder, tmp_path / "o.h5", run=run_dir, backend="auto", device="cpu", normalize=False,
-                           workers=0, index=False)
+                           workers=0)
     assert summary["backend"] == "onnx"
     cached = list((run_dir / "onnx-cache").glob("levels-*.onnx"))
     assert len(cached) == 1
     # An exported file alone (no checkpoint) gives the same store, with the checkpoint's model id.
-    embed_folder(folder, tmp_path / "f.h5", onnx=cached[0], normalize=False, workers=0, index=False)
+    embed_folder(folder, tmp_path / "f.h5", onnx=cached[0], normalize=False, workers=0)
     with open_store(tmp_path / "t.h5") as t, open_store(tmp_path / "o.h5") as o, open_store(tmp_path / "f.h5") as f:
         assert t.paths == o.paths == f.paths and t.failed == o.failed
         assert t.model_id == o.model_id == f.model_id
@@ -223,3 +226,21 @@ def test_onnx_backend_matches_torch_within_the_export_tolerance(tmp_path, fmnist
             a, b, c = t.read_embeddings(k), o.read_embeddings(k), f.read_embeddings(k)
             assert np.abs(a - b).max() <= FP32.max_abs_diff
             np.testing.assert_array_equal(b, c)
+
+
+def test_a_fresh_store_follows_the_umask(tmp_path, fmnist_test, run_dir):
+    """Under umask 022 a store is 0644 like any other output (it was 0600, mkstemp's mode)."""
+    folder = write_fmnist_folder(tmp_path / "imgs", fmnist_test, 8)
+    old = os.umask(0o022)
+    try:
+        embed_folder(folder, tmp_path / "s.h5", run=run_dir, backend="torch", workers=0)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "s.h5").stat().st_mode & 0o777 == 0o644
+
+
+def test_levels_use_the_shared_parser(run_dir):
+    assert Embedder.from_source(run=run_dir, backend="torch", levels=["1", "0"]).levels == [0, 1]
+    assert Embedder.from_source(run=run_dir, backend="torch", levels="all").levels == [0, 1]
+    with pytest.raises(SjeaError, match="repeats a level"):
+        Embedder.from_source(run=run_dir, backend="torch", levels="1,1")

@@ -36,6 +36,36 @@ def test_embed_prints_a_summary_and_json(env, tmp_path):
         assert s.levels == [0] and s.attrs["dtype"] == "float16"
 
 
+def test_embed_then_indexes_and_cluster_tree_unless_no_index(env, tmp_path):
+    from sjea_tools.clusters import read_tree
+    from sjea_tools.index import index_dir
+
+    base, run, _, folder, out, _ = env
+    assert not index_dir(out).exists()  # the fixture passed --no-index
+    res = CliRunner().invoke(app, ["embed", str(folder), str(tmp_path / "i.h5"), "--run", str(run), "--backend",
+                                   "torch", "--workers", "0"])
+    assert res.exit_code == 0, res.output
+    assert f"search indexes: {index_dir(tmp_path / 'i.h5')}" in res.output
+    with open_store(tmp_path / "i.h5") as s:
+        assert read_tree(s)[0] is not None
+
+
+def test_level_is_repeatable_and_levels_still_works(env, tmp_path):
+    base, run, _, folder, _, _ = env
+    cmd = ["embed", str(folder), "--run", str(run), "--backend", "torch", "--workers", "0", "--no-index"]
+    for i, (spelling, want) in enumerate([(["--level", "1", "--level", "0"], [0, 1]), (["-l", "all"], [0, 1]),
+                                          (["--levels", "1"], [1])]):
+        out = tmp_path / f"s{i}.h5"
+        res = CliRunner().invoke(app, [*cmd[:2], str(out), *cmd[2:], *spelling])
+        assert res.exit_code == 0, res.output
+        with open_store(out) as s:
+            assert s.levels == want, spelling
+    res = CliRunner().invoke(app, [*cmd[:2], str(tmp_path / "x.h5"), *cmd[2:], "--level", "0", "--levels", "1"])
+    _one_line_error(res, "--level")
+    assert "(old spelling, removed in the next release)" in CliRunner().invoke(app, ["embed", "--help"],
+                                                                           env={"COLUMNS": "400"}).output
+
+
 def _one_line_error(res, words):
     assert res.exit_code == 2, res.output
     assert "Traceback" not in res.output
@@ -64,13 +94,16 @@ def test_bad_input_is_one_line_and_leaves_the_store_intact(env, tmp_path, case):
     base, run, other, folder, out, _ = env
     before = out.read_bytes()
     (tmp_path / "empty" / "sub").mkdir(parents=True)
+    if case == "exists":  # another input, same root (the very same command again is "complete")
+        listing = folder / "list-exists.txt"
+        listing.write_text("".join(f"{p.relative_to(folder)}\n" for p in sorted(folder.rglob("*.png"))[:5]))
     args = {
         "no images": ([str(tmp_path / "empty"), str(out)], "no images"),
         "missing folder": ([str(tmp_path / "nope"), str(out)], "does not exist"),
         "output is a folder": ([str(folder), str(tmp_path)], "is a folder"),
         "other model": ([str(folder), str(out), "--run", str(other), "--update"], "another model"),
         "bad shard": ([str(folder), str(out), "--shard", "3/2"], "--shard 3/2"),
-        "exists": ([str(folder), str(out)], "--update"),
+        "exists": ([str(folder / "list-exists.txt"), str(out)], "--update"),
     }[case]
     extra = [] if "--run" in args[0] else ["--run", str(run)]
     res = CliRunner().invoke(app, ["embed", *args[0], *extra, "--backend", "torch", "--workers", "0", "--no-index"])

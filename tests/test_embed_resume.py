@@ -29,7 +29,7 @@ def setup(tmp_path_factory, fmnist_test):
     (folder / "Coat" / "empty.jpg").write_bytes(b"")
     clean = base / "clean.h5"
     emb = Embedder.from_source(run=run, backend="torch")
-    embed_folder(folder, clean, embedder=emb, workers=1, batch_size=16, index=False)
+    embed_folder(folder, clean, embedder=emb, workers=1, batch_size=16)
     return run, folder, clean, emb
 
 
@@ -104,8 +104,7 @@ def test_two_shards_merged_equal_a_single_run(setup, tmp_path):
 
     run, folder, clean, emb = setup
     for i in range(2):
-        embed_folder(folder, tmp_path / f"out-{i}.h5", embedder=emb, shard=f"{i}/2", workers=1, batch_size=16,
-                     index=False)
+        embed_folder(folder, tmp_path / f"out-{i}.h5", embedder=emb, shard=f"{i}/2", workers=1, batch_size=16)
     with open_store(tmp_path / "out-0.h5") as s0, open_store(tmp_path / "out-1.h5") as s1:
         assert s0.n > 0 and s1.n > 0 and not set(s0.paths) & set(s1.paths)
         assert (s0.attrs["shard"], s1.attrs["shard"]) == ("0/2", "1/2")
@@ -132,7 +131,7 @@ def test_a_finished_store_with_a_leftover_journal_is_complete(setup, tmp_path):
     j.meta["token"] = token
     j.close()
     (out.with_name(out.name + ".partial") / "meta.json").write_text(__import__("json").dumps(j.meta))
-    summary = embed_folder(folder, out, embedder=emb, workers=1, index=False)
+    summary = embed_folder(folder, out, embedder=emb, workers=1)
     assert summary["status"] == "complete"
     assert not out.with_name(out.name + ".partial").exists()
     _assert_same_as_clean(out, clean)

@@ -60,7 +60,7 @@ def test_eval_store_matches_numpy_knn_on_the_stored_embeddings(tmp_path, make_ru
     run = make_run(tmp_path / "run")
     images = write_fmnist_folder(tmp_path / "images", fmnist_test, 150)
     store = tmp_path / "fm.h5"
-    embed_folder(images, store, run=run, workers=0, backend="torch", index=False)
+    embed_folder(images, store, run=run, workers=0, backend="torch")
     result = runner.invoke(app, ["eval", str(store), "--probe-epochs", "2", "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
@@ -87,7 +87,7 @@ def test_eval_refuses_a_store_without_labels(tmp_path, make_run, fmnist_test):
     flat.mkdir()
     for i in range(12):
         Image.fromarray(fmnist_test.pixels[i]).save(flat / f"{i}.png")
-    embed_folder(flat, tmp_path / "flat.h5", run=run, workers=0, backend="torch", index=False)
+    embed_folder(flat, tmp_path / "flat.h5", run=run, workers=0, backend="torch")
     assert_one_line_error(runner.invoke(app, ["eval", str(tmp_path / "flat.h5")]), "no labels")
     assert_one_line_error(runner.invoke(app, ["eval", "--run", str(run), "--dataset", str(flat)]), "no labels")
     assert not (tmp_path / "flat.h5.eval.json").exists() and not (run / "eval.json").exists()
@@ -98,3 +98,18 @@ def test_eval_bad_options_are_one_line(tmp_path, make_run):
     assert_one_line_error(runner.invoke(app, ["eval", "--run", str(run), "--level", "5"]), "level")
     assert_one_line_error(runner.invoke(app, ["eval", "--run", str(run), "--dataset", "imagenet"]), "unknown dataset")
     assert_one_line_error(runner.invoke(app, ["eval", "--run", str(tmp_path / "nowhere")]), "does not exist")
+    for flag in ("--baselines", "--no-baselines"):  # pixel floors need a run's dataset, not a STORE
+        assert_one_line_error(runner.invoke(app, ["eval", str(tmp_path / "photos.h5"), flag]), "--baselines", "STORE")
+
+
+def test_paths_are_printed_literally_on_one_line(tmp_path, make_run):
+    """A folder named with rich markup, a newline and a byte that is not UTF-8 is printed as written
+    (markup shown, the newline and the byte escaped), never interpreted or crashing the print."""
+    run = make_run(tmp_path / "run", levels=1)
+    odd = tmp_path / "[bold]a\nb\udce9[/bold]"
+    result = runner.invoke(app, ["eval", "--run", str(run), "--out", str(odd / "e.json"), "--max-train", "200",
+                                 "--max-test", "50", "--probe-epochs", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((odd / "e.json").read_text())["output"] == str(odd / "e.json")
+    shown = f"wrote {tmp_path}/[bold]a\\nb\\xe9[/bold]/e.json"
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [shown], result.stderr

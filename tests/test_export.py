@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from exports.onnx import export_run, parse_level, read_metadata
+from exports.onnx import asks_for_all, export_run, plan_files, read_metadata
 from exports.runtime import OnnxModel, provider_name
 from exports.verify import FP16, FP32, max_abs_diff, min_cosine, verify_onnx, within
 from sjea_tools import load_model
@@ -64,17 +65,27 @@ def test_tolerances_absolute_and_relative():
     assert not within(0.5, 0.9995, reference_scale=10.0, tol=FP16)
 
 
-def test_parse_level_and_provider_names():
-    assert parse_level("all", 3) is None
-    assert parse_level("2", 3) == [2]
-    with pytest.raises(SjeaError, match="this run has levels 0, 1, 2"):
-        parse_level("3", 3)
-    with pytest.raises(SjeaError, match="level number or 'all'"):
-        parse_level("top", 3)
+def test_provider_names():
     assert provider_name("cpu") == "CPUExecutionProvider"
     assert provider_name("CUDA") == "CUDAExecutionProvider"
     with pytest.raises(SjeaError, match="unknown provider"):
         provider_name("quantum")
+
+
+def test_file_plan_for_all_one_and_several_levels():
+    def names(plan):
+        return [(f.name, f.levels, f.whole) for f in plan]
+
+    assert asks_for_all("all") and asks_for_all(" ALL ") and asks_for_all(None)
+    assert not asks_for_all("1") and not asks_for_all([0, 1]) and not asks_for_all(2)
+    assert names(plan_files([0, 1], True, "")) == [("level0.onnx", [0], False), ("level1.onnx", [1], False),
+                                                   ("all_levels.onnx", [0, 1], True)]
+    # a one-level run's 'all' still writes both files; the per-level one is cut out of the graph
+    assert names(plan_files([0], True, "-fp16")) == [("level0-fp16.onnx", [0], False),
+                                                     ("all_levels-fp16.onnx", [0], True)]
+    assert names(plan_files([2], False, "")) == [("level2.onnx", [2], True)]
+    assert names(plan_files([0, 2], False, "-uint8")) == [("level0-uint8.onnx", [0], False),
+                                                          ("level2-uint8.onnx", [2], False)]
 
 
 # --- done criterion 1: every level and the all-levels model, 2 and 3 levels, both encoders -------
@@ -207,9 +218,9 @@ def test_numpy_only_snippet_runs_without_sjea_on_the_path(exported_mlp2, fmnist_
     image_path = tmp_path / "sneaker.png"
     Image.fromarray(fmnist_test.pixels[0]).resize((50, 36), Image.NEAREST).save(image_path)
     code = readme_snippet()
-    assert 'MODEL = "runs/tiny/onnx/all_levels.onnx"' in code and 'IMAGE = "shoe.jpg"' in code
+    assert 'MODEL = "runs/tiny/onnx/all_levels.onnx"' in code and 'IMAGES = ["shoe.jpg", "bag.png"]' in code
     code = code.replace('"runs/tiny/onnx/all_levels.onnx"', repr(str(run / "onnx" / "all_levels.onnx")))
-    code = code.replace('"shoe.jpg"', repr(str(image_path)))
+    code = code.replace('["shoe.jpg", "bag.png"]', repr([str(image_path)]))
     code += ("\nimport importlib.util, sys\n"
              "assert importlib.util.find_spec('sjea_tools') is None and importlib.util.find_spec('exports') is None\n"
              "assert 'torch' not in sys.modules\n"
@@ -251,6 +262,53 @@ def test_embedding_output_with_uint8_pixels_inside_the_graph(exported_mlp2, fmni
         want = model.forward_embeddings(normalize_pixels(pixels, model.mean, model.std), [1])[0].numpy()
     assert got.shape == (7, model.embedding_dims[1])
     assert max_abs_diff(got, want) <= 1e-4 and min_cosine(got, want) >= 0.99999
+
+
+def test_several_levels_one_file_each_with_the_umask_mode_and_progress(exported_mlp2, tmp_path):
+    """--level 1,0 (the shared spelling) writes level0.onnx and level1.onnx, no all-levels file;
+    files are 0644 under umask 022 (not mkstemp's 0600); progress follows the library protocol."""
+    run, report_all = exported_mlp2
+    calls = []
+    previous = os.umask(0o022)
+    try:
+        report = export_run(run, level="1,0", out=tmp_path / "o",
+                            progress=lambda task, done, total: calls.append((task, done, total)))
+    finally:
+        os.umask(previous)
+    assert report["passed"] and report["level"] == "0,1"
+    assert leftovers(tmp_path / "o") == ["level0.onnx", "level1.onnx"]
+    assert {stat.S_IMODE((tmp_path / "o" / n).stat().st_mode) for n in leftovers(tmp_path / "o")} == {0o644}
+    for k in (0, 1):
+        meta = read_metadata(tmp_path / "o" / f"level{k}.onnx")
+        assert meta["level"] == str(k) and json.loads(meta["levels"]) == [k]
+        # the same graph as the one cut out of the all-levels export
+        assert (tmp_path / "o" / f"level{k}.onnx").read_bytes() == (run / "onnx" / f"level{k}.onnx").read_bytes()
+    tasks = {}
+    for task, done, total in calls:
+        assert done >= tasks.get(task, (0, None))[0] and total is not None and done <= total  # cumulative
+        tasks[task] = (done, total)
+    assert tasks == {"exporting the graph": (2, 2), "verifying files": (2, 2)}
+
+
+def test_preprocess_spec_in_the_metadata_and_from_older_files(exported_mlp2, tmp_path):
+    import onnx
+
+    from exports.onnx import set_metadata
+    from sjea_tools.spec import PreprocessSpec
+
+    run, _ = exported_mlp2
+    model = load_model(run)
+    spec = PreprocessSpec(model.image_size, model.mean, model.std)
+    meta = read_metadata(run / "onnx" / "level0.onnx")
+    assert PreprocessSpec.from_json(meta["preprocess"]) == spec
+    assert OnnxModel(run / "onnx" / "level0.onnx", provider="cpu").preprocess == spec
+    # A file exported before the 'preprocess' key existed reads the same spec from the separate keys.
+    proto = onnx.load(str(run / "onnx" / "level0.onnx"))
+    set_metadata(proto, {k: v for k, v in meta.items() if k != "preprocess"})
+    onnx.save(proto, str(tmp_path / "old.onnx"))
+    old = OnnxModel(tmp_path / "old.onnx", provider="cpu")
+    assert "preprocess" not in old.metadata and old.preprocess == spec
+    assert (old.image_size, old.mean, old.std) == (28, spec.mean, spec.std)
 
 
 def test_fp16_export_meets_its_stated_tolerance(exported_mlp2, tmp_path):
@@ -298,8 +356,14 @@ def one_line_error(result, code: int = 2) -> str:
 def test_level_the_run_does_not_have(exported_mlp2, tmp_path):
     run, _ = exported_mlp2
     line = one_line_error(runner.invoke(app, ["export", "--run", str(run), "--level", "2", "--out", str(tmp_path / "o")]))
-    assert "level 2 does not exist" in line and "levels 0, 1" in line
+    assert "level 2 does not exist" in line and "levels here: 0, 1" in line
     assert not (tmp_path / "o").exists()
+    for spelling, expect in [("top", "'all' or level numbers like 0,1"), ("1,1", "repeats a level"),
+                             ("all,0", "'all' cannot be combined")]:
+        line = one_line_error(runner.invoke(app, ["export", "--run", str(run), "--level", spelling, "--out",
+                                                  str(tmp_path / "o")]))
+        assert expect in line and "--level" in line
+        assert not (tmp_path / "o").exists()
 
 
 def test_missing_and_corrupt_runs(tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 from PIL import Image
@@ -30,6 +32,21 @@ def test_writes_real_test_images_by_class_and_keeps_existing_files(tmp_path, fmn
     assert sorted(set(folder.class_names)) == folder.class_names and folder.labels is not None
     again = runner.invoke(app, ["images", "fashion-mnist", str(out), "--limit", "30", "--json"])
     assert json.loads(again.stdout)["written"] == 5  # only the missing ones
+
+
+def test_written_images_get_the_umask_mode_and_no_temporary_files(tmp_path):
+    """Images are written through sjea_tools.io: mode 0644 under umask 022, not mkstemp's 0600."""
+    previous = os.umask(0o022)
+    try:
+        result = runner.invoke(app, ["images", "fashion-mnist", str(tmp_path / "imgs"), "--limit", "3",
+                                     "--format", "jpg", "--json"])
+    finally:
+        os.umask(previous)
+    assert result.exit_code == 0, result.output
+    files = sorted(p for p in (tmp_path / "imgs").rglob("*") if p.is_file())
+    assert len(files) == 3 and all(p.suffix == ".jpg" and not p.name.startswith(".") for p in files)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}
+    assert all(Image.open(p).format == "JPEG" for p in files)
 
 
 def test_bad_format_and_output_are_one_line(tmp_path):

@@ -7,12 +7,13 @@ import pytest
 
 from sjea_tools import index as ix
 from sjea_tools.errors import SjeaError
+from sjea_tools.vectors import exact_rerank, l2_normalize
 
 
 def clustered(n=3000, d=32, centres=60, seed=0, noise=0.5):
     rng = np.random.default_rng(seed)
     c = rng.standard_normal((centres, d)).astype(np.float32)
-    return ix.normalized(c[rng.integers(0, centres, n)] + noise * rng.standard_normal((n, d)).astype(np.float32))
+    return l2_normalize(c[rng.integers(0, centres, n)] + noise * rng.standard_normal((n, d)).astype(np.float32))
 
 
 def test_choose_index_grows_from_exact_to_compressed():
@@ -28,8 +29,14 @@ def test_choose_index_grows_from_exact_to_compressed():
         ix.choose_index(10_000_000, 512, memory_budget_bytes=1 << 20)
 
 
-def test_choose_index_is_pure():
-    assert ix.choose_index(300_001, 64, 1 << 33) == ix.choose_index(300_001, 64, 1 << 33)
+def test_choose_index_switches_kind_exactly_at_the_measured_row_limits():
+    at = lambda n: ix.choose_index(n, 64, 1 << 33)  # noqa: E731 - a budget that never binds
+    assert (at(ix.FLAT_MAX_ROWS)["kind"], at(ix.FLAT_MAX_ROWS + 1)["kind"]) == ("flat", "hnsw")
+    assert (at(ix.HNSW_MAX_ROWS)["kind"], at(ix.HNSW_MAX_ROWS + 1)["kind"]) == ("hnsw", "ivf-flat")
+    ivf = at(ix.HNSW_MAX_ROWS + 1)
+    # IVF lists: power of two nearest sqrt(n) (sqrt(300,001) ~ 548 -> 512), probing 1/64 of them
+    assert ivf["params"]["nlist"] == 512 and ivf["search_params"]["nprobe"] == 8
+    assert at(ix.FLAT_MAX_ROWS)["estimated_bytes"] == ix.FLAT_MAX_ROWS * 64 * 4
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf-flat", "ivf-pq"])
@@ -47,7 +54,7 @@ def test_each_kind_finds_itself_and_reaches_recall(kind, tmp_path):
     loaded = ix.read_faiss(path, mmap=True)
     ix.set_search_params(loaded, spec["search_params"])
     _, cand = loaded.search(x[:20], 10 * spec["rerank"])  # as search does for k=10: re-scored exactly
-    ids, scores = ix.exact_rerank(x[:20], cand, lambda r: x[r], 1)
+    ids, scores = exact_rerank(x[:20], cand, lambda r: x[r], 1)
     assert (ids[:, 0] == np.arange(20)).mean() >= 0.9 and np.median(scores) > 0.999
 
 
@@ -66,9 +73,9 @@ def test_recall_at_k_counts_overlap():
 
 
 def test_exact_rerank_orders_by_true_score_and_drops_padding():
-    base = ix.normalized(np.eye(4, dtype=np.float32) + 0.1)
+    base = l2_normalize(np.eye(4, dtype=np.float32) + 0.1)
     q = base[2:3]
-    ids, scores = ix.exact_rerank(q, np.array([[0, -1, 2, 1]]), lambda r: base[r], 3)
+    ids, scores = exact_rerank(q, np.array([[0, -1, 2, 1]]), lambda r: base[r], 3)
     assert ids[0, 0] == 2 and scores[0, 0] == pytest.approx(1.0, abs=1e-6)
     assert -1 not in ids[0]
 
@@ -81,3 +88,24 @@ def test_parse_memory(text, value):
 def test_parse_memory_rejects_nonsense():
     with pytest.raises(SjeaError, match="not a size"):
         ix.parse_memory("lots")
+
+
+def test_exact_scores_keep_the_given_order_and_read_each_row_once():
+    from sjea_tools.vectors import exact_scores
+
+    base = l2_normalize(np.random.default_rng(0).standard_normal((6, 5)))
+    asked = []
+    ids = np.array([[4, 1, -1], [1, 4, 0]])
+    scores = exact_scores(base[:2], ids, lambda r: asked.append(r.tolist()) or base[r])
+    assert asked == [[0, 1, 4]]  # sorted unique ids, one read
+    assert scores[0, 0] == pytest.approx(base[0] @ base[4], abs=1e-6) and scores[0, 2] == -np.inf
+    assert scores[1, 0] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_index_build_reports_vectors_added_through_the_progress_protocol():
+    x = clustered(n=500)
+    spec = ix.explicit_spec("flat", len(x), x.shape[1])
+    calls = []
+    ix.build_index(x, spec, progress=lambda task, done, total: calls.append((task, done, total)), task="level 0",
+                   chunk=200)
+    assert calls == [("level 0", 0, 500), ("level 0", 200, 500), ("level 0", 400, 500), ("level 0", 500, 500)]

@@ -10,7 +10,9 @@ from PIL import Image
 
 from sjea_tools import SjeaError, build_model, resolve_config, vicreg_loss
 from sjea_tools.data import model_pixels, normalize_pixels
-from sjea_tools.models import create_backbone
+from sjea_tools.config import BACKBONE_NAMES
+from sjea_tools.models import BACKBONES, create_backbone
+from sjea_tools.spec import PreprocessSpec
 
 SIZE = 8  # tiny images keep ResNet forwards fast on CPU
 PROJ = "32-24"  # projector hidden 32, embedding 24
@@ -79,10 +81,24 @@ def test_levels_that_do_not_exist_are_a_clear_error(levels):
     torch.manual_seed(0)
     model = build_model(small_cfg(2, "mlp")).eval()
     x = torch.randn(2, 3, SIZE, SIZE)
-    with torch.no_grad(), pytest.raises(SjeaError, match="0..1"):
+    with torch.no_grad(), pytest.raises(SjeaError, match="levels here: 0, 1"):
         model.forward_levels(x, levels=levels)
-    with torch.no_grad(), pytest.raises(SjeaError, match="0..1"):
+    with torch.no_grad(), pytest.raises(SjeaError, match="levels here: 0, 1"):
         model.forward_embeddings(x, levels=levels)
+
+
+def test_a_repeated_level_is_refused():
+    model = build_model(small_cfg(2, "mlp")).eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad(), pytest.raises(SjeaError, match="repeats a level"):
+        model.forward_levels(x, levels=[1, 1])
+    with torch.no_grad(), pytest.raises(SjeaError, match="repeats a level"):
+        model.forward_embeddings(x, levels="0,0")
+
+
+def test_every_backbone_the_config_accepts_is_registered():
+    # and nothing is registered that the configuration would refuse
+    assert set(BACKBONE_NAMES) == set(BACKBONES)
 
 
 @pytest.mark.parametrize("size,kernel", [(32, 3), (64, 3), (96, 7)])
@@ -224,6 +240,16 @@ def test_official_projector_without_last_bias():
 def cifar_model():
     torch.manual_seed(0)
     return build_model(small_cfg(1, **{"data.mean": "0.4914,0.4822,0.4465", "data.std": "0.2470,0.2435,0.2616"})).eval()
+
+
+def test_the_model_carries_its_preprocess_spec(cifar_model):
+    spec = cifar_model.preprocess_spec
+    assert spec == PreprocessSpec(SIZE, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "RGB")
+    assert spec == cifar_model.cfg.preprocess_spec
+    assert (cifar_model.image_size, cifar_model.mean, cifar_model.std) == (spec.image_size, spec.mean, spec.std)
+    # Without explicit statistics the dataset's own apply (Fashion-MNIST for the tiny preset).
+    plain = build_model(small_cfg(1)).preprocess_spec
+    assert (plain.mean, plain.std) == ((0.2860,) * 3, (0.3530,) * 3)
 
 
 def expected_normalised(rgb, mean, std):

@@ -77,14 +77,30 @@ def test_tsne_is_min_max_scaled_and_keeps_clusters_apart():
     assert np.linalg.norm(a - b) > 2 * spread
 
 
-def test_sub_clusters_recover_three_groups():
+def test_sub_clusters_recover_three_groups_with_typical_members_first():
     rng = np.random.default_rng(1)
     centres = np.eye(8)[:3] * 10
     truth = np.repeat(np.arange(3), 40)
-    clusters, dist = plots.sub_clusters(centres[truth] + rng.normal(size=(120, 8)), 3)
+    x = centres[truth] + rng.normal(size=(120, 8))
+    clusters, typical = plots.sub_clusters(x, 3)
+    assert len(typical) == 3
     for c in range(3):  # every found cluster is exactly one true group
         assert len(set(truth[clusters == c])) == 1
-    assert (dist >= 0).all()
+        assert len(typical[c]) == plots.THUMBS_PER_CLUSTER and (clusters[typical[c]] == c).all()
+        unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+        centre = unit[clusters == c].mean(axis=0)
+        sims = unit[typical[c]] @ centre
+        assert (np.diff(sims) <= 1e-6).all() and sims[-1] >= np.sort(unit[clusters == c] @ centre)[-10] - 1e-6
+
+
+def test_plot_sub_clusters_agree_with_the_cluster_tree():
+    from sjea_tools.clusters import build_tree
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(300, 16)) + np.repeat(np.eye(16)[:4] * 3, 75, axis=0)
+    clusters, _ = plots.sub_clusters(x, 4, seed=5)
+    tree = build_tree([x], [4], seed=5)
+    assert np.array_equal(clusters, tree["assign"][:, 0])
 
 
 def test_resolve_class_by_name_or_index():
@@ -108,3 +124,13 @@ def test_plot_errors_are_one_line(tmp_path, make_run, monkeypatch):
     real = plots.importlib.util.find_spec
     monkeypatch.setattr(plots.importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     assert_one_line_error(runner.invoke(app, ["plot", "--run", str(run)]), "pip install matplotlib scikit-learn")
+
+
+def test_plot_prints_an_odd_folder_name_literally(tmp_path, make_run):
+    run = make_run(tmp_path / "run")
+    write_metrics(run)
+    odd = tmp_path / "[/bold]x\n[red]y"  # a closing tag alone used to raise MarkupError
+    result = runner.invoke(app, ["plot", "--run", str(run), "--only", "covariance", "--out-dir", str(odd)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [f"wrote {tmp_path}/[/bold]x\\n[red]y/covariance.png"]
+    assert (odd / "covariance.png").stat().st_size > 1000

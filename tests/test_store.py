@@ -180,9 +180,62 @@ time.sleep(60)
 """], stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline().strip() == "ready"
-        with pytest.raises(SjeaError, match="another 'sjea embed' is writing out.h5"):
+        with pytest.raises(SjeaError, match=r"another sjea process is using .*out\.h5; wait for it"):
             Journal.open(folder)
     finally:
         writer.kill()
         writer.wait()
     Journal.open(folder).close()  # the kill released the lock
+
+
+def _with_umask(mask, fn):
+    import os
+
+    old = os.umask(mask)
+    try:
+        return fn()
+    finally:
+        os.umask(old)
+
+
+def test_written_and_merged_stores_follow_the_umask(tmp_path):
+    """mkstemp makes 0600 files; a store must be readable by the group like any other output."""
+    rows = _rows(4)
+    s0 = _with_umask(0o022, lambda: _write(tmp_path / "s0.h5", ["a/1.png", "a/2.png"],
+                                           {k: v[:2] for k, v in rows.items()}, shard="0/2", scan_count=4))
+    s1 = _with_umask(0o022, lambda: _write(tmp_path / "s1.h5", ["b/3.png", "b/4.png"],
+                                           {k: v[2:] for k, v in rows.items()}, shard="1/2", scan_count=4))
+    _with_umask(0o022, lambda: merge_stores([s0, s1], tmp_path / "m.h5"))
+    for p in (s0, s1, tmp_path / "m.h5"):
+        assert p.stat().st_mode & 0o777 == 0o644, (p, oct(p.stat().st_mode))
+    _with_umask(0o077, lambda: merge_stores([s0, s1], tmp_path / "private.h5"))
+    assert (tmp_path / "private.h5").stat().st_mode & 0o777 == 0o600
+
+
+def test_preprocessing_is_read_as_one_spec_and_old_stores_are_rgb(tmp_path):
+    from sjea_tools.spec import PreprocessSpec
+
+    _write(tmp_path / "old.h5", ["a.png"], _rows(1))  # written without colour_mode, as before the spec
+    _write(tmp_path / "new.h5", ["a.png"], _rows(1), colour_mode="L")
+    with open_store(tmp_path / "old.h5") as old, open_store(tmp_path / "new.h5") as new:
+        assert old.preprocess == PreprocessSpec(28, (0.5,) * 3, (0.25,) * 3, "RGB")
+        assert new.preprocess == PreprocessSpec(28, (0.5,) * 3, (0.25,) * 3, "L")
+
+
+def test_merge_refuses_shards_with_other_preprocessing(tmp_path):
+    rows = _rows(2)
+    s0 = _write(tmp_path / "s0.h5", ["a/1.png"], {k: v[:1] for k, v in rows.items()}, shard="0/2", scan_count=2)
+    s1 = _write(tmp_path / "s1.h5", ["a/2.png"], {k: v[1:] for k, v in rows.items()}, shard="1/2", scan_count=2,
+                std=[0.5] * 3)
+    with pytest.raises(SjeaError, match="preprocess"):
+        merge_stores([s0, s1], tmp_path / "m.h5")
+
+
+def test_merge_reports_rows_written(tmp_path):
+    rows = _rows(5)
+    s0 = _write(tmp_path / "s0.h5", ["a/1", "a/2"], {k: v[:2] for k, v in rows.items()}, shard="0/2", scan_count=5)
+    s1 = _write(tmp_path / "s1.h5", ["a/3", "a/4", "a/5"], {k: v[2:] for k, v in rows.items()}, shard="1/2",
+                scan_count=5)
+    calls = []
+    merge_stores([s0, s1], tmp_path / "m.h5", progress=lambda task, done, total: calls.append((task, done, total)))
+    assert calls == [("merging", 2, 5), ("merging", 5, 5)]

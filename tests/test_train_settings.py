@@ -44,16 +44,18 @@ def test_resume_uses_the_runs_device_and_seed_from_the_start(tmp_path, monkeypat
     state["config"]["train"]["max_steps"] = 5
     torch.save(state, run / "checkpoints" / "last.pt")
 
-    seen = {"devices": [], "seeds": [], "backends": []}
-    real_pick, real_seed, real_setup = trainer.pick_device, torch.manual_seed, trainer.setup_distributed
-    monkeypatch.setattr(trainer, "pick_device", lambda req, info: seen["devices"].append(req) or real_pick(req, info))
+    seen = {"devices": [], "seeds": [], "distributed": []}
+    real_device, real_seed, real_setup = trainer.process_device, torch.manual_seed, trainer.setup_distributed
+    monkeypatch.setattr(trainer, "process_device",
+                        lambda req, info: seen["devices"].append(req) or real_device(req, info))
     monkeypatch.setattr(trainer.torch, "manual_seed", lambda s: seen["seeds"].append(s) or real_seed(s))
-    monkeypatch.setattr(trainer, "setup_distributed", lambda b: seen["backends"].append(b) or real_setup(b))
+    # setup_distributed picks its backend (NCCL or gloo) from the device it is given
+    monkeypatch.setattr(trainer, "setup_distributed", lambda d: seen["distributed"].append(d) or real_setup(d))
     resumed = run_cli(["train", "--resume", "runs/r", "--quiet"], tmp_path)
     assert resumed.exit_code == 0, resumed.output
     assert seen["devices"] == ["cpu"]
     assert seen["seeds"][0] == 7  # the first seed set is the run's, not the default 0
-    assert seen["backends"] == ["cpu"]
+    assert seen["distributed"] == ["cpu"]
     assert steps_logged(run)[-1] == 5
 
 

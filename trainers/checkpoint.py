@@ -36,6 +36,16 @@ def load_checkpoint(run_dir: Path) -> dict:
     return safe_torch_load(Path(run_dir) / CHECKPOINT_FILE)
 
 
+def restore_checkpoint(state: dict, *, model, optimizer, scaler) -> int:
+    """Put a loaded checkpoint's weights, optimiser, scaler and RNG states back; returns its step."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    restore_rng(state)
+    return int(state["step"])
+
+
 def restore_rng(state: dict) -> None:
     rng = state.get("rng", {})
     if "torch" in rng:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,12 +29,13 @@ from sjea_tools.errors import SjeaError
 from sjea_tools.losses import stacked_vicreg_loss
 from sjea_tools.metrics import effective_rank, mean_std
 from sjea_tools.models import build_model
-from sjea_tools.io import atomic_write_text
-from sjea_tools.runs import (CHECKPOINT_FILE, CONFIG_FILE, DEFAULT_RUNS_DIR, METRICS_FILE, read_metrics, save_model,
-                             set_latest)
+from sjea_tools.progress import ProgressFn, report
+from sjea_tools.runs import (CHECKPOINT_FILE, CONFIG_FILE, DEFAULT_RUNS_DIR, METRICS_FILE, prepare_run_dir, save_model,
+                             set_latest, truncate_metrics)
+from sjea_tools.spec import PreprocessSpec
 
-from .checkpoint import load_checkpoint, restore_rng, save_checkpoint
-from .distributed import DistInfo, barrier, cleanup_distributed, setup_distributed
+from .checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
+from .distributed import DistInfo, barrier, cleanup_distributed, process_device, setup_distributed
 from .optim import build_optimizer, lr_factor, peak_lr, set_lr
 
 
@@ -50,18 +52,6 @@ class TwoViewObjective(nn.Module):
         _, z2 = self.model.forward_train(v2)
         return stacked_vicreg_loss(z1, z2, self.cfg.per_level("sim_coeff"), self.cfg.per_level("std_coeff"),
                                    self.cfg.per_level("cov_coeff"), self.cfg.per_level("level_weights"))
-
-
-def pick_device(requested: str, info: DistInfo) -> torch.device:
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise SjeaError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
-        return torch.device("cuda", info.local_rank if info.enabled else torch.device(requested).index or 0)
-    if requested != "cpu":
-        raise SjeaError(f"unknown device '{requested}' (use auto, cpu, cuda or cuda:N).")
-    return torch.device("cpu")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -140,91 +130,29 @@ def collapse_warning(stats: list[dict], previous: list[dict] | None) -> list[int
     return bad
 
 
-def prepare_run_dir(cfg: RunConfig, out_dir: Path | None, overwrite: bool, runs_dir: Path) -> Path:
-    run_dir = Path(out_dir) if out_dir else Path(runs_dir) / cfg.name
-    if run_dir.exists() and not run_dir.is_dir():
-        raise SjeaError(f"{run_dir} exists and is not a folder; choose another --out.")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise SjeaError(f"run folder {run_dir} already exists; continue it with --resume {run_dir}, "
-                            "replace it with --overwrite, or pick another --out.")
-        shutil.rmtree(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SjeaError(f"cannot create run folder {run_dir}: {e.strerror or e}; choose another --out.") from None
-    return run_dir
+@dataclass
+class Training:
+    """What one process trains with, built once by `build_training`."""
+
+    cfg: RunConfig
+    info: DistInfo
+    device: torch.device
+    model: nn.Module  # the plain stack: what is saved, evaluated and checkpointed
+    objective: nn.Module  # what a step calls: the two-view loss, DDP-wrapped and compiled as configured
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    amp_dtype: torch.dtype | None
+    lr_peak: float
+    warmup_steps: int
+    total_steps: int  # the length of the lr schedule (all epochs)
+    stop_step: int  # where training stops: total_steps, or train.max_steps when that is earlier
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """After a resume, drop metric rows a killed run wrote past its last checkpoint."""
-    if not path.is_file():
-        return
-    keep = [row for row in read_metrics(path.parent) if row.get("step", 0) <= step]
-    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in keep))
-
-
-def train(cfg: RunConfig, out_dir: Path | str | None = None, resume: bool = False, overwrite: bool = False,
-          quiet: bool = False, runs_dir: Path | str = DEFAULT_RUNS_DIR, log=None) -> Path:
-    """Train a stack; returns the run folder. With resume=True, `out_dir` is the run to continue and
-    its saved configuration is used, before anything reads it (device, seed, distributed backend)."""
-    if resume:
-        cfg = resume_config(out_dir)
-    info = setup_distributed("cuda" if cfg.train.device.startswith("cuda") or (
-        cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu")
-    try:
-        return _train(cfg, out_dir, resume, overwrite, quiet, Path(runs_dir), info, log)
-    finally:
-        cleanup_distributed()
-
-
-def resume_config(run_dir) -> RunConfig:
-    """The configuration a run was trained with, from its checkpoint."""
-    run_dir = Path(run_dir)
-    if not (run_dir / CHECKPOINT_FILE).is_file():
-        raise SjeaError(f"{run_dir} has no checkpoint to resume from ({CHECKPOINT_FILE}); start a new run.")
-    return RunConfig.from_dict(load_checkpoint(run_dir)["config"])
-
-
-def _train(cfg, out_dir, resume, overwrite, quiet, runs_dir, info: DistInfo, log) -> Path:
-    from rich.console import Console
-
-    console = Console(stderr=True, quiet=quiet or not info.is_main, soft_wrap=True)
-    device = pick_device(cfg.train.device, info)
-    torch.manual_seed(cfg.train.seed)
-
-    if resume:
-        run_dir = Path(out_dir)
-        if not (run_dir / CHECKPOINT_FILE).is_file():
-            raise SjeaError(f"{run_dir} has no checkpoint to resume from ({CHECKPOINT_FILE}); start a new run.")
-        state = load_checkpoint(run_dir)
-        cfg = RunConfig.from_dict(state["config"])
-    else:
-        state = None
-
-    # Data problems are found before anything is written, so a failed start leaves no run folder.
-    data = train_split(load_dataset(cfg.data.dataset, cfg.data.data_dir, "train"), cfg.data.holdout,
-                       cfg.data.split_seed, cfg.data.limit)
-    if data.pixels is not None and data.pixels.shape[1] != cfg.image_size:
-        data.pixels = resize_pixels(data.pixels, cfg.image_size)
-    batch = cfg.train.batch_size
-    steps_per_epoch = len(data) // (batch * info.world_size)
-    if steps_per_epoch == 0:
-        raise SjeaError(f"{len(data)} training images are fewer than one batch of {batch} x {info.world_size} "
-                        "process(es); lower --batch-size.")
-
-    if not resume:
-        run_dir = prepare_run_dir(cfg, out_dir, overwrite, runs_dir) if info.is_main else Path(
-            out_dir or runs_dir / cfg.name)
-        if info.is_main:
-            save_config(cfg, run_dir / CONFIG_FILE)
-    barrier(info)
-
+def build_training(cfg: RunConfig, info: DistInfo, device: torch.device, steps_per_epoch: int) -> Training:
+    """The model, its (DDP-wrapped) objective, optimiser, precision and schedule for this process."""
     total_steps = math.ceil(cfg.train.epochs * steps_per_epoch)  # the lr schedule spans all epochs
     # max_steps stops early without shortening the schedule (a quick look at the start of a real run).
     stop_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
-    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
-
     model = build_model(cfg).to(device)
     if device.type == "cuda" and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -235,125 +163,221 @@ def _train(cfg, out_dir, resume, overwrite, quiet, runs_dir, info: DistInfo, log
             model = objective.model
         objective = nn.parallel.DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None)
-    run_objective = torch.compile(objective) if cfg.train.compile else objective
-    optimizer = build_optimizer(model.parameters(), cfg.optim, batch * info.world_size)
+    global_batch = cfg.train.batch_size * info.world_size
     amp_dtype = autocast_dtype(cfg.train.precision, device)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    lr_peak = peak_lr(cfg.optim, batch * info.world_size)
+    return Training(cfg, info, device, model, torch.compile(objective) if cfg.train.compile else objective,
+                    build_optimizer(model.parameters(), cfg.optim, global_batch),
+                    torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None, amp_dtype,
+                    peak_lr(cfg.optim, global_batch), round(cfg.optim.warmup_epochs * steps_per_epoch), total_steps,
+                    stop_step)
 
+
+def train_step(t: Training, v1: torch.Tensor, v2: torch.Tensor, step: int):
+    """One optimiser step of every level on two views; returns the loss and each level's terms."""
+    set_lr(t.optimizer, t.lr_peak * lr_factor(step, t.warmup_steps, t.total_steps, t.cfg.optim.final_lr_ratio))
+    with torch.autocast(t.device.type, dtype=t.amp_dtype or torch.float32, enabled=t.amp_dtype is not None):
+        loss, terms = t.objective(v1, v2)
+    t.optimizer.zero_grad(set_to_none=True)
+    if t.scaler is not None:
+        t.scaler.scale(loss).backward()
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+    else:
+        loss.backward()
+        t.optimizer.step()
+    return loss, terms
+
+
+def two_views_on_device(t: Training, item, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch from `batch_source` as two views on the training device."""
+    cfg, info, device = t.cfg, t.info, t.device
+    if isinstance(item, tuple):
+        v1, v2 = (v.to(device, non_blocking=True) for v in item)
+    else:
+        # Augmentation randomness depends only on (seed, step, rank): exact on resume.
+        g = torch.Generator(device=device).manual_seed(
+            (cfg.train.seed * 1_000_003 + step) * max(1, info.world_size) + info.rank)
+        spec = cfg.preprocess_spec
+        v1, v2 = two_views(item.to(device, non_blocking=True), cfg.data, spec.image_size, spec.mean, spec.std, g)
+    if device.type == "cuda" and cfg.train.channels_last:
+        v1 = v1.contiguous(memory_format=torch.channels_last)
+        v2 = v2.contiguous(memory_format=torch.channels_last)
+    return v1, v2
+
+
+class MetricsLog:
+    """The run's metrics.jsonl, appended by rank 0 alone; every row also goes to `log` (rank 0)."""
+
+    def __init__(self, run_dir: Path, info: DistInfo, log: Callable[[dict], None] | None):
+        self.file = open(Path(run_dir) / METRICS_FILE, "a") if info.is_main else None
+        self.log = log if info.is_main else None
+
+    def write(self, row: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()  # a kill loses at most the row being written
+        if self.log:
+            self.log(row)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+class Throughput:
+    """Images per second of wall time since the last reading."""
+
+    def __init__(self):
+        self.images, self.since = 0, time.perf_counter()
+
+    def add(self, images: int) -> None:
+        self.images += images
+
+    def take(self) -> float:
+        now = time.perf_counter()
+        rate = self.images / max(now - self.since, 1e-9)
+        self.images, self.since = 0, now
+        return rate
+
+
+def step_row(t: Training, step: int, steps_per_epoch: int, loss: torch.Tensor, terms, images_per_s: float,
+             run_dir: Path) -> dict:
+    """The metrics row of a logged step; a loss that is no longer finite stops the run here."""
+    loss_value = float(loss.detach())
+    if not math.isfinite(loss_value):
+        cfg = t.cfg
+        raise SjeaError(f"the loss became {loss_value} at step {step}: train again with a lower "
+                        f"--lr (this run: {cfg.optim.lr:g}) or more warm-up (--set "
+                        f"optim.warmup_epochs=N, this run: {cfg.optim.warmup_epochs:g}), e.g. the "
+                        f"same command with --lr {cfg.optim.lr / 4:g} --overwrite (resuming would "
+                        "reload the same settings).", exit_code=1)
+    return {"kind": "step", "step": step, "epoch": step / steps_per_epoch, "lr": t.optimizer.param_groups[0]["lr"],
+            "images_per_s": images_per_s, "loss": loss_value,
+            "levels": [{name: float(value.detach()) for name, value in
+                        zip(("loss", "invariance", "variance", "covariance"), level)} for level in terms]}
+
+
+class CollapseMonitor:
+    """The end-of-epoch check: embedding spread and effective rank per level on fixed images."""
+
+    def __init__(self, data, spec: PreprocessSpec, n: int = 1024):
+        pixels = PixelDataset(data, spec.image_size)
+        self.probe = normalize_pixels(torch.stack([pixels[i][0] for i in range(min(n, len(data)))]),
+                                      spec.mean, spec.std)
+        self.previous: list[dict] | None = None
+
+    def epoch_row(self, t: Training, step: int, steps_per_epoch: int) -> dict:
+        stats = level_statistics(t.model, self.probe, t.device)
+        bad = collapse_warning(stats, self.previous)
+        self.previous = stats
+        return {"kind": "epoch", "epoch": step // steps_per_epoch, "step": step, "levels": stats,
+                "collapse_warning": bool(bad), "collapsed_levels": bad}
+
+
+def end_of_step(t: Training, run_dir: Path, step: int, steps_per_epoch: int, monitor: CollapseMonitor,
+                metrics: MetricsLog) -> None:
+    """Checkpoint when due; at an epoch's end also the collapse check and a barrier."""
+    epoch_end = step % steps_per_epoch == 0
+    if t.info.is_main and (step % t.cfg.train.checkpoint_every == 0 or epoch_end or step == t.stop_step):
+        save_checkpoint(run_dir, model=t.model, optimizer=t.optimizer, scaler=t.scaler, step=step,
+                        cfg_dict=t.cfg.to_dict())
+    if epoch_end:
+        if t.info.is_main:
+            metrics.write(monitor.epoch_row(t, step, steps_per_epoch))
+        barrier(t.info)
+
+
+def run_steps(t: Training, data, run_dir: Path, start_step: int, steps_per_epoch: int,
+              progress: ProgressFn | None, log: Callable[[dict], None] | None) -> None:
+    """Train from `start_step` to `t.stop_step`, logging, checkpointing and checking each epoch."""
+    monitor = CollapseMonitor(data, t.cfg.preprocess_spec)
+    metrics, rate = MetricsLog(run_dir, t.info, log), Throughput()
+    progress = progress if t.info.is_main else None
+    report(progress, "train", start_step, t.stop_step)
+    t.model.train()
+    step = start_step
+    try:
+        while step < t.stop_step:
+            epoch = step // steps_per_epoch
+            batches = step_batches(len(data), t.cfg.train.batch_size, t.info, t.cfg.train.seed, epoch)
+            first = step - epoch * steps_per_epoch
+            last = min(steps_per_epoch, first + t.stop_step - step)
+            for item in batch_source(data, t.cfg, batches[first:last], t.device):
+                v1, v2 = two_views_on_device(t, item, step)
+                loss, terms = train_step(t, v1, v2, step)
+                step += 1
+                rate.add(len(v1) * t.info.world_size)
+                if step % t.cfg.train.log_every == 0 or step == t.stop_step:
+                    metrics.write(step_row(t, step, steps_per_epoch, loss, terms, rate.take(), run_dir))
+                report(progress, "train", step, t.stop_step)
+                end_of_step(t, run_dir, step, steps_per_epoch, monitor, metrics)
+    finally:
+        metrics.close()
+
+
+def load_training_data(cfg: RunConfig, info: DistInfo):
+    """The training split at model size and the number of steps per epoch for this world size."""
+    data = train_split(load_dataset(cfg.data.dataset, cfg.data.data_dir, "train"), cfg.data.holdout,
+                       cfg.data.split_seed, cfg.data.limit)
+    if data.pixels is not None and data.pixels.shape[1] != cfg.image_size:
+        data.pixels = resize_pixels(data.pixels, cfg.image_size)
+    batch = cfg.train.batch_size
+    steps_per_epoch = len(data) // (batch * info.world_size)
+    if steps_per_epoch == 0:
+        raise SjeaError(f"{len(data)} training images are fewer than one batch of {batch} x {info.world_size} "
+                        "process(es); lower --batch-size.")
+    return data, steps_per_epoch
+
+
+def resume_state(out_dir: Path | str | None) -> tuple[RunConfig, dict]:
+    """The saved configuration and full state of the run to continue."""
+    run_dir = Path(out_dir)
+    if not (run_dir / CHECKPOINT_FILE).is_file():
+        raise SjeaError(f"{run_dir} has no checkpoint to resume from ({CHECKPOINT_FILE}); start a new run.")
+    state = load_checkpoint(run_dir)
+    return RunConfig.from_dict(state["config"]), state
+
+
+def train(cfg: RunConfig, out_dir: Path | str | None = None, resume: bool = False, overwrite: bool = False,
+          runs_dir: Path | str = DEFAULT_RUNS_DIR, progress: ProgressFn | None = None,
+          log: Callable[[dict], None] | None = None) -> Path:
+    """Train a stack; returns the run folder. With resume=True, `out_dir` is the run to continue and
+    its saved configuration is used, before anything reads it (device, seed, distributed backend).
+    Rank 0 reports `progress("train", step, stop_step)` and hands `log` every row it writes to
+    metrics.jsonl; other ranks are silent."""
+    cfg, state = resume_state(out_dir) if resume else (cfg, None)
+    info = setup_distributed(cfg.train.device)
+    try:
+        return _train(cfg, state, out_dir, resume, overwrite, Path(runs_dir), info, progress, log)
+    finally:
+        cleanup_distributed()
+
+
+def _train(cfg, state, out_dir, resume, overwrite, runs_dir: Path, info: DistInfo, progress, log) -> Path:
+    device = process_device(cfg.train.device, info)
+    torch.manual_seed(cfg.train.seed)
+    # Data problems are found before anything is written, so a failed start leaves no run folder.
+    data, steps_per_epoch = load_training_data(cfg, info)
+    if resume:
+        run_dir = Path(out_dir)
+    else:
+        run_dir = prepare_run_dir(cfg, out_dir, overwrite, runs_dir) if info.is_main else Path(
+            out_dir or runs_dir / cfg.name)
+        if info.is_main:
+            save_config(cfg, run_dir / CONFIG_FILE)
+    barrier(info)
+    t = build_training(cfg, info, device, steps_per_epoch)
     start_step = 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        restore_rng(state)
-        start_step = int(state["step"])
+        start_step = restore_checkpoint(state, model=t.model, optimizer=t.optimizer, scaler=t.scaler)
         if info.is_main:
-            _truncate_metrics(run_dir / METRICS_FILE, start_step)
-        console.print(f"resuming {run_dir} at step {start_step}/{stop_step}")
-
-    # Fixed images for the per-epoch collapse check.
-    probe_n = min(1024, len(data))
-    probe = normalize_pixels(torch.stack([PixelDataset(data, cfg.image_size)[i][0] for i in range(probe_n)]),
-                             cfg.mean, cfg.std)
-
-    metrics_file = open(run_dir / METRICS_FILE, "a") if info.is_main else None
-    prev_stats = None
-    seen_since, t_since = 0, time.perf_counter()
-    last_rate = 0.0
-    model.train()
-    progress = _progress(console, quiet or not info.is_main)
-    task = progress.add_task("train", total=stop_step, completed=start_step, info="")
-    with progress:
-        step = start_step
-        while step < stop_step:
-            epoch = step // steps_per_epoch
-            batches = step_batches(len(data), batch, info, cfg.train.seed, epoch)
-            first = step - epoch * steps_per_epoch
-            last = min(steps_per_epoch, first + stop_step - step)
-            for item in batch_source(data, cfg, batches[first:last], device):
-                # Augmentation randomness depends only on (seed, step, rank): exact on resume.
-                g = torch.Generator(device=device).manual_seed(
-                    (cfg.train.seed * 1_000_003 + step) * max(1, info.world_size) + info.rank)
-                if isinstance(item, tuple):
-                    v1, v2 = (v.to(device, non_blocking=True) for v in item)
-                else:
-                    v1, v2 = two_views(item.to(device, non_blocking=True), cfg.data, cfg.image_size, cfg.mean,
-                                       cfg.std, g)
-                if device.type == "cuda" and cfg.train.channels_last:
-                    v1 = v1.contiguous(memory_format=torch.channels_last)
-                    v2 = v2.contiguous(memory_format=torch.channels_last)
-                set_lr(optimizer, lr_peak * lr_factor(step, warmup_steps, total_steps, cfg.optim.final_lr_ratio))
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss, terms = run_objective(v1, v2)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
-                step += 1
-                seen_since += len(v1) * info.world_size
-                if step % cfg.train.log_every == 0 or step == stop_step:
-                    loss_value = float(loss.detach())
-                    if not math.isfinite(loss_value):
-                        raise SjeaError(f"the loss became {loss_value} at step {step}: train again with a lower "
-                                        f"--lr (this run: {cfg.optim.lr:g}) or more warm-up (--set "
-                                        f"optim.warmup_epochs=N, this run: {cfg.optim.warmup_epochs:g}), e.g. the "
-                                        f"same command with --lr {cfg.optim.lr / 4:g} --overwrite (resuming would "
-                                        "reload the same settings).", exit_code=1)
-                    now = time.perf_counter()
-                    last_rate = seen_since / max(now - t_since, 1e-9)
-                    seen_since, t_since = 0, now
-                    row = {"kind": "step", "step": step, "epoch": step / steps_per_epoch,
-                           "lr": optimizer.param_groups[0]["lr"], "images_per_s": last_rate, "loss": loss_value,
-                           "levels": [{name: float(value.detach()) for name, value in
-                                       zip(("loss", "invariance", "variance", "covariance"), t)} for t in terms]}
-                    if metrics_file:
-                        metrics_file.write(json.dumps(row) + "\n")
-                        metrics_file.flush()
-                    if log:
-                        log(row)
-                    losses = " ".join(f"L{k}={lv['loss']:.3f}" for k, lv in enumerate(row["levels"]))
-                    progress.update(task, info=f"{losses}  {last_rate:.0f} img/s")
-                progress.update(task, completed=step)
-                epoch_end = step % steps_per_epoch == 0
-                if info.is_main and (step % cfg.train.checkpoint_every == 0 or epoch_end or step == stop_step):
-                    save_checkpoint(run_dir, model=model, optimizer=optimizer, scaler=scaler, step=step,
-                                    cfg_dict=cfg.to_dict())
-                if epoch_end and info.is_main:
-                    stats = level_statistics(model, probe, device)
-                    bad = collapse_warning(stats, prev_stats)
-                    prev_stats = stats
-                    row = {"kind": "epoch", "epoch": step // steps_per_epoch, "step": step, "levels": stats,
-                           "collapse_warning": bool(bad)}
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
-                    if bad:
-                        console.print(f"[yellow]warning:[/] level(s) {bad} look collapsed (embedding std or "
-                                      "effective rank fell); check the variance coefficient and the lr.")
-                if epoch_end:
-                    barrier(info)
-    if metrics_file:
-        metrics_file.close()
+            truncate_metrics(run_dir, start_step)
+    run_steps(t, data, run_dir, start_step, steps_per_epoch, progress, log)
     if info.is_main:
-        path = save_model(run_dir, model, cfg)
+        save_model(run_dir, t.model, cfg)
         set_latest(run_dir, runs_dir)
-        console.print(f"trained {stop_step} steps; model: {path}; metrics: {run_dir / METRICS_FILE}")
     barrier(info)
     return run_dir
-
-
-def _progress(console, disable: bool):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), console=console, disable=disable)
 
 
 def describe(cfg: RunConfig) -> dict:

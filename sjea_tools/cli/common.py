@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
 from ..errors import SjeaError
+from ..io import writing_error
 
 # Output to a file or pipe gets room for the wide tables (rich assumes 80 columns there) and never
 # breaks a printed path across lines.
@@ -21,21 +24,102 @@ console = Console(soft_wrap=True, width=_PIPE_WIDTH)
 err_console = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
 
 
+def _fail(e: SjeaError):
+    # plain(): a message quoting a file name with a newline or odd bytes stays one printable line.
+    err_console.print(f"[bold red]error:[/] {escape(plain(str(e)))}", highlight=False, soft_wrap=True)
+    return typer.Exit(e.exit_code)
+
+
 def handle_errors(fn):
-    """Turn SjeaError (and Ctrl-C) into one line on stderr and a non-zero exit, never a traceback."""
+    """Turn SjeaError (and Ctrl-C, and a write refused by a full, read-only or forbidden disk, see
+    io.writing_error) into one line on stderr and a non-zero exit, never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except SjeaError as e:
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(e.exit_code) from None
+            raise _fail(e) from None
+        except OSError as e:
+            disk = writing_error(e)
+            if disk is None:
+                raise  # not the disk: a bug, keep its traceback
+            raise _fail(disk) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]: nothing half-written was kept; run the same command to resume.")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def plain(value) -> str:
+    """User-provided text (a path, a file name, a class name) as one printable line: a newline or
+    another control character becomes its escape (so a table keeps one row per result) and a byte
+    that was not UTF-8 (surrogate-escaped by the OS layer) becomes \\xNN instead of crashing the print."""
+    out = []
+    for ch in str(value):
+        if ch.isprintable():
+            out.append(ch)
+        elif "\udc80" <= ch <= "\udcff":
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(ch.encode("unicode_escape", "backslashreplace").decode("ascii"))
+    return "".join(out)
+
+
+def literal(value) -> Text:
+    """User-provided text for a rich table cell or print: shown as written, never read as markup."""
+    return Text(plain(value))
+
+
+def markup_safe(value) -> str:
+    """User-provided text to embed in a markup string (f"wrote {markup_safe(path)}")."""
+    return escape(plain(value))
+
+
+# Number options. Each is a Typer option callback (callback=positive_int): nan, inf and values that
+# mean nothing (zero images, negative epochs) stop at parsing as one line and exit 2, before any work.
+class _BadNumber(typer.BadParameter):
+    """Shown as written ("--levels must be 1 or more (got 0)."), without click's "Invalid value" prefix."""
+
+    def format_message(self) -> str:
+        return self.message
+
+
+def number_check(minimum: float | None = None, maximum: float | None = None, *, above: float | None = None,
+                 rule: str | None = None):
+    """A callback refusing non-finite values and values < minimum, <= above or > maximum; None (an
+    option not given) and each item of a repeatable option are checked. `rule` completes
+    "--option must be ..." (default: from the bounds)."""
+    if rule is None:
+        parts = ([f"above {above:g}"] if above is not None else []) + ([f"{minimum:g} or more"] if minimum is not None else [])
+        parts += [f"at most {maximum:g}"] if maximum is not None else []
+        rule = "a finite number" + (" " + " and ".join(parts) if parts else "")
+
+    def check(ctx, param, value):
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is None:
+                continue
+            bad = (not math.isfinite(item) or (minimum is not None and item < minimum)
+                   or (above is not None and item <= above) or (maximum is not None and item > maximum))
+            if bad:
+                name = next((o for o in param.opts if o.startswith("--")), param.opts[0]) if param else "value"
+                raise _BadNumber(f"{name} must be {rule} (got {item}).", ctx=ctx, param=param)
+        return value
+
+    return check
+
+
+def finite_float(minimum: float | None = None, maximum: float | None = None):
+    return number_check(minimum, maximum)
+
+
+positive_int = number_check(1, rule="1 or more")
+non_negative_int = number_check(0, rule="0 or more")
+positive_float = number_check(above=0, rule="a finite number above 0")
+non_negative_float = number_check(0, rule="a finite number, 0 or more")
+probability = number_check(0, 1, rule="a number from 0 to 1")
+any_finite = number_check()
 
 
 def print_json(data) -> None:

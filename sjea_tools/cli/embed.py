@@ -1,8 +1,7 @@
-"""`sjea embed` (folder -> HDF5 store, resumable) and `sjea merge` (shards -> one store)."""
+"""`sjea embed`: folder -> HDF5 store (resumable), then search indexes (sjea_tools.pipeline.run_embed)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -11,28 +10,27 @@ from rich.progress import ProgressColumn
 from rich.text import Text
 
 from . import app
-from .common import console, handle_errors, print_json, progress_bar
+from .common import (console, handle_errors, non_negative_float, non_negative_int, plain, positive_int, print_json,
+                     rich_progress)
+
+EMBED_TASK = "embedding"  # sjea_tools.embed.runner.PROGRESS_TASK, the task this column rates
 
 
 class RateColumn(ProgressColumn):
-    """Images per second and failures so far."""
+    """Images per second of the embedding bar (the index bars count vectors, not images)."""
 
     def render(self, task) -> Text:
+        if task.description != EMBED_TASK:
+            return Text("")
         speed = task.finished_speed or task.speed
-        rate = f"{speed:,.0f} img/s" if speed else "-- img/s"
-        failed = task.fields.get("failed", 0)
-        return Text(f"{rate}  {failed} failed", style="red" if failed else "dim")
+        return Text(f"{speed:,.0f} img/s" if speed else "-- img/s", style="dim")
 
 
-def _torchrun_shard() -> Optional[str]:
-    """Under torchrun (WORLD_SIZE > 1) each rank embeds one shard: RANK/WORLD_SIZE."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    return f"{int(os.environ.get('RANK', '0'))}/{world}" if world > 1 else None
-
-
-def _shard_file(out: Path, shard: str) -> Path:
-    i, n = shard.split("/")
-    return out.with_name(f"{out.stem}-shard{int(i):03d}of{int(n):03d}{out.suffix or '.h5'}")
+def print_index_line(summary: dict) -> None:
+    """The line naming the search indexes a command built (shared with `sjea merge`)."""
+    if isinstance(summary.get("index"), dict) and summary["index"].get("path"):
+        console.print(f"search indexes: {plain(summary['index']['path'])}", highlight=False, markup=False,
+                      soft_wrap=True)
 
 
 @app.command()
@@ -47,10 +45,14 @@ def embed(
                                        "run, runs/LATEST)."),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="Use an exported ONNX file instead of a run folder "
                                         "(no checkpoint needed)."),
-    levels: str = typer.Option("all", "--levels", "-l", help="Levels to store, e.g. 0,1 (computed in one pass)."),
-    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per inference batch."),
+    level: Optional[List[str]] = typer.Option(None, "--level", "-l", help="Levels to store: 'all' (default), "
+                                              "K, or 0,1; repeatable (computed in one pass)."),
+    levels_old: Optional[str] = typer.Option(None, "--levels", help="Same as --level (old spelling, removed in "
+                                             "the next release)."),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per inference batch.",
+                                   callback=positive_int),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Decoding processes (default: CPU cores, "
-                                          "at most 8); 0 decodes in the main process."),
+                                          "at most 8); 0 decodes in the main process.", callback=non_negative_int),
     device: str = typer.Option("auto", "--device", help="auto (GPU if one is visible), cpu, cuda or cuda:N."),
     backend: str = typer.Option("auto", "--backend", help="auto (ONNX Runtime on CPU, PyTorch on GPU: the faster "
                                 "one, measured), torch or onnx. A run is exported to ONNX on the fly and cached."),
@@ -65,99 +67,43 @@ def embed(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (it stays intact until the "
                                    "new one is complete)."),
     commit_every: float = typer.Option(2.0, "--commit-every", help="Seconds between durable checkpoints of "
-                                       "the partial run (the most work a kill or power cut can cost)."),
-    no_index: bool = typer.Option(False, "--no-index", help="Do not build the FAISS search indexes afterwards."),
+                                       "the partial run (the most work a kill or power cut can cost); 0: after "
+                                       "every batch.", callback=non_negative_float),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Embed files that symbolic links reach "
+                                         "outside the image folder (by default they are recorded as failures, "
+                                         "never read)."),
+    allow_outside: bool = typer.Option(False, "--allow-outside", help="Let a list file name images outside its "
+                                       "own folder (../x, absolute paths); the root becomes the folder they all "
+                                       "share."),
+    no_index: bool = typer.Option(False, "--no-index", help="Do not build the FAISS search indexes and cluster "
+                                  "tree afterwards."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
     """Embed a folder of images into an HDF5 store: streaming, resumable, failures recorded."""
-    from ..embed import embed_folder
+    from ..errors import SjeaError
+    from ..pipeline import run_embed
 
-    torchrun = shard is None and _torchrun_shard() is not None
-    final_out = out
-    if torchrun:
-        shard = _torchrun_shard()
-        out = _shard_file(out, shard)
-        if device in ("auto", "cuda"):
-            import torch
-
-            if torch.cuda.is_available():  # one GPU per rank
-                device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
-    with progress_bar(quiet or json_out, RateColumn()) as bar:
-        tasks = []  # the bar appears once work starts, not before a one-line error
-
-        def on_progress(done: int, total: int, failed: int) -> None:
-            if not tasks:
-                tasks.append(bar.add_task("embedding", total=total, completed=done, failed=failed))
-            bar.update(tasks[0], completed=done, total=total, failed=failed)
-
-        summary = embed_folder(images, out, run=run, onnx=onnx, levels=levels, batch_size=batch_size,
-                               workers=workers, device=device, backend=backend, dtype=dtype, normalize=normalize,
-                               shard=shard, update=update, overwrite=overwrite, index=not no_index and not torchrun,
-                               progress=None if quiet or json_out else on_progress, commit_every_s=commit_every)
-    if torchrun:
-        summary["merged"] = _merge_ranks(final_out, shard, index=not no_index)
+    if level and levels_old is not None:
+        raise SjeaError("give the levels once, with --level (--levels is its old spelling).")
+    with rich_progress(quiet or json_out, RateColumn()) as progress:
+        summary = run_embed(images, out, run=run, onnx=onnx, levels=level or levels_old, batch_size=batch_size,
+                            workers=workers, device=device, backend=backend, dtype=dtype, normalize=normalize,
+                            shard=shard, update=update, overwrite=overwrite, index=not no_index,
+                            progress=progress, commit_every_s=commit_every, follow_symlinks=follow_symlinks,
+                            allow_outside=allow_outside)
     if json_out:
         print_json(summary)
         return
     rate = f" at {summary['images_per_s']:,.0f} images/s" if summary.get("images_per_s") else ""
-    console.print(f"{summary['status']}: {summary['out']}: {summary['rows']:,} rows ({summary['added']:,} added, "
+    console.print(f"{summary['status']}: {plain(summary['out'])}: {summary['rows']:,} rows ({summary['added']:,} added, "
                   f"{summary['failed']:,} failed{rate}, {summary['backend']} on {summary['device']}, levels "
-                  f"{summary['levels']})", highlight=False, soft_wrap=True)
+                  f"{summary['levels']})", highlight=False, markup=False, soft_wrap=True)
     if summary["failed_total"]:
-        console.print(f"failures are listed in {summary['out']}:/failed (paths, errors)", highlight=False, soft_wrap=True)
-    if isinstance(summary.get("index"), dict) and summary["index"].get("path"):
-        console.print(f"search indexes: {summary['index']['path']}", highlight=False, soft_wrap=True)
+        console.print(f"failures are listed in {plain(summary['out'])}:/failed (paths, errors)", highlight=False,
+                      markup=False, soft_wrap=True)
+    print_index_line(summary)
     if summary.get("merged"):
-        console.print(f"merged all shards into {summary['merged']['out']}", highlight=False, soft_wrap=True)
-
-
-def _merge_ranks(out: Path, shard: str, index: bool) -> Optional[dict]:
-    """torchrun: wait for every rank's shard, then rank 0 merges them into OUT."""
-    import torch.distributed as dist
-
-    from ..embed import build_index
-    from ..store import merge_stores
-
-    i, n = (int(v) for v in shard.split("/"))
-    if not dist.is_initialized():
-        import datetime
-
-        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-    dist.barrier()
-    result = None
-    if i == 0:
-        result = merge_stores([_shard_file(out, f"{r}/{n}") for r in range(n)], out)
-        if index:
-            result["index"] = build_index(out, progress=True)
-    dist.barrier()
-    dist.destroy_process_group()
-    return result
-
-
-@app.command()
-@handle_errors
-def merge(
-    paths: List[Path] = typer.Argument(..., help="The shard stores written with --shard I/N, then the output "
-                                       "store last: sjea merge out-*.h5 out.h5."),
-    no_index: bool = typer.Option(False, "--no-index", help="Do not build the FAISS search indexes afterwards."),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
-) -> None:
-    """Combine the shards of one embedding run into one store, identical to a single run's."""
-    from ..embed import build_index
-    from ..errors import SjeaError
-    from ..store import merge_stores
-
-    if len(paths) < 2:
-        raise SjeaError("give the shard stores and then the output: sjea merge out-*.h5 out.h5.")
-    *inputs, out = paths
-    summary = merge_stores(inputs, out)
-    if not no_index:
-        summary["index"] = build_index(Path(out), progress=not json_out)
-    if json_out:
-        print_json(summary)
-        return
-    console.print(f"merged {summary['shards']} shards into {summary['out']}: {summary['rows']:,} rows, "
-                  f"{summary['failed']:,} failed", highlight=False, soft_wrap=True)
-    if isinstance(summary.get("index"), dict) and summary["index"].get("path"):
-        console.print(f"search indexes: {summary['index']['path']}", highlight=False, soft_wrap=True)
+        console.print(f"merged all shards into {plain(summary['merged']['out'])}", highlight=False, markup=False,
+                      soft_wrap=True)
+        print_index_line(summary["merged"])

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from . import app
-from .common import console, err_console, handle_errors, print_json, progress_bar
+from .common import console, err_console, handle_errors, literal, markup_safe, positive_int, print_json, rich_progress
 
 
 def _print_report(report: dict, to_stderr: bool = False) -> None:
@@ -21,28 +21,29 @@ def _print_report(report: dict, to_stderr: bool = False) -> None:
     for f in report["files"]:
         v = f["verification"]
         if v["checker"] != "passed":
-            table.add_row(Path(f["path"]).name, "", "", "", "", f"[red]onnx.checker {v['checker']}[/]")
+            table.add_row(literal(Path(f["path"]).name), "", "", "", "", f"[red]onnx.checker {markup_safe(v['checker'])}[/]")
             continue
         for row, dim in zip(v["levels"], f["dims"]):
             ok = "[green]pass[/]" if row["passed"] else "[red]FAIL[/]"
-            table.add_row(Path(f["path"]).name, str(row["level"]), str(dim), f"{row['max_abs_diff']:.2e}",
+            table.add_row(literal(Path(f["path"]).name), str(row["level"]), str(dim), f"{row['max_abs_diff']:.2e}",
                           f"{row['min_cosine']:.8f}", ok)
     out.print(table)
-    out.print(f"verified on {report['images']}, batch sizes {report['files'][0]['verification']['batch_sizes']}, "
+    out.print(f"verified on {markup_safe(report['images'])}, batch sizes {report['files'][0]['verification']['batch_sizes']}, "
               f"provider {report['provider']}", highlight=False)
     if report["passed"]:
         out.print(f"opset {report['opset']}, {report['precision']}, output {report['output']}"
                   f"{', uint8 pixels in (normalisation inside)' if report['with_preprocessing'] else ''}; "
                   f"checkpoint sha256 {report['model_sha256'][:12]}", highlight=False)
         for f in report["files"]:
-            out.print(f"wrote {f['path']}", highlight=False, soft_wrap=True)
+            out.print(f"wrote {markup_safe(f['path'])}", highlight=False, soft_wrap=True)
 
 
 @app.command("export")
 @handle_errors
 def export(
-    level: str = typer.Option("all", "--level", "-l", help="Level number to export, or 'all': one file per "
-                              "level plus all_levels.onnx computing every level in one pass."),
+    level: str = typer.Option("all", "--level", "-l", help="Levels to export: 'all' (one file per level plus "
+                              "all_levels.onnx computing every level in one pass), a level K, or levels "
+                              "like 0,1 (one file each)."),
     run: Optional[Path] = typer.Option(None, "--run", "-r", help="Run folder (default: the latest run, "
                                        "runs/LATEST)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the .onnx files (default: RUN/onnx)."),
@@ -58,42 +59,28 @@ def export(
     images: Optional[Path] = typer.Option(None, "--images", help="Folder of images to verify on (default: the "
                                           "run's dataset, test split)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing .onnx files."),
-    opset: int = typer.Option(18, "--opset", help="ONNX opset (17 or newer; 17 uses the TorchScript exporter, "
+    opset: int = typer.Option(18, "--opset", callback=positive_int, help="ONNX opset (17 or newer; 17 uses the TorchScript exporter, "
                               "for ONNX Runtime older than 1.14)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     json_out: bool = typer.Option(False, "--json", help="Print the report (files, metadata, parity numbers) as "
                                   "JSON on stdout."),
 ) -> None:
-    """Export level K (or all levels) of a run to ONNX and verify each file against PyTorch on real
+    """Export level K (or several, or all levels) of a run to ONNX and verify each file against PyTorch on real
     images. Exits 1 when parity fails (fp32: max abs diff > 1e-4 or cosine < 0.99999); nothing is
     written then."""
     from exports.onnx import VerificationError, export_run
 
-    state: dict = {}
-
-    def advance(done: int, total: int, what: str) -> None:
-        # The bar starts with the first real step, so that a bad option prints only its error line.
-        if "bar" not in state:
-            state["bar"] = progress_bar(quiet)
-            state["bar"].start()
-            state["task"] = state["bar"].add_task(what, total=total)
-        state["bar"].update(state["task"], completed=done, total=total, description=what)
-
     try:
-        report = export_run(run=run, level=level, out=out, output=output, with_preprocessing=with_preprocessing,
-                            fp16=fp16, provider=provider, images=images, overwrite=overwrite, opset=opset,
-                            progress=advance)
+        with rich_progress(quiet) as progress:
+            report = export_run(run=run, level=level, out=out, output=output, with_preprocessing=with_preprocessing,
+                                fp16=fp16, provider=provider, images=images, overwrite=overwrite, opset=opset,
+                                progress=progress)
     except VerificationError as e:
-        if "bar" in state:
-            state.pop("bar").stop()
         if json_out:
             print_json(e.report)
         else:
             _print_report(e.report, to_stderr=True)
         raise
-    finally:
-        if "bar" in state:
-            state["bar"].stop()
     if json_out:
         print_json(report)
     else:

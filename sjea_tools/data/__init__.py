@@ -1,8 +1,31 @@
-"""Data: datasets as uint8 pixels, robust decoding, the eval preprocess, two-view augmentation."""
+"""Data: datasets as uint8 pixels, robust decoding, the eval preprocess, two-view augmentation.
 
-from .datasets import ImageData, PixelDataset, load_dataset, scan_images
-from .images import IMAGE_EXTENSIONS, decode_image
-from .preprocess import model_pixels, normalize_pixels, preprocess_image
+Names are imported on first use: decoding an image file (images, preprocess) must not pay for
+torch, which datasets and augment need.
+"""
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageData", "PixelDataset", "decode_image", "load_dataset", "model_pixels",
-           "normalize_pixels", "preprocess_image", "scan_images"]
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "ImageData": "datasets", "PixelDataset": "datasets", "coarse_from_class_names": "datasets",
+    "load_dataset": "datasets", "row_pixels": "datasets", "scan_images": "datasets",
+    "IMAGE_EXTENSIONS": "images", "decode_image": "images",
+    "file_pixels": "preprocess", "model_pixels": "preprocess", "normalize_array": "preprocess",
+    "normalize_pixels": "preprocess", "preprocess_image": "preprocess",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sjea_tools.data' has no attribute '{name}'")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import SjeaError
-from .images import decode_image, is_image_path
-from .preprocess import model_pixels
+from .images import is_image_path
+from .preprocess import file_pixels, model_pixels
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot"]
-# The natural coarse grouping (method.md): tops, bottoms, dresses, footwear, bags.
+# The natural coarse grouping (method.md): tops, bottoms, dresses, footwear, bags. The one table of
+# it: `coarse_from_class_names` recognises the same classes by name in image folders.
 FASHION_MNIST_COARSE = {"tops": [0, 2, 4, 6], "bottoms": [1], "dresses": [3], "footwear": [5, 7, 9], "bags": [8]}
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -60,6 +60,8 @@ def resize_pixels(pixels: np.ndarray, size: int, chunk: int = 4096) -> np.ndarra
     training batches need no per-image work (antialiased when shrinking)."""
     if pixels.shape[1] == size and pixels.shape[2] == size:
         return pixels
+    import torch
+
     out = np.empty((len(pixels), size, size, 3), dtype=np.uint8)
     for i in range(0, len(pixels), chunk):
         x = torch.from_numpy(pixels[i:i + chunk]).permute(0, 3, 1, 2).float()
@@ -68,8 +70,25 @@ def resize_pixels(pixels: np.ndarray, size: int, chunk: int = 4096) -> np.ndarra
     return out
 
 
-class PixelDataset(torch.utils.data.Dataset):
-    """(uint8 HWC pixels at `image_size`, label) pairs; decodes folder images in workers."""
+def row_pixels(data: ImageData, i: int, image_size: int | None = None) -> np.ndarray:
+    """Row `i` of a dataset as uint8 (S, S, 3) pixels at `image_size` (None: as stored): in-memory
+    pixels resized only when their size differs, folder images decoded. The one row -> pixels."""
+    if data.pixels is not None:
+        px = data.pixels[i]
+        if image_size is None or px.shape[:2] == (image_size, image_size):
+            return px
+        from PIL import Image
+
+        return model_pixels(Image.fromarray(px), image_size)
+    if image_size is None:
+        raise SjeaError(f"{data.name} is a folder of images: give the size to decode its images at.")
+    return file_pixels(data.paths[i], image_size)
+
+
+class PixelDataset:
+    """(uint8 HWC pixels at `image_size`, label) pairs; decodes folder images in workers. A map-style
+    dataset for torch's DataLoader (which needs only __len__ and __getitem__), defined without
+    torch so that scanning and decoding images (the query path) do not import it."""
 
     def __init__(self, data: ImageData, image_size: int):
         self.data, self.image_size = data, image_size
@@ -78,16 +97,10 @@ class PixelDataset(torch.utils.data.Dataset):
         return len(self.data)
 
     def __getitem__(self, i: int):
-        label = int(self.data.labels[i]) if self.data.labels is not None else -1
-        if self.data.pixels is not None:
-            px = self.data.pixels[i]
-            if px.shape[0] != self.image_size or px.shape[1] != self.image_size:
-                from PIL import Image
+        import torch
 
-                px = model_pixels(Image.fromarray(px), self.image_size)
-            return torch.from_numpy(np.ascontiguousarray(px)), label
-        img = decode_image(self.data.paths[i], target_size=self.image_size)
-        return torch.from_numpy(model_pixels(img, self.image_size)), label
+        label = int(self.data.labels[i]) if self.data.labels is not None else -1
+        return torch.from_numpy(np.ascontiguousarray(row_pixels(self.data, i, self.image_size))), label
 
 
 # --- Fashion-MNIST: the four raw IDX files, gzipped or not --------------------------------------
@@ -140,12 +153,27 @@ def load_fashion_mnist(data_dir: str | None, split: str) -> ImageData:
     if images.ndim != 3 or len(images) != len(labels):
         raise SjeaError(f"{img_path} and {lbl_path} do not match; re-install the dataset files.")
     pixels = np.repeat(images[..., None], 3, axis=3)  # models always take RGB
-    coarse_names = list(FASHION_MNIST_COARSE)
-    fine_to_coarse = np.zeros(10, dtype=np.int64)
-    for c, (_, members) in enumerate(FASHION_MNIST_COARSE.items()):
-        fine_to_coarse[members] = c
+    fine_to_coarse, coarse_names = coarse_from_class_names(FASHION_MNIST_CLASSES)
     return ImageData("fashion-mnist", pixels=pixels, labels=labels, class_names=list(FASHION_MNIST_CLASSES),
                      coarse_labels=fine_to_coarse[labels], coarse_names=coarse_names)
+
+
+def _canonical(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def coarse_from_class_names(class_names) -> tuple[np.ndarray, list[str]] | None:
+    """(fine -> coarse index map, coarse names) when the class names are Fashion-MNIST's, in any
+    order and spelling ('T-shirt/top', 't_shirt_top'), else None: image folders of the same
+    classes get the same coarse labels as the dataset."""
+    if not class_names:
+        return None
+    group_of = {_canonical(FASHION_MNIST_CLASSES[fine]): g
+                for g, members in enumerate(FASHION_MNIST_COARSE.values()) for fine in members}
+    canon = [_canonical(c) for c in class_names]
+    if sorted(canon) != sorted(group_of):
+        return None
+    return np.asarray([group_of[c] for c in canon], dtype=np.int64), list(FASHION_MNIST_COARSE)
 
 
 # --- torchvision datasets -----------------------------------------------------------------------
@@ -194,10 +222,22 @@ def _add_cifar100_coarse(data: ImageData, root: Path, split: str) -> None:
 
 # --- image folders ------------------------------------------------------------------------------
 
-def scan_images(root: str | Path) -> list[str]:
-    """Image files under root, recursive, in sorted order, as paths relative to root."""
+def scan_images(root: str | Path, follow_symlinks: bool = True) -> list[str]:
+    """Image files under root, recursive, in sorted order, as paths relative to root (without
+    follow_symlinks, those a symbolic link reaches outside root are left out)."""
+    return scan_folder(root, follow_symlinks)[0]
+
+
+OUTSIDE_LINK = "symbolic link to {what} outside the image root; pass --follow-symlinks to embed it"
+
+
+def scan_folder(root: str | Path, follow_symlinks: bool = True) -> tuple[list[str], dict[str, str]]:
+    """(image paths relative to root, sorted; {path: reason} of the links to outside root left out
+    when not follow_symlinks). Any name the file system allows is kept: names that are not UTF-8
+    come back surrogate-escaped, as os.walk gives them."""
     root = Path(root)
-    found = []
+    real_root = os.path.realpath(root)
+    found, outside = [], {}
     seen: set[tuple[int, int]] = set()  # (device, inode) of every folder scanned
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         st = os.stat(dirpath)
@@ -209,8 +249,76 @@ def scan_images(root: str | Path) -> list[str]:
         seen.add((st.st_dev, st.st_ino))
         dirnames.sort()
         rel = Path(dirpath).relative_to(root)
-        found.extend(str(rel / f) if str(rel) != "." else f for f in sorted(filenames) if is_image_path(f))
-    return sorted(found)
+        join = (lambda name: str(rel / name)) if str(rel) != "." else (lambda name: name)  # noqa: E731
+        if not follow_symlinks:
+            for d in [d for d in dirnames if not _inside(os.path.join(dirpath, d), real_root)]:
+                dirnames.remove(d)
+                outside[join(d)] = OUTSIDE_LINK.format(what="a folder")
+        for f in sorted(filenames):
+            if not is_image_path(f):
+                continue
+            if follow_symlinks or _inside(os.path.join(dirpath, f), real_root):
+                found.append(join(f))
+            else:
+                outside[join(f)] = OUTSIDE_LINK.format(what="a file")
+    return sorted(found), outside
+
+
+def _inside(path: str, real_root: str) -> bool:
+    real = os.path.realpath(path)
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def list_images(src: str | Path, allow_outside: bool = False) -> tuple[Path, list[str]]:
+    """(root, paths relative to it) named by a list file, one per line (# starts a comment), each
+    once, in the file's order. Relative lines are relative to the file's folder, which is the
+    root; a line leading outside it (../x, /elsewhere) is refused unless allow_outside, when the
+    root becomes the folder all listed paths share."""
+    src = Path(src)
+    try:
+        lines = src.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+    except OSError as e:
+        raise SjeaError(f"cannot read the image list {src} ({type(e).__name__}); pass a folder or a text file "
+                        "with one image path per line.") from None
+    base = str(src.resolve().parent)
+    full = []
+    for line in (ln.strip() for ln in lines):
+        if line and not line.startswith("#"):
+            full.append(os.path.normpath(os.path.join(base, line)))
+    if not full:
+        raise SjeaError(f"the image list {src} names no images (one path per line; # starts a comment).")
+    root = base
+    outside = [f for f in full if not (f + os.sep).startswith(base.rstrip(os.sep) + os.sep)]
+    if outside and not allow_outside:
+        raise SjeaError(f"the image list {src} names {outside[0]}, outside its folder {base}; put the list in a "
+                        "folder above every image, or pass --allow-outside to use the folder they all share.")
+    if outside:
+        root = os.path.commonpath([os.path.dirname(f) for f in full])
+    paths = list(dict.fromkeys(os.path.relpath(f, root) for f in full))
+    return Path(root), paths
+
+
+def find_images(images: str | Path, follow_symlinks: bool = False,
+                allow_outside: bool = False) -> tuple[Path, list[str], dict[str, str]]:
+    """(root folder, image paths relative to it, {path: reason} refused) for `sjea embed`: a folder
+    scanned recursively in sorted order, a list file (`list_images`), or one image. Paths a symbolic
+    link takes outside the root are refused unless follow_symlinks."""
+    src = Path(images)
+    if src.is_dir():
+        root = src.resolve()
+        paths, refused = scan_folder(root, follow_symlinks)
+        if not paths and not refused:
+            raise SjeaError(f"no images (jpg, jpeg, png, bmp, gif, tif, tiff, webp) found under {src}; "
+                            "check the folder or pass a text file listing image paths.")
+        return root, sorted(paths + list(refused)), refused
+    if not src.exists():
+        raise SjeaError(f"{src} does not exist; pass a folder of images or a text file listing image paths.")
+    if is_image_path(src):
+        return src.resolve().parent, [src.name], {}
+    root, paths = list_images(src, allow_outside)
+    refused = {} if follow_symlinks or allow_outside else \
+        {p: OUTSIDE_LINK.format(what="a file") for p in paths if not _inside(os.path.join(root, p), os.path.realpath(root))}
+    return root, paths, refused
 
 
 def load_image_folder(root: str | Path) -> ImageData:

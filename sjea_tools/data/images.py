@@ -8,9 +8,11 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-# Decompression bombs are refused by Pillow past this many pixels; 2x its default is generous
-# for camera photos while still stopping crafted files.
-Image.MAX_IMAGE_PIXELS = 2 * 89_478_485
+# The most pixels (width x height, read from the header before any pixel is decoded) an image may
+# have: Pillow's default MAX_IMAGE_PIXELS (about 89.5 MP, 9459x9459; a 61 MP camera photo passes).
+# Pillow itself only warns up to twice that and fails beyond, so a 1 MB PNG of 18000x18000 would
+# be decoded in full (3.4 GB); this cap is checked here instead, and Pillow's global is left alone.
+MAX_PIXELS = 89_478_485
 
 
 def is_image_path(path: str | Path) -> bool:
@@ -37,15 +39,27 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(path: str | Path, target_size: int | None = None) -> Image.Image:
-    """Open, honour EXIF orientation, reduce large JPEGs while decoding, convert to RGB.
+def check_pixel_count(size: tuple[int, int]) -> None:
+    """ValueError when width x height is over MAX_PIXELS (called before decoding)."""
+    w, h = size
+    if w * h > MAX_PIXELS:
+        raise ValueError(f"image too large to decode safely: {w}x{h} = {w * h / 1e6:.1f} MP, over the "
+                         f"{MAX_PIXELS / 1e6:.1f} MP cap; shrink it first")
 
+
+def decode_image(path: str | Path, target_size: int | None = None) -> Image.Image:
+    """Open, refuse images over MAX_PIXELS, honour EXIF orientation, reduce large JPEGs while
+    decoding (to a short side >= target_size), convert to RGB.
+
+    Callers embedding for a model pass its size (data.preprocess.file_pixels does): the draft
+    reduction changes pixels slightly, so a store, a query and the Python API decode alike.
     Raises OSError/ValueError with a readable message for unreadable files.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             with Image.open(path) as img:
+                check_pixel_count(img.size)
                 if target_size is not None and img.format == "JPEG":
                     # JPEG decodes at 1/2, 1/4 or 1/8 scale for free; keep the short side >= target.
                     img.draft("RGB", (target_size, target_size))
@@ -54,7 +68,8 @@ def decode_image(path: str | Path, target_size: int | None = None) -> Image.Imag
                 img = ImageOps.exif_transpose(img)
                 return to_rgb(img)
         except Image.DecompressionBombError as e:  # not an OSError: callers catching bad files would crash
-            raise ValueError(f"image too large to decode safely: {e}") from None
+            # Pillow's own stop (at twice its default) fires in Image.open, before check_pixel_count.
+            raise ValueError(f"image too large to decode safely: over the {MAX_PIXELS / 1e6:.1f} MP cap ({e})") from None
 
 
 def describe_error(exc: BaseException) -> str:

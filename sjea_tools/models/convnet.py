@@ -1,4 +1,4 @@
-"""Small plain CNNs for small images on CPU (the `tiny` preset's level-0 encoder).
+"""Small plain CNNs for small images on CPU (level-0 encoders for the recipe search).
 
 ResNet-18 with the standard stem leaves a 1x1 map at 28 px and costs about 1.8 GFLOP per
 image with the small stem; these nets keep a 7x7 map to the last stage, cost a few tens of MFLOP,
@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import CONVNET_NAMES
 from .registry import register_backbone
 
 
@@ -40,15 +41,14 @@ class ConvNet(nn.Module):
         return self.features(x).mean(dim=(2, 3))
 
 
-def _register(width: int, depth: int) -> None:
-    name = f"convnet-{width}" + (f"-{depth}" if depth > 1 else "")
+def _register(name: str) -> None:
+    width, _, depth = name.removeprefix("convnet-").partition("-")  # convnet-W[-D]
 
     @register_backbone(name)
     def factory(stem: str = "small", in_channels: int = 3):
-        module = ConvNet(width, depth, stem, in_channels)
+        module = ConvNet(int(width), int(depth or 1), stem, in_channels)
         return module, module.out_dim
 
 
-for _w in (16, 32, 48, 64):
-    for _d in (1, 2):
-        _register(_w, _d)
+for _name in CONVNET_NAMES:  # every convnet name the configuration accepts
+    _register(_name)

@@ -10,6 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
+from ..config import RESNET_NAMES
 from .registry import register_backbone
 
 
@@ -37,7 +38,7 @@ def _register(arch: str) -> None:
         return module, module.out_dim
 
 
-for _arch in ("resnet18", "resnet34", "resnet50"):
+for _arch in RESNET_NAMES:  # every ResNet name the configuration accepts is a torchvision ResNet
     _register(_arch)
 
 

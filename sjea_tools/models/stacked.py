@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ..config import RunConfig
-from ..errors import SjeaError
+from ..levels import parse_levels
+from ..spec import PreprocessSpec, ReadsPreprocessSpec
 from .heads import MLPEncoder, projector
 from .registry import create_backbone
 from .resnet import VectorResNet
@@ -22,7 +23,7 @@ def resolve_stem(cfg: RunConfig) -> str:
     return "small" if cfg.image_size <= 64 else "standard"
 
 
-class StackedModel(nn.Module):
+class StackedModel(nn.Module, ReadsPreprocessSpec):
     def __init__(self, cfg: RunConfig):
         super().__init__()
         self.cfg = cfg
@@ -48,16 +49,9 @@ class StackedModel(nn.Module):
         return len(self.encoders)
 
     @property
-    def image_size(self) -> int:
-        return self.cfg.image_size
-
-    @property
-    def mean(self) -> tuple[float, float, float]:
-        return self.cfg.mean
-
-    @property
-    def std(self) -> tuple[float, float, float]:
-        return self.cfg.std
+    def preprocess_spec(self) -> PreprocessSpec:
+        """The input this model expects (size, mean, std, colour mode); exports and stores record it."""
+        return self.cfg.preprocess_spec
 
     def forward_train(self, images: torch.Tensor, upto: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Representations Y and embeddings Z of levels 0..upto-1 (all by default)."""
@@ -77,29 +71,17 @@ class StackedModel(nn.Module):
             x = z if use_embedding else y
         return ys, zs
 
-    def check_levels(self, levels: list[int] | None) -> list[int]:
-        """The requested levels (default all), refusing any this model does not have."""
-        if levels is None:
-            return list(range(self.num_levels))
-        levels = [int(k) for k in levels]
-        have = f"this model has levels 0..{self.num_levels - 1}"
-        if not levels:
-            raise SjeaError(f"no level requested; {have}.")
-        bad = [k for k in levels if not 0 <= k < self.num_levels]
-        if bad:
-            raise SjeaError(f"level {', '.join(map(str, bad))} does not exist: {have}; ask for levels in that range.")
-        return levels
-
     def forward_levels(self, images: torch.Tensor, levels: list[int] | None = None) -> list[torch.Tensor]:
-        """Representations Y[k] for the requested levels (default all), computed in one pass."""
-        levels = self.check_levels(levels)
+        """Representations Y[k] for the requested levels (default all, else in the order given),
+        computed in one pass."""
+        levels = parse_levels(levels, self.num_levels, ordered=True)
         upto = max(levels) + 1
         ys, _ = self.forward_train(images, upto=upto)
         return [ys[k] for k in levels]
 
     def forward_embeddings(self, images: torch.Tensor, levels: list[int] | None = None) -> list[torch.Tensor]:
         """Embeddings Z[k] (projector outputs) for the requested levels."""
-        levels = self.check_levels(levels)
+        levels = parse_levels(levels, self.num_levels, ordered=True)
         ys, zs = self.forward_train(images, upto=max(levels) + 1)
         return [zs[k] if zs[k] is not None else self.projectors[k](ys[k]) for k in levels]
 
@@ -110,7 +92,8 @@ class StackedModel(nn.Module):
         """The exact (3, H, W) float tensor this model expects for a PIL image."""
         from ..data.preprocess import preprocess_image
 
-        return preprocess_image(image, self.image_size, self.mean, self.std)
+        spec = self.preprocess_spec
+        return preprocess_image(image, spec.image_size, spec.mean, spec.std)
 
     def parameter_counts(self) -> list[dict[str, int]]:
         """Parameters of each level's encoder and projector."""

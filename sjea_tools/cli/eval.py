@@ -1,4 +1,4 @@
-"""`sjea eval` (metrics per level) and `sjea plot` (t-SNE, loss curves, sub-clusters)."""
+"""`sjea eval`: linear probe, k-NN, collapse checks and coarse/fine retrieval, per level."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import List, Optional
 import typer
 
 from . import app
-from .common import console, err_console, handle_errors, print_json, progress_bar
+from .common import (console, err_console, handle_errors, markup_safe, non_negative_int, positive_float,
+                     positive_int, print_json, rich_progress)
 
 
 def _pct(value) -> str:
@@ -20,7 +21,8 @@ def eval_tables(result: dict):
     from rich.table import Table
 
     hier = "hierarchy" in result["levels"][0]
-    title = (f"{result.get('weights', 'stored')} features, {result.get('dataset') or Path(result.get('store', '')).name}: "
+    source = markup_safe(result.get('dataset') or Path(result.get('store', '')).name)
+    title = (f"{result.get('weights', 'stored')} features, {source}: "
              f"{result['n_train']} bank/probe-train, {result['n_test']} queries")
     table = Table(title=title)
     for col in ("level", "dim", "probe top-1", "probe top-5", "k-NN top-1", "RankMe", "mean std"):
@@ -81,22 +83,24 @@ def eval_command(
     dataset: Optional[str] = typer.Option(None, "--dataset", help="fashion-mnist, cifar10, cifar100, stl10, or an "
                                           "image folder with class sub-folders (default: the run's dataset)."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder holding the dataset's files."),
-    max_train: Optional[int] = typer.Option(None, "--max-train", help="Use N random training images (k-NN bank "
+    max_train: Optional[int] = typer.Option(None, "--max-train", callback=positive_int, help="Use N random training images (k-NN bank "
                                             "and probe training set); default all."),
-    max_test: Optional[int] = typer.Option(None, "--max-test", help="Use N random test images (queries); default all."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="STORE only: use N random labelled rows "
+    max_test: Optional[int] = typer.Option(None, "--max-test", callback=positive_int, help="Use N random test images (queries); default all."),
+    limit: Optional[int] = typer.Option(None, "--limit", callback=non_negative_int, help="STORE only: use N random labelled rows "
                                         "(default 100000; 0 = all)."),
-    level: Optional[List[int]] = typer.Option(None, "--level", help="Evaluate this level (repeatable; default all)."),
-    probe_epochs: int = typer.Option(20, "--probe-epochs", help="Epochs of the linear probe on cached features."),
-    probe_lr: float = typer.Option(0.2, "--probe-lr", help="Peak learning rate of the probe (SGD, momentum 0.9, cosine)."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Images per forward pass."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the subsets and the probe."),
+    level: Optional[List[str]] = typer.Option(None, "--level", help="Evaluate these levels: repeatable, or 0,1, "
+                                              "or all [default: all]."),
+    probe_epochs: int = typer.Option(20, "--probe-epochs", callback=positive_int, help="Epochs of the linear probe on cached features."),
+    probe_lr: float = typer.Option(0.2, "--probe-lr", callback=positive_float, help="Peak learning rate of the probe (SGD, momentum 0.9, cosine)."),
+    batch_size: int = typer.Option(256, "--batch-size", callback=positive_int, help="Images per forward pass."),
+    seed: int = typer.Option(0, "--seed", callback=non_negative_int, help="Seed of the subsets and the probe."),
     random_init: bool = typer.Option(False, "--random-init", help="Evaluate the run's architecture with random weights "
                                      "instead (the baseline a trained model must beat); writes eval-random-init.json."),
     save_features: bool = typer.Option(False, "--save-features", help="Also write the features and labels used "
                                        "(<eval file>.features.npz) for your own analysis."),
-    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also score raw and centred pixels "
-                                   "under the same k-NN and probe (run on a benchmark dataset only)."),
+    baselines: Optional[bool] = typer.Option(None, "--baselines/--no-baselines", show_default=False,
+                                             help="Also score raw and centred pixels under the same k-NN and probe "
+                                             "(a run on a benchmark dataset only) [default: --baselines]."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the JSON here instead of beside the run or store."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
@@ -109,54 +113,25 @@ def eval_command(
     if store is not None:
         if run is not None or dataset is not None:
             raise SjeaError("give either a STORE or --run/--dataset, not both.")
+        if baselines is not None:
+            raise SjeaError("--baselines/--no-baselines apply to a run; a STORE holds no pixels to compare with.")
         rows = evaluation.STORE_EVAL_ROWS if limit is None else (limit or None)
         result = evaluation.evaluate_store(store, max_rows=rows, probe_epochs=probe_epochs, probe_lr=probe_lr,
-                                           seed=seed, levels=level, out=out)
+                                           seed=seed, levels=level or None, out=out)
     else:
         if limit is not None:
             raise SjeaError("--limit applies to a STORE; for a run use --max-train and --max-test.")
-        with progress_bar(quiet or as_json) as bar:
+        with rich_progress(quiet or as_json) as progress:
             result = evaluation.evaluate_run(run, dataset=dataset, data_dir=data_dir, max_train=max_train,
-                                             max_test=max_test, levels=level, probe_epochs=probe_epochs,
+                                             max_test=max_test, levels=level or None, probe_epochs=probe_epochs,
                                              probe_lr=probe_lr, batch_size=batch_size, seed=seed,
                                              random_init=random_init, device=device, out=out,
-                                             save_features=save_features, progress=bar, baselines=baselines)
+                                             save_features=save_features, progress=progress,
+                                             baselines=True if baselines is None else baselines)
     if as_json:
         print_json(result)
         return
     for table in eval_tables(result):
         console.print(table)
-    err_console.print(f"wrote {result['output']}" + (f" and {result['features_file']}" if "features_file" in result else ""),
+    err_console.print(f"wrote {markup_safe(result['output'])}" + (f" and {markup_safe(result['features_file'])}" if "features_file" in result else ""),
                       soft_wrap=True)
-
-
-@app.command("plot")
-@handle_errors
-def plot_command(
-    run: Optional[str] = typer.Option(None, "--run", help="Run folder (default: the latest run)."),
-    class_name: Optional[str] = typer.Option(None, "--class", help="Class whose top-level sub-clusters to show "
-                                             "(name or index; default: the first class)."),
-    only: Optional[List[str]] = typer.Option(None, "--only", help="Make only this plot: tsne, covariance or "
-                                             "subclusters (repeatable; default all three)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="Labelled dataset for the t-SNE and sub-clusters "
-                                          "(default: the run's dataset)."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder holding the dataset's files."),
-    max_points: int = typer.Option(2000, "--max-points", help="Test images in the t-SNE (t-SNE is slow beyond ~5k)."),
-    clusters: int = typer.Option(3, "--clusters", help="Number of sub-clusters (k-means) inside the class."),
-    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Folder for the PNGs (default: RUN/plots)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
-    as_json: bool = typer.Option(False, "--json", help="Print the written paths as JSON on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-) -> None:
-    """PNGs: t-SNE of each level (paper Fig. 2), covariance term over training (Fig. 4), sub-clusters of one class (Fig. 3)."""
-    from .. import plots
-
-    with progress_bar(quiet or as_json) as bar:
-        paths = plots.plot_run(run, out_dir=out_dir, class_name=class_name, kinds=only, dataset=dataset,
-                               data_dir=data_dir, max_points=max_points, n_clusters=clusters, device=device,
-                               progress=bar)
-    if as_json:
-        print_json({"written": [str(p) for p in paths]})
-        return
-    for p in paths:
-        console.print(f"wrote {p}", soft_wrap=True)

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from . import app
-from .common import console, handle_errors, print_json
+from .common import console, handle_errors, markup_safe, positive_int, print_json
 
 
 @app.command()
@@ -17,7 +17,7 @@ def images(
     dataset: str = typer.Argument(..., help="fashion-mnist, cifar10, cifar100 or stl10."),
     out: Path = typer.Argument(..., help="Folder to write; images go to OUT/<class>/<index>.<format>."),
     split: str = typer.Option("test", "--split", help="train or test."),
-    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Write the first N images only."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", callback=positive_int, help="Write the first N images only."),
     fmt: str = typer.Option("png", "--format", help="png, jpg, webp or bmp."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local dataset files."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -29,4 +29,4 @@ def images(
     if json_out:
         print_json(summary)
     else:
-        console.print(f"{summary['images']} images in {summary['folder']} ({summary['written']} written now)")
+        console.print(f"{summary['images']} images in {markup_safe(summary['folder'])} ({summary['written']} written now)")

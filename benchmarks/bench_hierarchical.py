@@ -1,0 +1,238 @@
+"""Hierarchical search against each single level, and raw against centred cosine, on real Fashion-MNIST.
+
+    .venv/bin/python benchmarks/bench_hierarchical.py --run runs/repro-sjea [--run runs/other-seed] --write-docs
+
+Per run (one model): the representations Y[k] of --bank training images (the bank, random,
+seeded) and --queries test images (the queries), every level. Then, on the same arrays:
+  - which level is coarse, measured without labels (`clusters.coarse_order`: neighbourhood
+    agreement of each level's own k-means clusters) and, as a check with labels, the coarse-group
+    purity of those clusters;
+  - per-level search (exact cosine top 10) and hierarchical search (`hierarchy.gated_search` on a
+    cluster tree built as `sjea index` builds it, coarse level measured) with the hits ranked by
+    score in the gate and grouped by sub-cluster, and the same with the levels the other way up;
+    coarse (5 groups) and fine (10 classes) precision@10 and mAP@10, and the fraction of queries
+    whose top 10 (as a set) differs from each single level's top 10;
+  - scores: cosine of the raw representations and cosine after subtracting the bank's mean
+    (a fixed per-model vector): precision@10, the median score of a random pair, of a query's
+    top-1 neighbour of the same class, and of its 10th neighbour.
+--write-docs replaces the blocks between the hierarchical markers in docs/reproduction.md and
+docs/search.md with the tables printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sjea_tools.clusters import build_tree, coarse_order, default_sizes, kmeans  # noqa: E402
+from sjea_tools.hierarchy import gated_search  # noqa: E402
+from sjea_tools.search import cosine_top_k  # noqa: E402
+from sjea_tools.vectors import l2_normalize  # noqa: E402
+
+K = 10
+BEGIN, END = "<!-- hierarchical:begin (written by benchmarks/bench_hierarchical.py) -->", "<!-- hierarchical:end -->"
+
+
+def features(run: str, bank: int, queries: int, seed: int, cache: Path) -> dict:
+    """Y[k] of the bank and query images of one run (cached by run, sizes and seed)."""
+    from sjea_tools.data import coarse_from_class_names, load_dataset
+    from sjea_tools.evaluation import extract_features, random_subset
+    from sjea_tools.runs import find_run, load_model, model_id
+
+    run_dir = find_run(run)
+    model = load_model(run_dir)
+    mid = model_id(model)
+    path = cache / f"{mid[:16]}-{bank}-{queries}-{seed}.npz"
+    if path.exists():
+        got = np.load(path, allow_pickle=False)
+        return {"model_id": mid, **{k: got[k] for k in got.files}}
+    train, test = load_dataset("fashion-mnist", None, "train"), load_dataset("fashion-mnist", None, "test")
+    train = train.subset(random_subset(len(train), bank, seed))
+    test = test.subset(random_subset(len(test), queries, seed + 1))
+    fine_to_coarse, _ = coarse_from_class_names(train.class_names)
+    out = {"bank_labels": train.labels, "query_labels": test.labels, "fine_to_coarse": fine_to_coarse}
+    for name, data in (("bank", train), ("query", test)):
+        for lv, y in enumerate(extract_features(model, data)):
+            out[f"{name}{lv}"] = y
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **out)
+    return {"model_id": mid, **out}
+
+
+def average_precision(relevant: np.ndarray) -> np.ndarray:
+    """AP@k per query from a (q, k) relevance matrix: mean of precision@i at each relevant rank i,
+    over k (every class holds far more than k bank rows, so k relevant hits are always possible)."""
+    hits = np.cumsum(relevant, axis=1)
+    ranks = np.arange(1, relevant.shape[1] + 1)
+    return (relevant * hits / ranks).sum(axis=1) / relevant.shape[1]
+
+
+def measure(ids: np.ndarray, f: dict, per_level: dict | None = None) -> dict:
+    out = {}
+    for name, bank_lab, q_lab in (("fine", f["bank_labels"], f["query_labels"]),
+                                  ("coarse", f["fine_to_coarse"][f["bank_labels"]], f["fine_to_coarse"][f["query_labels"]])):
+        rel = np.where(ids >= 0, bank_lab[np.maximum(ids, 0)] == q_lab[:, None], False)
+        out[f"{name}_p10"] = round(100 * float(rel.mean()), 2)
+        out[f"{name}_map10"] = round(100 * float(average_precision(rel).mean()), 2)
+    for lv, other in (per_level or {}).items():
+        differs = [set(a) != set(b) for a, b in zip(ids.tolist(), other.tolist())]
+        out[f"differs_L{lv}"] = round(100 * float(np.mean(differs)), 1)
+    return out
+
+
+def purity(assign: np.ndarray, labels: np.ndarray) -> float:
+    """Share of rows whose cluster's majority label is their own."""
+    agree = sum(np.bincount(labels[assign == c]).max() for c in np.unique(assign))
+    return round(100 * agree / len(labels), 2)
+
+
+def bench_run(run: str, args) -> dict:
+    t0 = time.perf_counter()
+    f = features(run, args.bank, args.queries, args.seed, Path(args.cache))
+    levels = sorted(int(k[4:]) for k in f if k.startswith("bank") and k[4:].isdigit())
+    bank = [l2_normalize(f[f"bank{lv}"]) for lv in levels]
+    qv = [l2_normalize(f[f"query{lv}"]) for lv in levels]
+    n = len(bank[0])
+    sizes = default_sizes(n, len(levels))
+    order, agreement = coarse_order(bank, sizes[0], seed=args.seed)
+    coarse_labels = f["fine_to_coarse"][f["bank_labels"]]
+    purities = {}
+    for lv, x in zip(levels, bank):
+        _, a = kmeans(x, sizes[0], args.seed)
+        purities[lv] = {"coarse": purity(a, coarse_labels), "fine": purity(a, f["bank_labels"])}
+    row = {"run": str(run), "model_id": f["model_id"][:12], "bank": n, "queries": len(qv[0]), "sizes": sizes,
+           "agreement": dict(zip(levels, agreement)), "purity": purities, "coarse": levels[order[0]], "methods": {}}
+    per_level = {lv: cosine_top_k(qv[i], bank[i], K)[0] for i, lv in enumerate(levels)}
+    for lv, ids in per_level.items():
+        row["methods"][f"level {lv}"] = measure(ids, f, per_level)
+    for label, o in (("measured", order), ("reversed", order[::-1])):
+        tree = build_tree([bank[i] for i in o], sizes, seed=args.seed)
+        for within in ("score", "groups"):
+            res = gated_search([qv[i] for i in o], lambda rows, j=o[-1]: bank[j][rows], tree, K, within=within)
+            name = f"hier. {'>'.join(str(levels[i]) for i in o)} ({within}{', reversed' if label == 'reversed' else ''})"
+            row["methods"][name] = {**measure(res["ids"], f, per_level),
+                                    "gate_rows": int(np.median(res["gate_rows"]))}
+    row["scores"] = score_spread(bank, qv, f, levels)
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def score_spread(bank, qv, f, levels) -> dict:
+    """Raw cosine against cosine after centring by the bank mean, per level."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for i, lv in enumerate(levels):
+        for how in ("raw", "centred"):
+            mu = f[f"bank{lv}"].mean(axis=0) if how == "centred" else 0.0
+            b, q = l2_normalize(f[f"bank{lv}"] - mu), l2_normalize(f[f"query{lv}"] - mu)
+            ids, sims = cosine_top_k(q, b, K)
+            same = f["bank_labels"][ids[:, 0]] == f["query_labels"]
+            a, c = rng.integers(0, len(b), 5000), rng.integers(0, len(b), 5000)
+            out[f"L{lv} {how}"] = {
+                "fine_p10": round(100 * float((f["bank_labels"][ids] == f["query_labels"][:, None]).mean()), 2),
+                "random_pair": round(float(np.median(np.einsum("ij,ij->i", b[a], b[c]))), 3),
+                "top1_same_class": round(float(np.median(sims[same, 0])), 3),
+                "top10": round(float(np.median(sims[:, -1])), 3)}
+    return out
+
+
+def tables(rows: list[dict], command: str, note: str | None = None) -> str:
+    lines = [f"Written by `{command}` ({time.strftime('%Y-%m-%d')}); k = {K}, exact search on the arrays.", ""]
+    if note:
+        lines += [f"Note: {note}", ""]
+    for r in rows:
+        lines += [f"**Run {r['run']}** (model {r['model_id']}): bank {r['bank']:,} training images, "
+                  f"{r['queries']:,} test queries, cluster tree sizes {r['sizes']}.", "",
+                  "Which level is coarse: neighbourhood agreement (share of each row's 10 nearest neighbours in its "
+                  f"own k-means cluster, {r['sizes'][0]} clusters, no labels) and, as a check, cluster purity against "
+                  "the labels:", "",
+                  "| level | agreement | coarse purity | fine purity |", "|---|---:|---:|---:|"]
+        lines += [f"| {lv} | {r['agreement'][lv]:.4f} | {r['purity'][lv]['coarse']:.2f} | {r['purity'][lv]['fine']:.2f} |"
+                  for lv in r["agreement"]]
+        lv_names = [m for m in r["methods"] if m.startswith("level")]
+        diff_cols = [f"differs_L{m.split()[1]}" for m in lv_names]
+        lines += ["", f"Measured coarse level: **{r['coarse']}**.", "",
+                  "| mode | coarse P@10 | coarse mAP@10 | fine P@10 | fine mAP@10 | "
+                  + " | ".join(f"top 10 differs from {m}" for m in lv_names) + " | gate rows (median) |",
+                  "|---|" + "---:|" * (5 + len(lv_names))]
+        for name, m in r["methods"].items():
+            lines.append(f"| {name} | {m['coarse_p10']:.2f} | {m['coarse_map10']:.2f} | {m['fine_p10']:.2f} | "
+                         f"{m['fine_map10']:.2f} | " + " | ".join(f"{m[c]:.1f}%" for c in diff_cols)
+                         + f" | {m.get('gate_rows', r['bank']):,} |")
+        lines += ["", verdict(r), "", "Scores: raw cosine against cosine after centring by the bank's mean (medians):", "",
+                  "| level, score | fine P@10 | random pair | top-1 same class | 10th neighbour |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {name} | {s['fine_p10']:.2f} | {s['random_pair']:.3f} | {s['top1_same_class']:.3f} | {s['top10']:.3f} |"
+                  for name, s in r["scores"].items()]
+        lines += ["", score_verdict(r), ""]
+    return "\n".join(lines)
+
+
+MEASURES = {"coarse_p10": "coarse P@10", "coarse_map10": "coarse mAP@10", "fine_p10": "fine P@10",
+            "fine_map10": "fine mAP@10"}
+
+
+def verdict(r: dict) -> str:
+    """One sentence from the numbers: which hierarchical variants beat the best single level, on what."""
+    single = {m: max(v[m] for name, v in r["methods"].items() if name.startswith("level")) for m in MEASURES}
+    wins = [f"{name} on {MEASURES[m]} ({v[m]:.2f} > {single[m]:.2f})" for name, v in r["methods"].items()
+            if name.startswith("hier") for m in MEASURES if v[m] > single[m]]
+    if not wins:
+        return ("**With this model, hierarchical search beats the best single level on none of the four measures**; "
+                "what it gives is the grouping (every hit from the query's coarse cluster) and a smaller search.")
+    return "Hierarchical search beats the best single level: " + "; ".join(wins) + "."
+
+
+def score_verdict(r: dict) -> str:
+    parts = []
+    for name, s in r["scores"].items():
+        parts.append(f"{name}: a random pair scores about {s['random_pair']:.2f}, a same-class top-1 neighbour "
+                     f"about {s['top1_same_class']:.2f}")
+    return "What a score means (medians): " + "; ".join(parts) + "."
+
+
+def write_block(path: Path, block: str) -> None:
+    from sjea_tools.io import atomic_write_text
+
+    text = path.read_text()
+    new = f"{BEGIN}\n{block}\n{END}"
+    if BEGIN in text:
+        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: new, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n## Hierarchical search against single levels\n\n" + new + "\n"
+    atomic_write_text(path, text)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", action="append", required=True, help="a trained run (repeat for more seeds)")
+    p.add_argument("--bank", type=int, default=20_000, help="training images searched")
+    p.add_argument("--queries", type=int, default=2_000, help="test images used as queries")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default="/tmp/sjea-bench-hierarchical", help="feature cache folder")
+    p.add_argument("--write-docs", action="store_true")
+    p.add_argument("--note", default=None, help="a line printed under the header (e.g. what the run is)")
+    p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    args = p.parse_args()
+    rows = [bench_run(r, args) for r in args.run]
+    command = "python benchmarks/bench_hierarchical.py " + " ".join(f"--run {r}" for r in args.run) + (
+        f" --bank {args.bank} --queries {args.queries}")
+    block = tables(rows, command, args.note)
+    print(block)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    if args.write_docs:
+        for doc in ("reproduction.md", "search.md"):
+            write_block(ROOT / "docs" / doc, block)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""`sjea verify`: read a whole store and check every checksum (sjea_tools.store.verify_store)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from . import app
+from .common import console, handle_errors, plain, print_json, rich_progress
+
+
+@app.command()
+@handle_errors
+def verify(
+    store: Path = typer.Argument(..., help="The .h5 store to check."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+) -> None:
+    """Check a store end to end: HDF5 metadata and chunk checksums, string checksums, shapes, finite
+    (and unit, when normalised) rows. Exit 0 when intact, 2 with one line naming the damage."""
+    from ..store import verify_store
+
+    with rich_progress(quiet or json_out) as progress:
+        result = verify_store(store, progress=progress)
+    if json_out:
+        print_json(result)
+        return
+    console.print(f"ok: {plain(result['path'])}: {result['rows']:,} rows, levels {result['levels']}, "
+                  f"{result['failed']:,} failed images; every checksum matches", highlight=False, markup=False,
+                  soft_wrap=True)

@@ -1,0 +1,204 @@
+"""The model behind one interface: `Embedder` runs a run's PyTorch model or an ONNX graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from exports.runtime import ModelIdentityError
+
+from ..devices import resolve_device
+from ..errors import SjeaError
+from ..levels import parse_levels
+from ..spec import PreprocessSpec
+from ..vectors import l2_normalize
+
+BACKENDS = ("auto", "torch", "onnx")
+ONNX_CACHE_DIR = "onnx-cache"
+
+
+def choose_backend(device: str, onnx_available: bool) -> str:
+    """The faster backend for a device: ONNX Runtime on CPU (measured 1.3-1.6x over eager PyTorch on
+    ResNet-18, benchmarks/bench_onnx.py), PyTorch on GPUs, where eager CUDA kernels already run fast."""
+    if device.startswith("cuda") or not onnx_available:
+        return "torch"
+    return "onnx"
+
+
+class Embedder:
+    """A model (PyTorch or ONNX Runtime) that turns uint8 pixels or PIL images into rows per level."""
+
+    def __init__(self, *, backend: str, levels: list[int], dims: list[int], preprocess: PreprocessSpec,
+                 model_id: str, source: str, device: str, normalize: bool, model=None, onnx_model=None):
+        self.backend, self.levels, self.dims, self.preprocess = backend, levels, dims, preprocess
+        self.model_id, self.source, self.device, self.normalize = model_id, source, device, normalize
+        self.model, self.onnx_model = model, onnx_model
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocess.image_size
+
+    @classmethod
+    def from_source(cls, run=None, onnx=None, backend: str = "auto", device: str = "cpu", levels=None,
+                    normalize: bool = True) -> "Embedder":
+        """The latest run by default, a run folder (`run`), or an exported ONNX file (`onnx`).
+
+        A run on ONNX Runtime uses its cached graph (exported once per checkpoint) without
+        loading the checkpoint, so torch is not imported when the cache is there."""
+        if backend not in BACKENDS:
+            raise SjeaError(f"--backend must be one of {', '.join(BACKENDS)}, not '{backend}'.")
+        device = resolve_device(device)
+        if onnx is not None:
+            if run is not None:
+                raise SjeaError("pass either --run or --onnx, not both.")
+            if backend == "torch":
+                raise SjeaError("--backend torch needs a run folder (--run); an --onnx file runs on ONNX Runtime.")
+            return cls._from_onnx(Path(onnx), device, levels, normalize, source=str(Path(onnx).resolve()))
+        from .. import runs
+
+        run_dir = runs.find_run(run)
+        model_sha = runs.model_id(runs.model_file(run_dir))
+        source = str(Path(run_dir).resolve())
+        if backend == "auto":
+            backend = choose_backend(device, _onnx_runtime_available())
+        if backend == "onnx":
+            cached = Path(run_dir) / ONNX_CACHE_DIR / cache_name(model_sha)
+            if cached.is_file():
+                try:
+                    return cls._from_onnx(cached, device, levels, normalize, source=source, model_id=model_sha)
+                except ModelIdentityError:
+                    pass  # changed after export, or another model's: exported again below
+            _export_run_onnx(run_dir, cached)
+            return cls._from_onnx(cached, device, levels, normalize, source=source, model_id=model_sha)
+        model = runs.load_model(run_dir).to(device)
+        levels = parse_levels(levels, model.num_levels)
+        return cls(backend="torch", levels=levels, dims=[model.level_dims[k] for k in levels],
+                   preprocess=model.preprocess_spec, model_id=model_sha,
+                   source=source, device=device, normalize=normalize, model=model)
+
+    @classmethod
+    def _from_onnx(cls, path: Path, device: str, levels, normalize: bool, source: str,
+                   model_id: str | None = None) -> "Embedder":
+        """An ONNX file on ONNX Runtime; its model id is the one OnnxModel verified from its content
+        (a changed file is refused), and must equal `model_id` when one is expected."""
+        if not path.is_file():
+            raise SjeaError(f"ONNX file {path} does not exist; export one with 'sjea export'.")
+        from exports.runtime import OnnxModel
+
+        om = OnnxModel(str(path), provider="cuda" if device.startswith("cuda") else "cpu")
+        if model_id is not None and om.model_id != model_id:
+            raise ModelIdentityError(f"{path} is not the ONNX graph of model {model_id[:12]} (it is {om.model_id[:12]}); "
+                            "delete it and run the command again to re-export it.")
+        available = [int(k) for k in om.levels]
+        levels = parse_levels(levels, available)
+        dims = [int(om.dims[available.index(k)]) for k in levels]
+        return cls(backend="onnx", levels=levels, dims=dims, preprocess=om.preprocess,
+                   model_id=om.model_id, source=source, device=device, normalize=normalize, onnx_model=om)
+
+    @classmethod
+    def for_store(cls, store, backend: str = "auto", device: str = "cpu") -> "Embedder":
+        """The model that wrote a store, with its levels and normalisation: for embedding queries.
+
+        On the CPU, a run's cached ONNX graph of the store's model id serves without torch (no
+        checkpoint is loaded or hashed); otherwise the run or ONNX file the store names."""
+        src = Path(store.attrs.get("model_source", ""))
+        cached = src / ONNX_CACHE_DIR / cache_name(store.model_id)
+        if src.suffix != ".onnx" and backend != "torch" and resolve_device(device) == "cpu" and cached.is_file():
+            try:
+                return cls._from_onnx(cached, "cpu", store.levels, store.normalized, source=str(src),
+                                      model_id=store.model_id)
+            except ModelIdentityError:
+                pass  # a changed or foreign cache file: the run itself decides below
+        where = {"onnx": src} if src.suffix == ".onnx" else {"run": src}
+        emb = cls.from_source(**where, backend=backend, device=device, levels=store.levels,
+                              normalize=store.normalized)
+        if emb.model_id != store.model_id:
+            raise SjeaError(f"the model at {src} has changed since {store.path} was written (model id "
+                            f"{emb.model_id[:12]} != {store.model_id[:12]}); re-embed with 'sjea embed --overwrite'.")
+        return emb
+
+    # --- embedding ----------------------------------------------------------------------------
+    def embed_pixels(self, pixels) -> list[np.ndarray]:
+        """uint8 (B, S, S, 3) pixels (numpy or a torch tensor) -> one float32 (B, dim) array per level."""
+        if self.backend == "torch":
+            import torch
+
+            from ..data.preprocess import normalize_pixels
+
+            with torch.inference_mode():
+                x = normalize_pixels(torch.as_tensor(pixels).to(self.device, non_blocking=True), self.preprocess)
+                outs = [y.float().cpu().numpy() for y in self.model.forward_levels(x, self.levels)]
+        else:
+            from ..data.preprocess import normalize_array
+
+            om = self.onnx_model
+            pixels = np.asarray(pixels)
+            # A graph exported with its preprocessing takes the uint8 pixels as they are.
+            x = pixels if om.takes_pixels else normalize_array(pixels, self.preprocess)
+            by_level = dict(zip([int(k) for k in om.levels], om.run(x)))
+            outs = [np.asarray(by_level[k], dtype=np.float32) for k in self.levels]
+        return [l2_normalize(o) for o in outs] if self.normalize else outs
+
+    def embed_images(self, images) -> list[np.ndarray]:
+        """PIL images -> one float32 (n, dim) array per level (L2-normalised when `normalize`).
+
+        For image files use embed_files: it decodes exactly as a store does (JPEG draft decoding
+        at the model's size), which an image opened here by the caller cannot."""
+        from ..data.preprocess import model_pixels
+
+        if not images:
+            return [np.zeros((0, d), np.float32) for d in self.dims]
+        return self.embed_pixels(np.stack([model_pixels(im, self.preprocess) for im in images]))
+
+    def embed_files(self, paths, batch_size: int = 256) -> list[np.ndarray]:
+        """Image files -> one float32 (n, dim) array per level: the rows `sjea embed` stores for
+        them (same decoder, preprocess and model). A file that cannot be read is a one-line error."""
+        from ..data.images import describe_error
+        from ..data.preprocess import file_pixels
+
+        paths = [Path(p) for p in paths]
+        parts: list[list[np.ndarray]] = [[] for _ in self.levels]
+        for start in range(0, len(paths), max(1, batch_size)):
+            pixels = []
+            for p in paths[start:start + batch_size]:
+                try:
+                    pixels.append(file_pixels(p, self.preprocess))
+                except Exception as e:  # noqa: BLE001 - every decoder raises its own types
+                    raise SjeaError(f"{p} is not a readable image ({describe_error(e)}); pass image files "
+                                    "(jpg, png, ...) or a folder of images.") from None
+            for part, y in zip(parts, self.embed_pixels(np.stack(pixels))):
+                part.append(y)
+        return [np.concatenate(p) if p else np.zeros((0, d), np.float32) for p, d in zip(parts, self.dims)]
+
+    def store_attrs(self) -> dict:
+        """What a store records about the model: identity, levels, and its PreprocessSpec as the
+        flat attributes image_size, mean, std, colour_mode (readable with plain h5py)."""
+        from .. import __version__
+
+        return {"sjea_version": __version__, "model_id": self.model_id, "model_source": self.source,
+                "backend": self.backend, "levels": self.levels, "dims": self.dims, **self.preprocess.to_dict(),
+                "normalized": bool(self.normalize)}
+
+
+def _onnx_runtime_available() -> bool:
+    """ONNX Runtime and the onnx package are installed (found, not imported: importing the
+    exporter would import torch)."""
+    from importlib.util import find_spec
+
+    return find_spec("onnxruntime") is not None and find_spec("onnx") is not None
+
+
+def cache_name(model_sha: str) -> str:
+    return f"levels-{model_sha[:16]}.onnx"
+
+
+def _export_run_onnx(run_dir: Path, path: Path) -> Path:
+    """Export every level of the run's model to `path`, its ONNX cache (once per checkpoint).
+
+    Written atomically (sjea_tools.io): concurrent ranks may all export; the last rename wins whole."""
+    from exports.onnx import export_levels
+
+    from .. import runs
+
+    model = runs.load_model(run_dir)
+    return export_levels(model, path, list(range(model.num_levels)), output="representation")

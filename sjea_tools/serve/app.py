@@ -1,0 +1,209 @@
+"""The FastAPI app: the search page (static files of this package) and the JSON API it uses.
+
+Every endpoint is a plain `def`: FastAPI runs it in its thread pool, so concurrent clients search
+in parallel on the one LoadedStore (FAISS and NumPy release the GIL). Every error is JSON
+{"error": "one message"} with a 4xx status; the schema is at /openapi.json, browsable at /docs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import List, Literal, Optional
+
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import SjeaError
+from .media import (MAX_PIXELS, MAX_UPLOAD_BYTES, THUMB_SIZES, BadImage, Forbidden, Missing, TooLarge, item_file,
+                    read_limited, thumbnail_png, upload_file)
+from .state import StaleStore, StoreHolder, UnknownItem
+from .tree import NoTree
+
+STATIC = Path(__file__).parent / "static"
+MAX_K = 1000
+MAX_IDS = 100
+MAX_MEMBERS = 500
+# Room for the multipart envelope around an upload of exactly the byte limit.
+MULTIPART_SLACK = 64 << 10
+STATUS = ((UnknownItem, 404), (Missing, 404), (NoTree, 404), (Forbidden, 403), (TooLarge, 413), (StaleStore, 409),
+          (BadImage, 400), (SjeaError, 400))
+Mode = Literal["per-level", "hierarchical", "both"]
+Within = Literal["score", "groups"]
+
+
+def create_app(store, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS,
+               run=None, onnx=None) -> FastAPI:
+    """The app serving one store (a path, or a StoreHolder to share one): page at /, API under /api."""
+    holder = store if isinstance(store, StoreHolder) else StoreHolder(store, run=run, onnx=onnx)
+    app = FastAPI(title="sjea serve", version="1",
+                  description=f"Search the S-JEA embedding store {holder.path.name} by image, by stored id or "
+                              "by a list of ids; browse its cluster tree. Errors are {\"error\": message}.")
+    app.state.holder, app.state.max_pixels = holder, max_pixels
+    _add_error_handlers(app)
+    app.add_middleware(UploadLimit, max_body=max_upload_bytes + MULTIPART_SLACK)
+    _add_search_routes(app, holder, max_upload_bytes, max_pixels)
+    _add_item_routes(app, holder, max_pixels)
+    _add_page(app)
+    return app
+
+
+# --- errors ----------------------------------------------------------------------------------------
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def api_message(text: str) -> str:
+    """The library's messages name CLI options (--k); the API's parameters have the bare names."""
+    return re.sub(r"--(k|mode|level|order|probes|within|id|min-score)\b", lambda m: m.group(1).replace("-", "_"), text)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(SjeaError)
+    def sjea_error(request: Request, exc: SjeaError):
+        status = next(code for cls, code in STATUS if isinstance(exc, cls))
+        return error(status, api_message(str(exc)))
+
+    @app.exception_handler(RequestValidationError)
+    def invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first.get("loc", ())
+                        if p not in ("query", "path", "body")).lstrip(".")
+        got = first.get("input")
+        shown = "" if got is None or isinstance(got, (dict, list)) else f" (got {str(got)[:60]!r})"
+        return error(422, f"{where or 'request'}: {first.get('msg', 'invalid value')}{shown}")
+
+    @app.exception_handler(StarletteHTTPException)
+    def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            return error(404, f"no such page or endpoint: {request.url.path[:200]} (the API is listed at /docs)")
+        if exc.status_code == 405:
+            allowed = exc.headers.get("Allow", "") if exc.headers else ""
+            return error(405, f"{request.method} is not allowed on {request.url.path[:200]}"
+                              f"{'; use ' + allowed if allowed else ''}")
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    def unexpected(request: Request, exc: Exception):
+        # A bug, not a bad request: still one line, never a traceback to the client.
+        return error(500, f"internal error ({type(exc).__name__}); the server log has details")
+
+
+class UploadLimit:
+    """Refuses a request body over the limit from its Content-Length before any of it is read, and a
+    body without one (chunked) on POST: the multipart parser would spool any size to disk."""
+
+    def __init__(self, app, max_body: int):
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            headers = dict(scope["headers"])
+            length = headers.get(b"content-length")
+            if length is None or not length.isdigit():
+                return await error(411, "send the upload with a Content-Length header (browsers and curl do)")(
+                    scope, receive, send)
+            if int(length) > self.max_body:
+                limit = (self.max_body - MULTIPART_SLACK) / 2**20
+                return await error(413, f"the upload is larger than the limit of {limit:g} MiB; "
+                                        "send a smaller image.")(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+# --- search ----------------------------------------------------------------------------------------
+
+def search_options(param):
+    """The options every search takes, as `sjea search` spells them, read from the query string
+    (param=Query) or from the upload's form fields (param=Form)."""
+
+    def options(k: int = param(10, ge=1, le=MAX_K, description="Results per query (clipped to the store's rows)."),
+                mode: Optional[Mode] = param(None, description="per-level, hierarchical or both [default: "
+                                             "hierarchical with 2+ levels]."),
+                level: Optional[str] = param(None, description="per-level: only these levels: 0, 0,1 or all."),
+                order: Optional[str] = param(None, description="hierarchical: the cluster tree's levels, coarse "
+                                             "first, e.g. 1,0 (must match the tree)."),
+                probes: int = param(1, ge=1, le=1000, description="hierarchical: coarse clusters the answer may "
+                                    "come from."),
+                within: Within = param("score", description="hierarchical: rank inside the gate by score, or "
+                                       "sub-cluster by sub-cluster (groups)."),
+                min_score: Optional[float] = param(None, description="Leave out hits scoring below this "
+                                                   "(cosine -1..1; ranks are kept).")) -> dict:
+        return {"k": k, "mode": mode, "level": level or None, "order": order or None, "probes": probes,
+                "within": within, "min_score": min_score}
+
+    return options
+
+
+def _add_search_routes(app: FastAPI, holder: StoreHolder, max_upload_bytes: int, max_pixels: int) -> None:
+    @app.get("/api/search", summary="Search by stored ids", tags=["search"])
+    def search_ids(id: List[int] = Query(..., description=f"Stored row(s) to search from (repeat: id=1&id=2; "
+                                         f"at most {MAX_IDS})."),
+                   opts: dict = Depends(search_options(Query))) -> dict:
+        """The neighbours of stored rows: the fields of `sjea search --id N --json` (+ cluster_path)."""
+        if len(id) > MAX_IDS:
+            raise BadImage(f"at most {MAX_IDS} ids per request, not {len(id)}.")
+        loaded = holder.current()
+        ids = [loaded.check_id(i) for i in id]
+        return loaded.search(ids=ids, **opts)
+
+    @app.post("/api/search/image", summary="Search by an uploaded image", tags=["search"])
+    def search_image(file: UploadFile = File(..., description=f"An image (jpg, png, ...) up to "
+                                             f"{max_upload_bytes / 2**20:g} MiB and {max_pixels:,} pixels."),
+                     opts: dict = Depends(search_options(Form))) -> dict:
+        """The neighbours of an uploaded image, embedded with the store's own model and preprocessing."""
+        data = read_limited(file.file, max_upload_bytes)
+        loaded = holder.current()
+        with upload_file(data, max_pixels) as path:
+            res = loaded.search(files=[str(path)], **opts)
+        name = Path(file.filename or "image").name[:200]
+        for r in res["results"]:
+            r["query"], r["query_file"] = f"upload:{name}", None
+        return res
+
+
+# --- items, clusters, info ----------------------------------------------------------------------
+
+def _add_item_routes(app: FastAPI, holder: StoreHolder, max_pixels: int) -> None:
+    @app.get("/api/info", summary="Store info", tags=["store"])
+    def info() -> dict:
+        """Rows, levels, dims, model, index kinds, whether image search and the cluster tree are available."""
+        loaded = holder.current()
+        return {**loaded.info(), "loads": holder.loads}
+
+    @app.get("/api/items/{item_id}", summary="An item's metadata", tags=["items"])
+    def item(item_id: str) -> dict:
+        """Path (relative to the store's image root), class label, cluster path, thumbnail URL."""
+        loaded = holder.current()
+        return loaded.item(loaded.check_id(item_id))
+
+    @app.get("/api/items/{item_id}/thumbnail", summary="An item's thumbnail (PNG)", tags=["items"],
+             response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    def thumbnail(item_id: str, size: int = Query(128, ge=THUMB_SIZES[0], le=THUMB_SIZES[1])) -> Response:
+        """At most size x size pixels; only files that are rows of the store, inside its image root."""
+        loaded = holder.current()
+        i = loaded.check_id(item_id)
+        png = thumbnail_png(item_file(loaded.root, loaded.paths[i], i), size, max_pixels)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=60"})
+
+    @app.get("/api/clusters", summary="The cluster tree's top level", tags=["clusters"])
+    def clusters() -> dict:
+        """Level-0 clusters with sizes and example ids (nearest their centre)."""
+        return holder.current().cluster_roots()
+
+    @app.get("/api/clusters/{depth}/{node}", summary="A cluster: sub-clusters and members", tags=["clusters"])
+    def cluster(depth: int, node: int, offset: int = Query(0, ge=0),
+                limit: int = Query(60, ge=1, le=MAX_MEMBERS)) -> dict:
+        """One node of the tree: its parent, its sub-clusters (with examples) and a page of member ids."""
+        return holder.current().cluster_node(depth, node, offset, limit)
+
+
+def _add_page(app: FastAPI) -> None:
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,281 @@
+// The page of `sjea serve`: plain JS on the JSON API (docs/serve.md); no build step, no CDN.
+// Text from the server (file names) goes in through textContent only, never as HTML.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { info: null, last: null, node: null, memberOffset: 0 };
+
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function thumb(id, size = 128) {
+  const img = el("img");
+  img.src = `/api/items/${id}/thumbnail?size=${size}`;
+  img.alt = `item ${id}`;
+  img.loading = "lazy";
+  return img;
+}
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message || "";
+  box.hidden = !message;
+}
+
+function showNotes(notes) {
+  const box = $("notes");
+  box.textContent = (notes || []).map((n) => "note: " + n).join("\n");
+  box.hidden = !(notes && notes.length);
+}
+
+// One place that calls the API: JSON or one error message, whatever went wrong.
+async function api(url, options) {
+  let resp;
+  try {
+    resp = await fetch(url, options);
+  } catch (e) {
+    throw new Error("the server cannot be reached (is `sjea serve` still running?)");
+  }
+  let body = null;
+  try { body = await resp.json(); } catch (e) { /* not JSON */ }
+  if (!resp.ok) throw new Error((body && body.error) || `HTTP ${resp.status}`);
+  return body;
+}
+
+function options() {
+  const p = new URLSearchParams();
+  p.set("k", $("k").value || "10");
+  const mode = $("mode").value;
+  const levels = state.info ? state.info.levels.length : 2;
+  if (levels > 1 || mode === "per-level") p.set("mode", levels > 1 ? mode : "per-level");
+  if ($("level").value.trim() && mode === "per-level") p.set("level", $("level").value.trim());
+  if ($("order").value.trim() && mode !== "per-level") p.set("order", $("order").value.trim());
+  if (mode !== "per-level") {
+    p.set("probes", $("probes").value || "1");
+    p.set("within", $("within").value);
+  }
+  if ($("min-score").value.trim()) p.set("min_score", $("min-score").value.trim());
+  return p;
+}
+
+async function searchFile(file) {
+  if (!file) return;
+  state.last = { file };
+  const form = new FormData();
+  form.append("file", file, file.name || "pasted.png");
+  for (const [key, value] of options()) form.append(key, value);
+  await run(() => api("/api/search/image", { method: "POST", body: form }), URL.createObjectURL(file));
+}
+
+async function searchId(id, push = true) {
+  state.last = { id };
+  if (push) history.pushState({ id }, "", `/?id=${id}`);
+  showView("search");
+  await run(() => api(`/api/search?id=${encodeURIComponent(id)}&${options()}`), `/api/items/${id}/thumbnail?size=256`);
+}
+
+async function run(call, queryImage) {
+  showError("");
+  $("results").setAttribute("aria-busy", "true");
+  try {
+    const res = await call();
+    render(res, queryImage);
+  } catch (e) {
+    showError(e.message);
+  } finally {
+    $("results").removeAttribute("aria-busy");
+  }
+}
+
+function render(res, queryImage) {
+  showNotes(res.notes);
+  const r = res.results[0];
+  $("query").hidden = false;
+  $("query-thumb").src = queryImage;
+  $("query-label").textContent = r.query;
+  const treeLevels = res.order || (state.info && state.info.tree_levels) || res.levels;
+  $("query-cluster").textContent = r.cluster_path
+    ? "cluster path " + r.cluster_path.map((c, i) => `L${treeLevels[i] ?? i}:${c}`).join(" › ") : "";
+  const box = $("results");
+  box.replaceChildren();
+  for (const [lv, hits] of Object.entries(r.per_level || {})) {
+    box.append(column(`Level ${lv}`, "", hits, r.query_id, false, res.levels));
+  }
+  if (r.hierarchical) {
+    const gate = r.gate ? `, gate: cluster ${r.gate.clusters.join("+")} (${r.gate.rows} rows)` : "";
+    box.append(column("Hierarchical", `${(res.order || []).join(" → ")}${gate}, by ${res.within}`, r.hierarchical,
+                      r.query_id, true, res.levels, treeLevels));
+  }
+  box.dataset.query = r.query;
+}
+
+function column(title, sub, hits, queryId, hierarchical, levels, treeLevels) {
+  const col = el("div", "column");
+  col.dataset.kind = hierarchical ? "hierarchical" : title;
+  const h = el("h2", "", title + " ");
+  if (sub) h.append(el("span", "sub", sub));
+  col.append(h);
+  if (!hits.length) col.append(el("div", "muted", "no hits (min score?)"));
+  for (const hit of hits) col.append(hitRow(hit, queryId, hierarchical, levels, treeLevels));
+  return col;
+}
+
+function hitRow(hit, queryId, hierarchical, levels, treeLevels) {
+  const row = el("div", "hit" + (queryId === hit.id ? " same" : ""));
+  row.dataset.id = hit.id;
+  row.dataset.path = hit.path;
+  row.dataset.rank = hit.rank;
+  row.title = `search from item ${hit.id}`;
+  row.append(el("span", "rank", String(hit.rank)), thumb(hit.id));
+  const meta = el("div", "meta");
+  meta.append(el("div", "score", hit.score.toFixed(4)), el("div", "path", hit.path));
+  if (hierarchical && hit.scores) {
+    meta.append(el("div", "scores", levels.map((lv) => `L${lv} ${hit.scores[lv].toFixed(3)}`).join("  ")));
+  }
+  if (hit.group) {
+    meta.append(el("div", "scores", "cluster " + hit.group.map((c, i) => `L${treeLevels[i] ?? i}:${c}`).join(" › ")));
+  }
+  row.append(meta);
+  row.addEventListener("click", () => searchId(hit.id));
+  return row;
+}
+
+// --- cluster tree ---------------------------------------------------------------------------------
+
+async function openClusters() {
+  showView("clusters");
+  showError("");
+  try {
+    const tree = await api("/api/clusters");
+    state.node = null;
+    $("crumbs").replaceChildren(el("span", "", `Level-${tree.levels[0]} clusters (${tree.clusters.length})`));
+    renderClusters(tree.clusters);
+    $("members").replaceChildren();
+    $("members-title").hidden = true;
+    $("more-members").hidden = true;
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+function renderClusters(nodes) {
+  const box = $("clusters");
+  box.replaceChildren();
+  for (const n of nodes) {
+    const card = el("div", "cluster");
+    card.dataset.depth = n.depth;
+    card.dataset.node = n.id;
+    const thumbs = el("div", "thumbs");
+    for (const id of n.examples.slice(0, 3)) thumbs.append(thumb(id, 64));
+    card.append(thumbs, el("div", "title", `L${n.level} cluster ${n.id}`),
+                el("div", "muted", `${n.size} items` + (n.children ? `, ${n.children} sub-clusters` : "")));
+    card.addEventListener("click", () => openNode(n.depth, n.id));
+    box.append(card);
+  }
+}
+
+async function openNode(depth, node) {
+  showError("");
+  try {
+    const n = await api(`/api/clusters/${depth}/${node}?limit=60`);
+    state.node = n;
+    state.memberOffset = n.members.length;
+    const crumbs = $("crumbs");
+    const top = el("a", "", "all clusters");
+    top.addEventListener("click", openClusters);
+    crumbs.replaceChildren(top);
+    n.path.forEach((id, d) => {
+      crumbs.append(" › ");
+      const lv = state.info && state.info.tree_levels ? state.info.tree_levels[d] : d;
+      const a = el("a", "", `L${lv} cluster ${id}`);
+      a.addEventListener("click", () => openNode(d, id));
+      crumbs.append(a);
+    });
+    renderClusters(n.sub_clusters);
+    $("members-title").hidden = false;
+    $("members-title").textContent = `Members (${n.total})`;
+    $("members").replaceChildren();
+    addMembers(n.members);
+    $("more-members").hidden = state.memberOffset >= n.total;
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+function addMembers(ids) {
+  for (const id of ids) {
+    const m = el("div", "member");
+    m.dataset.id = id;
+    m.title = `search from item ${id}`;
+    m.append(thumb(id, 64));
+    m.addEventListener("click", () => searchId(id));
+    $("members").append(m);
+  }
+}
+
+async function moreMembers() {
+  const n = state.node;
+  try {
+    const page = await api(`/api/clusters/${n.depth}/${n.id}?offset=${state.memberOffset}&limit=60`);
+    addMembers(page.members);
+    state.memberOffset += page.members.length;
+    $("more-members").hidden = state.memberOffset >= page.total;
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+function showView(name) {
+  $("search-view").hidden = name !== "search";
+  $("clusters-view").hidden = name !== "clusters";
+  $("tab-search").classList.toggle("active", name === "search");
+  $("tab-clusters").classList.toggle("active", name === "clusters");
+}
+
+// --- wiring ---------------------------------------------------------------------------------------
+
+async function start() {
+  $("file").addEventListener("change", (e) => searchFile(e.target.files[0]));
+  const drop = $("drop");
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    searchFile(e.dataTransfer.files[0]);
+  });
+  document.addEventListener("paste", (e) => {
+    const item = [...(e.clipboardData || {}).items || []].find((i) => i.type.startsWith("image/"));
+    if (item) searchFile(item.getAsFile());
+  });
+  $("search-id").addEventListener("click", () => $("query-id").value !== "" && searchId($("query-id").value));
+  $("again").addEventListener("click", () => state.last &&
+    (state.last.file ? searchFile(state.last.file) : searchId(state.last.id, false)));
+  $("tab-search").addEventListener("click", () => showView("search"));
+  $("tab-clusters").addEventListener("click", openClusters);
+  $("more-members").addEventListener("click", moreMembers);
+  window.addEventListener("popstate", () => {
+    const id = new URLSearchParams(location.search).get("id");
+    if (id !== null) searchId(id, false);
+  });
+  try {
+    const info = await api("/api/info");
+    state.info = info;
+    $("store-info").textContent = `${info.store.split("/").pop()}: ${info.n.toLocaleString()} rows, levels ` +
+      `${info.levels.join(", ")}, ${Object.values(info.index_kinds).join("/")} index` +
+      (info.image_search ? "" : " (image search unavailable: " + info.image_search_error + ")");
+    if (info.levels.length < 2) $("mode").value = "per-level";
+    $("tab-clusters").disabled = !info.cluster_tree;
+    if (!info.cluster_tree) $("tab-clusters").title = info.cluster_note || "no cluster tree";
+  } catch (e) {
+    showError(e.message);
+  }
+  const id = new URLSearchParams(location.search).get("id");
+  if (id !== null) searchId(id, false);
+}
+
+start();

@@ -1,0 +1,305 @@
+"""Reading a finished store (`Store`, `open_store`) and what decides that rows belong together."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import SjeaError
+from ..spec import PreprocessSpec
+
+FORMAT = "sjea-store/1"
+# Rows copied per step when writing or merging stores: about 8 MiB of embeddings per step, so
+# memory stays bounded whatever the store size.
+COPY_BYTES = 8 << 20
+COPY_ROWS = 8192
+# Attributes that must agree for rows to belong to the same store (update, resume, merge);
+# "preprocess" stands for the PreprocessSpec the attributes image_size, mean, std, colour_mode hold.
+IDENTITY_ATTRS = ("model_id", "levels", "dims", "preprocess", "normalized", "dtype", "root")
+# Groups of the layout that write_group must not replace (level_K groups are refused too).
+RESERVED_GROUPS = {"paths", "labels", "label_names", "failed"}
+
+
+def copy_rows(dims, itemsize: int) -> int:
+    return max(64, min(COPY_ROWS, COPY_BYTES // max(1, sum(int(d) for d in dims) * itemsize)))
+
+
+def decode(value):
+    """An HDF5 attribute or dataset value as plain Python (str, list, int, float). Bytes that are
+    not UTF-8 (a file name the file system allowed) come back surrogate-escaped, as os.listdir
+    gives them, so the path still opens the file."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    if isinstance(value, np.ndarray):
+        return [decode(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, list):
+        return [decode(v) for v in value]
+    return value
+
+
+def to_stored_text(values) -> list:
+    """Strings for an HDF5 UTF-8 dataset, losslessly: a surrogate-escaped name (bytes that are not
+    UTF-8) is stored as its original bytes, which plain h5py reads with .asstr(errors="surrogateescape")."""
+    out = []
+    for v in values:
+        try:
+            v.encode("utf-8")
+            out.append(v)
+        except UnicodeEncodeError:
+            out.append(v.encode("utf-8", "surrogateescape"))
+    return out
+
+
+def strings_sha256(values) -> str:
+    """The checksum of a string dataset (HDF5 cannot checksum variable-length data itself)."""
+    h = hashlib.sha256()
+    for v in values:
+        h.update(v.encode("utf-8", "surrogateescape") + b"\0")  # no file name holds NUL
+    return h.hexdigest()
+
+
+class StoreDamagedError(SjeaError):
+    """A checksum or structure check of a store failed: the file changed on disk."""
+
+
+def damaged_message(path: Path, what: str, detail: str = "") -> str:
+    return (f"{path} is damaged: {what}{f' ({detail})' if detail else ''}; its bytes changed on disk. Restore it "
+            "from a backup or embed the images again into a new file ('sjea verify' checks a whole store).")
+
+
+def h5py_module():
+    import h5py
+
+    return h5py
+
+
+def preprocess_of(attrs: dict) -> PreprocessSpec | None:
+    """The preprocessing a store or journal records; stores older than `colour_mode` were RGB."""
+    if attrs.get("image_size") is None:
+        return None
+    return PreprocessSpec.from_dict(attrs)
+
+
+class Store:
+    """A finished store opened for reading (mode "r") or for adding derived groups (mode "a")."""
+
+    def __init__(self, path: str | Path, mode: str = "r"):
+        self.path = Path(path)
+        if mode not in ("r", "a", "r+"):
+            raise SjeaError(f"store mode must be 'r', 'a' or 'r+' (the same as 'a'), not '{mode}'.")
+        if self.path.is_dir():
+            raise SjeaError(f"{self.path} is a folder, not an embedding store; pass the .h5 file 'sjea embed' wrote.")
+        if not self.path.is_file():
+            raise SjeaError(f"store {self.path} does not exist; create it with 'sjea embed IMAGES {self.path}'.")
+        self._f = _open_h5(self.path, "r+" if mode == "a" else mode)
+        try:
+            with self.reading("its attributes"):
+                fmt = decode(self._f.attrs.get("format"))
+                self.attrs = {k: decode(v) for k, v in self._f.attrs.items()}
+        except SjeaError:
+            self._f.close()
+            raise
+        if fmt != FORMAT:
+            self._f.close()
+            raise SjeaError(f"{self.path} is an HDF5 file but not an sjea embedding store (no '{FORMAT}' format "
+                            "attribute); pass a store that 'sjea embed' wrote.")
+        missing = [k for k in ("levels", "dims", "model_id") if k not in self.attrs]
+        if missing:
+            self._f.close()
+            raise StoreDamagedError(damaged_message(self.path, f"attribute(s) {', '.join(missing)} missing"))
+
+    @contextmanager
+    def reading(self, what: str):
+        """Turn what HDF5 raises for damaged bytes (checksum, bad header, missing object) into one line."""
+        try:
+            yield
+        except SjeaError:
+            raise
+        except (OSError, KeyError, RuntimeError, ValueError, TypeError, IndexError) as e:
+            raise StoreDamagedError(damaged_message(self.path, f"cannot read {what}",
+                                                    str(e).splitlines()[0][:120] if str(e) else type(e).__name__)
+                                    ) from None
+
+    # --- context manager ----------------------------------------------------------------------
+    def close(self) -> None:
+        if self._f.id.valid:
+            self._f.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- what the store holds -----------------------------------------------------------------
+    @property
+    def levels(self) -> list[int]:
+        return [int(v) for v in self.attrs["levels"]]
+
+    @property
+    def dims(self) -> list[int]:
+        return [int(v) for v in self.attrs["dims"]]
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The storage type of the embeddings (read_embeddings returns float32 whatever it is)."""
+        return np.dtype(self.attrs.get("dtype", "float32"))
+
+    @property
+    def model_id(self) -> str:
+        return self.attrs["model_id"]
+
+    @property
+    def root(self) -> str:
+        return self.attrs["root"]
+
+    @property
+    def normalized(self) -> bool:
+        return bool(self.attrs["normalized"])
+
+    @property
+    def preprocess(self) -> PreprocessSpec | None:
+        return preprocess_of(self.attrs)
+
+    @property
+    def fingerprint(self) -> str | None:
+        """Changes with every write of the store (None for stores written before it was recorded)."""
+        return self.attrs.get("fingerprint")
+
+    @property
+    def n(self) -> int:
+        with self.reading("/paths"):
+            return int(self._f["paths"].shape[0])
+
+    @property
+    def paths(self) -> list[str]:
+        return self.read_text("paths")
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        with self.reading("/labels"):
+            return self._f["labels"][:] if "labels" in self._f else None
+
+    @property
+    def label_names(self) -> list[str] | None:
+        return self.read_text("label_names") if "label_names" in self._f else None
+
+    @property
+    def failed(self) -> list[tuple[str, str]]:
+        return list(zip(self.read_text("failed/paths"), self.read_text("failed/errors")))
+
+    def read_text(self, name: str) -> list[str]:
+        """A whole string dataset, checked against its sha256 attribute when it has one."""
+        with self.reading(f"/{name}"):
+            ds = self._f[name]
+            values = [decode(v) for v in ds[:]]
+            expected = decode(ds.attrs.get("sha256"))
+        if expected is not None and strings_sha256(values) != expected:
+            raise StoreDamagedError(damaged_message(self.path, f"/{name} does not match its checksum"))
+        return values
+
+    def read_embeddings(self, level: int, rows=None) -> np.ndarray:
+        """Embeddings of one level as float32, all rows or the rows given (any order)."""
+        name = f"level_{level}/embeddings"
+        if name not in self._f:
+            raise SjeaError(f"{self.path} holds levels {self.levels}, not level {level}.")
+        with self.reading(f"/{name}"):
+            ds = self._f[name]
+            if rows is None:
+                return ds[...].astype(np.float32, copy=False)
+            rows = np.asarray(rows, dtype=np.int64)
+            if rows.size == 0:
+                return np.zeros((0, ds.shape[1]), np.float32)
+            if rows.min() < 0 or rows.max() >= ds.shape[0]:
+                raise SjeaError(f"row index out of range (the store has {ds.shape[0]} rows).")
+            # h5py reads increasing unique indices only: read those, then put them in the asked order.
+            unique, inverse = np.unique(rows, return_inverse=True)
+            return ds[unique].astype(np.float32, copy=False)[inverse]
+
+    def iter_rows(self, chunk: int | None = None) -> Iterator[tuple[list[str], dict[int, np.ndarray]]]:
+        """(paths, {level: rows}) blocks in order, in the stored dtype: bounded memory."""
+        chunk = chunk or copy_rows(self.dims, self.dtype.itemsize)
+        for start in range(0, self.n, chunk):
+            stop = min(self.n, start + chunk)
+            with self.reading(f"rows {start}-{stop}"):
+                paths = [decode(p) for p in self._f["paths"][start:stop]]
+                block = {k: self._f[f"level_{k}/embeddings"][start:stop] for k in self.levels}
+            yield paths, block
+
+    # --- derived groups (clusters, ...) --------------------------------------------------------
+    def write_group(self, name: str, arrays: dict, attrs: dict | None = None) -> None:
+        """Replace group `name` with these arrays and attributes (needs mode "a")."""
+        if self._f.mode == "r":
+            raise SjeaError(f"open {self.path} with mode='a' to write group '{name}'.")
+        if name in RESERVED_GROUPS or name.startswith("level_"):
+            raise SjeaError(f"group '{name}' is part of the store layout and cannot be replaced.")
+        if name in self._f:
+            del self._f[name]
+        g = self._f.create_group(name)
+        for key, value in arrays.items():
+            value = np.asarray(value)
+            if value.dtype.kind in "UO":
+                g.create_dataset(key, data=[str(v) for v in value.ravel()], dtype=h5py_module().string_dtype("utf-8"))
+            else:
+                g.create_dataset(key, data=value)
+        for key, value in (attrs or {}).items():
+            g.attrs[key] = value
+        self._f.flush()
+
+    def read_group(self, name: str):
+        """(arrays, attrs) of a group written with write_group, or None when it is absent."""
+        if name not in self._f:
+            return None
+        g = self._f[name]
+        arrays = {}
+        for key, ds in g.items():
+            data = ds[...]
+            arrays[key] = np.asarray(decode(data)) if data.dtype.kind in "OS" else data
+        return arrays, {k: decode(v) for k, v in g.attrs.items()}
+
+
+def _open_h5(path: Path, mode: str):
+    """h5py.File, with a lock held by another process reported as busy (the file is fine) and
+    anything else as unreadable."""
+    from .guard import StoreBusyError, busy_message
+
+    try:
+        return h5py_module().File(path, mode)
+    except OSError as e:
+        text = str(e)
+        if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or "unable to lock file" in text:
+            raise StoreBusyError(busy_message(path)) from None
+        first = text.splitlines()[0] if text else type(e).__name__
+        raise SjeaError(f"{path} is not a readable HDF5 store ({first}); if it was a store, it is damaged: "
+                        "restore it from a backup or embed the images again into a new file.") from None
+
+
+def open_store(path: str | Path, mode: str = "r") -> Store:
+    """Open a finished store; use as a context manager: `with open_store(p) as s: ...`."""
+    return Store(path, mode)
+
+
+def _identity_value(attrs: dict, key: str):
+    if key == "preprocess":
+        return preprocess_of(attrs)
+    if key in ("levels", "dims"):
+        return [int(v) for v in (attrs.get(key) or [])]
+    return attrs.get(key)
+
+
+def check_same_identity(expected: dict, found: dict, what: str, fix: str, keys=IDENTITY_ATTRS) -> None:
+    """Refuse rows from a different model or with different settings, naming the first difference."""
+    if found.get("model_id") != expected.get("model_id"):
+        raise SjeaError(f"{what} was written by another model (model id {str(found.get('model_id'))[:12]}, this one "
+                        f"is {str(expected.get('model_id'))[:12]}); {fix}")
+    for key in keys:
+        a, b = _identity_value(expected, key), _identity_value(found, key)
+        if a != b:
+            raise SjeaError(f"{what} has {key}={b}, this run has {key}={a}; {fix}")

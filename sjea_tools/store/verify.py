@@ -1,0 +1,61 @@
+"""`verify_store`: read every byte of a store and check every checksum and invariant.
+
+Ordinary reads already check what they touch (Fletcher32 per chunk, the sha256 of string
+datasets, HDF5's metadata checksums); this reads everything once, so damage is found before a
+search or an index build trips over it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..progress import ProgressFn, report
+from .reader import StoreDamagedError, damaged_message, open_store
+
+# Rows of unit vectors whose norm strays further than this from 1 mean changed bytes (float16
+# rounding stays well inside it).
+NORM_TOLERANCE = 1e-2
+
+
+def verify_store(path: str | Path, progress: ProgressFn | None = None) -> dict:
+    """Check a whole store; StoreDamagedError (one line) on the first problem, else a summary.
+    progress("verifying", rows checked, total rows) per block and level."""
+    path = Path(path)
+    with open_store(path) as s:
+        n = s.n
+        paths = s.paths
+        failed = s.failed
+        if len(set(paths)) != len(paths):
+            raise StoreDamagedError(damaged_message(path, "/paths names some images twice"))
+        labels, names = s.labels, s.label_names
+        if labels is not None and (len(labels) != n or names is None or labels.min(initial=0) < 0
+                                   or labels.max(initial=-1) >= len(names)):
+            raise StoreDamagedError(damaged_message(path, "/labels do not match /paths and /label_names"))
+        total = n * len(s.levels)
+        done = 0
+        for level, dim in zip(s.levels, s.dims):
+            done = _check_level(s, level, dim, n, done, total, progress)
+    return {"path": str(path), "ok": True, "rows": n, "levels": s.levels, "failed": len(failed),
+            "normalized": s.normalized, "fingerprint": s.fingerprint}
+
+
+def _check_level(s, level: int, dim: int, n: int, done: int, total: int, progress: ProgressFn | None) -> int:
+    with s.reading(f"/level_{level}/embeddings"):
+        ds = s._f[f"level_{level}/embeddings"]
+        shape, chunk = ds.shape, (ds.chunks or (n,))[0]
+    if shape != (n, dim):
+        raise StoreDamagedError(damaged_message(s.path, f"level {level} holds {shape}, expected {(n, dim)}"))
+    for start in range(0, n, max(1, chunk)):
+        rows = s.read_embeddings(level, np.arange(start, min(n, start + chunk)))
+        if not np.isfinite(rows).all():
+            raise StoreDamagedError(damaged_message(s.path, f"level {level} rows {start}+ hold NaN or infinity"))
+        if s.normalized and len(rows):
+            norms = np.linalg.norm(rows, axis=1)
+            if np.abs(norms - 1).max() > NORM_TOLERANCE:
+                raise StoreDamagedError(damaged_message(s.path, f"level {level} rows {start}+ are not unit "
+                                                                 "vectors although the store says normalized"))
+        done += len(rows)
+        report(progress, "verifying", done, total)
+    return done
