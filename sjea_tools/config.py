@@ -28,9 +28,13 @@ DATASET_STATS: dict[str, dict[str, Any]] = {
     "folder": {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "size": 64},
 }
 DATASETS = ("cifar10", "cifar100", "stl10", "fashion-mnist")
-# The level-0 encoders a configuration may name; models/resnet.py registers a factory for each.
-# Kept here, not read from the model registry, so that the configuration layer imports no model code.
-BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50")
+# The level-0 encoders a configuration may name; models/resnet.py and models/convnet.py register a
+# factory for each. Kept here, not read from the model registry, so that the configuration layer
+# imports no model code (tests/test_models.py checks that the two lists are the same).
+RESNET_NAMES = ("resnet18", "resnet34", "resnet50")
+# Small plain CNNs for small images on CPU, convnet-W[-D]: stage widths W..8W, D convs per stage.
+CONVNET_NAMES = tuple(f"convnet-{w}" + (f"-{d}" if d > 1 else "") for w in (16, 32, 48, 64) for d in (1, 2))
+BACKBONE_NAMES = RESNET_NAMES + CONVNET_NAMES
 
 
 @dataclass
@@ -47,6 +51,19 @@ class ModelConfig:
 
 
 @dataclass
+class ViewConfig:
+    """Per-view overrides of the augmentation (data.view1.*, data.view2.*); None = the shared value."""
+    crop_scale: tuple[float, float] | None = None
+    flip_p: float | None = None
+    jitter: tuple[float, float, float, float] | None = None
+    jitter_p: float | None = None
+    grayscale_p: float | None = None
+    blur_p: float | None = None
+    blur_sigma: tuple[float, float] | None = None
+    solarize_p: float | None = None
+
+
+@dataclass
 class DataConfig:
     dataset: str = "fashion-mnist"  # one of DATASETS, or a path to an image folder
     data_dir: str | None = None  # local files; None = the usual places, then download
@@ -56,13 +73,19 @@ class DataConfig:
     limit: int | None = None  # train on the first N images only (None = all)
     holdout: int = 0  # images held out of training (CIFAR recipe: 5000)
     split_seed: int = 22343
+    # Augmentation: a named recipe (data/augment.py RECIPES: authors, vicreg) or "custom" = the fields
+    # below for both views; view1/view2 override either, per view.
+    augment: str = "custom"
     crop_scale: tuple[float, float] = (0.3, 1.0)
     flip_p: float = 0.5
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
     blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # in pixels of the training image
     solarize_p: float = 0.0
+    view1: ViewConfig = field(default_factory=ViewConfig)
+    view2: ViewConfig = field(default_factory=ViewConfig)
     workers: int = 2
 
 
@@ -98,7 +121,7 @@ class TrainConfig:
     augment_on_device: bool = True  # batched augmentation on the training device
     checkpoint_every: int = 200  # steps between checkpoints (and at every epoch end)
     log_every: int = 10  # steps between metric rows
-    max_steps: int | None = None  # stop early after this many steps
+    max_steps: int | None = None  # stop early after this many steps (the lr schedule still spans all epochs)
 
 
 @dataclass
@@ -157,6 +180,16 @@ PRESETS: dict[str, dict] = {
         "model": {"backbone": "resnet18", "stem": "standard", "levels": 2, "encoder": "resnet"},
         "data": {"dataset": "stl10", "image_size": 64},
         "train": {"epochs": 300, "batch_size": 256},
+    },
+    # Official VICReg (facebookresearch/vicreg): LARS, base lr 0.2 x batch/256, wd 1e-6, eta 0.001,
+    # biases and norms excluded, 10 warm-up epochs, cosine to 0.001 x lr, 8192-8192-8192 projector.
+    "vicreg-official": {
+        "model": {"backbone": "resnet18", "stem": "small", "levels": 1, "projector": "8192-8192-8192",
+                  "projector_last_bias": False},
+        "data": {"dataset": "cifar10", "image_size": 32, "holdout": 5000, "augment": "vicreg"},
+        "optim": {"optimizer": "lars", "lr": 0.2, "weight_decay": 1e-6, "eta": 0.001, "momentum": 0.9,
+                  "warmup_epochs": 10, "final_lr_ratio": 0.001},
+        "train": {"epochs": 100, "batch_size": 256},
     },
     # One-level baselines; r50 is parameter-matched to 2-level S-JEA.
     "vicreg-r18": {
@@ -266,6 +299,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         "model.encoder": (m.encoder, ("resnet", "mlp")),
         "model.level_input": (m.level_input, ("representation", "embedding")),
         "optim.optimizer": (cfg.optim.optimizer, ("adam", "lars")),
+        "data.augment": (cfg.data.augment, ("custom", "authors", "vicreg")),
         "train.precision": (t.precision, ("auto", "fp32", "bf16", "fp16")),
     }
     for name, (value, allowed) in choices.items():
@@ -302,14 +336,21 @@ def check_numbers(cfg: RunConfig) -> None:
         raise SjeaError(f"data.limit must be 1 or more; leave it unset for all images (got {d.limit}).")
     if d.holdout < 0:
         raise SjeaError(f"data.holdout must be 0 or more (got {d.holdout}).")
-    for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
-        p = getattr(d, name)
-        if not 0.0 <= p <= 1.0:  # also refuses NaN
-            raise SjeaError(f"data.{name} is a probability: give a value from 0 to 1 (got {p}).")
-    if len(d.crop_scale) != 2 or not 0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0:
-        raise SjeaError(f"data.crop_scale: give min,max with 0 < min <= max <= 1, e.g. 0.3,1.0 (got {d.crop_scale}).")
-    if len(d.jitter) != 4 or not all(v >= 0 for v in d.jitter):
-        raise SjeaError(f"data.jitter: give brightness,contrast,saturation,hue, e.g. 0.4,0.4,0.4,0.1 (got {d.jitter}).")
+    for where, v in (("data", d), ("data.view1", d.view1), ("data.view2", d.view2)):
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+            p = getattr(v, name)
+            if p is not None and not 0.0 <= p <= 1.0:  # also refuses NaN
+                raise SjeaError(f"{where}.{name} is a probability: give a value from 0 to 1 (got {p}).")
+        c = v.crop_scale
+        if c is not None and (len(c) != 2 or not 0.0 < c[0] <= c[1] <= 1.0):
+            raise SjeaError(f"{where}.crop_scale: give min,max with 0 < min <= max <= 1, e.g. 0.3,1.0 (got {c}).")
+        j = v.jitter
+        if j is not None and (len(j) != 4 or not all(x >= 0 for x in j)):  # the bounds: check_bounds
+            raise SjeaError(f"{where}.jitter: give brightness,contrast,saturation,hue (hue <= 0.5), "
+                            f"e.g. 0.4,0.4,0.4,0.1 (got {j}).")
+        b = v.blur_sigma
+        if b is not None and (len(b) != 2 or not 0.0 < b[0] <= b[1] or not math.isfinite(b[1])):
+            raise SjeaError(f"{where}.blur_sigma: give min,max in pixels with 0 < min <= max, e.g. 0.1,2.0 (got {b}).")
     if not (math.isfinite(o.lr) and o.lr > 0):
         raise SjeaError(f"optim.lr must be a positive number (got {o.lr}).")
     if not (math.isfinite(o.weight_decay) and o.weight_decay >= 0):
@@ -346,7 +387,8 @@ def check_bounds(cfg: RunConfig) -> None:
     ]
     ranges += [(f"loss.{name}", v, 0, 1e6) for name in ("sim_coeff", "std_coeff", "cov_coeff", "level_weights")
                for v in getattr(cfg.loss, name)]
-    ranges += [("data.jitter", v, 0, 0.5 if i == 3 else 10.0) for i, v in enumerate(d.jitter)]  # hue <= 0.5
+    for where, jitter in (("data", d.jitter), ("data.view1", d.view1.jitter), ("data.view2", d.view2.jitter)):
+        ranges += [(f"{where}.jitter", v, 0, 0.5 if i == 3 else 10.0) for i, v in enumerate(jitter or ())]  # hue <= 0.5
     for name, value, low, high in ranges:
         if value is not None and not (math.isfinite(value) and low <= value <= high):
             limit = f"at most {high:,}" if math.isfinite(value) and value > high else f"from {low:,} to {high:,}"

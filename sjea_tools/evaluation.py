@@ -290,13 +290,15 @@ def evaluate_run(run=None, dataset: str | None = None, data_dir: str | None = No
                  max_test: int | None = None, levels=None, probe_epochs: int = 20,
                  probe_lr: float = 0.2, batch_size: int = 256, seed: int = 0, random_init: bool = False,
                  device: str = "cpu", out: str | Path | None = None, save_features: bool = False,
-                 progress: ProgressFn | None = None) -> dict:
+                 progress: ProgressFn | None = None, baselines: bool = False) -> dict:
     """Evaluate a run's model on a labelled dataset (default: the one it was trained on).
 
     Writes eval.json in the run folder (eval-random-init.json for the random-init baseline) and
     returns the same dictionary. `random_init=True` evaluates the run's architecture with fresh
     weights (BatchNorm statistics from training images): the floor a trained model must beat.
     `levels`: None/'all', 1, '0,1' or [0, 1] (sjea_tools.levels). Silent unless given `progress`.
+    `baselines=True` adds raw- and centred-pixel rows under the same k-NN and probe, and the
+    centred k-NN of every level (baselines.py).
     """
     from .models import build_model
     from .io import atomic_write_text, check_writable
@@ -322,6 +324,11 @@ def evaluate_run(run=None, dataset: str | None = None, data_dir: str | None = No
     t_features = time.perf_counter() - t0
     result = evaluate_features(train_feats, train.labels, test_feats, test.labels, levels, coarse_of(train),
                                probe_epochs=probe_epochs, probe_lr=probe_lr, seed=seed)
+    if baselines:
+        from .baselines import baseline_results
+
+        probe = lambda a, b, c, d: linear_probe(a, b, c, d, epochs=probe_epochs, lr=probe_lr, seed=seed)  # noqa: E731
+        result["baselines"] = baseline_results(train, test, train_feats, test_feats, levels, knn_accuracy, probe)
     result = {
         "source": "run", "run": str(Path(run_dir).resolve()), "model_id": source_id,
         "weights": "random-init" if random_init else "trained", "dataset": dataset, "class_names": train.class_names,

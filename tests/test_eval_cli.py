@@ -98,6 +98,8 @@ def test_eval_bad_options_are_one_line(tmp_path, make_run):
     assert_one_line_error(runner.invoke(app, ["eval", "--run", str(run), "--level", "5"]), "level")
     assert_one_line_error(runner.invoke(app, ["eval", "--run", str(run), "--dataset", "imagenet"]), "unknown dataset")
     assert_one_line_error(runner.invoke(app, ["eval", "--run", str(tmp_path / "nowhere")]), "does not exist")
+    for flag in ("--baselines", "--no-baselines"):  # pixel floors need a run's dataset, not a STORE
+        assert_one_line_error(runner.invoke(app, ["eval", str(tmp_path / "photos.h5"), flag]), "--baselines", "STORE")
 
 
 def test_paths_are_printed_literally_on_one_line(tmp_path, make_run):

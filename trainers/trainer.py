@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from sjea_tools.config import RunConfig, save_config
-from sjea_tools.data.augment import per_image_transform, two_views
+from sjea_tools.data.augment import per_image_transforms, two_views
 from sjea_tools.data.datasets import PixelDataset, load_dataset, resize_pixels, train_split
 from sjea_tools.data.preprocess import normalize_pixels
 from sjea_tools.errors import SjeaError
@@ -71,8 +71,8 @@ def step_batches(n: int, batch: int, info: DistInfo, seed: int, epoch: int) -> l
 class _TwoViewPixels(torch.utils.data.Dataset):
     """The straightforward path: per-image torchvision augmentation in DataLoader workers."""
 
-    def __init__(self, base: PixelDataset, transform):
-        self.base, self.transform = base, transform
+    def __init__(self, base: PixelDataset, transforms):
+        self.base, self.transforms = base, transforms
 
     def __len__(self):
         return len(self.base)
@@ -80,7 +80,7 @@ class _TwoViewPixels(torch.utils.data.Dataset):
     def __getitem__(self, i):
         px, _ = self.base[i]
         img = px.permute(2, 0, 1)
-        return self.transform(img), self.transform(img)
+        return self.transforms[0](img), self.transforms[1](img)
 
 
 def batch_source(data, cfg: RunConfig, batches: list[np.ndarray], device: torch.device):
@@ -94,7 +94,7 @@ def batch_source(data, cfg: RunConfig, batches: list[np.ndarray], device: torch.
         return
     base = PixelDataset(data, size)
     dataset = base if cfg.train.augment_on_device else _TwoViewPixels(
-        base, per_image_transform(cfg.data, size, cfg.mean, cfg.std))
+        base, per_image_transforms(cfg.data, size, cfg.mean, cfg.std))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.data.workers,
                                          pin_memory=pin, persistent_workers=False)
     for item in loader:
@@ -144,14 +144,15 @@ class Training:
     amp_dtype: torch.dtype | None
     lr_peak: float
     warmup_steps: int
-    total_steps: int
+    total_steps: int  # the length of the lr schedule (all epochs)
+    stop_step: int  # where training stops: total_steps, or train.max_steps when that is earlier
 
 
 def build_training(cfg: RunConfig, info: DistInfo, device: torch.device, steps_per_epoch: int) -> Training:
     """The model, its (DDP-wrapped) objective, optimiser, precision and schedule for this process."""
-    total_steps = math.ceil(cfg.train.epochs * steps_per_epoch)
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
+    total_steps = math.ceil(cfg.train.epochs * steps_per_epoch)  # the lr schedule spans all epochs
+    # max_steps stops early without shortening the schedule (a quick look at the start of a real run).
+    stop_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
     model = build_model(cfg).to(device)
     if device.type == "cuda" and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -167,7 +168,8 @@ def build_training(cfg: RunConfig, info: DistInfo, device: torch.device, steps_p
     return Training(cfg, info, device, model, torch.compile(objective) if cfg.train.compile else objective,
                     build_optimizer(model.parameters(), cfg.optim, global_batch),
                     torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None, amp_dtype,
-                    peak_lr(cfg.optim, global_batch), round(cfg.optim.warmup_epochs * steps_per_epoch), total_steps)
+                    peak_lr(cfg.optim, global_batch), round(cfg.optim.warmup_epochs * steps_per_epoch), total_steps,
+                    stop_step)
 
 
 def train_step(t: Training, v1: torch.Tensor, v2: torch.Tensor, step: int):
@@ -243,8 +245,12 @@ def step_row(t: Training, step: int, steps_per_epoch: int, loss: torch.Tensor, t
     """The metrics row of a logged step; a loss that is no longer finite stops the run here."""
     loss_value = float(loss.detach())
     if not math.isfinite(loss_value):
-        raise SjeaError(f"the loss became {loss_value} at step {step}; lower --lr or use more "
-                        f"warm-up (--set optim.warmup_epochs=...), then --resume {run_dir}.", exit_code=1)
+        cfg = t.cfg
+        raise SjeaError(f"the loss became {loss_value} at step {step}: train again with a lower "
+                        f"--lr (this run: {cfg.optim.lr:g}) or more warm-up (--set "
+                        f"optim.warmup_epochs=N, this run: {cfg.optim.warmup_epochs:g}), e.g. the "
+                        f"same command with --lr {cfg.optim.lr / 4:g} --overwrite (resuming would "
+                        "reload the same settings).", exit_code=1)
     return {"kind": "step", "step": step, "epoch": step / steps_per_epoch, "lr": t.optimizer.param_groups[0]["lr"],
             "images_per_s": images_per_s, "loss": loss_value,
             "levels": [{name: float(value.detach()) for name, value in
@@ -272,7 +278,7 @@ def end_of_step(t: Training, run_dir: Path, step: int, steps_per_epoch: int, mon
                 metrics: MetricsLog) -> None:
     """Checkpoint when due; at an epoch's end also the collapse check and a barrier."""
     epoch_end = step % steps_per_epoch == 0
-    if t.info.is_main and (step % t.cfg.train.checkpoint_every == 0 or epoch_end or step == t.total_steps):
+    if t.info.is_main and (step % t.cfg.train.checkpoint_every == 0 or epoch_end or step == t.stop_step):
         save_checkpoint(run_dir, model=t.model, optimizer=t.optimizer, scaler=t.scaler, step=step,
                         cfg_dict=t.cfg.to_dict())
     if epoch_end:
@@ -283,27 +289,27 @@ def end_of_step(t: Training, run_dir: Path, step: int, steps_per_epoch: int, mon
 
 def run_steps(t: Training, data, run_dir: Path, start_step: int, steps_per_epoch: int,
               progress: ProgressFn | None, log: Callable[[dict], None] | None) -> None:
-    """Train from `start_step` to `t.total_steps`, logging, checkpointing and checking each epoch."""
+    """Train from `start_step` to `t.stop_step`, logging, checkpointing and checking each epoch."""
     monitor = CollapseMonitor(data, t.cfg.preprocess_spec)
     metrics, rate = MetricsLog(run_dir, t.info, log), Throughput()
     progress = progress if t.info.is_main else None
-    report(progress, "train", start_step, t.total_steps)
+    report(progress, "train", start_step, t.stop_step)
     t.model.train()
     step = start_step
     try:
-        while step < t.total_steps:
+        while step < t.stop_step:
             epoch = step // steps_per_epoch
             batches = step_batches(len(data), t.cfg.train.batch_size, t.info, t.cfg.train.seed, epoch)
             first = step - epoch * steps_per_epoch
-            last = min(steps_per_epoch, first + t.total_steps - step)
+            last = min(steps_per_epoch, first + t.stop_step - step)
             for item in batch_source(data, t.cfg, batches[first:last], t.device):
                 v1, v2 = two_views_on_device(t, item, step)
                 loss, terms = train_step(t, v1, v2, step)
                 step += 1
                 rate.add(len(v1) * t.info.world_size)
-                if step % t.cfg.train.log_every == 0 or step == t.total_steps:
+                if step % t.cfg.train.log_every == 0 or step == t.stop_step:
                     metrics.write(step_row(t, step, steps_per_epoch, loss, terms, rate.take(), run_dir))
-                report(progress, "train", step, t.total_steps)
+                report(progress, "train", step, t.stop_step)
                 end_of_step(t, run_dir, step, steps_per_epoch, monitor, metrics)
     finally:
         metrics.close()
@@ -336,19 +342,20 @@ def train(cfg: RunConfig, out_dir: Path | str | None = None, resume: bool = Fals
           runs_dir: Path | str = DEFAULT_RUNS_DIR, progress: ProgressFn | None = None,
           log: Callable[[dict], None] | None = None) -> Path:
     """Train a stack; returns the run folder. With resume=True, `out_dir` is the run to continue and
-    its saved configuration is used. Rank 0 reports `progress("train", step, total_steps)` and
-    hands `log` every row it writes to metrics.jsonl; other ranks are silent."""
+    its saved configuration is used, before anything reads it (device, seed, distributed backend).
+    Rank 0 reports `progress("train", step, stop_step)` and hands `log` every row it writes to
+    metrics.jsonl; other ranks are silent."""
+    cfg, state = resume_state(out_dir) if resume else (cfg, None)
     info = setup_distributed(cfg.train.device)
     try:
-        return _train(cfg, out_dir, resume, overwrite, Path(runs_dir), info, progress, log)
+        return _train(cfg, state, out_dir, resume, overwrite, Path(runs_dir), info, progress, log)
     finally:
         cleanup_distributed()
 
 
-def _train(cfg, out_dir, resume, overwrite, runs_dir: Path, info: DistInfo, progress, log) -> Path:
+def _train(cfg, state, out_dir, resume, overwrite, runs_dir: Path, info: DistInfo, progress, log) -> Path:
     device = process_device(cfg.train.device, info)
     torch.manual_seed(cfg.train.seed)
-    cfg, state = resume_state(out_dir) if resume else (cfg, None)
     # Data problems are found before anything is written, so a failed start leaves no run folder.
     data, steps_per_epoch = load_training_data(cfg, info)
     if resume:

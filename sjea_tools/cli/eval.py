@@ -47,7 +47,31 @@ def eval_tables(result: dict):
                            _pct(row["coarse"]["precision_at_10"]), _pct(row["fine"]["knn_top1"]),
                            _pct(row["fine"]["precision_at_10"]))
         tables.append(search)
+    if result.get("baselines"):
+        tables.append(baseline_table(result))
     return tables
+
+
+def baseline_table(result: dict):
+    """The model's levels beside the pixel floors, under the same k-NN (as is and centred) and probe."""
+    from rich.table import Table
+
+    b = result["baselines"]
+    caption = ("k-NN: cosine, k=200, T=0.1; centred: the bank's mean subtracted from bank and queries first. "
+               f"Probe: the cheap protocol: one linear layer on frozen, standardised features, "
+               f"{result['settings']['probe_epochs']} epochs, no augmentation (not the standard augmented "
+               "100-epoch probe)." + (f" {b['note']}." if b.get("note") else ""))
+    table = Table(title="beside the floors (same protocol)", caption=caption)
+    for col in ("features", "dim", "k-NN top-1", "k-NN centred", "probe top-1"):
+        table.add_column(col, justify="right")
+    centred = {row["level"]: row["knn_top1_centred"] for row in b["model"]}
+    for row in result["levels"]:
+        table.add_row(f"level {row['level']} ({result.get('weights', 'stored')})", str(row["dim"]),
+                      _pct(row["knn_top1"]), _pct(centred.get(row["level"])), _pct(row["linear_top1"]))
+    for row in b["pixels"]:
+        table.add_row(row["features"], str(row["dim"]), _pct(row["knn_top1"]), _pct(row["knn_top1_centred"]),
+                      _pct(row["linear_top1"]))
+    return table
 
 
 @app.command("eval")
@@ -74,6 +98,9 @@ def eval_command(
                                      "instead (the baseline a trained model must beat); writes eval-random-init.json."),
     save_features: bool = typer.Option(False, "--save-features", help="Also write the features and labels used "
                                        "(<eval file>.features.npz) for your own analysis."),
+    baselines: Optional[bool] = typer.Option(None, "--baselines/--no-baselines", show_default=False,
+                                             help="Also score raw and centred pixels under the same k-NN and probe "
+                                             "(a run on a benchmark dataset only) [default: --baselines]."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the JSON here instead of beside the run or store."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
@@ -86,6 +113,8 @@ def eval_command(
     if store is not None:
         if run is not None or dataset is not None:
             raise SjeaError("give either a STORE or --run/--dataset, not both.")
+        if baselines is not None:
+            raise SjeaError("--baselines/--no-baselines apply to a run; a STORE holds no pixels to compare with.")
         rows = evaluation.STORE_EVAL_ROWS if limit is None else (limit or None)
         result = evaluation.evaluate_store(store, max_rows=rows, probe_epochs=probe_epochs, probe_lr=probe_lr,
                                            seed=seed, levels=level or None, out=out)
@@ -97,7 +126,8 @@ def eval_command(
                                              max_test=max_test, levels=level or None, probe_epochs=probe_epochs,
                                              probe_lr=probe_lr, batch_size=batch_size, seed=seed,
                                              random_init=random_init, device=device, out=out,
-                                             save_features=save_features, progress=progress)
+                                             save_features=save_features, progress=progress,
+                                             baselines=True if baselines is None else baselines)
     if as_json:
         print_json(result)
         return

@@ -14,7 +14,8 @@ from . import app
 from .common import (console, err_console, handle_errors, markup_safe, non_negative_float, non_negative_int,
                      positive_float, positive_int, print_json, rich_progress)
 
-PRESET_HELP = "Named preset: tiny (CPU default, Fashion-MNIST), cifar10-paper, stl10-paper, vicreg-r18, vicreg-r50."
+PRESET_HELP = ("Named preset: tiny (CPU default, Fashion-MNIST), cifar10-paper, stl10-paper, vicreg-official "
+               "(LARS recipe of the VICReg code), vicreg-r18, vicreg-r50.")
 
 
 def _parse_sets(sets: list[str]) -> dict:
@@ -73,7 +74,7 @@ def train(
                                             "fp16."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
     seed: Optional[int] = typer.Option(None, "--seed", callback=non_negative_int, help="Random seed (data order and augmentation)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", callback=positive_int, help="Stop after this many steps."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", callback=positive_int, help="Stop early after this many steps (the lr schedule still spans --epochs)."),
     sets: list[str] = typer.Option([], "--set", help="Any setting as section.key=value, e.g. "
                                    "--set data.blur_p=0.5 (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and per-level parameter "

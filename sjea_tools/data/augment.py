@@ -1,152 +1,324 @@
 """Two-view augmentation for VICReg/S-JEA, batched on the training device.
 
-The whole recipe of method.md (random resized crop with flip, colour jitter with probability,
-grayscale, optional blur and solarisation) runs on a uint8 batch in a handful of tensor ops with
-per-image random parameters, so augmentation no longer bounds CPU data loading. The per-image
-torchvision pipeline (`per_image_transform`) is kept as the reference and as the fallback for
-`augment_on_device=False`; benchmarks/bench_train.py compares the two.
+Each op runs on a whole float batch in a few tensor ops with per-image random parameters, and
+follows torchvision's per-image op (tests/test_augment.py checks each against it on real images):
+
+- `crop_boxes` + `resized_crop_flip`: RandomResizedCrop's sampling (10 tries of area and log
+  aspect ratio, integer boxes, then the centre-crop fallback) and bilinear resize, then
+  RandomHorizontalFlip, as one grid_sample;
+- `color_jitter`: ColorJitter's brightness, contrast, saturation and hue (HSV) with its factor
+  ranges, in a random order drawn per image, applied with probability p (RandomApply);
+- `random_grayscale`, `random_blur` (GaussianBlur: sigma in pixels of the image being augmented,
+  kernel radius ceil(3 sigma_max), reflect padding) and `random_solarize` (threshold 0.5).
+
+Each view has its own settings (`ViewSettings`): `view_settings(cfg.data)` resolves a named
+recipe (`RECIPES`: the official VICReg one is asymmetric) or the flat `data.*` fields, then the
+per-view overrides `data.view1.*` / `data.view2.*`. The per-image torchvision pipeline
+(`per_image_transform`) is the reference and the fallback for `augment_on_device=False`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..config import DataConfig
 
-_LUMA = (0.299, 0.587, 0.114)
+_LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 
-def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.Tensor:
-    return torch.rand(n, generator=g, device=device) * (hi - lo) + lo
+@dataclass(frozen=True)
+class ViewSettings:
+    """Augmentation of one view, in the order applied."""
+
+    crop_scale: tuple[float, float] = (0.3, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # in pixels of the image being augmented
+    solarize_p: float = 0.0
+
+
+# Named recipes: (view 1, view 2).
+_AUTHORS = ViewSettings()  # S-JEA authors' code: both views alike (method.md)
+_VICREG_1 = ViewSettings(crop_scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, solarize_p=0.0)
+RECIPES: dict[str, tuple[ViewSettings, ViewSettings]] = {
+    "authors": (_AUTHORS, _AUTHORS),
+    # facebookresearch/vicreg augmentations.py: blur p 1.0 / 0.1, solarize 0 / 0.2.
+    "vicreg": (_VICREG_1, dataclasses.replace(_VICREG_1, blur_p=0.1, solarize_p=0.2)),
+}
+_VIEW_FIELDS = ("crop_scale", "flip_p", "jitter", "jitter_p", "grayscale_p", "blur_p", "blur_sigma", "solarize_p")
+
+
+def view_settings(cfg: DataConfig) -> tuple[ViewSettings, ViewSettings]:
+    """The two views' settings: the named recipe (`data.augment`), or the flat `data.*` fields when it is
+    "custom", then the non-empty fields of `data.view1` / `data.view2` on top."""
+    if cfg.augment == "custom":
+        flat = ViewSettings(**{name: getattr(cfg, name) for name in _VIEW_FIELDS})
+        views = (flat, flat)
+    else:
+        views = RECIPES[cfg.augment]
+    out = []
+    for view, over in zip(views, (cfg.view1, cfg.view2)):
+        changes = {name: getattr(over, name) for name in _VIEW_FIELDS if getattr(over, name) is not None}
+        out.append(dataclasses.replace(view, **changes))
+    return out[0], out[1]
+
+
+def _uniform(shape, lo: float, hi: float, g: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(shape, generator=g, device=device) * (hi - lo) + lo
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    r, gch, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    return _LUMA[0] * r + _LUMA[1] * gch + _LUMA[2] * b
+    return _LUMA[0] * x[:, 0:1] + _LUMA[1] * x[:, 1:2] + _LUMA[2] * x[:, 2:3]
 
 
-def resized_crop_flip(x: torch.Tensor, size: int, scale: tuple[float, float], flip_p: float,
-                      g: torch.Generator, ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
-    """RandomResizedCrop + horizontal flip for each image of a float batch, as one grid_sample."""
-    n, device = x.shape[0], x.device
-    area = _uniform(n, scale[0], scale[1], g, device)
-    log_r = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), g, device)
-    aspect = torch.exp(log_r)
-    # Crop width/height as fractions of the image side; clipped like torchvision's fallback.
-    w = torch.sqrt(area * aspect).clamp(max=1.0)
-    h = torch.sqrt(area / aspect).clamp(max=1.0)
-    x0 = torch.rand(n, generator=g, device=device) * (1 - w)
-    y0 = torch.rand(n, generator=g, device=device) * (1 - h)
-    flip = torch.where(torch.rand(n, generator=g, device=device) < flip_p, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3, device=device)
-    theta[:, 0, 0] = w * flip
-    theta[:, 0, 2] = 2 * x0 + w - 1
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = 2 * y0 + h - 1
+def _per_image(v: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, 1, 1, 1)
+
+
+# --- crop and flip ----------------------------------------------------------------------------------
+
+def crop_boxes(n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+               g: torch.Generator, device=None, attempts: int = 10) -> torch.Tensor:
+    """(n, 4) integer boxes (top, left, h, w) sampled as torchvision's RandomResizedCrop.get_params:
+    up to 10 tries of (area, log aspect ratio), the first that fits wins; else a centre crop of the
+    whole image clamped to the ratio range."""
+    area = height * width
+    target = area * _uniform((n, attempts), scale[0], scale[1], g, device)
+    aspect = torch.exp(_uniform((n, attempts), math.log(ratio[0]), math.log(ratio[1]), g, device))
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = torch.argmax(ok.to(torch.int8), dim=1, keepdim=True)  # first try that fits
+    found = ok.any(dim=1)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    top = torch.floor(torch.rand(n, generator=g, device=device) * (height - h + 1)).clamp(max=height - h)
+    left = torch.floor(torch.rand(n, generator=g, device=device) * (width - w + 1)).clamp(max=width - w)
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fw, fh = int(round(height * max(ratio))), height
+    else:
+        fw, fh = width, height
+    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=w.dtype, device=w.device)
+    boxes = torch.stack([top, left, h, w], dim=1)
+    return torch.where(found[:, None], boxes, fallback).long()
+
+
+def resized_crop_flip(x: torch.Tensor, size: int, boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Each image's box (top, left, h, w) resized bilinearly to size x size (half-pixel centres, clamped
+    at the box's edge, as torchvision's crop-then-resize), mirrored where `flip` is true, as one grid_sample. Equal to
+    torchvision's resized_crop when the box is not larger than the output (no antialiasing here)."""
+    n, _, height, width = x.shape
+    b = boxes.to(x.dtype)
+    top, left, h, w = b.unbind(1)
+    sign = torch.where(flip, -1.0, 1.0).to(x.dtype)
+    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = w / width * sign
+    theta[:, 0, 2] = (2 * left + w) / width - 1
+    theta[:, 1, 1] = h / height
+    theta[:, 1, 2] = (2 * top + h) / height - 1
     grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    # Clamp to the box's outer pixel centres: torchvision crops first, so its resize clamps at the box edge.
+    lo = torch.stack([(2 * left + 1) / width - 1, (2 * top + 1) / height - 1], dim=1).view(n, 1, 1, 2)
+    hi = torch.stack([(2 * (left + w) - 1) / width - 1, (2 * (top + h) - 1) / height - 1], dim=1).view(n, 1, 1, 2)
+    grid = torch.maximum(torch.minimum(grid, hi), lo)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def color_jitter(x: torch.Tensor, strength: tuple[float, float, float, float], p: float,
-                 g: torch.Generator) -> torch.Tensor:
-    """Brightness, contrast, saturation and hue jitter, each image with probability p."""
-    n, device = x.shape[0], x.device
+# --- colour ---------------------------------------------------------------------------------------
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (x * _per_image(factor)).clamp(0, 1)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    f = _per_image(factor)
+    return (f * x + (1 - f) * mean).clamp(0, 1)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    f = _per_image(factor)
+    return (f * x + (1 - f) * _gray(x)).clamp(0, 1)
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's conversion (after Pillow), for a batch."""
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    eqc = maxc == minc
+    rng = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = rng / torch.where(eqc, ones, maxc)
+    div = torch.where(eqc, ones, rng)
+    rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
+    is_r = maxc == r
+    is_g = (maxc == g) & ~is_r
+    is_b = ~is_r & ~is_g
+    h = (bc - gc) * is_r + (2.0 + rc - bc) * is_g + (4.0 + gc - rc) * is_b
+    h = torch.fmod(h / 6.0 + 1.0, 1.0)
+    return torch.stack((h, s, maxc), dim=1)
+
+
+def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    h, s, v = x.unbind(1)
+    h6 = h * 6
+    i = torch.floor(h6)
+    f = h6 - i
+    i = i.long().remainder(6)
+    p = (v * (1 - s)).clamp(0, 1)
+    q = (v * (1 - s * f)).clamp(0, 1)
+    t = (v * (1 - s * (1 - f))).clamp(0, 1)
+    vpqt = torch.stack((v, p, q, t), dim=1)  # (n, 4, H, W)
+    select = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=x.device)
+    index = select[:, i].moveaxis(0, 1)  # (n, 3, H, W): which of v, p, q, t each channel takes
+    return vpqt.gather(1, index)
+
+
+def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    hsv = _rgb_to_hsv(x)
+    h = (hsv[:, 0] + factor.view(-1, 1, 1)).remainder(1.0)
+    return _hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), dim=1))
+
+
+_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def jitter_factors(n: int, strength, g: torch.Generator, device=None) -> torch.Tensor:
+    """(n, 4) factors in ColorJitter's ranges: [max(0, 1-s), 1+s] for the first three, [-h, h] for hue."""
     b, c, s, hue = strength
-    apply = (torch.rand(n, generator=g, device=device) < p).view(n, 1, 1, 1)
+    cols = [_uniform(n, max(0.0, 1 - v), 1 + v, g, device) for v in (b, c, s)]
+    cols.append(_uniform(n, -hue, hue, g, device))
+    return torch.stack(cols, dim=1)
+
+
+def color_jitter(x: torch.Tensor, strength, p: float, g: torch.Generator, factors: torch.Tensor | None = None,
+                 order: torch.Tensor | None = None) -> torch.Tensor:
+    """ColorJitter(*strength) with probability p; the order of the four adjustments is a random
+    permutation drawn per image (torchvision draws one per call, i.e. per image). `factors` (n, 4)
+    and `order` (n, 4) may be given instead of drawn."""
+    n, device = x.shape[0], x.device
+    apply = torch.rand(n, generator=g, device=device) < p
+    if factors is None:
+        factors = jitter_factors(n, strength, g, device)
+    factors = factors.to(x.dtype)
+    if order is None:
+        order = torch.argsort(torch.rand(n, 4, generator=g, device=device), dim=1)
+    active = [k for k in range(4) if strength[k]]
+    if not active or p == 0:
+        return x
     out = x
-    if b:
-        out = (out * _uniform(n, max(0, 1 - b), 1 + b, g, device).view(n, 1, 1, 1)).clamp(0, 1)
-    if c:
-        mean = _gray(out).mean(dim=(1, 2, 3), keepdim=True)
-        out = ((out - mean) * _uniform(n, max(0, 1 - c), 1 + c, g, device).view(n, 1, 1, 1) + mean).clamp(0, 1)
-    if s:
-        gray = _gray(out)
-        out = ((out - gray) * _uniform(n, max(0, 1 - s), 1 + s, g, device).view(n, 1, 1, 1) + gray).clamp(0, 1)
-    if hue:
-        # Hue rotation as a rotation of the chroma plane in YIQ space: linear, so batched.
-        angle = _uniform(n, -hue, hue, g, device) * 2 * math.pi
-        out = _rotate_hue(out, angle).clamp(0, 1)
-    return torch.where(apply, out, x)
-
-
-_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                           dtype=torch.float64)
-# Inverted once here: torch.linalg.inv on a GPU tensor would synchronise every step.
-_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
-
-
-def _rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
-    to_yiq = _RGB_TO_YIQ.to(x.device, x.dtype)
-    to_rgb = _YIQ_TO_RGB.to(x.device, x.dtype)
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    rot = torch.zeros(angle.shape[0], 3, 3, device=x.device, dtype=x.dtype)
-    rot[:, 0, 0] = 1
-    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-    m = to_rgb @ rot @ to_yiq  # (n, 3, 3)
-    return torch.einsum("nij,njhw->nihw", m, x)
+    for position in range(4):
+        for k in active:
+            chosen = order[:, position] == k
+            if bool(chosen.any()):
+                out = torch.where(_per_image(chosen), _JITTER_OPS[k](out, factors[:, k]), out)
+    return torch.where(_per_image(apply), out, x)
 
 
 def random_grayscale(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
-    apply = (torch.rand(x.shape[0], generator=g, device=x.device) < p).view(-1, 1, 1, 1)
-    return torch.where(apply, _gray(x).expand_as(x), x)
+    apply = torch.rand(x.shape[0], generator=g, device=x.device) < p
+    return torch.where(_per_image(apply), _gray(x).expand_as(x), x)
 
 
-def random_blur(x: torch.Tensor, p: float, g: torch.Generator, sigma: tuple[float, float] = (0.1, 2.0)) -> torch.Tensor:
-    """Gaussian blur with a per-image sigma, as one grouped separable convolution."""
+# --- blur and solarisation --------------------------------------------------------------------------
+
+def blur_radius(sigma_max: float, size: int) -> int:
+    """Kernel radius: 3 sigma, and less than the image side (reflect padding needs it)."""
+    return max(1, min(int(math.ceil(3 * sigma_max)), size - 1))
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Each image blurred with its own sigma (pixels): separable, reflect-padded, as torchvision's
+    gaussian_blur with kernel_size 2*radius+1."""
     n, ch, hgt, wid = x.shape
-    device = x.device
-    radius = max(1, int(math.ceil(3 * sigma[1] * hgt / 224)))  # kernel scaled to the image like BYOL's 23 px at 224
-    sig = _uniform(n, *sigma, g, device) * hgt / 224 + 1e-3
-    t = torch.arange(-radius, radius + 1, device=device, dtype=x.dtype)
-    k = torch.exp(-(t.view(1, -1) ** 2) / (2 * sig.view(-1, 1) ** 2))
+    t = torch.linspace(-radius, radius, 2 * radius + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1).to(x.dtype)) ** 2)
     k = (k / k.sum(dim=1, keepdim=True)).repeat_interleave(ch, dim=0)  # (n*ch, K)
     y = x.reshape(1, n * ch, hgt, wid)
     y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), k.view(n * ch, 1, 1, -1), groups=n * ch)
     y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), k.view(n * ch, 1, -1, 1), groups=n * ch)
-    apply = (torch.rand(n, generator=g, device=device) < p).view(n, 1, 1, 1)
-    return torch.where(apply, y.view(n, ch, hgt, wid), x)
+    return y.view(n, ch, hgt, wid)
+
+
+def random_blur(x: torch.Tensor, p: float, g: torch.Generator, sigma: tuple[float, float] = (0.1, 2.0)) -> torch.Tensor:
+    """GaussianBlur with sigma ~ U(sigma) in pixels, per image, with probability p."""
+    n = x.shape[0]
+    sig = _uniform(n, sigma[0], sigma[1], g, x.device)
+    apply = torch.rand(n, generator=g, device=x.device) < p
+    y = gaussian_blur(x, sig, blur_radius(sigma[1], min(x.shape[-2:])))
+    return torch.where(_per_image(apply), y, x)
 
 
 def random_solarize(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
-    apply = (torch.rand(x.shape[0], generator=g, device=x.device) < p).view(-1, 1, 1, 1)
-    return torch.where(apply & (x >= 0.5), 1 - x, x)
+    apply = torch.rand(x.shape[0], generator=g, device=x.device) < p
+    return torch.where(_per_image(apply) & (x >= 0.5), 1 - x, x)
 
 
-def augment_batch(pixels: torch.Tensor, cfg: DataConfig, size: int, mean, std, g: torch.Generator) -> torch.Tensor:
+# --- views ------------------------------------------------------------------------------------------
+
+def augment_float(x: torch.Tensor, view: ViewSettings, size: int, g: torch.Generator) -> torch.Tensor:
+    """One augmented view of a float batch in [0, 1] (N, 3, H, W), unnormalised."""
+    n, _, height, width = x.shape
+    boxes = crop_boxes(n, height, width, view.crop_scale, view.crop_ratio, g, x.device)
+    flip = torch.rand(n, generator=g, device=x.device) < view.flip_p
+    x = resized_crop_flip(x, size, boxes, flip)
+    if view.jitter_p and any(view.jitter):
+        x = color_jitter(x, view.jitter, view.jitter_p, g)
+    if view.grayscale_p:
+        x = random_grayscale(x, view.grayscale_p, g)
+    if view.blur_p:
+        x = random_blur(x, view.blur_p, g, view.blur_sigma)
+    if view.solarize_p:
+        x = random_solarize(x, view.solarize_p, g)
+    return x
+
+
+def augment_batch(pixels: torch.Tensor, view: ViewSettings, size: int, mean, std, g: torch.Generator) -> torch.Tensor:
     """One augmented, normalised view (N, 3, size, size) of a uint8 (N, H, W, 3) batch."""
-    x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
-    x = resized_crop_flip(x, size, cfg.crop_scale, cfg.flip_p, g)
-    x = color_jitter(x, cfg.jitter, cfg.jitter_p, g)
-    x = random_grayscale(x, cfg.grayscale_p, g)
-    if cfg.blur_p:
-        x = random_blur(x, cfg.blur_p, g)
-    if cfg.solarize_p:
-        x = random_solarize(x, cfg.solarize_p, g)
+    x = augment_float(pixels.permute(0, 3, 1, 2).float().div_(255.0), view, size, g)
     m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return ((x - m) / s).contiguous()
 
 
 def two_views(pixels: torch.Tensor, cfg: DataConfig, size: int, mean, std, g: torch.Generator):
-    return augment_batch(pixels, cfg, size, mean, std, g), augment_batch(pixels, cfg, size, mean, std, g)
+    v1, v2 = view_settings(cfg)
+    return augment_batch(pixels, v1, size, mean, std, g), augment_batch(pixels, v2, size, mean, std, g)
 
 
-def per_image_transform(cfg: DataConfig, size: int, mean, std):
-    """The same recipe as a per-image torchvision pipeline (runs in DataLoader workers)."""
+def per_image_transform(view: ViewSettings, size: int, mean, std):
+    """The same view as a per-image torchvision pipeline (runs in DataLoader workers)."""
     from torchvision.transforms import v2 as T
 
-    steps = [
-        T.RandomResizedCrop(size, scale=cfg.crop_scale, antialias=True),
-        T.RandomHorizontalFlip(cfg.flip_p),
-        T.RandomApply([T.ColorJitter(*cfg.jitter)], p=cfg.jitter_p),
-        T.RandomGrayscale(cfg.grayscale_p),
+    steps = [  # in float from the start, like the batched path (uint8 would also change solarize's threshold)
+        T.ToDtype(torch.float32, scale=True),
+        T.RandomResizedCrop(size, scale=view.crop_scale, ratio=view.crop_ratio, antialias=True),
+        T.RandomHorizontalFlip(view.flip_p),
+        T.RandomApply([T.ColorJitter(*view.jitter)], p=view.jitter_p),
+        T.RandomGrayscale(view.grayscale_p),
     ]
-    if cfg.blur_p:
-        steps.append(T.RandomApply([T.GaussianBlur(23 * size // 224 // 2 * 2 + 1, sigma=(0.1, 2.0))], p=cfg.blur_p))
-    if cfg.solarize_p:
-        steps.append(T.RandomSolarize(0.5, p=cfg.solarize_p))
-    steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
+    if view.blur_p:
+        radius = blur_radius(view.blur_sigma[1], size)
+        steps.append(T.RandomApply([T.GaussianBlur(2 * radius + 1, sigma=view.blur_sigma)], p=view.blur_p))
+    if view.solarize_p:
+        steps.append(T.RandomSolarize(0.5, p=view.solarize_p))
+    steps.append(T.Normalize(mean, std))
     return T.Compose(steps)
+
+
+def per_image_transforms(cfg: DataConfig, size: int, mean, std):
+    """Both views' per-image pipelines."""
+    v1, v2 = view_settings(cfg)
+    return per_image_transform(v1, size, mean, std), per_image_transform(v2, size, mean, std)

@@ -1,5 +1,6 @@
 """Models: backbones behind a registry, projector/MLP heads, and the stacked model."""
 
+from . import convnet as _convnet  # noqa: F401  (registers the small CNNs)
 from . import resnet as _resnet  # noqa: F401  (registers the ResNet backbones)
 from .heads import MLPEncoder, projector
 from .registry import BACKBONES, create_backbone, register_backbone

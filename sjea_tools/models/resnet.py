@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from ..config import BACKBONE_NAMES
+from ..config import RESNET_NAMES
 from .registry import register_backbone
 
 
@@ -38,7 +38,7 @@ def _register(arch: str) -> None:
         return module, module.out_dim
 
 
-for _arch in BACKBONE_NAMES:  # every name the configuration accepts is a torchvision ResNet
+for _arch in RESNET_NAMES:  # every ResNet name the configuration accepts is a torchvision ResNet
     _register(_arch)
 
 

@@ -1,0 +1,276 @@
+"""Search for the CPU default recipe (`tiny` preset) by measurement, and write docs/recipe_search.md.
+
+Every trial trains one configuration with the real trainer, then scores level 0 with the project's
+k-NN protocol on the full splits (bank = all 60,000 Fashion-MNIST training images, queries = the
+10,000 test images; cosine, k=200, T=0.1), once on the features as they are and once on features
+centred by the bank's mean. Beside every trial: the same architecture at random init (BatchNorm
+statistics from training images) and the raw / centred pixel rows, under the same two protocols.
+
+    python benchmarks/recipe_search.py trial NAME [--set section.key=value ...] [--probe]
+    python benchmarks/recipe_search.py floors                # pixel rows (once)
+    python benchmarks/recipe_search.py report                # rewrite docs/recipe_search.md
+
+Trials are appended to benchmarks/results/recipe_search.jsonl (one JSON row each, with the full
+resolved config, wall time, steps and the load average of the machine before and after), and the
+report is rendered from that file only: nothing in the page is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results" / "recipe_search.jsonl"
+DOC = ROOT / "docs" / "recipe_search.md"
+
+
+def _load_rows() -> list[dict]:
+    if not RESULTS.is_file():
+        return []
+    return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+
+
+def _append(row: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+_SPLITS = None
+
+
+def splits():
+    global _SPLITS
+    if _SPLITS is None:
+        from sjea_tools.evaluation import load_eval_splits
+
+        _SPLITS = load_eval_splits("fashion-mnist", None, 0)
+    return _SPLITS
+
+
+def knn_pair(train_x, test_x) -> dict:
+    """k-NN top-1 of the features as they are and centred by the bank's mean (same bank/queries)."""
+    from sjea_tools.baselines import centre
+    from sjea_tools.evaluation import knn_accuracy
+
+    train, test = splits()
+    ctr, cte = centre(train_x, test_x)
+    return {"knn": round(knn_accuracy(train_x, train.labels, test_x, test.labels), 2),
+            "knn_centred": round(knn_accuracy(ctr, train.labels, cte, test.labels), 2)}
+
+
+def probe(train_x, test_x) -> float:
+    from sjea_tools.evaluation import linear_probe
+
+    train, test = splits()
+    return linear_probe(train_x, train.labels, test_x, test.labels)["top1"]
+
+
+def level0_features(model):
+    from sjea_tools.evaluation import extract_features
+
+    train, test = splits()
+    return extract_features(model, train, [0])[0], extract_features(model, test, [0])[0]
+
+
+def arch_key(cfg) -> str:
+    from sjea_tools.models.stacked import resolve_stem
+
+    return f"{cfg.model.backbone}/{resolve_stem(cfg)}/{cfg.image_size}px"
+
+
+def random_init_floor(cfg, with_probe: bool) -> dict:
+    """Level-0 k-NN of the architecture at random init; cached per architecture in the results file."""
+    import torch
+
+    from sjea_tools.evaluation import calibrate_batchnorm
+    from sjea_tools.models import build_model
+
+    key = arch_key(cfg)
+    for row in _load_rows():
+        if row.get("kind") == "random-init" and row["arch"] == key and (row.get("probe") is not None or not with_probe):
+            return row
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    calibrate_batchnorm(model, splits()[0])
+    tr, te = level0_features(model)
+    row = {"kind": "random-init", "arch": key, **knn_pair(tr, te), "probe": probe(tr, te) if with_probe else None}
+    _append(row)
+    return row
+
+
+def pixel_floors() -> dict:
+    from sjea_tools.baselines import pixel_baseline_features
+    from sjea_tools.evaluation import knn_accuracy
+
+    for row in _load_rows():
+        if row.get("kind") == "pixels":
+            return row
+    train, test = splits()
+    out = {"kind": "pixels"}
+    for name, (tr, te) in pixel_baseline_features(train, test).items():
+        out[name] = {"knn": round(knn_accuracy(tr, train.labels, te, test.labels), 2), "probe": probe(tr, te)}
+    _append(out)
+    return out
+
+
+def run_trial(name: str, sets: list[str], with_probe: bool) -> dict:
+    import torch
+
+    from sjea_tools.config import resolve_config
+    from sjea_tools.runs import load_model
+    from trainers.trainer import train
+
+    overrides = dict(s.split("=", 1) for s in sets)
+    cfg = resolve_config("tiny", overrides={"train.device": "cpu", **overrides})
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        t0 = time.perf_counter()
+        train(cfg, out_dir=run_dir, runs_dir=Path(tmp))
+        wall = time.perf_counter() - t0
+        load_after = os.getloadavg()
+        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        steps = max(r["step"] for r in metrics if r["kind"] == "step")
+        model = load_model(run_dir)
+    tr, te = level0_features(model)
+    row = {"kind": "trial", "name": name, "sets": overrides, "config": cfg.to_dict(), "arch": arch_key(cfg),
+           "wall_s": round(wall, 1), "steps": steps, "images_seen": steps * cfg.train.batch_size,
+           "load_before": [round(v, 2) for v in load_before], "load_after": [round(v, 2) for v in load_after],
+           "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "host": platform.node(),
+           "date": time.strftime("%Y-%m-%d %H:%M"), "code": _code_version(), **knn_pair(tr, te),
+           "probe": probe(tr, te) if with_probe else None}
+    random_init_floor(cfg, with_probe)
+    _append(row)
+    return row
+
+
+def _code_version() -> str:
+    """Commit, plus the hash of the augmentation and model files as they were when the trial ran."""
+    import hashlib
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    files = ["sjea_tools/data/augment.py", "sjea_tools/models/convnet.py", "trainers/trainer.py"]
+    digest = hashlib.sha1(b"".join((ROOT / f).read_bytes() for f in files)).hexdigest()[:8]
+    return f"{commit}+{digest}"
+
+
+def _summary(cfg: dict) -> dict:
+    d, m, o, t = cfg["data"], cfg["model"], cfg["optim"], cfg["train"]
+    aug = d.get("augment", "custom")
+    if aug == "custom":
+        parts = [f"crop {d['crop_scale'][0]:g}-{d['crop_scale'][1]:g}"]
+        if d["flip_p"]:
+            parts.append("flip")
+        if d["jitter_p"] and any(d["jitter"]):
+            parts.append(f"jitter {','.join(f'{v:g}' for v in d['jitter'])} p{d['jitter_p']:g}")
+        if d["grayscale_p"]:
+            parts.append(f"gray p{d['grayscale_p']:g}")
+        if d["blur_p"]:
+            parts.append(f"blur p{d['blur_p']:g}")
+        if d["solarize_p"]:
+            parts.append(f"solarize p{d['solarize_p']:g}")
+        aug = ", ".join(parts)
+    for view in ("view1", "view2"):
+        over = {k: v for k, v in (d.get(view) or {}).items() if v is not None}
+        if over:
+            aug += f"; {view}: " + ", ".join(f"{k}={v}" for k, v in over.items())
+    return {"backbone": f"{m['backbone']} ({m['stem']} stem)", "size": d["image_size"] or 28,
+            "images": d["limit"] or 60000, "epochs": t["epochs"], "batch": t["batch_size"],
+            "optim": f"{o['optimizer']} lr {o['lr']:g}, warm-up {o['warmup_epochs']:g} ep"
+                     + (f", wd {o['weight_decay']:g}" if o["weight_decay"] else ""),
+            "projector": m["projector"], "levels": m["levels"], "aug": aug}
+
+
+def report() -> str:
+    rows = _load_rows()
+    pixels = next((r for r in rows if r.get("kind") == "pixels"), None)
+    floors = {r["arch"]: r for r in rows if r.get("kind") == "random-init"}
+    trials = [r for r in rows if r.get("kind") == "trial"]
+    lines = ["# Recipe search for the CPU default (`tiny`)", "",
+             "Written by `benchmarks/recipe_search.py report` from `benchmarks/results/recipe_search.jsonl`; "
+             "no number on this page is typed by hand.", "",
+             "Protocol: level-0 representations, weighted k-NN top-1 (cosine, k=200, T=0.1), bank = all 60,000 "
+             "Fashion-MNIST training images, queries = the 10,000 test images. *k-NN* uses the features as "
+             "they are, *centred* subtracts the bank's mean from bank and queries first; pixels and random-init "
+             "rows are scored the same two ways. Probe (where measured): the cheap linear probe of `sjea eval` "
+             "(one linear layer on frozen, standardised features, 20 epochs SGD, no augmentation).", "",
+             "Wall time is the whole `train()` call on this machine, which was shared with other jobs: the "
+             "load average (1 min) before and after each trial is printed beside it; on a loaded machine the "
+             "times are inflated, the step counts are not.", ""]
+    if pixels:
+        lines += ["## Floors", "", "| features | k-NN | probe |", "|---|---|---|"]
+        for name in ("raw pixels", "centred pixels"):
+            lines.append(f"| {name} | {pixels[name]['knn']:.2f} | {pixels[name]['probe']:.2f} |")
+        lines += ["", "(pixels: the cosine of centred vectors *is* the centred protocol, so the centred-pixels "
+                  "row is the floor for both columns below)", ""]
+        lines += ["| architecture at random init | k-NN | centred | probe |", "|---|---|---|---|"]
+        for key, f in floors.items():
+            lines.append(f"| {key} | {f['knn']:.2f} | {f['knn_centred']:.2f} | "
+                         f"{'-' if f.get('probe') is None else format(f['probe'], '.2f')} |")
+        lines.append("")
+    lines += ["## Trials, in the order they ran", "",
+              "| # | trial | backbone | epochs x images | batch | optimiser | projector | augmentations | steps | "
+              "wall s | load 1-min before/after, torch threads | k-NN | centred | probe | k-NN - random init |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(trials, 1):
+        s = _summary(r["config"])
+        f = floors.get(r["arch"])
+        gain = "-" if f is None else f"{r['knn'] - f['knn']:+.2f}"
+        lines.append(
+            f"| {i} | {r['name']} | {s['backbone']}, {s['size']} px | {s['epochs']:g} x {s['images']} | {s['batch']} | "
+            f"{s['optim']} | {s['projector']} | {s['aug']} | {r['steps']} | {r['wall_s']:.0f} | "
+            f"{r['load_before'][0]:.1f}/{r['load_after'][0]:.1f}, {r['threads']} thr | {r['knn']:.2f} | {r['knn_centred']:.2f} | "
+            f"{'-' if r.get('probe') is None else format(r['probe'], '.2f')} | {gain} |")
+    lines.append("")
+    if pixels and trials:
+        floor = pixels["centred pixels"]["knn"]
+        beat = [r for r in trials if r["knn"] > floor]
+        lines.append(f"Trials whose k-NN beats centred pixels ({floor:.2f}): "
+                     + (", ".join(f"{r['name']} ({r['knn']:.2f}, {r['wall_s']:.0f} s)" for r in beat) or "none") + ".")
+        above = [r for r in trials if r["arch"] in floors and r["knn"] >= floors[r["arch"]]["knn"] + 8]
+        lines.append("Trials at least 8 points above their architecture at random init: "
+                     + (", ".join(f"{r['name']} ({r['knn'] - floors[r['arch']]['knn']:+.2f})" for r in above) or "none")
+                     + ".")
+        lines.append("")
+    text = "\n".join(lines)
+    DOC.write_text(text)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("trial")
+    t.add_argument("name")
+    t.add_argument("--set", dest="sets", action="append", default=[])
+    t.add_argument("--probe", action="store_true")
+    t.add_argument("--threads", type=int, default=None, help="torch threads (1 is far faster on a shared, loaded "
+                   "machine: 2 threads contending with other jobs spin)")
+    sub.add_parser("floors")
+    sub.add_parser("report")
+    args = parser.parse_args()
+    if args.cmd == "trial":
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        row = run_trial(args.name, args.sets, args.probe)
+        print(json.dumps({k: row[k] for k in ("name", "wall_s", "steps", "knn", "knn_centred", "probe", "load_after")}))
+    elif args.cmd == "floors":
+        print(json.dumps(pixel_floors()))
+    else:
+        print(report())
+
+
+if __name__ == "__main__":
+    main()
