@@ -11,4 +11,6 @@ sjea train --overwrite                                   # -> runs/tiny (about 3
 sjea export --level all --overwrite                      # -> runs/tiny/onnx/*.onnx, parity printed
 sjea images fashion-mnist demo/images --split test --limit 3000
 sjea embed demo/images demo/fmnist.h5 --overwrite        # -> demo/fmnist.h5 + demo/fmnist.h5.index/
-sjea search demo/images/Sneaker/000009.png --store demo/fmnist.h5 --mode both --k 5 --grid demo/search.png
+sjea search demo/images/Sneaker/000009.png --store demo/fmnist.h5 --mode both --k 5 --grid demo/search.png --overwrite
+set +x
+echo "serve the demo store as a search page: .venv/bin/sjea serve demo/fmnist.h5   # then open http://127.0.0.1:8000/"
