@@ -13,7 +13,7 @@ which building one (exports.onnx) needs.
 
 from __future__ import annotations
 
-import importlib
+from sjea_tools import lazy_attributes
 
 _LAZY = {"OnnxModel": "runtime", "VerificationError": "onnx", "build_onnx": "onnx", "export_levels": "onnx",
          "export_run": "onnx", "read_metadata": "onnx"}
@@ -21,9 +21,4 @@ _LAZY = {"OnnxModel": "runtime", "VerificationError": "onnx", "build_onnx": "onn
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'exports' has no attribute '{name}'")
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())

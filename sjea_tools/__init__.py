@@ -31,13 +31,21 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'sjea_tools' has no attribute '{name}'")
+def lazy_attributes(package: str, names: dict[str, str], namespace: dict):
+    """(__getattr__, __dir__) for a package whose public `names` ({name: submodule}) are imported
+    on first use (PEP 562): the cheap paths (--help, decoding, the ONNX query path) stay torch-free."""
+
+    def __getattr__(name: str):
+        if name in names:
+            value = getattr(importlib.import_module(f".{names[name]}", package), name)
+            namespace[name] = value
+            return value
+        raise AttributeError(f"module '{package}' has no attribute '{name}'")
+
+    def __dir__():
+        return sorted(set(namespace) | set(names))
+
+    return __getattr__, __dir__
 
 
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())

@@ -6,7 +6,7 @@ torch, which datasets and augment need.
 
 from __future__ import annotations
 
-import importlib
+from sjea_tools import lazy_attributes
 
 _LAZY = {
     "ImageData": "datasets", "PixelDataset": "datasets", "coarse_from_class_names": "datasets",
@@ -19,13 +19,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'sjea_tools.data' has no attribute '{name}'")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())
