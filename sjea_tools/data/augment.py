@@ -218,13 +218,21 @@ def color_jitter(x: torch.Tensor, strength, p: float, g: torch.Generator, factor
     active = [k for k in range(4) if strength[k]]
     if not active or p == 0:
         return x
-    out = x
+    # Each image gets each op once, on the subset whose permutation puts it at this position: the
+    # whole-batch form (every op at every position, then a select) cost 7x the rest of the
+    # augmentation at batch 256 (0.68 vs 0.10 s a batch of two views, 28 px, 2 cores).
+    # Saturation and hue leave a grey image grey and unchanged (luma weights sum to 1; its HSV
+    # saturation is 0), and the other two keep it grey: on greyscale data (Fashion-MNIST) they are
+    # skipped instead of paying for the HSV round trip, the costliest op here.
+    colour = (x.amax(dim=1) != x.amin(dim=1)).flatten(1).any(dim=1)
+    out = x.clone()
     for position in range(4):
         for k in active:
-            chosen = order[:, position] == k
-            if bool(chosen.any()):
-                out = torch.where(_per_image(chosen), _JITTER_OPS[k](out, factors[:, k]), out)
-    return torch.where(_per_image(apply), out, x)
+            wanted = (order[:, position] == k) & apply & (colour if k >= 2 else True)
+            rows = wanted.nonzero().squeeze(1)
+            if rows.numel():
+                out[rows] = _JITTER_OPS[k](out[rows], factors[rows, k])
+    return out
 
 
 def random_grayscale(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
