@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from . import app
-from .common import console, handle_errors, markup_safe, positive_int, print_json
+from .common import json_option, console, handle_errors, markup_safe, positive_int, print_json
 
 
 @app.command()
@@ -21,7 +21,7 @@ def clusters(
                                         "measured: the level whose clusters keep neighbourhoods best is coarse]."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Build the tree again even if the store has one."),
     examples: int = typer.Option(3, "--examples", callback=positive_int, help="Example paths shown per cluster (nearest the centre)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the tree as JSON."),
+    as_json: bool = json_option("the tree"),
 ) -> None:
     """List the cluster tree of STORE with sizes and example paths (builds it when missing)."""
     from ..clusters import cluster_tree

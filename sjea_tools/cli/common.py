@@ -160,3 +160,18 @@ class RichProgress:
 
 def rich_progress(quiet: bool = False, *extra_columns) -> RichProgress:
     return RichProgress(quiet, *extra_columns)
+
+
+def quiet_option():
+    """The --quiet/-q option every command with a progress bar shares."""
+    return typer.Option(False, "--quiet", "-q", help="No progress bar.")
+
+
+def json_option(what: str = "the result"):
+    """The --json option every command shares: machine-readable output on stdout, nothing else there."""
+    return typer.Option(False, "--json", help=f"Print {what} as JSON on stdout.")
+
+
+def no_index_option():
+    """--no-index of the commands that write a store (embed, merge)."""
+    return typer.Option(False, "--no-index", help="Do not build the FAISS search indexes and cluster tree afterwards.")

@@ -10,7 +10,7 @@ from rich.progress import ProgressColumn
 from rich.text import Text
 
 from . import app
-from .common import (console, handle_errors, non_negative_float, non_negative_int, plain, positive_int, print_json,
+from .common import (no_index_option, quiet_option, json_option, console, handle_errors, non_negative_float, non_negative_int, plain, positive_int, print_json,
                      rich_progress)
 
 EMBED_TASK = "embedding"  # sjea_tools.embed.runner.PROGRESS_TASK, the task this column rates
@@ -77,10 +77,9 @@ def embed(
     allow_outside: bool = typer.Option(False, "--allow-outside", help="Let a list file name images outside its "
                                        "own folder (../x, absolute paths); the root becomes the folder they all "
                                        "share."),
-    no_index: bool = typer.Option(False, "--no-index", help="Do not build the FAISS search indexes and cluster "
-                                  "tree afterwards."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    no_index: bool = no_index_option(),
+    quiet: bool = quiet_option(),
+    json_out: bool = json_option("the summary"),
 ) -> None:
     """Embed a folder of images into an HDF5 store: streaming, resumable, failures recorded."""
     from ..errors import SjeaError

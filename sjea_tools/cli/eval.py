@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from . import app
-from .common import (console, err_console, handle_errors, markup_safe, non_negative_int, positive_float,
+from .common import (quiet_option, json_option, console, err_console, handle_errors, markup_safe, non_negative_int, positive_float,
                      positive_int, print_json, rich_progress)
 
 
@@ -103,8 +103,8 @@ def eval_command(
                                              "(a run on a benchmark dataset only) [default: --baselines]."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the JSON here instead of beside the run or store."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    as_json: bool = json_option("the result"),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Linear probe, weighted k-NN, effective rank and coarse/fine retrieval scores, per level."""
     from .. import evaluation

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from . import app
-from .common import console, err_console, handle_errors, literal, markup_safe, positive_int, print_json, rich_progress
+from .common import console, err_console, handle_errors, literal, markup_safe, positive_int, print_json, rich_progress, quiet_option
 
 
 def _print_report(report: dict, to_stderr: bool = False) -> None:
@@ -61,7 +61,7 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing .onnx files."),
     opset: int = typer.Option(18, "--opset", callback=positive_int, help="ONNX opset (17 or newer; 17 uses the TorchScript exporter, "
                               "for ONNX Runtime older than 1.14)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = quiet_option(),
     json_out: bool = typer.Option(False, "--json", help="Print the report (files, metadata, parity numbers) as "
                                   "JSON on stdout."),
 ) -> None:

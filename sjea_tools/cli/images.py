@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from . import app
-from .common import console, handle_errors, markup_safe, positive_int, print_json
+from .common import json_option, console, handle_errors, markup_safe, positive_int, print_json
 
 
 @app.command()
@@ -20,7 +20,7 @@ def images(
     limit: Optional[int] = typer.Option(None, "--limit", "-n", callback=positive_int, help="Write the first N images only."),
     fmt: str = typer.Option("png", "--format", help="png, jpg, webp or bmp."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local dataset files."),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    json_out: bool = json_option("the summary"),
 ) -> None:
     """Write a dataset's images as files in class sub-folders (existing files are kept)."""
     from ..data.write_folder import write_image_folder

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from . import app
-from .common import console, handle_errors, plain, positive_int, print_json, rich_progress
+from .common import json_option, console, handle_errors, plain, positive_int, print_json, rich_progress, quiet_option
 
 KIND_HELP = "auto (chosen from rows, dimension and --memory-budget), flat (exact), hnsw, ivf-flat or ivf-pq."
 
@@ -33,8 +33,8 @@ def index(
     metric: str = typer.Option("cosine", "--metric", help="cosine (L2-normalised vectors, inner product) or "
                                "inner-product (raw vectors)."),
     no_clusters: bool = typer.Option(False, "--no-clusters", help="Skip building the cluster tree."),
-    as_json: bool = typer.Option(False, "--json", help="Print the index description as JSON."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    as_json: bool = json_option("the index description"),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Build one FAISS index per level beside STORE (STORE.index/), measure recall@10, build the cluster tree."""
     from ..pipeline import index_store

@@ -9,7 +9,7 @@ from typing import List
 import typer
 
 from . import app
-from .common import console, handle_errors, plain, print_json, rich_progress
+from .common import no_index_option, console, handle_errors, plain, print_json, rich_progress, quiet_option, json_option
 from .embed import print_index_line
 
 
@@ -20,10 +20,9 @@ def merge(
                                        "store last: sjea merge out-*.h5 out.h5."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file (without it, only "
                                    "this same merge's earlier result is replaced)."),
-    no_index: bool = typer.Option(False, "--no-index", help="Do not build the FAISS search indexes and cluster "
-                                  "tree afterwards."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    no_index: bool = no_index_option(),
+    quiet: bool = quiet_option(),
+    json_out: bool = json_option("the summary"),
 ) -> None:
     """Combine the shards of one embedding run into one store, identical to a single run's."""
     from ..errors import SjeaError

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from . import app
-from .common import console, handle_errors, markup_safe, number_check, positive_int, print_json, rich_progress
+from .common import console, handle_errors, markup_safe, number_check, positive_int, print_json, rich_progress, quiet_option, json_option
 
 
 @app.command("plot")
@@ -27,8 +27,8 @@ def plot_command(
                                  "k-means of 'sjea clusters'; at least 5 images each)."),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Folder for the PNGs (default: RUN/plots)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
-    as_json: bool = typer.Option(False, "--json", help="Print the written paths as JSON on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    as_json: bool = json_option("the written paths"),
+    quiet: bool = quiet_option(),
 ) -> None:
     """PNGs: t-SNE of each level (paper Fig. 2), covariance term over training (Fig. 4), sub-clusters of one class (Fig. 3)."""
     from .. import plots

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from . import app
-from .common import (any_finite, non_negative_int, console, err_console, handle_errors, literal, markup_safe, positive_int,
+from .common import (json_option, any_finite, non_negative_int, console, err_console, handle_errors, literal, markup_safe, positive_int,
                      print_json)
 
 
@@ -37,7 +37,7 @@ def search(
     grid: Optional[Path] = typer.Option(None, "--grid", help="Also write a PNG: the query and its neighbours, one "
                                         "row per level and one for the hierarchical result."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Let --grid replace an existing file."),
-    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    as_json: bool = json_option("the results"),
 ) -> None:
     """Find the stored images nearest to QUERY images (or --id N), at each level or hierarchically."""
     from ..errors import SjeaError

@@ -11,7 +11,7 @@ from rich.progress import ProgressColumn
 from rich.text import Text
 
 from . import app
-from .common import (console, err_console, handle_errors, markup_safe, non_negative_float, non_negative_int,
+from .common import (quiet_option, json_option, console, err_console, handle_errors, markup_safe, non_negative_float, non_negative_int,
                      positive_float, positive_int, print_json, rich_progress)
 
 PRESET_HELP = ("Named preset: tiny (CPU default, Fashion-MNIST), cifar10-paper, stl10-paper, vicreg-official "
@@ -81,8 +81,8 @@ def train(
                                    "--set data.blur_p=0.5 (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and per-level parameter "
                                  "counts; train nothing."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    quiet: bool = quiet_option(),
+    json_out: bool = json_option("a summary"),
 ) -> None:
     """Train stacked encoders (S-JEA; --levels 1 is plain VICReg) and write a run folder:
     config.json, metrics.jsonl, checkpoints/last.pt and model.pt. Several GPUs or CPU processes:

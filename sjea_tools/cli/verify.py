@@ -7,15 +7,15 @@ from pathlib import Path
 import typer
 
 from . import app
-from .common import console, handle_errors, plain, print_json, rich_progress
+from .common import console, handle_errors, plain, print_json, rich_progress, quiet_option, json_option
 
 
 @app.command()
 @handle_errors
 def verify(
     store: Path = typer.Argument(..., help="The .h5 store to check."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    quiet: bool = quiet_option(),
+    json_out: bool = json_option("the result"),
 ) -> None:
     """Check a store end to end: HDF5 metadata and chunk checksums, string checksums, shapes, finite
     (and unit, when normalised) rows. Exit 0 when intact, 2 with one line naming the damage."""

@@ -96,7 +96,7 @@ def _against_existing_output(out: Path, ordered: list[Store], overwrite: bool) -
     existing file is refused without --overwrite (it would be destroyed)."""
     if not out.exists() or overwrite:
         return "write"
-    fix = f"pass --overwrite to replace it, or write the merged store to a new file."
+    fix = "pass --overwrite to replace it, or write the merged store to a new file."
     try:
         with open_store(out) as old:
             merged_from, prints = old.attrs.get("merged_from"), old.attrs.get("merged_fingerprints")
