@@ -233,12 +233,15 @@ def test_torchrun_ranks_hold_the_weights_of_one_process_on_the_whole_batch(tmp_p
         optimizer.step()
     moved = max(float((p.detach() - initial[n]).abs().max()) for n, p in model.named_parameters())
     worst = max(float((p.detach() - torch.from_numpy(ranks[0][n])).abs().max()) for n, p in model.named_parameters())
-    # Measured: weights moved by up to 0.19, the ranks ended 1.5e-6 from the reference (the
-    # gradients are the same sums in another order). Two steps only: this small-batch training is
-    # chaotic, a one-ulp change of every initial weight already moves the weights by 1.7e-2 after
-    # these two steps and by 7e-2 after three, which would leave no room for a tolerance.
+    # Measured: weights moved by up to 0.19; the ranks ended 1.5e-6 from the reference with LARS
+    # applied to every parameter, and 2.9e-4 once biases and norm weights were excluded from the
+    # trust ratio as in the official VICReg (plain momentum SGD at lr 1 on them amplifies the
+    # reduction-order noise). Without gradient averaging every element differs by about the
+    # distance moved, so a bound of 0.5% of it still tells the two apart. Two steps only: this
+    # small-batch training is chaotic (a one-ulp change of every initial weight moves the weights
+    # by 1.7e-2 after these two steps).
     assert moved > 0.05
-    assert worst < 1e-4
+    assert worst < 5e-3 * moved, (worst, moved)
 
 
 def test_dry_run_prints_method_parameter_counts(tmp_path):
