@@ -183,8 +183,8 @@ def evaluate_features(train_feats: Sequence[np.ndarray], train_labels: np.ndarra
 def hierarchical_scores(train_feats, test_feats, levels, label_sets, k, temperature) -> list[dict]:
     """The same retrieval scores through `search.hierarchical_search`, both ways up the stack.
 
-    Candidates come from the first level of `order` and are re-ranked level by level; the
-    vote weights are the similarities at the last level, the one that ranked them.
+    Cluster-gated (sjea_tools.hierarchy): hits come from the query's cluster at the first level of
+    `order` and are ranked by the last; the vote weights are the similarities at that last level.
     """
     from .search import hierarchical_search
 

@@ -39,7 +39,7 @@ def eval_tables(result: dict):
         table.add_row(*cells)
     tables = [table]
     if result.get("hierarchical_search"):
-        search = Table(title="hierarchical search (candidates from the first level, re-ranked up the order)")
+        search = Table(title="hierarchical search (hits from the query's cluster at the first level, ranked by the last)")
         for col in ("order", "coarse k-NN", "coarse P@10", "fine k-NN", "fine P@10"):
             search.add_column(col, justify="right")
         for row in result["hierarchical_search"]:
