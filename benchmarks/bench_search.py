@@ -120,11 +120,10 @@ def render(data: dict, command: str) -> str:
              f"Demo-size store: {data['n']} real Fashion-MNIST test images (`sjea images`), embedded by "
              "`sjea embed --run RUN` with the run's cached ONNX model (CPU). Median of the repeated runs, "
              "each a fresh process, after one warm-up (file cache warm). Labels were measured on the "
-             "code at the commit named, on this machine (2 CPU cores). Both labels ran while the machine was "
-             "shared with other jobs (load average 12-21), so absolute times are inflated and noisy; the floor "
-             "is measured in the same run, alternating, for the ratio. RUN: `sjea train --out RUN --max-steps 6` "
-             "(tiny preset: ResNet-18 level 0 + MLP level 1, 28 px; stopped early because training ran at about "
-             "a step a minute on the shared machine; speed does not depend on the weights).", "",
+             "code at the commit named, on this machine (2 CPU cores), which other jobs shared (each label's "
+             "command says how), so absolute times are inflated and noisy; the floor is measured in the same "
+             "run, alternating, for the ratio. RUN: a tiny-preset run (ResNet-18 level 0 + MLP level 1, 28 px; "
+             "speed does not depend on the weights).", "",
              "| | " + " | ".join(f"{lab} ({data['labels'][lab]['commit']})" for lab in labels) + " |",
              "|---|" + "---|" * len(labels)]
     for title, get in rows:
