@@ -200,15 +200,9 @@ def score_verdict(r: dict) -> str:
 
 
 def write_block(path: Path, block: str) -> None:
-    from sjea_tools.io import atomic_write_text
+    from docblock import write_block as write_marked
 
-    text = path.read_text()
-    new = f"{BEGIN}\n{block}\n{END}"
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: new, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n## Hierarchical search against single levels\n\n" + new + "\n"
-    atomic_write_text(path, text)
+    write_marked(path, BEGIN, END, f"{BEGIN}\n{block}\n{END}", "## Hierarchical search against single levels")
 
 
 def main() -> None:

@@ -191,14 +191,11 @@ def write_docs_block(block: str) -> None:
 
     from sjea_tools.io import atomic_write_text
 
+    from docblock import write_block
+
     path = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-    text = path.read_text()
-    new = f"{HIER_BEGIN}\n{block}\n{HIER_END}"
-    if HIER_BEGIN in text:
-        text = re.sub(re.escape(HIER_BEGIN) + r".*?" + re.escape(HIER_END), lambda _: new, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n## Hierarchical search at 1,000,000 x 512\n\n" + new + "\n"
-    atomic_write_text(path, text)
+    write_block(path, HIER_BEGIN, HIER_END, f"{HIER_BEGIN}\n{block}\n{HIER_END}",
+                "## Hierarchical search at 1,000,000 x 512")
 
 
 def main() -> None:

@@ -141,12 +141,9 @@ def write_docs(label: str, res: dict, n: int, command: str, commit: str) -> None
         data = json.loads(m.group(1))
     data["n"] = n
     data["labels"][label] = {**res, "command": command, "commit": commit}
-    block = render(data, command)
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    DOCS.write_text(text)
+    from docblock import write_block
+
+    write_block(DOCS, BEGIN, END, render(data, command), "## One query, and embed start-up")
 
 
 def main() -> None:

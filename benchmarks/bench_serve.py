@@ -270,12 +270,9 @@ def render(res: dict, command: str, commit: str) -> str:
 
 
 def write_docs(block: str) -> None:
-    text = DOCS.read_text()
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n## sjea serve\n\n" + block + "\n"
-    DOCS.write_text(text)
+    from docblock import write_block
+
+    write_block(DOCS, BEGIN, END, block, "## sjea serve")
 
 
 def main() -> None:
