@@ -187,10 +187,6 @@ def hierarchical_block(rows: list[dict], args) -> str:
 
 
 def write_docs_block(block: str) -> None:
-    import re
-
-    from sjea_tools.io import atomic_write_text
-
     from docblock import write_block
 
     path = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
