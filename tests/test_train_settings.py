@@ -6,30 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from sjea_tools.cli import app
 from sjea_tools.config import resolve_config
 
-SMALL = ["--limit", "512", "--batch-size", "32", "--workers", "0", "--quiet"]
-
-
-def run_cli(args, cwd):
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return CliRunner().invoke(app, args)
-    finally:
-        os.chdir(old)
-
-
-def steps_logged(run_dir) -> list[int]:
-    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-    return [r["step"] for r in rows if r["kind"] == "step"]
+from test_train import SMALL, run_cli, steps_logged  # the CLI helpers of the training tests
 
 
 def test_resume_uses_the_runs_device_and_seed_from_the_start(tmp_path, monkeypatch):
