@@ -66,3 +66,18 @@ def write_fmnist_folder(root: Path, data, n: int, fmt: str = "png", start: int =
 @pytest.fixture(name="write_fmnist_folder")
 def write_fmnist_folder_fixture():
     return write_fmnist_folder
+
+
+def indexed_store(root: Path, data, n: int, name: str = "emb.h5") -> dict:
+    """A real store of n Fashion-MNIST images, embedded and indexed (with its cluster tree) by a
+    fresh 2-level run: {"root", "run", "images", "out", "paths"}."""
+    from sjea_tools.pipeline import embed_and_index
+    from sjea_tools.store import open_store
+
+    run = make_run(root / "runs" / "tiny", levels=2)
+    images = write_fmnist_folder(root / "imgs", data, n)
+    out = root / name
+    embed_and_index(images, out, run=run, backend="torch", workers=0)
+    with open_store(out) as s:
+        paths = s.paths
+    return {"root": root, "run": run, "images": images, "out": out, "paths": paths}

@@ -31,17 +31,9 @@ N = 200
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, fmnist_test):
-    from conftest import make_run, write_fmnist_folder
-    from sjea_tools.pipeline import embed_and_index
+    from conftest import indexed_store
 
-    root = tmp_path_factory.mktemp("serve")
-    run = make_run(root / "runs" / "tiny", levels=2)
-    images = write_fmnist_folder(root / "imgs", fmnist_test, N)
-    out = root / "emb.h5"
-    embed_and_index(images, out, run=run, backend="torch", workers=0)
-    with open_store(out) as s:
-        paths = s.paths
-    return {"root": root, "run": run, "images": images, "out": out, "paths": paths}
+    return indexed_store(tmp_path_factory.mktemp("serve"), fmnist_test, N)
 
 
 @pytest.fixture(scope="module")

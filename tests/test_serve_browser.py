@@ -68,17 +68,10 @@ def browser():
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, fmnist_test):
-    from conftest import make_run, write_fmnist_folder
-    from sjea_tools.pipeline import embed_and_index
-    from sjea_tools.store import open_store
+    from conftest import indexed_store
 
-    root = tmp_path_factory.mktemp("serve-page")
-    run = make_run(root / "runs" / "tiny", levels=2)
-    images = write_fmnist_folder(root / "imgs", fmnist_test, N)
-    out = root / "fmnist.h5"
-    embed_and_index(images, out, run=run, backend="torch", workers=0)
-    with open_store(out) as s:
-        paths = s.paths
+    made = indexed_store(tmp_path_factory.mktemp("serve-page"), fmnist_test, N, name="fmnist.h5")
+    out, images, paths, root = made["out"], made["images"], made["paths"], made["root"]
     url, stop = serve_in_thread(out)
     yield {"url": url, "images": images, "paths": paths, "root": root}
     stop()
