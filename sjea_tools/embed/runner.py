@@ -2,7 +2,7 @@
 
 Rows are appended in scan order to the store's journal (sjea_tools.store), committed every few
 seconds, so a killed run resumes exactly where it stopped; the finished store replaces OUT in one
-rename. Indexes and cluster trees are not built here: sjea_tools.pipeline chains those steps.
+rename (an --update writes only its new rows, as a new segment, and replaces the small top-level file). Indexes and cluster trees are not built here: sjea_tools.pipeline chains those steps.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 from ..errors import SjeaError
 from ..io import remove_stale_temp_files
 from ..progress import ProgressFn, report
-from ..store import (disk_faults, format_shard, open_store, parse_shard, partial_path, shard_slice, write_store,
-                     writer_lock)
+from ..store import (append_segment, disk_faults, format_shard, open_store, parse_shard, partial_path,
+                     remove_orphans, shard_slice, write_store, writer_lock)
 from .backends import Embedder
 from .plan import Plan, plan_run
 from .reader import decoded_batches, default_workers
@@ -140,11 +140,11 @@ def _finish(out: Path, attrs: dict, plan: Plan) -> None:
     final_attrs = {**attrs, "created": now, "run_token": journal.meta["token"]}
     if plan.base is None:
         write_store(out, final_attrs, [journal.iter_rows()], journal.failures(), total=journal.rows)
-    else:
+        remove_orphans(out)  # the segments of a store this run replaced (--overwrite)
+    else:  # --update: only the new rows are written, as a new segment of the store (store.segments)
         with open_store(plan.base) as base:
             final_attrs.update(created=base.attrs.get("created", now), updated=now)
-            write_store(out, final_attrs, [base.iter_rows(), journal.iter_rows()], base.failed + journal.failures(),
-                        total=base.n + journal.rows)
+        append_segment(out, final_attrs, journal.paths(), journal.iter_rows(), journal.failures())
     journal.remove()
 
 

@@ -1,4 +1,5 @@
-"""Shards: which block of the images shard I of N embeds, and merging the N stores into one."""
+"""Shards: which block of the images shard I of N embeds, and merging the N stores into one (as
+the segments of one store, store.segments)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from ..io import remove_stale_temp_files
 from ..progress import ProgressFn
 from .guard import StoreBusyError, disk_faults, writer_lock
 from .reader import IDENTITY_ATTRS, Store, check_same_identity, open_store
-from .writer import write_store
+from .segments import add_stores
 
 
 def parse_shard(spec) -> tuple[int, int] | None:
@@ -48,7 +49,8 @@ def merge_stores(inputs: list[str | Path], out: str | Path, progress: ProgressFn
     """Combine the shards of one embedding run into the store a single run would have written.
     An existing OUT is replaced only with `overwrite`, or when it is this same merge's earlier
     result (merged from these files); when those files have not changed since, nothing is
-    rewritten (status "up to date"). progress("merging", rows written, total rows) as rows are copied."""
+    rewritten (status "up to date"). The shard files become OUT's segments through hard links
+    (store.segments): no row is copied. progress("merging", rows added, total rows) per shard."""
     out = Path(out)
     inputs = [Path(p) for p in inputs]
     _check_paths(inputs, out)
@@ -60,12 +62,12 @@ def merge_stores(inputs: list[str | Path], out: str | Path, progress: ProgressFn
             rows = sum(s.n for s in ordered)
             failures = [f for s in ordered for f in s.failed]
             status = _against_existing_output(out, ordered, overwrite)
-            if status == "write":
-                write_store(out, _merged_attrs(ordered), [s.iter_rows() for s in ordered], failures,
-                            progress=progress, task="merging", total=rows)
+            attrs, shard_files = _merged_attrs(ordered), [s.path for s in ordered]
         finally:
             for s in stores:
                 s.close()
+        if status == "write":  # the shards become the segments of OUT: no row is copied
+            add_stores(out, attrs, shard_files, progress=progress, task="merging")
     return {"out": str(out), "status": "written" if status == "write" else status, "shards": len(ordered),
             "rows": rows, "failed": len(failures)}
 

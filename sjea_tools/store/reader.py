@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -114,6 +115,21 @@ class Store:
         if missing:
             self._f.close()
             raise StoreDamagedError(damaged_message(self.path, f"attribute(s) {', '.join(missing)} missing"))
+        try:
+            self._check_segments()
+        except SjeaError:
+            self._f.close()
+            raise
+
+    def _check_segments(self) -> None:
+        """Every segment file exists: HDF5 reads a missing source of a virtual dataset as its fill
+        value (NaN rows, empty names), never an error, so a store without one is refused here."""
+        for name in [n for seg in self.segments or [] for n in (seg["file"], seg.get("labels")) if n]:
+            if not (self.path.parent / name).is_file():
+                raise StoreDamagedError(
+                    f"{self.path} is incomplete: its segment file {self.path.parent / name} is missing (a "
+                    f"store of several segments is the file and its folder {self.path.name}.segments/; copy or "
+                    "move them together), or restore it from a backup.")
 
     @contextmanager
     def reading(self, what: str):
@@ -174,6 +190,33 @@ class Store:
         return self.attrs.get("fingerprint")
 
     @property
+    def segments(self) -> list[dict] | None:
+        """The segment files of a store that grew by --update or merge (docs/store-format.md):
+        [{"file", "rows", "failed", "fingerprint", "labels"}], in row order; None for a single file."""
+        text = self.attrs.get("segments")
+        if not text:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise StoreDamagedError(damaged_message(self.path, "attribute segments is not readable")) from None
+
+    @property
+    def history(self) -> list[tuple[str, int]]:
+        """(fingerprint, rows) of every earlier version of this store whose rows it still holds
+        unchanged as its first rows, oldest first, ending with this version."""
+        prints, rows = self.attrs.get("history_fingerprints"), self.attrs.get("history_rows")
+        if prints is None or rows is None:
+            return [(self.fingerprint, self.n)] if self.fingerprint is not None else []
+        return [(str(p), int(r)) for p, r in zip(prints, rows)]
+
+    def rows_unchanged_since(self, fingerprint: str | None) -> int | None:
+        """How many first rows this store shares, unchanged, with its version `fingerprint` (what
+        an index sidecar records): all of that version's rows, since rows are only ever appended;
+        None when that version is not an ancestor of this one (rewritten with --overwrite, say)."""
+        return next((rows for p, rows in self.history if fingerprint is not None and p == fingerprint), None)
+
+    @property
     def n(self) -> int:
         with self.reading("/paths"):
             return int(self._f["paths"].shape[0])
@@ -223,11 +266,14 @@ class Store:
             unique, inverse = np.unique(rows, return_inverse=True)
             return ds[unique].astype(np.float32, copy=False)[inverse]
 
-    def iter_rows(self, chunk: int | None = None) -> Iterator[tuple[list[str], dict[int, np.ndarray]]]:
-        """(paths, {level: rows}) blocks in order, in the stored dtype: bounded memory."""
+    def iter_rows(self, chunk: int | None = None, first: int = 0,
+                  last: int | None = None) -> Iterator[tuple[list[str], dict[int, np.ndarray]]]:
+        """(paths, {level: rows}) blocks of rows first..last-1 (default all) in order, in the
+        stored dtype: bounded memory."""
         chunk = chunk or copy_rows(self.dims, self.dtype.itemsize)
-        for start in range(0, self.n, chunk):
-            stop = min(self.n, start + chunk)
+        last = self.n if last is None else last
+        for start in range(first, last, chunk):
+            stop = min(last, start + chunk)
             with self.reading(f"rows {start}-{stop}"):
                 paths = [decode(p) for p in self._f["paths"][start:stop]]
                 block = {k: self._f[f"level_{k}/embeddings"][start:stop] for k in self.levels}

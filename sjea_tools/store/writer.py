@@ -31,10 +31,15 @@ RowBlocks = Iterable[tuple[list[str], dict]]
 
 
 def write_store(out: str | Path, attrs: dict, row_sources: Iterable[RowBlocks], failures: list[tuple[str, str]],
-                progress: ProgressFn | None = None, task: str = "writing", total: int | None = None) -> Path:
+                progress: ProgressFn | None = None, task: str = "writing", total: int | None = None, *,
+                fingerprint: str | None = None, label_names: list[str] | None = None,
+                keep_groups: list | None = None) -> Path:
     """Write a complete store from blocks of rows (stores, journals) to a temporary file beside
     `out`, then rename it over `out`: a store on disk is always complete, and gets the mode the
-    user's umask asks for. progress(task, rows written, total) after every block."""
+    user's umask asks for. progress(task, rows written, total) after every block.
+    fingerprint: keep this one (a rewrite of the same rows, `sjea compact`) instead of a new one;
+    label_names: index labels into these class names (a segment of a larger store) instead of the
+    sorted classes of these rows alone; keep_groups: open h5py groups (a cluster tree) copied in."""
     h5py = h5py_module()
     out = Path(out)
     if total is not None:
@@ -46,15 +51,21 @@ def write_store(out: str | Path, attrs: dict, row_sources: Iterable[RowBlocks], 
             raise SjeaError(f"the rows for {out} name some images twice; the inputs overlap (merge each "
                             "shard once).")
         paths_ds.attrs["sha256"] = strings_sha256(all_paths)
-        _write_labels_and_failures(f, all_paths, failures)
+        _write_labels_and_failures(f, all_paths, failures, label_names)
         for key, value in attrs.items():
             if value is not None:
                 f.attrs[key] = value
         # A small integer, not numpy's bool: h5py writes bools as an HDF5 enum PyTables cannot read.
         f.attrs["normalized"] = np.uint8(bool(attrs.get("normalized")))
-        f.attrs["fingerprint"] = uuid.uuid4().hex
+        f.attrs["fingerprint"] = fingerprint or new_fingerprint()
         f.attrs["format"] = FORMAT
+        for group in keep_groups or []:
+            group.file.copy(group, f, name=group.name.lstrip("/"))
     return out
+
+
+def new_fingerprint() -> str:
+    return uuid.uuid4().hex
 
 
 def chunk_rows(dim: int, dtype: np.dtype) -> int:
@@ -116,11 +127,22 @@ def write_text_dataset(group, name: str, values: list[str]) -> None:
     ds.attrs["sha256"] = strings_sha256(values)
 
 
-def _write_labels_and_failures(f, paths: list[str], failures: list[tuple[str, str]]) -> None:
+def labels_of(paths: list[str], label_names: list[str] | None = None):
+    """(labels, class names) of rows (data.datasets.folder_labels), or indexed into `label_names`
+    (which must hold every class of these rows)."""
     # Imported here: sjea_tools.data imports torch, which readers of a store never need.
     from ..data.datasets import folder_labels
 
     labels, names = folder_labels(paths)
+    if labels is None or label_names is None:
+        return labels, names
+    index = {c: i for i, c in enumerate(label_names)}
+    return np.asarray([index[names[i]] for i in labels], dtype=np.int64), list(label_names)
+
+
+def _write_labels_and_failures(f, paths: list[str], failures: list[tuple[str, str]],
+                               label_names: list[str] | None = None) -> None:
+    labels, names = labels_of(paths, label_names)
     if labels is not None:
         f.create_dataset("labels", data=labels, chunks=(max(1, min(len(labels), 65536)),), fletcher32=True)
         write_text_dataset(f, "label_names", names)

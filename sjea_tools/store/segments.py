@@ -1,0 +1,343 @@
+"""Stores that grow without copying: immutable segment files behind one small top-level file.
+
+An `--update`, a merge and an automatic compaction never rewrite stored rows. Rows live in segment
+files, each a complete single-file store, in the folder `OUT.h5.segments/`; OUT.h5 itself is then
+small: its HDF5 virtual datasets (VDS) present the segments, in order, as the documented layout
+(/paths, /level_K/embeddings, /labels, /failed/...), so plain h5py and h5dump read it as before.
+Segment names in the VDS are relative to OUT.h5's folder: the pair moves or copies as one.
+
+Crash safety: a segment file is written whole (temporary file + rename) or hard-linked, and never
+changed; the top-level file is replaced in one rename (io.atomic_path) after every segment it names
+is on disk. A kill leaves the old top-level file with its segments, or the new one with its own;
+segment files no top-level file names (a killed run's) are removed by the next write
+(`remove_orphans`).
+
+Labels: a segment's /labels index its own /label_names. The top-level /label_names are the sorted
+classes of all rows, as a single run gives. A segment whose class names begin those is used as it
+is; for any other (shards of a sorted folder, an update that brings a class sorting before the
+existing ones) its labels, renumbered, are written once to a small file beside it (8 bytes a row).
+
+`SJEA_CRASH_AT=<point>` makes the process SIGKILL itself at that named point: the kill tests
+(tests/test_store_segments.py) use it to stop a writer between any two of its durable steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SjeaError
+from ..io import atomic_path, fsync_dir, remove_stale_temp_files
+from ..progress import ProgressFn, report
+from .guard import StoreBusyError, disk_faults, writer_lock
+from .reader import FORMAT, RESERVED_GROUPS, Store, h5py_module, open_store, strings_sha256
+from .writer import LIBVER, RowBlocks, labels_of, new_fingerprint, write_store, write_text_dataset
+
+SEGMENTS_SUFFIX = ".segments"
+# Virtual datasets need the HDF5 1.10 file format (h5dump and h5py of HDF5 >= 1.10 read it).
+TOP_LIBVER = ("v110", "v110")
+# After an --update that leaves more segments than this, the newest small ones are compacted.
+AUTO_COMPACT_SEGMENTS = 32
+CRASH_ENV = "SJEA_CRASH_AT"
+# Root attributes a top-level file writes itself (never copied from another store's attributes).
+OWN_ATTRS = ("segments", "history_fingerprints", "history_rows", "fingerprint", "format", "normalized")
+
+
+def segments_dir(out: str | Path) -> Path:
+    """The folder of the segment files of the store `out`: OUT.h5.segments/ beside it."""
+    out = Path(out)
+    return out.with_name(out.name + SEGMENTS_SUFFIX)
+
+
+def crash_point(name: str) -> None:
+    """Die here, as a SIGKILL would, when SJEA_CRASH_AT names this point (the kill tests)."""
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --- the three writers: update, merge, compaction --------------------------------------------
+
+def append_segment(out: str | Path, attrs: dict, new_paths: list[str], rows: RowBlocks,
+                   failures: list[tuple[str, str]], progress: ProgressFn | None = None) -> Path:
+    """`--update`: the new rows (blocks in the order of `new_paths`) and failures become one new
+    segment after the rows of the store at `out`; the store's own rows are not copied (an old
+    single-file store becomes the first segment through a hard link). The caller holds the
+    writer lock."""
+    out = Path(out)
+    remove_orphans(out)
+    with open_store(out) as base:
+        segs = base.segments or [_link_segment(out, out, 0, base)]
+        paths, failed, history = base.paths + list(new_paths), base.failed + list(failures), base.history
+        old_names = base.label_names
+    _check_unique(paths, out)
+    labels, names = labels_of(paths)
+    name, fingerprint = _new_segment_name(len(segs)), new_fingerprint()
+    crash_point("update-linked")
+    write_store(segments_dir(out) / name, attrs, [rows], list(failures), progress=progress, task="writing",
+                total=len(new_paths), fingerprint=fingerprint, label_names=names)
+    crash_point("update-segment")
+    segs.append(_entry(out, name, len(new_paths), len(failures), fingerprint))
+    _publish(out, attrs, segs, paths, failed, labels, names, history, keep_labels=old_names == names)
+    crash_point("update-published")
+    remove_orphans(out)
+    if len(segs) > AUTO_COMPACT_SEGMENTS:
+        compact_tail(out, tail_start(segs))
+    return out
+
+
+def add_stores(out: str | Path, attrs: dict, inputs: list[str | Path], progress: ProgressFn | None = None,
+               task: str = "merging") -> Path:
+    """`sjea merge`: the stores `inputs`, in order, become the segments of a new store at `out`
+    (hard links: no row is copied; a copy only where the file system cannot link). The caller holds
+    the writer lock. progress(task, rows added, total rows) per store."""
+    out = Path(out)
+    remove_orphans(out)
+    stores = [open_store(p) for p in inputs]
+    try:
+        total = sum(s.n for s in stores)
+        segs, paths, failed = [], [], []
+        for i, s in enumerate(stores):
+            segs.append(_link_segment(out, s.path, i, s))
+            paths += s.paths
+            failed += s.failed
+            crash_point("merge-linked")
+            report(progress, task, len(paths), total)
+    finally:
+        for s in stores:
+            s.close()
+    _check_unique(paths, out)
+    labels, names = labels_of(paths)
+    fingerprint = new_fingerprint()
+    _publish(out, attrs, segs, paths, failed, labels, names, [], fingerprint=fingerprint)
+    crash_point("merge-published")
+    remove_orphans(out)
+    return out
+
+
+def compact_store(out: str | Path, progress: ProgressFn | None = None) -> dict:
+    """`sjea compact`: rewrite a store of several segments as one single file (its rows, order,
+    fingerprint and derived groups such as the cluster tree unchanged, so its indexes stay
+    current), then remove the segment files. progress("compacting", rows written, total)."""
+    out = Path(out)
+    with writer_lock(out), disk_faults(f"the compacted store {out}"):
+        remove_stale_temp_files(out)
+        with open_store(out) as s:
+            segs, n, failed = s.segments, s.n, s.failed
+            if segs:
+                attrs = {k: v for k, v in s.attrs.items() if k not in ("segments", "fingerprint", "format")}
+                write_store(out, attrs, [s.iter_rows()], failed, progress=progress, task="compacting", total=n,
+                            fingerprint=s.fingerprint, keep_groups=_derived_groups(s))
+        crash_point("compact-written")
+        removed = remove_orphans(out)
+    return {"out": str(out), "status": "compacted" if segs else "already one file", "segments": len(segs or [1]),
+            "rows": n, "failed": len(failed), "removed_files": removed}
+
+
+def compact_tail(out: Path, start: int) -> None:
+    """Rewrite segments start.. of the store into one new segment (the automatic compaction of
+    --update); the rows, their order and the fingerprint stay, the earlier segments are kept."""
+    with open_store(out) as s:
+        segs, history = s.segments, s.history
+        first = sum(int(g["rows"]) for g in segs[:start])
+        first_failed = sum(int(g["failed"]) for g in segs[:start])
+        paths, failed, names, fingerprint = s.paths, s.failed, s.label_names, s.fingerprint
+        attrs = {k: v for k, v in s.attrs.items() if k not in OWN_ATTRS}
+        name, seg_print = _new_segment_name(start), new_fingerprint()
+        write_store(segments_dir(out) / name, attrs, [s.iter_rows(first=first)], failed[first_failed:],
+                    total=len(paths) - first, fingerprint=seg_print, label_names=names)
+    segs = segs[:start] + [_entry(out, name, len(paths) - first, len(failed) - first_failed, seg_print)]
+    labels, _ = labels_of(paths)
+    _publish(out, attrs, segs, paths, failed, labels, names, history, fingerprint=fingerprint, keep_labels=True)
+    crash_point("tail-published")
+    remove_orphans(out)
+
+
+def tail_start(segs: list[dict]) -> int:
+    """The first segment of the newest run of small ones: the shortest suffix (of at least two)
+    whose rows add up to at most the segment before it, so a compaction rewrites few rows."""
+    rows = [int(g["rows"]) + int(g["failed"]) for g in segs]
+    for start in range(1, len(rows) - 1):
+        if sum(rows[start:]) <= rows[start - 1]:
+            return start
+    return len(rows) - 2
+
+
+def remove_orphans(out: str | Path) -> int:
+    """Delete the files in OUT.h5.segments/ that the store at OUT does not name (what a killed
+    update, merge or compaction left); nothing when OUT cannot be read (never guess). Returns
+    how many were removed."""
+    out = Path(out)
+    folder = segments_dir(out)
+    if not folder.is_dir():
+        return 0
+    keep = _named_files(out)
+    if keep is None:
+        return 0
+    removed = 0
+    for p in folder.iterdir():
+        if p.name not in keep and (p.is_file() or p.is_symlink()):
+            p.unlink()
+            removed += 1
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)
+    fsync_dir(out.parent)
+    return removed
+
+
+# --- segments ---------------------------------------------------------------------------------
+
+def _new_segment_name(index: int) -> str:
+    # The number keeps `ls` in row order; the random part keeps a killed run's leftover from
+    # ever being taken for a live segment.
+    return f"{index:05d}-{uuid.uuid4().hex[:8]}.h5"
+
+
+def _entry(out: Path, name: str, rows: int, failed: int, fingerprint: str, labels: str | None = None) -> dict:
+    return {"file": f"{out.name}{SEGMENTS_SUFFIX}/{name}", "rows": int(rows), "failed": int(failed),
+            "fingerprint": str(fingerprint), "labels": labels}
+
+
+def _link_segment(out: Path, source: Path, index: int, store: Store) -> dict:
+    """The single-file store `source` as a new segment of `out`, hard-linked (its bytes are not
+    copied; a later replacement of `source` by rename leaves the segment as it was)."""
+    if store.segments:
+        raise SjeaError(f"{source} is itself a store of several segments; compact it first "
+                        f"(sjea compact {source}), then merge.")
+    folder = segments_dir(out)
+    _make_folder(folder)
+    name = _new_segment_name(index)
+    try:
+        os.link(source, folder / name)
+    except OSError:  # a file system without hard links: a copy, written atomically
+        with atomic_path(folder / name) as tmp:
+            shutil.copyfile(source, tmp)
+    fsync_dir(folder)
+    return _entry(out, name, store.n, len(store.failed), store.fingerprint or new_fingerprint())
+
+
+def _make_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        folder.mkdir()
+        fsync_dir(folder.parent)
+
+
+def _named_files(out: Path) -> set[str] | None:
+    """Names (inside the segments folder) of the files the store at `out` uses; an empty set
+    when there is no store; None when it cannot be read."""
+    if not out.is_file():
+        return set()
+    try:
+        with open_store(out) as s:
+            segs = s.segments or []
+    except StoreBusyError:
+        raise
+    except SjeaError:
+        return None
+    return {Path(name).name for g in segs for name in (g["file"], g.get("labels")) if name}
+
+
+def _check_unique(paths: list[str], out: Path) -> None:
+    if len(set(paths)) != len(paths):
+        raise SjeaError(f"the rows for {out} name some images twice; the inputs overlap (merge each shard once).")
+
+
+def _derived_groups(s: Store) -> list:
+    """Groups written after the rows (cluster tree, ...): a compaction keeps them."""
+    return [s._f[k] for k in s._f if k not in RESERVED_GROUPS and not k.startswith("level_")]
+
+
+# --- the top-level file -----------------------------------------------------------------------
+
+def _publish(out: Path, attrs: dict, segs: list[dict], paths: list[str], failed: list[tuple[str, str]], labels,
+             names, history: list[tuple[str, int]], fingerprint: str | None = None, keep_labels: bool = False) -> None:
+    """Write the top-level file naming `segs` (whose rows are `paths`, `failed`) and rename it
+    over `out`. history: the earlier versions whose rows these begin with (Store.history)."""
+    fingerprint = fingerprint or new_fingerprint()
+    if labels is not None:
+        _label_sources(out, segs, labels, names, keep_labels)
+    history = [h for h in history if h[0] != fingerprint] + [(fingerprint, len(paths))]
+    h5py = h5py_module()
+    with atomic_path(out) as tmp:
+        with h5py.File(tmp, "w", libver=TOP_LIBVER) as f:
+            _virtual_layout(f, attrs, segs, paths, failed, labels is not None)
+            if names is not None:
+                write_text_dataset(f, "label_names", names)
+            _root_attrs(f, attrs, segs, fingerprint, history)
+        crash_point("top-written")
+
+
+def _virtual_layout(f, attrs: dict, segs: list[dict], paths: list[str], failed: list[tuple[str, str]],
+                    with_labels: bool) -> None:
+    text = h5py_module().string_dtype("utf-8")
+    rows = [(g["file"], int(g["rows"])) for g in segs]
+    ds = _virtual(f, "paths", [(file, "paths", n) for file, n in rows], (), text, None)
+    ds.attrs["sha256"] = strings_sha256(paths)
+    dtype = np.dtype(attrs["dtype"])
+    for k, d in zip((int(k) for k in attrs["levels"]), (int(d) for d in attrs["dims"])):
+        # NaN where a source cannot be read (HDF5 does not fail): `sjea verify` finds it.
+        ds = _virtual(f, f"level_{k}/embeddings", [(file, f"level_{k}/embeddings", n) for file, n in rows], (d,),
+                      dtype, np.nan)
+        ds.attrs["level"] = k
+    if with_labels:
+        _virtual(f, "labels", [(g.get("labels") or g["file"], "labels", int(g["rows"])) for g in segs], (),
+                 np.int64, -1)
+    f.create_group("failed")
+    for key, values in (("paths", [p for p, _ in failed]), ("errors", [e for _, e in failed])):
+        ds = _virtual(f, f"failed/{key}", [(g["file"], f"failed/{key}", int(g["failed"])) for g in segs], (), text,
+                      None)
+        ds.attrs["sha256"] = strings_sha256(values)
+
+
+def _virtual(f, name: str, sources: list[tuple[str, str, int]], tail: tuple, dtype, fill):
+    """A virtual dataset: the datasets `sources` (file, dataset, rows) one after another."""
+    h5py = h5py_module()
+    layout = h5py.VirtualLayout(shape=(sum(n for _, _, n in sources), *tail), dtype=dtype)
+    at = 0
+    for file, dataset, n in sources:
+        if n:
+            layout[at:at + n] = h5py.VirtualSource(file, dataset, shape=(n, *tail), dtype=dtype)
+            at += n
+    return f.create_virtual_dataset(name, layout, fillvalue=fill)
+
+
+def _root_attrs(f, attrs: dict, segs: list[dict], fingerprint: str, history: list[tuple[str, int]]) -> None:
+    for key, value in attrs.items():
+        if value is not None and key not in OWN_ATTRS:
+            f.attrs[key] = value
+    f.attrs["normalized"] = np.uint8(bool(attrs.get("normalized")))  # as writer.write_store: no HDF5 enum
+    f.attrs["segments"] = json.dumps(segs)
+    f.attrs["history_fingerprints"] = [p for p, _ in history]
+    f.attrs["history_rows"] = np.asarray([r for _, r in history], dtype=np.int64)
+    f.attrs["fingerprint"] = fingerprint
+    f.attrs["format"] = FORMAT
+
+
+def _label_sources(out: Path, segs: list[dict], labels: np.ndarray, names: list[str], keep: bool) -> None:
+    """Point each segment's entry at labels that index `names`: its own /labels when its class
+    names begin `names`, else a small file of its labels renumbered (kept when `keep`: the names
+    have not changed since it was written)."""
+    h5py = h5py_module()
+    at = 0
+    for g in segs:
+        n = int(g["rows"])
+        if n and not (keep and g.get("labels")):
+            with h5py.File(out.parent / g["file"], "r") as f:
+                own = [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v
+                       for v in f["label_names"][:]] if "label_names" in f else None
+            g["labels"] = None if own is not None and own == names[:len(own)] else \
+                _write_labels_file(out, g, labels[at:at + n])
+        at += n
+
+
+def _write_labels_file(out: Path, seg: dict, labels: np.ndarray) -> str:
+    name = f"{Path(seg['file']).stem}.labels-{uuid.uuid4().hex[:8]}.h5"
+    with atomic_path(segments_dir(out) / name) as tmp, h5py_module().File(tmp, "w", libver=LIBVER) as f:
+        f.create_dataset("labels", data=labels, chunks=(max(1, min(len(labels), 65536)),), fletcher32=True)
+    crash_point("labels-written")
+    return f"{out.name}{SEGMENTS_SUFFIX}/{name}"
