@@ -16,6 +16,7 @@ a half-built set.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SjeaError
-from .io import atomic_path, atomic_write_text, stale_temp_files
+from .io import atomic_path, atomic_write, atomic_write_text, stale_temp_files
 from .progress import Counter, ProgressFn
 from .vectors import exact_rerank, l2_normalize
 
@@ -33,6 +34,8 @@ KINDS = ("flat", "hnsw", "ivf-flat", "ivf-pq")
 METRICS = ("cosine", "inner-product")
 INDEX_FORMAT = "sjea-index/1"
 SIDECAR = "index.json"
+# Beside each level file: the recall queries and their exact top-k, which growth extends.
+PROBE_SUFFIX = ".probe.npz"
 GiB = 1 << 30
 DEFAULT_MEMORY_BUDGET = 8 * GiB
 # Exact search over 50,000 x 512 floats takes ~6 ms per query on 2 cores: fast enough, and exact.
@@ -149,10 +152,7 @@ def build_index(vectors: np.ndarray, spec: dict, progress: ProgressFn | None = N
         n_train = min(len(x), per_list * spec["params"]["nlist"])
         rows = np.sort(np.random.default_rng(seed).choice(len(x), n_train, replace=False))
         index.train(x[rows])
-    added = Counter(progress, task, len(x))
-    for start in range(0, len(x), chunk):
-        index.add(x[start:start + chunk])
-        added.advance(min(chunk, len(x) - start))
+    add_vectors(index, x, progress, task, chunk)
     set_search_params(index, spec["search_params"])
     return index
 
@@ -167,11 +167,15 @@ def set_search_params(index, params: dict) -> None:
 
 def exact_neighbours(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
     """Ids of the exact top-k by inner product (brute force, blocked by FAISS)."""
+    return exact_top_k(queries, vectors, k)[1]
+
+
+def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) of the exact top-k by inner product (brute force, blocked by FAISS)."""
     import faiss
 
-    _, ids = faiss.knn(np.ascontiguousarray(queries, dtype=np.float32),
-                       np.ascontiguousarray(vectors, dtype=np.float32), k, metric=faiss.METRIC_INNER_PRODUCT)
-    return ids
+    return faiss.knn(np.ascontiguousarray(queries, dtype=np.float32),
+                     np.ascontiguousarray(vectors, dtype=np.float32), k, metric=faiss.METRIC_INNER_PRODUCT)
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
@@ -180,18 +184,32 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f[:k].tolist()) & set(t.tolist())) / k for f, t in zip(found, truth)]))
 
 
+def recall_probe(vectors: np.ndarray, k: int = 10, sample: int = RECALL_SAMPLE, seed: int = 0) -> dict:
+    """The queries recall is measured with (up to `sample` stored rows) and their exact top-k:
+    {"rows", "queries", "ids", "scores"}. Saved beside the index, so a growth extends the truth
+    with the added rows only instead of searching every stored row again."""
+    n = len(vectors)
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False))
+    queries = np.ascontiguousarray(vectors[rows], dtype=np.float32)
+    scores, ids = exact_top_k(queries, vectors, min(k, n))
+    return {"rows": rows.astype(np.int64), "queries": queries, "ids": ids.astype(np.int64),
+            "scores": scores.astype(np.float32)}
+
+
 def tune_and_measure(index, vectors: np.ndarray, spec: dict, k: int = 10, sample: int = RECALL_SAMPLE,
-                     target: float = TARGET_RECALL, seed: int = 0, tune: bool = True) -> dict:
+                     target: float = TARGET_RECALL, seed: int = 0, tune: bool = True, probe: dict | None = None,
+                     get_rows=None) -> dict:
     """recall@k of index against exact search on up to `sample` stored vectors.
 
     For IVF (nprobe) and HNSW (efSearch) the search parameter is doubled until the recall reaches
     `target` (what autofaiss does), unless the parameter was forced; spec["search_params"] is updated.
+    A growth passes its `probe` (recall_probe, extended) and `get_rows` (sorted ids -> vectors, for
+    the exact re-scoring of compressed indexes) instead of `vectors`. The probe is returned too.
     """
-    n = len(vectors)
-    k = min(k, n)
-    rows = np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False))
-    queries = np.ascontiguousarray(vectors[rows], dtype=np.float32)
-    truth = exact_neighbours(queries, vectors, k)
+    probe = probe if probe is not None else recall_probe(vectors, k, sample, seed)
+    get_rows = get_rows or (lambda ids: vectors[ids])
+    queries, truth, n = probe["queries"], probe["ids"], int(index.ntotal)
+    k = truth.shape[1]
     name = {"hnsw": "efSearch", "ivf-flat": "nprobe", "ivf-pq": "nprobe"}.get(spec["kind"])
     limit = {"efSearch": 2048, "nprobe": spec["params"].get("nlist", 1)}.get(name, 0)
     tried: list[dict] = []
@@ -199,7 +217,7 @@ def tune_and_measure(index, vectors: np.ndarray, spec: dict, k: int = 10, sample
     while True:
         _, found = index.search(queries, min(n, k * rerank))
         if rerank > 1:  # what search does for compressed indexes: exact re-scoring of more candidates
-            found, _ = exact_rerank(queries, found, lambda ids: vectors[ids], k)
+            found, _ = exact_rerank(queries, found, get_rows, k)
         recall = recall_at_k(found, truth)
         gained = recall - tried[-1]["recall"] if tried else 1.0
         if name:
@@ -210,7 +228,8 @@ def tune_and_measure(index, vectors: np.ndarray, spec: dict, k: int = 10, sample
             break
         spec["search_params"][name] = min(limit, value * 2)
         set_search_params(index, spec["search_params"])
-    return {"recall_at_k": recall, "k": k, "sample": len(rows), "target": target, "tried": tried}
+    return {"recall_at_k": recall, "k": k, "sample": len(queries), "target": target, "tried": tried,
+            "probe": probe}
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,13 +274,18 @@ def parse_memory(text: str | int | None) -> int:
 
 def build_indexes(store_path: str | Path, kind: str = "auto", memory_budget=None, params: dict | None = None,
                   metric: str = "cosine", sample: int = RECALL_SAMPLE, tune: bool = True,
-                  progress: ProgressFn | None = None, clusters: bool = False) -> dict:
+                  progress: ProgressFn | None = None, clusters: bool = False, rebuild: bool = False) -> dict:
     """One FAISS index per level of a store, saved beside it; returns the sidecar dict.
 
     kind "auto" asks choose_index; an explicit kind uses `params` (nlist, nprobe, m, nbits,
-    ef_construction, ef_search) with defaults for the rest. Indexes only: the cluster tree is
-    pipeline.index_store's next step (`clusters` is accepted only as False, for old callers).
-    Silent unless given `progress` (one task per level: vectors added). Holds the store's writer
+    ef_construction, ef_search) with defaults for the rest. An index already beside the store that
+    was built on its first rows with the same settings *grows*: only the added rows are read and
+    added (the IVF quantizer and the HNSW graph kept) and recall is measured again. A level is
+    rebuilt when the kind chosen for the new size differs, recall after growth falls below target,
+    the indexed rows changed, the settings asked differ, or `rebuild`. Each level entry says what
+    happened in "action" (built, grown, rebuilt, up to date) and "status" (that word and why).
+    Indexes only: the cluster tree is pipeline.index_store's next step (`clusters` is accepted
+    only as False, for old callers). Silent unless given `progress`. Holds the store's writer
     lock, so two builds never delete each other's files.
     """
     from .store import disk_faults, writer_lock
@@ -270,14 +294,17 @@ def build_indexes(store_path: str | Path, kind: str = "auto", memory_budget=None
         raise SjeaError("build_indexes builds indexes only; use sjea_tools.pipeline.index_store for the "
                         "indexes and the cluster tree.")
     check_build_options(kind, metric, params, sample)
-    budget = parse_memory(memory_budget)
+    request = {"kind": kind, "budget": parse_memory(memory_budget), "metric": metric, "sample": sample,
+               "tune": tune, "rebuild": rebuild, "params": {k: v for k, v in (params or {}).items() if v is not None}}
     store_path = Path(store_path)
     folder = index_dir(store_path)
     with writer_lock(store_path), disk_faults(f"the index folder {folder}"):
-        remove_unused_files(folder, read_sidecar_or_none(store_path))  # what a killed build left
-        sidecar = _build_all_levels(store_path, kind, budget, params, metric, sample, tune, progress)
-        atomic_write_text(folder / SIDECAR, json.dumps(sidecar, indent=2) + "\n")
-        remove_unused_files(folder, sidecar)
+        old = read_sidecar_or_none(store_path)
+        remove_unused_files(folder, old)  # what a killed build or growth left
+        sidecar, changed = _index_all_levels(store_path, old, request, progress)
+        if changed:  # the one step that switches readers to the new files
+            atomic_write_text(folder / SIDECAR, json.dumps(sidecar, indent=2) + "\n")
+            remove_unused_files(folder, sidecar)
     sidecar["path"] = str(folder)
     return sidecar
 
@@ -298,32 +325,63 @@ def check_build_options(kind: str, metric: str, params: dict | None, sample: int
             raise SjeaError(f"{names.get(key, key)} must be a whole number >= 1, not {value!r}.")
 
 
-def _build_all_levels(store_path: Path, kind: str, budget: int, params: dict | None, metric: str, sample: int,
-                      tune: bool, progress: ProgressFn | None) -> dict:
+def _index_all_levels(store_path: Path, old: dict | None, request: dict,
+                      progress: ProgressFn | None) -> tuple[dict, bool]:
+    """(the new sidecar, whether it differs from `old` and must be written)."""
     import faiss
 
     from .store import open_store
 
-    folder = index_dir(store_path)
     build_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-    forced = bool(params) and any(params.get(p) is not None for p in ("nprobe", "ef_search"))
     with open_store(store_path) as store:
         if store.n == 0:
             raise SjeaError(f"{store_path} holds no embeddings yet; run sjea embed first.")
-        model_id, n, fingerprint = store.model_id, store.n, store.fingerprint
-        entries: dict[str, dict] = {}
-        for level, dim in zip(store.levels, store.dims):
-            vectors = store.read_embeddings(level)
-            spec = (choose_index(n, dim, budget) if kind == "auto"
-                    else explicit_spec(kind, n, dim, **(params or {})))
-            entries[str(level)] = build_level_file(
-                l2_normalize(vectors) if metric == "cosine" else vectors, spec,
-                folder / f"level{level}-{build_id}.faiss", sample=sample, tune=tune and not forced,
-                progress=progress, task=f"level {level} {spec['kind']}")
-            del vectors
-    return {"format": INDEX_FORMAT, "store": store_path.name, "model_id": model_id, "n": n,
-            "store_fingerprint": fingerprint, "metric": metric, "levels": entries, "memory_budget": budget,
-            "faiss_version": faiss.__version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        paths = store.paths
+        problem = "no index yet" if old is None else stale_rows(store, old, paths)
+        entries = {str(level): _index_level(store, level, dim, old, problem, request, build_id, progress)
+                   for level, dim in zip(store.levels, store.dims)}
+        sidecar = {"format": INDEX_FORMAT, "store": store_path.name, "model_id": store.model_id, "n": store.n,
+                   "store_fingerprint": store.fingerprint, "metric": request["metric"], "levels": entries,
+                   "memory_budget": request["budget"], "sample": request["sample"], "rows": rows_record(store, paths),
+                   "faiss_version": faiss.__version__,
+                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if old is not None and all(e["action"] == "up to date" for e in entries.values()):
+        # Nothing to add; only a rewrite of the same rows (a new fingerprint) needs a new sidecar.
+        if old.get("store_fingerprint") == sidecar["store_fingerprint"]:
+            return {**old, "levels": entries}, False
+    return sidecar, True
+
+
+def _index_level(store, level: int, dim: int, old: dict | None, problem: str | None, request: dict, build_id: str,
+                 progress: ProgressFn | None) -> dict:
+    """One level's sidecar entry: kept, grown, or built from all its vectors."""
+    action, reason = plan_level(store.n, dim, level, old, problem, request)
+    if action == "up to date":
+        return {**old["levels"][str(level)], "action": action, "status": "up to date", "added": 0}
+    path = index_dir(store.path) / f"level{level}-{build_id}.faiss"
+    if action == "grow":
+        entry, reason = grow_level(store, level, old, request, path, progress)
+        if entry is not None:
+            return entry
+        action = "rebuilt"
+    spec = wanted_spec(store.n, dim, request)
+    vectors = prepare(store.read_embeddings(level), request["metric"])
+    forced = any(request["params"].get(p) is not None for p in ("nprobe", "ef_search"))
+    entry = build_level_file(vectors, spec, path, sample=request["sample"], tune=request["tune"] and not forced,
+                             progress=progress, task=f"level {level} {spec['kind']}")
+    return {**entry, "action": action, "status": f"{action}: {reason}", "added": 0, "rows_at_build": store.n,
+            "search_forced": forced}
+
+
+def prepare(vectors: np.ndarray, metric: str) -> np.ndarray:
+    """Vectors as the index holds them: L2-normalised for cosine, as stored for inner product."""
+    return l2_normalize(vectors) if metric == "cosine" else vectors
+
+
+def wanted_spec(n: int, dim: int, request: dict) -> dict:
+    if request["kind"] == "auto":
+        return choose_index(n, dim, request["budget"])
+    return explicit_spec(request["kind"], n, dim, **request["params"])
 
 
 def read_sidecar_or_none(store_path: str | Path) -> dict | None:
@@ -352,32 +410,247 @@ def index_is_current(store_path: str | Path) -> bool:
 
 def build_level_file(vectors: np.ndarray, spec: dict, path: Path, sample: int = RECALL_SAMPLE, tune: bool = True,
                      progress: ProgressFn | None = None, task: str = "adding vectors") -> dict:
-    """Build, tune and measure one level's index, write it to `path` atomically; its sidecar entry."""
-    import faiss
-
+    """Build, tune and measure one level's index, write it (and its recall probe) atomically; its
+    sidecar entry."""
     t0 = time.perf_counter()
     index = build_index(vectors, spec, progress=progress, task=task)
     build_seconds = time.perf_counter() - t0
     measured = tune_and_measure(index, vectors, spec, sample=sample, tune=tune)
+    return save_level(index, spec, measured, path, build_seconds)
+
+
+def save_level(index, spec: dict, measured: dict, path: Path, seconds: float) -> dict:
+    """Write a level's index to `path` and its recall probe beside it, each atomically (new names:
+    readers keep the old files until the sidecar is replaced); the level's sidecar entry."""
+    import faiss
+
     with atomic_path(path) as tmp:
         faiss.write_index(index, str(tmp))
-    return {"file": path.name, "kind": spec["kind"], "params": spec["params"],
-            "search_params": spec["search_params"], "rerank": spec.get("rerank", 1), "dim": int(vectors.shape[1]),
+    probe_path = path.with_suffix(PROBE_SUFFIX)
+    atomic_write(probe_path, lambda f: np.savez(f, **measured["probe"]))
+    return {"file": path.name, "probe": probe_path.name, "kind": spec["kind"], "params": spec["params"],
+            "search_params": spec["search_params"], "rerank": spec.get("rerank", 1), "dim": int(index.d),
             "reason": spec["reason"], "recall_at_10": round(measured["recall_at_k"], 4), "recall_k": measured["k"],
             "recall_sample": measured["sample"], "recall_tuning": measured["tried"],
-            "build_seconds": round(build_seconds, 3), "bytes": path.stat().st_size}
+            "build_seconds": round(seconds, 3), "bytes": path.stat().st_size}
 
 
 def remove_unused_files(folder: Path, sidecar: dict | None) -> None:
-    """Delete the index files the sidecar does not point at (a previous build's, or a killed
-    build's) and the temporary files a killed build left (sjea_tools.io names them
-    .level*.faiss.*.tmp and .index.json.*.tmp). Called under the store's writer lock."""
-    keep = {e["file"] for e in sidecar["levels"].values()} if sidecar else set()
+    """Delete the index and probe files the sidecar does not point at (a previous build's, or a
+    killed build's) and the temporary files a killed build left (sjea_tools.io names them
+    .level*.*.tmp and .index.json.*.tmp). Called under the store's writer lock."""
+    levels = sidecar["levels"].values() if sidecar else []
+    keep = {e["file"] for e in levels} | {e.get("probe") for e in levels}
     if not folder.is_dir():
         return
-    for path in [*folder.glob("level*.faiss"), *folder.glob(".level*.faiss.*.tmp"), *stale_temp_files(folder / SIDECAR)]:
+    for path in [*folder.glob("level*.faiss"), *folder.glob(f"level*{PROBE_SUFFIX}"), *folder.glob(".level*.tmp"),
+                 *stale_temp_files(folder / SIDECAR)]:
         if path.name not in keep:
             path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Growth: what decides it, and the adding
+
+
+# How far recall may drop below the recall the index was built with, where that was already under
+# the target (IVF-PQ's ceiling): growth keeps such an index unless it got measurably worse.
+RECALL_SLACK = 0.01
+# Stored rows whose vectors the sidecar fingerprints (spread over the indexed rows): a spot check.
+CHECK_ROWS = 8
+# Store attributes that define what the rows are (sjea_tools.store.IDENTITY_ATTRS, with the
+# PreprocessSpec spelled as the attributes that hold it).
+IDENTITY_KEYS = ("model_id", "levels", "dims", "image_size", "mean", "std", "colour_mode", "normalized", "dtype",
+                 "root")
+KIND_NAMES = {"flat": "Flat", "hnsw": "HNSW", "ivf-flat": "IVF", "ivf-pq": "IVF-PQ"}
+OPTION_NAMES = {"nlist": "--nlist", "nprobe": "--nprobe", "m": "--pq-m/--hnsw-m", "nbits": "nbits",
+                "ef_construction": "ef_construction", "ef_search": "--ef-search"}
+
+
+def rows_record(store, paths: list[str]) -> dict:
+    """What an index was built on, checkable later without reading the stored vectors (stale_rows).
+
+    Why this is safe and cheap: the rows of an index are identified by the store's identity
+    attributes (model, levels, preprocessing, root folder), its `created` time (kept by --update,
+    renewed by --overwrite and merge), the sha256 of the indexed rows' paths in order (any other
+    image set or order changes it; hashing 200,000 paths costs ~0.1 s, nothing next to the
+    vectors) and the sha256 of CHECK_ROWS stored vectors per level (a re-embedding of the same
+    names with other pixels or weights changes them). The store's fingerprint cannot serve: every
+    write, an update included, renews it.
+    """
+    from .store.reader import strings_sha256
+
+    rows = check_rows(len(paths))
+    return {"paths_sha256": strings_sha256(paths), "created": store.attrs.get("created"),
+            "identity": identity_digest(store.attrs), "check_rows": rows.tolist(),
+            "check_sha256": {str(lv): vectors_digest(store, lv, rows) for lv in store.levels}}
+
+
+def check_rows(n: int) -> np.ndarray:
+    return np.unique(np.linspace(0, n - 1, CHECK_ROWS).round().astype(np.int64))
+
+
+def identity_digest(attrs: dict) -> str:
+    values = {k: attrs.get(k) for k in IDENTITY_KEYS}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def vectors_digest(store, level: int, rows: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(store.read_embeddings(level, rows)).tobytes()).hexdigest()
+
+
+def stale_rows(store, old: dict, paths: list[str]) -> str | None:
+    """Why the store's first old["n"] rows are not the rows the index holds, or None if they are."""
+    from .store.reader import strings_sha256
+
+    record, n_old = old.get("rows"), int(old.get("n", 0))
+    if record is None:
+        return "the index was built by an older sjea that did not record its rows"
+    if old.get("model_id") != store.model_id:
+        return "the store was written by another model"
+    if record["identity"] != identity_digest(store.attrs):
+        return "the store's settings changed (levels, dimensions, preprocessing or image folder)"
+    if store.n < n_old:
+        return f"the store has {store.n:,} rows, fewer than the {n_old:,} indexed"
+    if record["created"] != store.attrs.get("created"):
+        return "the store was written anew (--overwrite or merge) since the index was built"
+    if strings_sha256(paths[:n_old]) != record["paths_sha256"]:
+        return f"the store's first {n_old:,} rows are not the indexed images in the same order"
+    rows = np.asarray(record["check_rows"], dtype=np.int64)
+    if any(vectors_digest(store, lv, rows) != record["check_sha256"].get(str(lv)) for lv in store.levels):
+        return "the stored vectors of the indexed rows changed"
+    return None
+
+
+def plan_level(n: int, dim: int, level: int, old: dict | None, problem: str | None, request: dict) -> tuple[str, str]:
+    """(action, reason): "built", "rebuilt", "up to date" or "grow" (which may still rebuild)."""
+    if old is None:
+        return "built", "no index yet"
+    if request["rebuild"]:
+        return "rebuilt", "--rebuild asked"
+    if problem:
+        return "rebuilt", problem
+    entry = old["levels"].get(str(level))
+    if entry is None or "probe" not in entry:
+        return "rebuilt", f"the index has no growth record for level {level}"
+    differs = settings_differ(n, dim, entry, old, request)
+    if differs:
+        return "rebuilt", differs
+    return ("up to date", "") if n == old["n"] else ("grow", "")
+
+
+def settings_differ(n: int, dim: int, entry: dict, old: dict, request: dict) -> str | None:
+    """How the settings asked differ from those the existing index was built with, or None."""
+    if request["metric"] != old.get("metric"):
+        return f"--metric {request['metric']} asked, the index uses {old.get('metric')}"
+    if request["sample"] != old.get("sample"):
+        return f"a recall sample of {request['sample']} asked, the index was measured on {old.get('sample')}"
+    kind, have = request["kind"], entry["kind"]
+    if kind == "auto":
+        chosen = choose_index(n, dim, request["budget"])["kind"]
+        if chosen != have:
+            return f"the index kind chosen for {n:,} rows is {KIND_NAMES[chosen]}, the existing one is {KIND_NAMES[have]}"
+        return None  # auto builds ignore explicit parameters, so they cannot differ
+    if kind != have:
+        return f"--kind {kind} asked, the existing index is {have}"
+    current = {**entry["params"], "nprobe": entry["search_params"].get("nprobe"),
+               "ef_search": entry["search_params"].get("efSearch")}
+    for key, value in request["params"].items():
+        if current.get(key) is not None and int(current[key]) != int(value):
+            return f"{OPTION_NAMES.get(key, key)} {value} asked, the existing index has {current[key]}"
+    return None
+
+
+def grow_level(store, level: int, old: dict, request: dict, path: Path,
+               progress: ProgressFn | None) -> tuple[dict | None, str]:
+    """Add the store's rows after old["n"] to a level's index and measure recall again, reading
+    only the added rows: (the new entry, "") or (None, why it must be rebuilt instead)."""
+    folder = path.parent
+    entry = old["levels"][str(level)]
+    n_old, n = int(old["n"]), store.n
+    t0 = time.perf_counter()
+    index = read_faiss(folder / entry["file"], mmap=False)
+    if index.ntotal != n_old:
+        return None, f"{entry['file']} holds {index.ntotal:,} vectors, not the {n_old:,} recorded"
+    probe = read_probe(folder / entry["probe"])
+    if probe["ids"].shape[1] < min(10, n):
+        return None, "the index held too few rows to measure recall@10 on"
+    spec = {"kind": entry["kind"], "params": dict(entry["params"]), "search_params": dict(entry["search_params"]),
+            "rerank": entry.get("rerank", 1), "reason": entry["reason"]}
+    set_search_params(index, spec["search_params"])
+    new = prepare(store.read_embeddings(level, np.arange(n_old, n)), request["metric"])
+    add_vectors(index, new, progress, f"level {level} {spec['kind']} +{n - n_old:,}")
+    probe = grow_probe(index, spec["kind"], probe, new, n_old, request["sample"])
+    measured = tune_and_measure(index, None, spec, probe=probe, tune=request["tune"] and not entry.get("search_forced"),
+                                get_rows=lambda ids: prepare(store.read_embeddings(level, ids), request["metric"]))
+    floor = min(TARGET_RECALL, entry["recall_at_10"] - RECALL_SLACK)
+    if measured["recall_at_k"] < floor:
+        against = "the target" if floor == TARGET_RECALL else "the index's recall when built, less the slack,"
+        return None, f"recall@10 {measured['recall_at_k']:.2f} after growth is below {against} {floor:.2f}"
+    saved = save_level(index, spec, measured, path, time.perf_counter() - t0)
+    return {**saved, "action": "grown", "status": f"grown (+{n - n_old:,} rows)", "added": n - n_old,
+            "rows_at_build": entry.get("rows_at_build", n_old), "search_forced": entry.get("search_forced", False)}, ""
+
+
+def add_vectors(index, vectors: np.ndarray, progress: ProgressFn | None, task: str, chunk: int = 50_000) -> None:
+    added = Counter(progress, task, len(vectors))
+    for start in range(0, len(vectors), chunk):
+        index.add(np.ascontiguousarray(vectors[start:start + chunk], dtype=np.float32))
+        added.advance(min(chunk, len(vectors) - start))
+
+
+def grow_probe(index, kind: str, probe: dict, new: np.ndarray, n_old: int, sample: int) -> dict:
+    """The recall probe after `new` rows were added at n_old: the old queries' exact top-k merged
+    with their exact top-k among the new rows (queries x added rows: cost follows what was added),
+    and queries drawn from the new rows in proportion, so the sample stays uniform over all rows;
+    their exact top-k comes from the grown index's own full vectors (IVF-PQ keeps only codes, so
+    it keeps its old queries)."""
+    k, n = probe["ids"].shape[1], n_old + len(new)
+    scores, ids = exact_top_k(probe["queries"], new, min(k, len(new)))
+    ids, scores = merge_top_k(probe["ids"], probe["scores"], ids + n_old, scores, k)
+    exact = exact_searcher(index, kind)
+    want = min(sample, n)
+    take = min(len(new), round(want * len(new) / n)) if exact is not None else 0
+    rng = np.random.default_rng(n)
+    keep = np.sort(rng.choice(len(ids), min(want - take, len(ids)), replace=False))
+    picked = np.sort(rng.choice(len(new), take, replace=False))
+    queries = np.ascontiguousarray(new[picked], dtype=np.float32)
+    new_scores, new_ids = exact(queries, k) if take else (np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
+    return {"rows": np.concatenate([probe["rows"][keep], picked + n_old]).astype(np.int64),
+            "queries": np.concatenate([probe["queries"][keep], queries]),
+            "ids": np.concatenate([ids[keep], new_ids]).astype(np.int64),
+            "scores": np.concatenate([scores[keep], new_scores]).astype(np.float32)}
+
+
+def merge_top_k(ids_a, scores_a, ids_b, scores_b, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of two (q, *) candidate lists by score; ties keep the first list's (lower) ids."""
+    ids, scores = np.concatenate([ids_a, ids_b], 1), np.concatenate([scores_a, scores_b], 1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
+
+
+def exact_searcher(index, kind: str):
+    """search(queries, k) -> exact (scores, ids) over every vector the index holds, or None where it
+    keeps only compressed codes (IVF-PQ)."""
+    import faiss
+
+    if kind == "flat":
+        return index.search
+    if kind == "hnsw":
+        return faiss.downcast_index(index.storage).search
+    if kind == "ivf-flat":
+        every_list = faiss.SearchParametersIVF(nprobe=faiss.extract_index_ivf(index).nlist)
+        return lambda queries, k: index.search(queries, k, params=every_list)
+    return None
+
+
+def read_probe(path: Path) -> dict:
+    try:
+        with np.load(path) as f:
+            return {name: f[name] for name in ("rows", "queries", "ids", "scores")}
+    except (OSError, ValueError, KeyError) as e:
+        raise SjeaError(f"{path} is unreadable ({str(e)[:80]}); rebuild the index with: sjea index "
+                        f"{str(path.parent)[:-len('.index')]} --rebuild") from None
 
 
 def check_sidecar(store_path: str | Path, sidecar: dict | None, model_id: str, n: int, levels,

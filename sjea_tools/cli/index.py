@@ -32,26 +32,34 @@ def index(
                                             "recall@10 >= 0.95].", callback=positive_int),
     metric: str = typer.Option("cosine", "--metric", help="cosine (L2-normalised vectors, inner product) or "
                                "inner-product (raw vectors)."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Build every level from scratch, even where the existing "
+                                 "index could grow by the added rows or is up to date."),
     no_clusters: bool = typer.Option(False, "--no-clusters", help="Skip building the cluster tree."),
     as_json: bool = json_option("the index description"),
     quiet: bool = quiet_option(),
 ) -> None:
-    """Build one FAISS index per level beside STORE (STORE.index/), measure recall@10, build the cluster tree."""
+    """Build one FAISS index per level beside STORE (STORE.index/), or grow it by the rows added since, measure
+    recall@10, build the cluster tree."""
     from ..pipeline import index_store
 
     params = {"nlist": nlist, "nprobe": nprobe, "m": pq_m if kind == "ivf-pq" else hnsw_m, "ef_search": ef_search}
     with rich_progress(quiet or as_json) as progress:
         info = index_store(store, progress, clusters=not no_clusters, kind=kind, memory_budget=memory_budget,
-                           params=params, metric=metric)
+                           params=params, metric=metric, rebuild=rebuild)
     if as_json:
         print_json(info)
         return
     for level, e in info["levels"].items():
-        settings = ", ".join(f"{k}={v}" for k, v in {**e["params"], **e["search_params"]}.items())
-        console.print(f"level {level}: {e['kind']}{f' ({settings})' if settings else ''}, recall@10 "
-                      f"{e['recall_at_10']:.3f} on {e['recall_sample']} stored vectors, built in "
-                      f"{e['build_seconds']:.1f}s, {e['bytes'] / 1e6:.1f} MB", highlight=False)
+        console.print(f"level {level}: {e.get('status', 'up to date')}: {describe(e)}", highlight=False, markup=False)
     if "clusters" in info:
         console.print(f"cluster tree: {' x '.join(map(str, info['clusters']))} (list it with: sjea clusters "
                       f"{plain(store)})", highlight=False, markup=False)
     console.print(f"index written to {plain(info['path'])}", highlight=False, markup=False)
+
+
+def describe(e: dict) -> str:
+    """One level's index in words: kind, settings, measured recall, time of this run's work, size."""
+    settings = ", ".join(f"{k}={v}" for k, v in {**e["params"], **e["search_params"]}.items())
+    work = "" if e.get("action") == "up to date" else f", {e['build_seconds']:.1f}s"
+    return (f"{e['kind']}{f' ({settings})' if settings else ''}, recall@10 {e['recall_at_10']:.3f} on "
+            f"{e['recall_sample']} stored vectors{work}, {e['bytes'] / 1e6:.1f} MB")

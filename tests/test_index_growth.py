@@ -1,0 +1,230 @@
+"""Indexes that grow (issue 13, item 2): added rows go into the existing FAISS index; a rebuild
+happens only when the kind, the rows, the settings or the recall say so, and says why."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from sjea_tools import index as ix
+from sjea_tools.cli import app
+from sjea_tools.store import open_store, write_store
+from sjea_tools.vectors import l2_normalize
+
+DIMS = (16, 8)
+ATTRS = {"sjea_version": "0.1.0", "model_id": "a" * 64, "model_source": "/runs/x", "backend": "torch",
+         "levels": [0, 1], "dims": list(DIMS), "image_size": 28, "mean": [0.5] * 3, "std": [0.25] * 3,
+         "normalized": True, "dtype": "float32", "root": "/data/imgs", "created": "2026-01-01T00:00:00"}
+
+
+def clustered(n, d, seed=0, centres=40, noise=0.4):
+    rng = np.random.default_rng(seed)
+    c = np.random.default_rng(1000 + d).standard_normal((centres, d)).astype(np.float32)
+    return l2_normalize(c[rng.integers(0, centres, n)] + noise * rng.standard_normal((n, d)).astype(np.float32))
+
+
+def rows(n, seed=0):
+    """n stored rows, the same first rows for any n (what an --update appends to)."""
+    return {k: clustered(n, d, seed) if n else np.zeros((0, d), np.float32) for k, d in enumerate(DIMS)}
+
+
+def grown_rows(n_old, n, seed=0):
+    old, new = rows(n_old, seed), rows(n - n_old, seed + 1)
+    return {k: np.concatenate([old[k], new[k]]) for k in old}
+
+
+def write(path, vectors, paths=None, **attrs):
+    n = len(vectors[0])
+    paths = paths or [f"c{i % 3}/{i:05d}.png" for i in range(n)]
+    write_store(path, {**ATTRS, **attrs}, [[(paths, vectors)]], [])
+    return path
+
+
+def statuses(info):
+    return {lv: e["status"] for lv, e in info["levels"].items()}
+
+
+def fresh_flat(vectors):
+    import faiss
+
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    return index
+
+
+def loaded(path):
+    with open_store(path) as s:
+        return ix.load_indexes(path, s.model_id, s.n, s.levels)
+
+
+def test_flat_growth_reads_only_the_added_rows_and_equals_a_fresh_build(tmp_path, monkeypatch):
+    st = write(tmp_path / "s.h5", rows(500))
+    first = ix.build_indexes(st)
+    assert {e["action"] for e in first["levels"].values()} == {"built"}
+    write(st, grown_rows(500, 700))
+    from sjea_tools.store import Store
+
+    asked = []
+    real = Store.read_embeddings
+    monkeypatch.setattr(Store, "read_embeddings", lambda self, level, rows=None: asked.append(rows) or
+                        real(self, level, rows))
+    info = ix.build_indexes(st)
+    assert statuses(info) == {"0": "grown (+200 rows)", "1": "grown (+200 rows)"}
+    assert all(r is not None for r in asked) and max(len(r) for r in asked) == 200  # never the whole level
+    monkeypatch.undo()
+    fresh = shutil.copy(st, tmp_path / "fresh.h5")
+    assert {e["action"] for e in ix.build_indexes(fresh)["levels"].values()} == {"built"}
+    indexes, fresh_indexes = loaded(st), loaded(fresh)
+    for level, vectors in grown_rows(500, 700).items():
+        want_scores, want_ids = fresh_indexes[level].search(vectors[::7], 10)
+        scores, ids = indexes[level].search(vectors[::7], 10)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_array_equal(scores, want_scores)
+        assert info["levels"][str(level)]["recall_at_10"] == 1.0
+    files = {p.name for p in ix.index_dir(st).iterdir()}
+    assert files == {"index.json", *(e[f] for e in info["levels"].values() for f in ("file", "probe"))}
+
+
+@pytest.mark.parametrize("kind,params", [("hnsw", {}), ("ivf-flat", {"nlist": 16})])
+def test_grown_ivf_and_hnsw_keep_their_structure_and_reach_the_target_against_flat(tmp_path, kind, params):
+    st = write(tmp_path / "s.h5", rows(1500))
+    ix.build_indexes(st, kind=kind, params=params)
+    before = ix.read_faiss(ix.index_dir(st) / ix.read_sidecar(st)["levels"]["0"]["file"])
+    write(st, grown_rows(1500, 2000))
+    info = ix.build_indexes(st, kind=kind, params=params)
+    assert statuses(info) == {"0": "grown (+500 rows)", "1": "grown (+500 rows)"}
+    indexes = loaded(st)
+    for level, vectors in grown_rows(1500, 2000).items():
+        queries = vectors[::10]  # old and added rows alike
+        _, truth = fresh_flat(vectors).search(queries, 10)
+        _, found = indexes[level].search(queries, 10)
+        assert ix.recall_at_k(found, truth) >= ix.TARGET_RECALL
+    if kind == "ivf-flat":  # the trained quantizer is kept, not retrained
+        import faiss
+
+        centroids = [faiss.extract_index_ivf(i).quantizer.reconstruct_n(0, 16) for i in (before, indexes[0])]
+        np.testing.assert_array_equal(*centroids)
+
+
+def test_kind_chosen_for_the_new_size_rebuilds_and_says_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(ix, "FLAT_MAX_ROWS", 600)
+    st = write(tmp_path / "s.h5", rows(500))
+    ix.build_indexes(st)
+    write(st, grown_rows(500, 700))
+    info = ix.build_indexes(st)
+    assert statuses(info)["0"] == "rebuilt: the index kind chosen for 700 rows is HNSW, the existing one is Flat"
+    assert info["levels"]["0"]["kind"] == "hnsw" and loaded(st)[0].ntotal == 700
+
+
+@pytest.mark.parametrize("change,why", [
+    ("other images", "written anew"), ("another order", "not the indexed images in the same order"),
+    ("other pixels", "stored vectors of the indexed rows changed"), ("fewer rows", "fewer than the 500 indexed")])
+def test_a_store_rewritten_with_other_rows_is_never_grown(tmp_path, change, why):
+    st = write(tmp_path / "s.h5", rows(500))
+    ix.build_indexes(st)
+    vectors, names = grown_rows(500, 600), [f"c{i % 3}/{i:05d}.png" for i in range(600)]
+    if change == "other images":  # --overwrite with another folder's images (a new `created`)
+        write(st, vectors, [f"x/{i:05d}.png" for i in range(600)], created="2026-02-01T00:00:00")
+    elif change == "another order":  # a merge of the same shards in another order
+        order = np.r_[100:600, 0:100]
+        write(st, {k: v[order] for k, v in vectors.items()}, [names[i] for i in order])
+    elif change == "other pixels":  # the same names re-embedded from changed files
+        write(st, {k: v[::-1].copy() for k, v in vectors.items()}, names)
+    else:
+        write(st, rows(400))
+    info = ix.build_indexes(st)
+    assert all(s.startswith("rebuilt: ") and why in s for s in statuses(info).values()), statuses(info)
+    with open_store(st) as s:
+        for level, index in loaded(st).items():
+            stored = s.read_embeddings(level)
+            _, found = index.search(stored[:50], 1)
+            assert (found[:, 0] == np.arange(50)).all()  # the index describes the rows as they are now
+
+
+def test_recall_below_target_after_growth_rebuilds(tmp_path, monkeypatch):
+    st = write(tmp_path / "s.h5", rows(1500))
+    ix.build_indexes(st, kind="hnsw")
+    write(st, grown_rows(1500, 1700))
+    real = ix.tune_and_measure
+
+    def worse_after_growth(index, vectors, spec, **kw):
+        measured = real(index, vectors, spec, **kw)
+        return {**measured, "recall_at_k": 0.91} if vectors is None else measured  # growth passes no vectors
+
+    monkeypatch.setattr(ix, "tune_and_measure", worse_after_growth)
+    info = ix.build_indexes(st, kind="hnsw")
+    assert statuses(info)["0"] == "rebuilt: recall@10 0.91 after growth is below the target 0.95"
+    assert info["levels"]["0"]["recall_at_10"] >= ix.TARGET_RECALL and info["levels"]["0"]["action"] == "rebuilt"
+
+
+def test_unchanged_store_is_up_to_date_and_rebuild_forces_a_fresh_build(tmp_path):
+    st = write(tmp_path / "s.h5", rows(300))
+    first = ix.build_indexes(st)
+    sidecar = (ix.index_dir(st) / "index.json").read_text()
+    again = ix.build_indexes(st)
+    assert statuses(again) == {"0": "up to date", "1": "up to date"}
+    assert (ix.index_dir(st) / "index.json").read_text() == sidecar
+    forced = ix.build_indexes(st, rebuild=True)
+    assert statuses(forced) == {"0": "rebuilt: --rebuild asked", "1": "rebuilt: --rebuild asked"}
+    assert forced["levels"]["0"]["file"] != first["levels"]["0"]["file"]
+    assert not (ix.index_dir(st) / first["levels"]["0"]["file"]).exists()
+
+
+def test_explicit_settings_that_differ_from_the_index_rebuild(tmp_path):
+    st = write(tmp_path / "s.h5", rows(1000))
+    ix.build_indexes(st, kind="ivf-flat", params={"nlist": 16})
+    write(st, grown_rows(1000, 1100))
+    info = ix.build_indexes(st, kind="ivf-flat", params={"nlist": 8})
+    assert statuses(info)["0"] == "rebuilt: --nlist 8 asked, the existing index has 16"
+    assert info["levels"]["0"]["params"]["nlist"] == 8
+    info = ix.build_indexes(st, kind="ivf-flat", metric="inner-product", params={"nlist": 8})
+    assert statuses(info)["0"] == "rebuilt: --metric inner-product asked, the index uses cosine"
+
+
+def test_a_crash_mid_growth_leaves_the_old_index_and_a_rerun_grows(tmp_path, monkeypatch):
+    st = write(tmp_path / "s.h5", rows(500))
+    ix.build_indexes(st)
+    folder = ix.index_dir(st)
+    sidecar_before = (folder / "index.json").read_text()
+    write(st, grown_rows(500, 650))
+    real, saved = ix.save_level, []
+
+    def crash_on_second_level(*a, **kw):
+        if saved:
+            raise KeyboardInterrupt  # a kill after level 0's new files were written
+        saved.append(real(*a, **kw))
+        return saved[-1]
+
+    monkeypatch.setattr(ix, "save_level", crash_on_second_level)
+    with pytest.raises(KeyboardInterrupt):
+        ix.build_indexes(st)
+    assert (folder / "index.json").read_text() == sidecar_before  # readers still see the old set
+    old = json.loads(sidecar_before)
+    for e in old["levels"].values():
+        assert ix.read_faiss(folder / e["file"]).ntotal == 500 and (folder / e["probe"]).is_file()
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(ix, "save_level", real)
+    info = ix.build_indexes(st)
+    assert statuses(info) == {"0": "grown (+150 rows)", "1": "grown (+150 rows)"}
+    assert {p.name for p in folder.iterdir()} == {"index.json", *(e[f] for e in info["levels"].values()
+                                                                 for f in ("file", "probe"))}
+
+
+def test_index_cli_says_per_level_what_happened_and_json_carries_it(tmp_path):
+    st = write(tmp_path / "s.h5", rows(400))
+    runner = CliRunner()
+    r = runner.invoke(app, ["index", str(st), "--no-clusters", "--quiet"])
+    assert r.exit_code == 0 and "level 0: built: no index yet" in r.output, r.output
+    write(st, grown_rows(400, 450))
+    r = runner.invoke(app, ["index", str(st), "--no-clusters", "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert {e["action"] for e in info["levels"].values()} == {"grown"} and info["levels"]["1"]["added"] == 50
+    r = runner.invoke(app, ["index", str(st), "--no-clusters", "--rebuild"])
+    assert r.exit_code == 0 and "level 1: rebuilt: --rebuild asked" in r.output, r.output
+    r = runner.invoke(app, ["index", str(st), "--no-clusters"])
+    assert "level 0: up to date" in r.output, r.output
