@@ -3,15 +3,21 @@
     choose_index(n, dim, budget)       which kind of index (pure; the numbers below were measured)
     build_index(vectors, spec)         a FAISS index over L2-normalised vectors (inner product = cosine)
     tune_and_measure(index, vectors)   recall@10 against exact search, raising nprobe/efSearch to 0.95
-    build_indexes(store_path)          all of the above for every level of a store, plus the sidecar
+    build_indexes(store_path)          all of the above for every level of a store, plus the sidecar;
+                                       an index on the store's first rows *grows* by the rows added
+                                       since (grow_level) unless plan_level says why it must not
                                        (indexes only: pipeline.index_store adds the cluster tree)
     load_indexes(store_path)           the indexes, refused when stale; large files memory-mapped
 
 Layout beside `emb.h5`: `emb.h5.index/index.json` (the sidecar: the store's model id, row
-count and fingerprint (a token every store write renews: a rewritten store's old index is refused), kind, parameters, measured recall, build time, size) and `emb.h5.index/level{K}-{build}.faiss`.
+count and fingerprint (a token every store write renews: a rewritten store's old index is refused),
+what the indexed rows were (rows_record), kind, parameters, measured recall, build time, size, and
+per level what the last run did and why), `emb.h5.index/level{K}-{build}.faiss` and beside it
+`level{K}-{build}.probe.npz` (the recall queries and their exact top-k, which a growth extends
+with the added rows instead of searching every stored row again).
 Every file is written through sjea_tools.io (temporary file, fsync, the user's umask, rename); a
-rebuild writes new files first and then replaces the sidecar in one rename, so a reader never sees
-a half-built set.
+build or a growth writes new files first and then replaces the sidecar in one rename, so a reader
+never sees a half-built set and a kill leaves the previous set usable.
 """
 
 from __future__ import annotations
