@@ -58,6 +58,7 @@ def embed_folder(images, out, run=None, onnx=None, levels=None, batch_size: int 
         remove_stale_temp_files(out)  # a killed final write's temporary file
         plan = plan_run(out, attrs, scanned[shard_slice(len(scanned), shard_t)], update, overwrite)
         if plan.status != "run":
+            remove_orphans(out)  # segment files of an update killed after its last rename
             with open_store(out) as s:
                 return _summary(out, s.n, 0, 0, len(s.failed), 0, t0, emb, status=plan.status)
         try:

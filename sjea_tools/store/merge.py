@@ -12,7 +12,7 @@ from ..io import remove_stale_temp_files
 from ..progress import ProgressFn
 from .guard import StoreBusyError, disk_faults, writer_lock
 from .reader import IDENTITY_ATTRS, Store, check_same_identity, open_store
-from .segments import add_stores
+from .segments import add_stores, remove_orphans
 
 
 def parse_shard(spec) -> tuple[int, int] | None:
@@ -68,6 +68,8 @@ def merge_stores(inputs: list[str | Path], out: str | Path, progress: ProgressFn
                 s.close()
         if status == "write":  # the shards become the segments of OUT: no row is copied
             add_stores(out, attrs, shard_files, progress=progress, task="merging")
+        else:
+            remove_orphans(out)  # what a merge killed after its last rename left
     return {"out": str(out), "status": "written" if status == "write" else status, "shards": len(ordered),
             "rows": rows, "failed": len(failures)}
 

@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import uuid
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -71,24 +72,31 @@ def append_segment(out: str | Path, attrs: dict, new_paths: list[str], rows: Row
     writer lock."""
     out = Path(out)
     remove_orphans(out)
+    with _orphans_removed_on_error(out):
+        segs = _append(out, attrs, list(new_paths), rows, list(failures), progress)
+    if len(segs) > AUTO_COMPACT_SEGMENTS:
+        compact_tail(out, tail_start(segs))
+    return out
+
+
+def _append(out: Path, attrs: dict, new_paths: list[str], rows: RowBlocks, failures: list[tuple[str, str]],
+            progress: ProgressFn | None) -> list[dict]:
     with open_store(out) as base:
         segs = base.segments or [_link_segment(out, out, 0, base)]
-        paths, failed, history = base.paths + list(new_paths), base.failed + list(failures), base.history
+        paths, failed, history = base.paths + new_paths, base.failed + failures, base.history
         old_names = base.label_names
     _check_unique(paths, out)
     labels, names = labels_of(paths)
     name, fingerprint = _new_segment_name(len(segs)), new_fingerprint()
     crash_point("update-linked")
-    write_store(segments_dir(out) / name, attrs, [rows], list(failures), progress=progress, task="writing",
+    write_store(segments_dir(out) / name, attrs, [rows], failures, progress=progress, task="writing",
                 total=len(new_paths), fingerprint=fingerprint, label_names=names)
     crash_point("update-segment")
     segs.append(_entry(out, name, len(new_paths), len(failures), fingerprint))
     _publish(out, attrs, segs, paths, failed, labels, names, history, keep_labels=old_names == names)
     crash_point("update-published")
     remove_orphans(out)
-    if len(segs) > AUTO_COMPACT_SEGMENTS:
-        compact_tail(out, tail_start(segs))
-    return out
+    return segs
 
 
 def add_stores(out: str | Path, attrs: dict, inputs: list[str | Path], progress: ProgressFn | None = None,
@@ -98,6 +106,18 @@ def add_stores(out: str | Path, attrs: dict, inputs: list[str | Path], progress:
     the writer lock. progress(task, rows added, total rows) per store."""
     out = Path(out)
     remove_orphans(out)
+    with _orphans_removed_on_error(out):
+        segs, paths, failed = _link_stores(out, inputs, progress, task)
+        _check_unique(paths, out)
+        labels, names = labels_of(paths)
+        _publish(out, attrs, segs, paths, failed, labels, names, [])
+        crash_point("merge-published")
+        remove_orphans(out)
+    return out
+
+
+def _link_stores(out: Path, inputs: list[str | Path], progress: ProgressFn | None, task: str):
+    """(segment entries, paths, failures) of the stores `inputs` linked as segments of `out`."""
     stores = [open_store(p) for p in inputs]
     try:
         total = sum(s.n for s in stores)
@@ -111,13 +131,19 @@ def add_stores(out: str | Path, attrs: dict, inputs: list[str | Path], progress:
     finally:
         for s in stores:
             s.close()
-    _check_unique(paths, out)
-    labels, names = labels_of(paths)
-    fingerprint = new_fingerprint()
-    _publish(out, attrs, segs, paths, failed, labels, names, [], fingerprint=fingerprint)
-    crash_point("merge-published")
-    remove_orphans(out)
-    return out
+    return segs, paths, failed
+
+
+@contextmanager
+def _orphans_removed_on_error(out: Path):
+    """A writer that fails (full disk, bad input) takes its new segment files with it; a kill
+    leaves them to the next writer's remove_orphans."""
+    try:
+        yield
+    except BaseException:
+        with suppress(OSError, SjeaError):
+            remove_orphans(out)
+        raise
 
 
 def compact_store(out: str | Path, progress: ProgressFn | None = None) -> dict:

@@ -24,6 +24,7 @@ def verify_store(path: str | Path, progress: ProgressFn | None = None) -> dict:
     progress("verifying", rows checked, total rows) per block and level."""
     path = Path(path)
     with open_store(path) as s:
+        _check_segments(s)  # first: the clearest message when a segment file was replaced
         n = s.n
         paths = s.paths
         failed = s.failed
@@ -33,7 +34,6 @@ def verify_store(path: str | Path, progress: ProgressFn | None = None) -> dict:
         if labels is not None and (len(labels) != n or names is None or labels.min(initial=0) < 0
                                    or labels.max(initial=-1) >= len(names)):
             raise StoreDamagedError(damaged_message(path, "/labels do not match /paths and /label_names"))
-        _check_segments(s)
         total = n * len(s.levels)
         done = 0
         for level, dim in zip(s.levels, s.dims):

@@ -45,7 +45,7 @@ def write_store(out: str | Path, attrs: dict, row_sources: Iterable[RowBlocks], 
     if total is not None:
         check_free_space(out, attrs, total)
     with atomic_path(out) as tmp, h5py.File(tmp, "w", libver=LIBVER) as f:
-        paths_ds, level_ds = _create_rows(f, attrs)
+        paths_ds, level_ds = _create_rows(f, attrs, total)
         all_paths = _append_rows(paths_ds, level_ds, row_sources, np.dtype(attrs["dtype"]), progress, task, total)
         if len(set(all_paths)) != len(all_paths):
             raise SjeaError(f"the rows for {out} name some images twice; the inputs overlap (merge each "
@@ -88,15 +88,17 @@ def check_free_space(out: Path, attrs: dict, rows: int) -> None:
     require_free_space(out, estimated_bytes(attrs, rows))
 
 
-def _create_rows(f, attrs: dict):
-    """Empty resizable /paths and /level_K/embeddings datasets."""
+def _create_rows(f, attrs: dict, total: int | None = None):
+    """Empty resizable /paths and /level_K/embeddings datasets. HDF5 stores whole chunks: a store
+    of few rows (a small update's segment) gets chunks of its size, not 1 MiB ones."""
     text = h5py_module().string_dtype("utf-8")
     dtype = np.dtype(attrs["dtype"])
     paths_ds = f.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=text, chunks=(COPY_ROWS,))
     level_ds = {}
     for k, d in zip((int(k) for k in attrs["levels"]), (int(d) for d in attrs["dims"])):
         level_ds[k] = f.create_group(f"level_{k}").create_dataset(
-            "embeddings", shape=(0, d), maxshape=(None, d), dtype=dtype, chunks=(chunk_rows(d, dtype), d),
+            "embeddings", shape=(0, d), maxshape=(None, d), dtype=dtype,
+            chunks=(min(chunk_rows(d, dtype), max(1, total or chunk_rows(d, dtype))), d),
             fletcher32=True)
         level_ds[k].attrs["level"] = k
     return paths_ds, level_ds
