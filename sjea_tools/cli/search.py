@@ -41,7 +41,6 @@ def search(
 ) -> None:
     """Find the stored images nearest to QUERY images (or --id N), at each level or hierarchically."""
     from ..errors import SjeaError
-    from ..grid import check_grid_target
     from ..search import search_store
 
     if factor is not None:
@@ -49,6 +48,8 @@ def search(
                         "widen it with --probes N.")
     level = level or None  # typer gives [] when --level is absent
     if grid is not None:
+        from ..grid import check_grid_target
+
         check_grid_target(grid, store, queries or [], overwrite)
         if mode is None and level is None:
             mode = "both"  # the grid shows a row per level and the hierarchical row
