@@ -228,3 +228,14 @@ def test_index_cli_says_per_level_what_happened_and_json_carries_it(tmp_path):
     assert r.exit_code == 0 and "level 1: rebuilt: --rebuild asked" in r.output, r.output
     r = runner.invoke(app, ["index", str(st), "--no-clusters"])
     assert "level 0: up to date" in r.output, r.output
+
+
+def test_a_deleted_index_file_is_rebuilt_not_fatal(tmp_path):
+    st = write(tmp_path / "s.h5", rows(300))
+    first = ix.build_indexes(st)
+    (ix.index_dir(st) / first["levels"]["1"]["file"]).unlink()
+    write(st, grown_rows(300, 350))
+    info = ix.build_indexes(st)
+    assert statuses(info)["0"] == "grown (+50 rows)"
+    assert statuses(info)["1"] == f"rebuilt: {first['levels']['1']['file']} or its recall probe is missing or unreadable"
+    assert set(loaded(st)) == {0, 1}
