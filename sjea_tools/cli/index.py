@@ -54,7 +54,9 @@ def index(
     if "clusters" in info:
         console.print(f"cluster tree: {' x '.join(map(str, info['clusters']))} (list it with: sjea clusters "
                       f"{plain(store)})", highlight=False, markup=False)
-    console.print(f"index written to {plain(info['path'])}", highlight=False, markup=False)
+    kept = all(e.get("action") == "up to date" for e in info["levels"].values())
+    console.print(f"index {'kept as it was' if kept else 'written'} in {plain(info['path'])}", highlight=False,
+                  markup=False)
 
 
 def describe(e: dict) -> str:
