@@ -8,6 +8,7 @@ the store opens with every row once, or the same command again gives exactly the
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import h5py
@@ -105,6 +107,8 @@ def _killed_at(point: str, work) -> bool:
             os.environ[segments.CRASH_ENV] = point
             work()
             code = 0
+        except BaseException:
+            traceback.print_exc()
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
@@ -253,3 +257,98 @@ def test_many_updates_compact_their_newest_segments_automatically(tmp_path, monk
         assert s.rows_unchanged_since(first) == 20 and s.segments[0]["rows"] == 20
     assert verify_store(out)["rows"] == 38
     _assert_clean_layout(out)
+
+
+# --- SIGKILL at every step, and at random times -------------------------------------------------
+
+def _opens_with_every_row_once(out: Path, allowed: set[int]) -> None:
+    with open_store(out) as s:
+        assert s.n in allowed and len(set(s.paths)) == s.n
+        assert np.isfinite(s.read_embeddings(0)).all()  # no fill values: every segment it names is there
+
+
+def test_sigkill_at_every_step_of_an_update_then_the_same_command_gives_the_clean_result(env, tmp_path):
+    with open_store(env["base"]) as b, open_store(env["grown"]) as g:
+        sizes = {b.n, g.n}
+    for point in ("update-linked", "update-segment", "labels-written", "top-written", "update-published"):
+        out = tmp_path / f"{point}.h5"
+        shutil.copy(env["base"], out)
+        assert _killed_at(point, lambda: _update(env, out)), point
+        _opens_with_every_row_once(out, sizes)
+        assert _update(env, out)["status"] in ("written", "up to date")
+        _assert_same(out, env["grown"])
+        _assert_clean_layout(out)
+
+
+def test_sigkill_of_the_cli_update_while_embedding_then_it_resumes(env, tmp_path):
+    seed = int(time.time())
+    rng = random.Random(seed)
+    print("random seed", seed)
+    out = tmp_path / "s.h5"
+    shutil.copy(env["base"], out)
+    cmd = [SJEA, "embed", str(env["G"]), str(out), "--run", str(env["run"]), "--backend", "torch", "--workers", "0",
+           "--batch-size", "4", "--commit-every", "0", "--no-index", "--quiet", "--update"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    target, deadline = rng.randrange(1, 24), time.monotonic() + 120  # a random number of journal rows
+    while proc.poll() is None and time.monotonic() < deadline and _journal_rows(out) < target:
+        time.sleep(0.002)
+    killed = proc.poll() is None
+    proc.kill()
+    proc.wait()
+    assert proc.returncode in (0, -signal.SIGKILL), proc.stderr.read()[-2000:]
+    _opens_with_every_row_once(out, {len(_contents(env["base"])["paths"]), len(_contents(env["grown"])["paths"])})
+    print(f"killed={killed} after {target} journal rows")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    _assert_same(out, env["grown"])
+    _assert_clean_layout(out)
+
+
+def _journal_rows(out: Path) -> int:
+    try:
+        return json.loads((partial_path(out) / "commit.json").read_text())["rows"]
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.fixture(scope="module")
+def shards(env):
+    files = [env["tmp"] / f"shard-{i}.h5" for i in range(2)]
+    for i, f in enumerate(files):
+        embed_folder(env["G"], f, embedder=env["emb"], workers=0, batch_size=16, shard=f"{i}/2")
+    return files
+
+
+def test_sigkill_at_every_step_of_a_merge_then_the_same_merge_gives_a_single_runs_store(env, shards, tmp_path):
+    inodes = [f.stat().st_ino for f in shards]
+    for point in ("merge-linked", "labels-written", "top-written", "merge-published"):
+        out = tmp_path / f"{point}.h5"
+        assert _killed_at(point, lambda: merge_stores(shards, out)), point
+        if out.exists():
+            _opens_with_every_row_once(out, {len(_contents(env["single"])["paths"])})
+        summary = merge_stores(shards, out)
+        assert summary["status"] in ("written", "up to date") and summary["shards"] == 2
+        assert summary["rows"] == len(_contents(env["single"])["paths"]) and summary["failed"] == 1
+        _assert_same(out, env["single"])
+        _assert_clean_layout(out)
+        with open_store(out) as s:  # the shards' own files, linked: no row copied
+            assert [(out.parent / g["file"]).stat().st_ino for g in s.segments] == inodes
+
+
+def test_sigkill_while_compacting_leaves_the_store_whole(env, tmp_path):
+    def kill_mid_write(task, done, total):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    for point in ("mid-write", "compact-written"):
+        (tmp_path / point).mkdir()
+        out = tmp_path / point / "grown.h5"  # the name its segments are filed under
+        shutil.copy(env["grown"], out)
+        shutil.copytree(segments_dir(env["grown"]), segments_dir(out))
+        progress = kill_mid_write if point == "mid-write" else None
+        assert _killed_at(point, lambda: compact_store(out, progress=progress)), point
+        _assert_same(out, env["grown"])  # the old store of segments, or the compacted file
+        assert compact_store(out)["status"] in ("compacted", "already one file")
+        with open_store(out) as s:
+            assert s.segments is None
+        _assert_same(out, env["grown"])
+        _assert_clean_layout(out)

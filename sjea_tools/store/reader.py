@@ -127,9 +127,9 @@ class Store:
         for name in [n for seg in self.segments or [] for n in (seg["file"], seg.get("labels")) if n]:
             if not (self.path.parent / name).is_file():
                 raise StoreDamagedError(
-                    f"{self.path} is incomplete: its segment file {self.path.parent / name} is missing (a "
-                    f"store of several segments is the file and its folder {self.path.name}.segments/; copy or "
-                    "move them together), or restore it from a backup.")
+                    f"{self.path} is incomplete: its segment file {self.path.parent / name} is missing (a store "
+                    f"of several segments is this file and the folder {Path(name).parent}/ beside it: move or copy "
+                    "them together, keeping their names), or restore it from a backup.")
 
     @contextmanager
     def reading(self, what: str):
