@@ -1,4 +1,5 @@
-"""`sjea embed`: folder -> HDF5 store (resumable), then search indexes (sjea_tools.pipeline.run_embed)."""
+"""`sjea embed`: folder -> HDF5 store (resumable), then search indexes (sjea_tools.pipeline.run_embed, or
+sjea_tools.engines.ray.embed_with_ray with --engine ray)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from rich.progress import ProgressColumn
 from rich.text import Text
 
 from . import app
-from .common import (no_index_option, quiet_option, json_option, console, handle_errors, non_negative_float, non_negative_int, plain, positive_int, print_json,
-                     rich_progress)
+from .common import (no_index_option, quiet_option, json_option, console, handle_errors, non_negative_float, non_negative_int, plain, positive_float,
+                     positive_int, print_json, rich_progress)
 
 EMBED_TASK = "embedding"  # sjea_tools.embed.runner.PROGRESS_TASK, the task this column rates
+ENGINES = ("local", "ray")
 
 
 class RateColumn(ProgressColumn):
@@ -34,7 +36,7 @@ def print_index_line(summary: dict) -> None:
 
 
 # Long only by its option declarations, one per option (Typer reads them from the signature);
-# the body is 26 lines.
+# the body is 23 lines.
 @app.command()
 @handle_errors
 def embed(
@@ -77,6 +79,24 @@ def embed(
     allow_outside: bool = typer.Option(False, "--allow-outside", help="Let a list file name images outside its "
                                        "own folder (../x, absolute paths); the root becomes the folder they all "
                                        "share."),
+    engine: str = typer.Option("local", "--engine", help="local: this process (under torchrun, its ranks); ray: "
+                               "one Ray task per partition, each writing a shard store OUT-shardIIIofNNN.h5 "
+                               "beside OUT, merged into OUT at the end (pip install 'sjea-tools\\[ray]')."),
+    partitions: Optional[int] = typer.Option(None, "--partitions", help="With --engine ray: how many shards "
+                                             "(tasks) to split the images into (default: as many as the cluster "
+                                             "runs at once). Give the same N again to resume a killed run.",
+                                             callback=positive_int),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --engine ray: join the Ray "
+                                              "cluster whose head node is HOST:PORT (or 'auto'); default: start "
+                                              "a local Ray for this command. IMAGES, OUT's folder and the model "
+                                              "must be on storage every node and this machine see at the same "
+                                              "paths, and sjea-tools installed on every node."),
+    ray_cpus: Optional[float] = typer.Option(None, "--ray-cpus", help="With --engine ray: CPUs per task "
+                                             "(default 1); its decode workers are this minus one unless "
+                                             "--workers.", callback=positive_float),
+    ray_gpus: Optional[float] = typer.Option(None, "--ray-gpus", help="With --engine ray: GPUs per task "
+                                             "(default: 1 when the cluster has GPUs, else 0; 0.5 shares one GPU "
+                                             "between two tasks).", callback=non_negative_float),
     no_index: bool = no_index_option(),
     quiet: bool = quiet_option(),
     json_out: bool = json_option("the summary"),
@@ -87,24 +107,52 @@ def embed(
 
     if level and levels_old is not None:
         raise SjeaError("give the levels once, with --level (--levels is its old spelling).")
+    check_engine(engine, {"--partitions": partitions, "--ray-address": ray_address, "--ray-cpus": ray_cpus,
+                          "--ray-gpus": ray_gpus})
     with rich_progress(quiet or json_out, RateColumn()) as progress:
-        summary = run_embed(images, out, run=run, onnx=onnx, levels=level or levels_old, batch_size=batch_size,
-                            workers=workers, device=device, backend=backend, dtype=dtype, normalize=normalize,
-                            shard=shard, update=update, overwrite=overwrite, index=not no_index,
-                            progress=progress, commit_every_s=commit_every, follow_symlinks=follow_symlinks,
-                            allow_outside=allow_outside)
+        options = dict(run=run, onnx=onnx, levels=level or levels_old, batch_size=batch_size, workers=workers,
+                       device=device, backend=backend, dtype=dtype, normalize=normalize, shard=shard, update=update,
+                       overwrite=overwrite, index=not no_index, progress=progress, commit_every_s=commit_every,
+                       follow_symlinks=follow_symlinks, allow_outside=allow_outside)
+        if engine == "ray":
+            from ..engines.ray import embed_with_ray
+
+            summary = embed_with_ray(images, out, partitions=partitions, address=ray_address,
+                                     cpus_per_task=ray_cpus or 1.0, gpus_per_task=ray_gpus, **options)
+        else:
+            summary = run_embed(images, out, **options)
     if json_out:
         print_json(summary)
         return
+    print_summary(summary)
+
+
+def check_engine(engine: str, ray_only: dict) -> None:
+    """A known engine, and the Ray options (those given) only with --engine ray."""
+    from ..errors import SjeaError
+
+    if engine not in ENGINES:
+        raise SjeaError(f"--engine must be {' or '.join(ENGINES)}, not '{engine}'.")
+    given = [name for name, value in ray_only.items() if value is not None]
+    if engine != "ray" and given:
+        raise SjeaError(f"{given[0]} applies to --engine ray; add --engine ray or leave {given[0]} out.")
+
+
+def print_summary(summary: dict) -> None:
+    """The lines of a finished `sjea embed`: the store, where the work went, failures, indexes."""
     rate = f" at {summary['images_per_s']:,.0f} images/s" if summary.get("images_per_s") else ""
+    where = f", {summary['partitions']} partitions on {summary['ray']}" if summary.get("engine") == "ray" else ""
     console.print(f"{summary['status']}: {plain(summary['out'])}: {summary['rows']:,} rows ({summary['added']:,} added, "
-                  f"{summary['failed']:,} failed{rate}, {summary['backend']} on {summary['device']}, levels "
+                  f"{summary['failed']:,} failed{rate}{where}, {summary['backend']} on {summary['device']}, levels "
                   f"{summary['levels']})", highlight=False, markup=False, soft_wrap=True)
+    if summary.get("shards"):
+        console.print(f"shard stores: {plain(summary['shards'][0])} ... {plain(Path(summary['shards'][-1]).name)}",
+                      highlight=False, markup=False, soft_wrap=True)
     if summary["failed_total"]:
         console.print(f"failures are listed in {plain(summary['out'])}:/failed (paths, errors)", highlight=False,
                       markup=False, soft_wrap=True)
     print_index_line(summary)
-    if summary.get("merged"):
+    if summary.get("merged") and summary.get("engine") != "ray":  # a torchrun rank 0; Ray's line says it above
         console.print(f"merged all shards into {plain(summary['merged']['out'])}", highlight=False, markup=False,
                       soft_wrap=True)
         print_index_line(summary["merged"])
