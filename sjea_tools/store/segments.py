@@ -84,16 +84,16 @@ def _append(out: Path, attrs: dict, new_paths: list[str], rows: RowBlocks, failu
     with open_store(out) as base:
         segs = base.segments or [_link_segment(out, out, 0, base)]
         paths, failed, history = base.paths + new_paths, base.failed + failures, base.history
-        old_names = base.label_names
+        old_names = _class_names(base)
     _check_unique(paths, out)
-    labels, names = labels_of(paths)
+    names = _union_of_classes([old_names, labels_of(new_paths)[1] if new_paths else []])
     name, fingerprint = _new_segment_name(len(segs)), new_fingerprint()
     crash_point("update-linked")
     write_store(segments_dir(out) / name, attrs, [rows], failures, progress=progress, task="writing",
                 total=len(new_paths), fingerprint=fingerprint, label_names=names)
     crash_point("update-segment")
     segs.append(_entry(out, name, len(new_paths), len(failures), fingerprint))
-    _publish(out, attrs, segs, paths, failed, labels, names, history, keep_labels=old_names == names)
+    _publish(out, attrs, segs, paths, failed, names, history, keep_labels=old_names == names)
     crash_point("update-published")
     remove_orphans(out)
     return segs
@@ -107,10 +107,9 @@ def add_stores(out: str | Path, attrs: dict, inputs: list[str | Path], progress:
     out = Path(out)
     remove_orphans(out)
     with _orphans_removed_on_error(out):
-        segs, paths, failed = _link_stores(out, inputs, progress, task)
+        segs, paths, failed, classes = _link_stores(out, inputs, progress, task)
         _check_unique(paths, out)
-        labels, names = labels_of(paths)
-        _publish(out, attrs, segs, paths, failed, labels, names, [])
+        _publish(out, attrs, segs, paths, failed, _union_of_classes(classes), [])
         crash_point("merge-published")
         remove_orphans(out)
     return out
@@ -121,17 +120,33 @@ def _link_stores(out: Path, inputs: list[str | Path], progress: ProgressFn | Non
     stores = [open_store(p) for p in inputs]
     try:
         total = sum(s.n for s in stores)
-        segs, paths, failed = [], [], []
+        segs, paths, failed, classes = [], [], [], []
         for i, s in enumerate(stores):
             segs.append(_link_segment(out, s.path, i, s))
             paths += s.paths
             failed += s.failed
+            classes.append(_class_names(s))
             crash_point("merge-linked")
             report(progress, task, len(paths), total)
     finally:
         for s in stores:
             s.close()
-    return segs, paths, failed
+    return segs, paths, failed, classes
+
+
+def _class_names(s: Store) -> list[str] | None:
+    """A store's class names; [] for one without rows (it constrains nothing); None when its rows
+    have no classes (then neither has any store they are part of)."""
+    names = s.label_names
+    return names if names is not None or s.n else []
+
+
+def _union_of_classes(parts: list) -> list[str] | None:
+    """The sorted class names of rows made of parts with these class names (None: no labels)."""
+    if any(p is None for p in parts):
+        return None
+    union = sorted(set().union(*parts))
+    return union or None
 
 
 @contextmanager
@@ -178,8 +193,7 @@ def compact_tail(out: Path, start: int) -> None:
         write_store(segments_dir(out) / name, attrs, [s.iter_rows(first=first)], failed[first_failed:],
                     total=len(paths) - first, fingerprint=seg_print, label_names=names)
     segs = segs[:start] + [_entry(out, name, len(paths) - first, len(failed) - first_failed, seg_print)]
-    labels, _ = labels_of(paths)
-    _publish(out, attrs, segs, paths, failed, labels, names, history, fingerprint=fingerprint, keep_labels=True)
+    _publish(out, attrs, segs, paths, failed, names, history, fingerprint=fingerprint, keep_labels=True)
     crash_point("tail-published")
     remove_orphans(out)
 
@@ -280,18 +294,19 @@ def _derived_groups(s: Store) -> list:
 
 # --- the top-level file -----------------------------------------------------------------------
 
-def _publish(out: Path, attrs: dict, segs: list[dict], paths: list[str], failed: list[tuple[str, str]], labels,
-             names, history: list[tuple[str, int]], fingerprint: str | None = None, keep_labels: bool = False) -> None:
+def _publish(out: Path, attrs: dict, segs: list[dict], paths: list[str], failed: list[tuple[str, str]],
+             names: list[str] | None, history: list[tuple[str, int]], fingerprint: str | None = None,
+             keep_labels: bool = False) -> None:
     """Write the top-level file naming `segs` (whose rows are `paths`, `failed`) and rename it
     over `out`. history: the earlier versions whose rows these begin with (Store.history)."""
     fingerprint = fingerprint or new_fingerprint()
-    if labels is not None:
-        _label_sources(out, segs, labels, names, keep_labels)
+    if names is not None:
+        _label_sources(out, segs, names, keep_labels)
     history = [h for h in history if h[0] != fingerprint] + [(fingerprint, len(paths))]
     h5py = h5py_module()
     with atomic_path(out) as tmp:
         with h5py.File(tmp, "w", libver=TOP_LIBVER) as f:
-            _virtual_layout(f, attrs, segs, paths, failed, labels is not None)
+            _virtual_layout(f, attrs, segs, paths, failed, names is not None)
             if names is not None:
                 write_text_dataset(f, "label_names", names)
             _root_attrs(f, attrs, segs, fingerprint, history)
@@ -344,21 +359,21 @@ def _root_attrs(f, attrs: dict, segs: list[dict], fingerprint: str, history: lis
     f.attrs["format"] = FORMAT
 
 
-def _label_sources(out: Path, segs: list[dict], labels: np.ndarray, names: list[str], keep: bool) -> None:
+def _label_sources(out: Path, segs: list[dict], names: list[str], keep: bool) -> None:
     """Point each segment's entry at labels that index `names`: its own /labels when its class
     names begin `names`, else a small file of its labels renumbered (kept when `keep`: the names
-    have not changed since it was written)."""
-    h5py = h5py_module()
-    at = 0
+    have not changed since it was written). Reads class names, never paths: cheap at any size."""
+    index = {c: i for i, c in enumerate(names)}
     for g in segs:
-        n = int(g["rows"])
-        if n and not (keep and g.get("labels")):
-            with h5py.File(out.parent / g["file"], "r") as f:
-                own = [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v
-                       for v in f["label_names"][:]] if "label_names" in f else None
-            g["labels"] = None if own is not None and own == names[:len(own)] else \
-                _write_labels_file(out, g, labels[at:at + n])
-        at += n
+        if not int(g["rows"]) or (keep and g.get("labels")):
+            continue
+        with h5py_module().File(out.parent / g["file"], "r") as f:
+            own = [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v for v in f["label_names"][:]]
+            if own == names[:len(own)]:
+                g["labels"] = None
+            else:
+                renumber = np.asarray([index[c] for c in own], dtype=np.int64)
+                g["labels"] = _write_labels_file(out, g, renumber[f["labels"][:]])
 
 
 def _write_labels_file(out: Path, seg: dict, labels: np.ndarray) -> str:
