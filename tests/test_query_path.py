@@ -227,6 +227,70 @@ def test_plain_option_values_are_typers_own():
     assert compared > 1000 and fast > compared / 3, (compared, fast)
 
 
+# --- the cache of optimised graphs ----------------------------------------------------------------
+
+def test_optimised_graph_cache_gives_the_same_vectors_and_passes_over_a_bad_file(mixed, tmp_path, monkeypatch):
+    """A CPU session loads the graph ONNX Runtime optimised before (one file per content, named by
+    hex digits only, in $SJEA_ORT_CACHE) and gives the vectors of an uncached session; an
+    unreadable cached file, or another model's graph under this name, is passed over silently and
+    replaced; with the cache off nothing is written."""
+    import exports.runtime as runtime
+    from exports.runtime import OnnxModel
+
+    from sjea_tools.embed.backends import ONNX_CACHE_DIR, cache_name
+    from sjea_tools.runs import model_file, model_id
+
+    run, images, store, names = mixed
+    model = Path(run) / ONNX_CACHE_DIR / cache_name(model_id(model_file(run)))
+    cache = tmp_path / "ort"
+    monkeypatch.setenv("SJEA_ORT_CACHE", "off")
+    plain = OnnxModel(model, provider="cpu")
+    batch = np.random.default_rng(1).integers(0, 256, (3, plain.image_size, plain.image_size, 3), dtype=np.uint8)
+    if not plain.takes_pixels:
+        batch = np.random.default_rng(1).standard_normal((3, 3, plain.image_size, plain.image_size)).astype(np.float32)
+    want = plain.run(batch)
+    assert not cache.exists()
+
+    monkeypatch.setenv("SJEA_ORT_CACHE", str(cache))
+    loads = []
+    real = runtime._try_session
+    monkeypatch.setattr(runtime, "_try_session", lambda src, *a: loads.append(src) or real(src, *a))
+
+    def check(expect_loaded_from_cache: bool) -> Path:
+        loads.clear()
+        m = OnnxModel(model, provider="cpu")
+        files = sorted(cache.iterdir())
+        assert len(files) == 1 and re.fullmatch(r"[0-9a-f]{40}\.onnx", files[0].name), files
+        assert (loads == [str(files[0])]) == expect_loaded_from_cache, loads
+        for got, ref in zip(m.run(batch), want):
+            assert np.abs(got - ref).max() <= 1e-6 * max(1.0, float(np.abs(ref).max()))
+        assert (m.model_id, m.levels, m.preprocess) == (plain.model_id, plain.levels, plain.preprocess)
+        return files[0]
+
+    cached = check(False)  # written
+    check(True)  # loaded
+    cached.write_bytes(b"not an onnx graph")
+    check(False)  # unreadable: optimised again, replaced
+    check(True)
+    # Another export's optimised graph under this name: its metadata records another graph.
+    import onnx
+
+    proto = onnx.load(str(model))
+    for entry in proto.metadata_props:
+        if entry.key == "graph_sha256":
+            entry.value = "0" * 64
+    other = tmp_path / "other.onnx"
+    other.write_bytes(proto.SerializeToString())
+    monkeypatch.setenv("SJEA_ORT_CACHE", str(tmp_path / "other-cache"))
+    with pytest.raises(runtime.ModelIdentityError):  # refused, after its optimised graph was written
+        OnnxModel(other, provider="cpu")
+    (written,) = (tmp_path / "other-cache").iterdir()
+    cached.write_bytes(written.read_bytes())
+    monkeypatch.setenv("SJEA_ORT_CACHE", str(cache))
+    check(False)
+    check(True)
+
+
 # --- a changed ONNX file is not the genuine model -------------------------------------------------
 
 def flip_weight_bytes(src: Path, dst: Path, count: int = 2000) -> None:
