@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -117,8 +118,9 @@ def describe_run(run: Path) -> str:
     c = json.loads((run / "config.json").read_text())
     m = c["model"]
     size = c.get("data", {}).get("image_size") or "28"
-    return (f"{m['backbone']} ({m.get('stem', 'auto')} stem) level 0 + {m.get('encoder')} levels, "
-            f"{m.get('levels')} levels, {size} px")
+    levels = int(m.get("levels", 1))
+    upper = f" + {m.get('encoder')} level{'s' if levels > 2 else ''} {', '.join(map(str, range(1, levels)))}"
+    return f"{m['backbone']} ({m.get('stem', 'auto')} stem) level 0{upper if levels > 1 else ''}, {size} px"
 
 
 def prepare(work: Path, run: Path, n: int) -> tuple[Path, Path, Path]:
@@ -219,7 +221,8 @@ def render(data: dict) -> str:
              "|---|" + "---|" * len(labels)]
     for title, get in rows:
         lines.append(f"| {title} | " + " | ".join(str(get(data["labels"][lab])) for lab in labels) + " |")
-    lines += ["", "Commands:", *[f"`{data['labels'][lab]['command']}`" for lab in labels],
+    commands = list(dict.fromkeys(data["labels"][lab]["command"] for lab in labels))
+    lines += ["", "Commands:", *[f"`{c}`" for c in commands],
               f"<!-- bench_search:data {json.dumps(data, sort_keys=True)} -->", END]
     return "\n".join(lines)
 
@@ -289,7 +292,7 @@ def main() -> None:
     # shadow the PYTHONPATH of a baseline's code.
     os.chdir(work)
     results = measure(work, run, args.n, args.repeat, codes)
-    command = " ".join(["python benchmarks/bench_search.py", *sys.argv[1:]])
+    command = shlex.join(["python", "benchmarks/bench_search.py", *sys.argv[1:]])
     for label, r in results.items():
         r["command"], r["commit"] = command, commits[label]
     print(json.dumps(results, indent=2))
