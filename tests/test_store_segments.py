@@ -204,7 +204,7 @@ def test_a_missing_or_replaced_segment_is_one_line_never_fill_values(env, tmp_pa
     assert verify_store(out)["ok"]
 
 
-def test_an_old_single_file_store_opens_searches_and_grows_with_its_index(env, tmp_path):
+def test_an_old_single_file_store_grows_into_segments_that_search_and_compact(env, tmp_path):
     from sjea_tools.index import index_is_current
     from sjea_tools.pipeline import embed_and_index
 
