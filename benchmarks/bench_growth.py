@@ -222,7 +222,8 @@ def block(data: dict) -> str:
                         f"{r['write_bytes'] / 1e6:.1f} | {r['store_files_bytes'] / 1e6:.1f} | "
                         f"{r['index_files_bytes'] / 1e6:.1f} | {_kinds(r)} |")
     g, b = data["results"]["growing"], data["results"]["baseline"]
-    ratio = g[str(BASE * COPIES)]["total_s"] / g[str(BASE)]["total_s"]
+    small, large = str(BASE), str(BASE * COPIES)
+    ratio = g[large]["total_s"] / g[small]["total_s"]
     lines = [
         BEGIN,
         f"Adding {ADD:,} real Fashion-MNIST images (`--update`, search indexes included, no cluster tree) to stores "
@@ -241,10 +242,31 @@ def block(data: dict) -> str:
         f"when within 1.5x); the baseline {b[str(BASE * COPIES)]['total_s'] / b[str(BASE)]['total_s']:.2f}x. "
         f"Machine: {data['cpus']} CPUs shared with other jobs, load average {data['load_before']} before and "
         f"{data['load_after']} after (1, 5, 15 min); run under `{data['command']}`; Python {data['python']}.",
+        "",
+        f"Bytes: the growing store wrote {g[small]['store_files_bytes'] / 1e6:.1f} MB of store files at {BASE:,} "
+        f"rows and {g[large]['store_files_bytes'] / 1e6:.1f} MB at {BASE * COPIES:,} (the new segment and the small "
+        f"top-level file: proportional to the {ADD:,} rows added); the baseline "
+        f"{b[small]['store_files_bytes'] / 1e6:.1f} and {b[large]['store_files_bytes'] / 1e6:.1f} MB (every row). "
+        f"Index files: {g[small]['index_files_bytes'] / 1e6:.1f} and {g[large]['index_files_bytes'] / 1e6:.1f} MB "
+        "grown against "
+        f"{b[small]['index_files_bytes'] / 1e6:.1f} and {b[large]['index_files_bytes'] / 1e6:.1f} MB rebuilt: a "
+        "grown FAISS index is saved as a whole new file, so its bytes follow the stored rows while its time "
+        "follows the added ones.",
         f"<!-- bench_growth:data {json.dumps(data, sort_keys=True)} -->",
         END,
     ]
     return "\n".join(lines)
+
+
+def redo_docs() -> None:
+    """The block again from the data saved in it (after a change of wording, not of numbers)."""
+    global ADD
+    from docblock import write_block
+
+    text = DOCS.read_text()
+    data = json.loads(text.split("<!-- bench_growth:data ", 1)[1].split(" -->", 1)[0])
+    ADD = data["added"]
+    write_block(DOCS, BEGIN, END, block(data), "## Adding images to a store (bench_growth)")
 
 
 def main() -> None:
@@ -256,11 +278,14 @@ def main() -> None:
     ap.add_argument("--base", type=int, default=BASE, help="images embedded into the small store")
     ap.add_argument("--add", type=int, default=ADD, help="images the update adds")
     ap.add_argument("--copies", type=int, default=COPIES, help="the large store is the small one this many times")
+    ap.add_argument("--redo-docs", action="store_true", help="rewrite the doc block from the data it holds")
     ap.add_argument("--child", nargs=3, metavar=("IMAGES", "STORE", "RUN"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(*args.child)
     BASE, ADD, COPIES = args.base, args.add, args.copies
+    if args.redo_docs:
+        return redo_docs()
     sys.path.insert(0, str(ROOT))
     load_before = [round(v, 2) for v in os.getloadavg()]
     args.work.mkdir(parents=True, exist_ok=True)
