@@ -2,7 +2,8 @@
 
 Rows are appended in scan order to the store's journal (sjea_tools.store), committed every few
 seconds, so a killed run resumes exactly where it stopped; the finished store replaces OUT in one
-rename (an --update writes only its new rows, as a new segment, and replaces the small top-level file). Indexes and cluster trees are not built here: sjea_tools.pipeline chains those steps.
+rename (an --update writes only its new rows, as a new segment, and replaces the small top-level
+file). Indexes and cluster trees are not built here: sjea_tools.pipeline chains those steps.
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ writes a new segment file, then renames a new top-level file over OUT.h5).
 
 Modules: `reader` (Store, open_store, identity checks), `journal` (Journal), `writer`
 (write_store), `segments` (append_segment, add_stores, compact_store), `merge` (shards and
-merge_stores), `guard` (the one writer lock per store, disk faults as one line), `verify` (verify_store: every checksum and invariant of a store).
+merge_stores), `guard` (the one writer lock per store, disk faults as one line), `verify`
+(verify_store: every checksum and invariant of a store).
 """
 
 from __future__ import annotations
