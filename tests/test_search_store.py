@@ -178,7 +178,8 @@ def test_build_indexes_from_python_is_silent_and_writes_files_with_the_umask_mod
     assert capfd.readouterr() == ("", "")  # no progress bar unless a progress callable is given
     folder = tmp_path / "copy.h5.index"
     files = sorted(p.name for p in folder.iterdir())
-    assert files == sorted(["index.json", *(e["file"] for e in info["levels"].values())])  # no temp file left
+    expected = {"index.json", *(e[f] for e in info["levels"].values() for f in ("file", "probe"))}
+    assert files == sorted(expected)  # the index and recall-probe files of each level, no temp file left
     assert {oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == {"0o644"}
 
 
@@ -190,9 +191,9 @@ def test_rebuild_removes_the_previous_build_and_a_killed_builds_temp_files(store
     first = build_indexes(out, clusters=False)
     stale = tmp_path / "copy.h5.index" / ".level0-19700101T000000000000.faiss.abc123.tmp"
     stale.write_bytes(b"half an index")
-    second = build_indexes(out, clusters=False)
+    second = build_indexes(out, clusters=False, rebuild=True)  # unchanged rows alone would be "up to date"
     names = {p.name for p in (tmp_path / "copy.h5.index").iterdir()}
-    assert names == {"index.json", *(e["file"] for e in second["levels"].values())}
+    assert names == {"index.json", *(e[f] for e in second["levels"].values() for f in ("file", "probe"))}
     assert not names & {e["file"] for e in first["levels"].values()}
 
 
