@@ -20,6 +20,13 @@ if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null; then
     || echo "note: chromium/chromium-driver could not be installed; the browser test will be skipped" >&2
 fi
 
+# h5dump, for the test that reads a store of segments with plain HDF5 tools (skipped, saying why, without it).
+if ! command -v h5dump >/dev/null && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq hdf5-tools) >/dev/null 2>&1 \
+    || echo "note: hdf5-tools could not be installed; the h5dump test will be skipped" >&2
+fi
+
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
