@@ -20,6 +20,7 @@ ZERO_ALLOWED = {
     ("train", "--workers"), ("train", "--seed"), ("train", "--weight-decay"),  # in-process loading, seed 0, no decay
     ("eval", "--seed"), ("eval", "--limit"),  # eval --limit 0 = every labelled row
     ("embed", "--workers"), ("embed", "--commit-every"),  # decode in-process; commit after every batch
+    ("embed", "--ray-gpus"),  # Ray tasks on CPUs of a cluster that has GPUs
     ("search", "--id"), ("clusters", "--examples"),  # row 0 is a row; no example images
     ("serve", "--port"),  # port 0: the system picks a free one
     ("search", "--min-score"),
