@@ -10,11 +10,13 @@
     load_indexes(store_path)           the indexes, refused when stale; large files memory-mapped
 
 Layout beside `emb.h5`: `emb.h5.index/index.json` (the sidecar: the store's model id, row
-count and fingerprint (a token every store write renews: a rewritten store's old index is refused),
-what the indexed rows were (rows_record), kind, parameters, measured recall, build time, size, and
-per level what the last run did and why), `emb.h5.index/level{K}-{build}.faiss` and beside it
-`level{K}-{build}.probe.npz` (the recall queries and their exact top-k, which a growth extends
-with the added rows instead of searching every stored row again).
+count and fingerprint (a token every store write renews: a rewritten store's old index is refused;
+the store's history of fingerprints says in O(1) whether its first rows are still the indexed
+ones, Store.rows_unchanged_since), what the indexed rows were (rows_record), kind, parameters,
+measured recall, build time, size, and per level what the last run did and why),
+`emb.h5.index/level{K}-{build}.faiss` and beside it `level{K}-{build}.probe.npz` (the recall
+queries and their exact top-k, which a growth extends with the added rows instead of searching
+every stored row again).
 Every file is written through sjea_tools.io (temporary file, fsync, the user's umask, rename); a
 build or a growth writes new files first and then replaces the sidecar in one rename, so a reader
 never sees a half-built set and a kill leaves the previous set usable.
@@ -53,6 +55,8 @@ HNSW_MAX_ROWS = 300_000
 HNSW_M = 32
 TARGET_RECALL = 0.95
 RECALL_SAMPLE = 1000
+# A doubling of nprobe/efSearch that gains less recall than this is undone: tuning stops there.
+MIN_GAIN = 0.002
 # PQ codes only approximate the scores: search fetches this many times k and re-scores exactly.
 PQ_RERANK = 4
 # Files larger than this are memory-mapped on load rather than read into memory.
@@ -204,11 +208,14 @@ def recall_probe(vectors: np.ndarray, k: int = 10, sample: int = RECALL_SAMPLE, 
 
 def tune_and_measure(index, vectors: np.ndarray, spec: dict, k: int = 10, sample: int = RECALL_SAMPLE,
                      target: float = TARGET_RECALL, seed: int = 0, tune: bool = True, probe: dict | None = None,
-                     get_rows=None) -> dict:
+                     get_rows=None, settled: float | None = None) -> dict:
     """recall@k of index against exact search on up to `sample` stored vectors.
 
     For IVF (nprobe) and HNSW (efSearch) the search parameter is doubled until the recall reaches
     `target` (what autofaiss does), unless the parameter was forced; spec["search_params"] is updated.
+    A doubling that gains less than MIN_GAIN is undone (PQ's ceiling, or ties among equal vectors:
+    a larger setting only slows every search). `settled`: the recall below target at which the
+    current setting was already tuned (a growth): no doubling is tried while the recall stays there.
     A growth passes its `probe` (recall_probe, extended) and `get_rows` (sorted ids -> vectors, for
     the exact re-scoring of compressed indexes) instead of `vectors`. The probe is returned too.
     """
@@ -220,18 +227,25 @@ def tune_and_measure(index, vectors: np.ndarray, spec: dict, k: int = 10, sample
     limit = {"efSearch": 2048, "nprobe": spec["params"].get("nlist", 1)}.get(name, 0)
     tried: list[dict] = []
     rerank = spec.get("rerank", 1)
+    previous = None  # (setting, recall) before the last doubling
     while True:
         _, found = index.search(queries, min(n, k * rerank))
         if rerank > 1:  # what search does for compressed indexes: exact re-scoring of more candidates
             found, _ = exact_rerank(queries, found, get_rows, k)
         recall = recall_at_k(found, truth)
-        gained = recall - tried[-1]["recall"] if tried else 1.0
-        if name:
-            tried.append({name: spec["search_params"][name], "recall": round(recall, 4)})
         value = spec["search_params"].get(name) if name else None
-        # Stop at the target, at the limit, or where more probing stopped helping (PQ's ceiling).
-        if not tune or name is None or recall >= target or value >= limit or gained < 0.002:
+        if name:
+            tried.append({name: value, "recall": round(recall, 4)})
+        if previous is not None and recall - previous[1] < MIN_GAIN:  # more probing stopped helping
+            value, recall = previous
+            spec["search_params"][name] = value
+            set_search_params(index, spec["search_params"])
             break
+        # Stop at the target, at the limit, or where this setting was already tuned (a growth).
+        if (not tune or name is None or recall >= target or value >= limit
+                or (settled is not None and recall >= settled)):
+            break
+        previous = (value, recall)
         spec["search_params"][name] = min(limit, value * 2)
         set_search_params(index, spec["search_params"])
     return {"recall_at_k": recall, "k": k, "sample": len(queries), "target": target, "tried": tried,
@@ -342,13 +356,15 @@ def _index_all_levels(store_path: Path, old: dict | None, request: dict,
     with open_store(store_path) as store:
         if store.n == 0:
             raise SjeaError(f"{store_path} holds no embeddings yet; run sjea embed first.")
-        paths = store.paths
+        paths = StoredPaths(store)  # read only where the store's history cannot answer, or for a build
         problem = "no index yet" if old is None else stale_rows(store, old, paths)
         entries = {str(level): _index_level(store, level, dim, old, problem, request, build_id, progress)
                    for level, dim in zip(store.levels, store.dims)}
+        built = any(e["action"] in ("built", "rebuilt") for e in entries.values())
         sidecar = {"format": INDEX_FORMAT, "store": store_path.name, "model_id": store.model_id, "n": store.n,
                    "store_fingerprint": store.fingerprint, "metric": request["metric"], "levels": entries,
-                   "memory_budget": request["budget"], "sample": request["sample"], "rows": rows_record(store, paths),
+                   "memory_budget": request["budget"], "sample": request["sample"],
+                   "rows": rows_record(store, paths() if built or paths.read else None),
                    "faiss_version": faiss.__version__,
                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if old is not None and all(e["action"] == "up to date" for e in entries.values()):
@@ -473,20 +489,36 @@ OPTION_NAMES = {"nlist": "--nlist", "nprobe": "--nprobe", "m": "--pq-m/--hnsw-m"
                 "ef_construction": "ef_construction", "ef_search": "--ef-search"}
 
 
-def rows_record(store, paths: list[str]) -> dict:
+class StoredPaths:
+    """The store's /paths, read on the first call only (reading 200,000 paths costs ~0.2 s: a
+    growth that the store's history vouches for never reads them)."""
+
+    def __init__(self, store):
+        self.store, self.read, self._paths = store, False, None
+
+    def __call__(self) -> list[str]:
+        if not self.read:
+            self._paths, self.read = self.store.paths, True
+        return self._paths
+
+
+def rows_record(store, paths: list[str] | None) -> dict:
     """What an index was built on, checkable later without reading the stored vectors (stale_rows).
 
-    Why this is safe and cheap: the rows of an index are identified by the store's identity
-    attributes (model, levels, preprocessing, root folder), its `created` time (kept by --update,
-    renewed by --overwrite and merge), the sha256 of the indexed rows' paths in order (any other
-    image set or order changes it; hashing 200,000 paths costs ~0.1 s, nothing next to the
-    vectors) and the sha256 of CHECK_ROWS stored vectors per level (a re-embedding of the same
-    names with other pixels or weights changes them). The store's fingerprint cannot serve: every
-    write, an update included, renews it.
+    First check: the sidecar's `store_fingerprint` and the store's history of versions
+    (Store.rows_unchanged_since: --update and compaction keep the earlier versions' rows as the
+    first rows, --overwrite and merge start a new history), which costs nothing whatever the rows.
+    The rest serves stores without that history (single files written before it, or rewritten
+    since): the store's identity attributes (model, levels, preprocessing, root folder), its
+    `created` time (kept by --update, renewed by --overwrite and merge), the sha256 of the indexed
+    rows' paths in order (any other image set or order changes it; None when this run did not
+    read them: a growth the history vouched for) and the sha256 of CHECK_ROWS stored vectors per
+    level (a re-embedding of the same names with other pixels or weights changes them).
     """
-    rows = check_rows(len(paths))
-    return {"paths_sha256": paths_digest(paths, len(paths))[1], "created": store.attrs.get("created"),
-            "identity": identity_digest(store.attrs), "check_rows": rows.tolist(),
+    rows = check_rows(store.n)
+    return {"paths_sha256": None if paths is None else paths_digest(paths, len(paths))[1],
+            "created": store.attrs.get("created"), "identity": identity_digest(store.attrs),
+            "check_rows": rows.tolist(),
             "check_sha256": {str(lv): vectors_digest(store, lv, rows) for lv in store.levels}}
 
 
@@ -515,8 +547,10 @@ def vectors_digest(store, level: int, rows: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(store.read_embeddings(level, rows)).tobytes()).hexdigest()
 
 
-def stale_rows(store, old: dict, paths: list[str]) -> str | None:
-    """Why the store's first old["n"] rows are not the rows the index holds, or None if they are."""
+def stale_rows(store, old: dict, paths) -> str | None:
+    """Why the store's first old["n"] rows are not the rows the index holds, or None if they are.
+    The store's history answers in O(1) where it knows the indexed version; otherwise `paths` (a
+    callable returning the stored paths, StoredPaths) is read and compared with the record."""
     record, n_old = old.get("rows"), int(old.get("n", 0))
     if record is None:
         return "the index was built by an older sjea that did not record its rows"
@@ -526,10 +560,16 @@ def stale_rows(store, old: dict, paths: list[str]) -> str | None:
         return "the store's settings changed (levels, dimensions, preprocessing or image folder)"
     if store.n < n_old:
         return f"the store has {store.n:,} rows, fewer than the {n_old:,} indexed"
-    if record["created"] != store.attrs.get("created"):
-        return "the store was written anew (--overwrite or merge) since the index was built"
-    if paths_digest(paths, n_old)[0] != record["paths_sha256"]:
-        return f"the store's first {n_old:,} rows are not the indexed images in the same order"
+    unchanged = store.rows_unchanged_since(old.get("store_fingerprint"))
+    if unchanged is not None and unchanged != n_old:
+        return f"the store's history gives the indexed version {unchanged:,} rows, the index {n_old:,}"
+    if unchanged is None:  # no history of the indexed version: compare what the index recorded
+        if record["created"] != store.attrs.get("created"):
+            return "the store was written anew (--overwrite or merge) since the index was built"
+        if record.get("paths_sha256") is None:
+            return "the store keeps no history of the version indexed, and the index no digest of its images"
+        if paths_digest(paths(), n_old)[0] != record["paths_sha256"]:
+            return f"the store's first {n_old:,} rows are not the indexed images in the same order"
     rows = np.asarray(record["check_rows"], dtype=np.int64)
     if any(vectors_digest(store, lv, rows) != record["check_sha256"].get(str(lv)) for lv in store.levels):
         return "the stored vectors of the indexed rows changed"
@@ -598,8 +638,10 @@ def grow_level(store, level: int, old: dict, request: dict, path: Path,
     new = prepare(store.read_embeddings(level, np.arange(n_old, n)), request["metric"])
     add_vectors(index, new, progress, f"level {level} {spec['kind']} +{n - n_old:,}")
     probe = grow_probe(index, spec["kind"], probe, new, n_old, request["sample"])
+    had = entry["recall_at_10"]  # below target: its setting was tuned to that ceiling already
     measured = tune_and_measure(index, None, spec, probe=probe, tune=request["tune"] and not entry.get("search_forced"),
-                                get_rows=lambda ids: prepare(store.read_embeddings(level, ids), request["metric"]))
+                                get_rows=lambda ids: prepare(store.read_embeddings(level, ids), request["metric"]),
+                                settled=had - MIN_GAIN if had < TARGET_RECALL else None)
     floor = min(TARGET_RECALL, entry["recall_at_10"] - RECALL_SLACK)
     if measured["recall_at_k"] < floor:
         against = (f"the target {floor:.2f}" if floor == TARGET_RECALL else

@@ -239,3 +239,83 @@ def test_a_deleted_index_file_is_rebuilt_not_fatal(tmp_path):
     assert statuses(info)["0"] == "grown (+50 rows)"
     assert statuses(info)["1"] == f"rebuilt: {first['levels']['1']['file']} or its recall probe is missing or unreadable"
     assert set(loaded(st)) == {0, 1}
+
+
+def read_text_calls(monkeypatch):
+    """The names of the string datasets read from any store from now on."""
+    from sjea_tools.store import Store
+
+    names, real = [], Store.read_text
+    monkeypatch.setattr(Store, "read_text", lambda self, name: names.append(name) or real(self, name))
+    return names
+
+
+def append(st, n_old, n, seed=0):
+    """What `sjea embed --update` does to the store: rows n_old..n-1 become a new segment."""
+    from sjea_tools.store import append_segment
+
+    new = {k: v[n_old:] for k, v in grown_rows(n_old, n, seed).items()}
+    names = [f"c{i % 3}/{i:05d}.png" for i in range(n_old, n)]
+    append_segment(st, ATTRS, names, [(names, new)], [])
+
+
+def test_growth_after_update_and_compaction_is_vouched_by_the_store_history_without_reading_paths(
+        tmp_path, monkeypatch):
+    from sjea_tools.store import compact_store
+
+    st = write(tmp_path / "s.h5", rows(500))
+    ix.build_indexes(st)
+    append(st, 500, 700)
+    read = read_text_calls(monkeypatch)
+    info = ix.build_indexes(st)
+    assert statuses(info) == {"0": "grown (+200 rows)", "1": "grown (+200 rows)"}
+    assert "paths" not in read, read  # the O(1) check: the fingerprint is in the store's history
+    with open_store(st) as s:
+        assert info["store_fingerprint"] == s.fingerprint and s.rows_unchanged_since(info["store_fingerprint"]) == 700
+    compact_store(st)  # same rows and fingerprint in one file: the index stays current
+    sidecar = (ix.index_dir(st) / "index.json").read_text()
+    read.clear()
+    assert statuses(ix.build_indexes(st)) == {"0": "up to date", "1": "up to date"} and "paths" not in read, read
+    assert (ix.index_dir(st) / "index.json").read_text() == sidecar
+    append(st, 700, 760)  # the store's writers read paths; build_indexes must not
+    read.clear()
+    info = ix.build_indexes(st)
+    assert statuses(info) == {"0": "grown (+60 rows)", "1": "grown (+60 rows)"} and "paths" not in read, read
+    monkeypatch.undo()
+    with open_store(st) as s:
+        for level, index in loaded(st).items():
+            stored = s.read_embeddings(level)
+            _, found = index.search(stored[::40], 1)
+            assert (found[:, 0] == np.arange(0, 760, 40)).all()
+
+
+def test_a_store_rewritten_after_a_history_growth_is_rebuilt_not_grown(tmp_path):
+    st = write(tmp_path / "s.h5", rows(500))
+    ix.build_indexes(st)
+    append(st, 500, 600)
+    assert ix.build_indexes(st)["rows"]["paths_sha256"] is None  # paths not read, so no digest recorded
+    # The same names re-embedded (same `created`, a new fingerprint, no history): nothing vouches for the rows.
+    vectors = grown_rows(500, 650)
+    write(st, {k: v[::-1].copy() for k, v in vectors.items()}, [f"c{i % 3}/{i:05d}.png" for i in range(650)])
+    info = ix.build_indexes(st)
+    assert all(s.startswith("rebuilt: ") and "no history of the version indexed" in s
+               for s in statuses(info).values()), statuses(info)
+    assert info["rows"]["paths_sha256"] is not None  # a build reads them: later rewrites can be checked
+    with open_store(st) as s:
+        for level, index in loaded(st).items():
+            _, found = index.search(s.read_embeddings(level)[:50], 1)
+            assert (found[:, 0] == np.arange(50)).all()
+
+
+def test_a_doubling_that_gains_no_recall_is_undone_and_growth_does_not_retry_it(tmp_path, monkeypatch):
+    real = ix.recall_at_k
+    monkeypatch.setattr(ix, "recall_at_k", lambda found, truth: min(0.9, real(found, truth)))  # a ceiling (ties, PQ)
+    st = write(tmp_path / "s.h5", rows(1500))
+    built = ix.build_indexes(st, kind="hnsw")["levels"]["0"]
+    assert built["recall_tuning"] == [{"efSearch": 64, "recall": 0.9}, {"efSearch": 128, "recall": 0.9}]
+    assert built["search_params"] == {"efSearch": 64}  # the doubling bought nothing: every search stays cheap
+    write(st, grown_rows(1500, 1600))
+    grown = ix.build_indexes(st, kind="hnsw")["levels"]["0"]
+    assert grown["status"] == "grown (+100 rows)" and grown["search_params"] == {"efSearch": 64}
+    assert grown["recall_tuning"] == [{"efSearch": 64, "recall": 0.9}]  # one search: the ceiling was known
+    assert loaded(st)[0].hnsw.efSearch == 64
