@@ -7,6 +7,7 @@ centred by the bank's mean. Beside every trial: the same architecture at random 
 statistics from training images) and the raw / centred pixel rows, under the same two protocols.
 
     python benchmarks/recipe_search.py trial NAME [--set section.key=value ...] [--probe]
+    python benchmarks/recipe_search.py curve NAME --epochs E --at 1,2,4 [--set ...]   # k-NN during one schedule
     python benchmarks/recipe_search.py floors                # pixel rows (once)
     python benchmarks/recipe_search.py report                # rewrite docs/recipe_search.md
 
@@ -153,6 +154,77 @@ def run_trial(name: str, sets: list[str], with_probe: bool) -> dict:
     return row
 
 
+def run_curve(name: str, sets: list[str], epochs: float, at: list[float]) -> list[dict]:
+    """One schedule of `epochs` over all 60,000 images, scored (level-0 and level-1 k-NN, both protocols)
+    at the epochs in `at`: where a recipe is going, for the price of one training. The loop is the
+    trainer's step with the library's pieces (model, batched augmentation, stacked VICReg, optimiser
+    and schedule) without checkpoints or run folder; the chosen recipe is then checked with `trial`
+    (the real `train()`)."""
+    import math
+
+    import torch
+
+    from sjea_tools.config import resolve_config
+    from sjea_tools.data.augment import two_views
+    from sjea_tools.data.datasets import load_dataset
+    from sjea_tools.losses import stacked_vicreg_loss
+    from sjea_tools.models import build_model
+    from trainers.optim import build_optimizer, lr_factor, peak_lr, set_lr
+
+    overrides = dict(s.split("=", 1) for s in sets)
+    cfg = resolve_config("tiny", overrides={"train.device": "cpu", "data.limit": None, **overrides})
+    torch.manual_seed(cfg.train.seed)
+    pixels = torch.from_numpy(load_dataset("fashion-mnist", None, "train").pixels)
+    batch = cfg.train.batch_size
+    per_epoch = len(pixels) // batch
+    total = math.ceil(epochs * per_epoch)
+    model = build_model(cfg)
+    optimizer = build_optimizer(model.parameters(), cfg.optim, batch)
+    lr, warmup = peak_lr(cfg.optim, batch), round(cfg.optim.warmup_epochs * per_epoch)
+    spec, g = cfg.preprocess_spec, torch.Generator().manual_seed(cfg.train.seed + 1)
+    score_at = sorted({min(total, round(e * per_epoch)) for e in at})
+    rows, step, train_s = [], 0, 0.0
+    while step < total:
+        order = torch.randperm(len(pixels), generator=g)
+        for i in range(min(per_epoch, total - step)):
+            t0 = time.perf_counter()
+            v1, v2 = two_views(pixels[order[i * batch:(i + 1) * batch]], cfg.data, spec.image_size, spec.mean,
+                               spec.std, g)
+            set_lr(optimizer, lr * lr_factor(step, warmup, total, cfg.optim.final_lr_ratio))
+            _, z1 = model.forward_train(v1)
+            _, z2 = model.forward_train(v2)
+            loss, _ = stacked_vicreg_loss(z1, z2, cfg.per_level("sim_coeff"), cfg.per_level("std_coeff"),
+                                          cfg.per_level("cov_coeff"), cfg.per_level("level_weights"))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step, train_s = step + 1, train_s + time.perf_counter() - t0
+            if step in score_at:
+                rows.append(_curve_point(name, overrides, cfg, model, step, per_epoch, epochs, train_s))
+                model.train()
+    random_init_floor(cfg, with_probe=False)
+    return rows
+
+
+def _curve_point(name, overrides, cfg, model, step, per_epoch, epochs, train_s) -> dict:
+    import torch
+
+    from sjea_tools.evaluation import extract_features
+
+    model.eval()
+    train, test = splits()
+    levels = list(range(cfg.model.levels))
+    tr, te = extract_features(model, train, levels), extract_features(model, test, levels)
+    scores = {f"level{k}": knn_pair(tr[k], te[k]) for k in levels}
+    row = {"kind": "curve", "name": name, "sets": overrides, "config": cfg.to_dict(), "arch": arch_key(cfg),
+           "epochs": epochs, "epoch": round(step / per_epoch, 2), "step": step, "train_s": round(train_s, 1),
+           "load": round(os.getloadavg()[0], 2), "threads": torch.get_num_threads(), "code": _code_version(),
+           "date": time.strftime("%Y-%m-%d %H:%M"), **scores}
+    _append(row)
+    print(json.dumps({k: row[k] for k in ("name", "epoch", "train_s", "load", *scores)}), flush=True)
+    return row
+
+
 def _code_version() -> str:
     """Commit, plus the hash of the augmentation and model files as they were when the trial ran."""
     import hashlib
@@ -232,6 +304,38 @@ def report() -> str:
             f"{r['load_before'][0]:.1f}/{r['load_after'][0]:.1f}, {r['threads']} thr | {r['knn']:.2f} | {r['knn_centred']:.2f} | "
             f"{'-' if r.get('probe') is None else format(r['probe'], '.2f')} | {gain} |")
     lines.append("")
+    curves = [r for r in rows if r.get("kind") == "curve"]
+    order = {name: i for i, name in reversed(list(enumerate(r["name"] for r in curves)))}
+    curves.sort(key=lambda r: (order[r["name"]], r["epoch"]))  # one schedule's points together, in order
+    if curves:
+        lines += ["## Learning curves (`curve`: one schedule, scored on the way)", "",
+                  "Each row is one scoring point of one schedule (`epochs` long); *train s* is the time spent in "
+                  "training steps up to that point, beside the load average when it was scored. k-NN as above; "
+                  "level 1 is the second encoder of the stack. On Fashion-MNIST's grey images the saturation, hue "
+                  "and grayscale parts of the augmentation do nothing (they are skipped), so brightness and "
+                  "contrast are the jitter that acts.", "",
+                  "| curve | backbone | batch | optimiser | projector | augmentations | schedule ep | at ep | "
+                  "train s | load | L0 k-NN | L0 centred | L1 k-NN | L0 - random init |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in curves:
+            s_ = _summary(r["config"])
+            f = floors.get(r["arch"])
+            l0, l1 = r["level0"], r.get("level1", {})
+            gain = "-" if f is None else f"{l0['knn'] - f['knn']:+.2f}"
+            lines.append(f"| {r['name']} | {s_['backbone']} | {s_['batch']} | {s_['optim']} | {s_['projector']} | "
+                         f"{s_['aug']} | {r['epochs']:g} | {r['epoch']:g} | {r['train_s']:.0f} | {r['load']:.1f} | "
+                         f"{l0['knn']:.2f} | {l0['knn_centred']:.2f} | {l1.get('knn', float('nan')):.2f} | {gain} |")
+        lines.append("")
+        if pixels:
+            floor = pixels["centred pixels"]["knn"]
+            ends = [r for r in curves if r["epoch"] == r["epochs"]]
+            lines.append(f"Schedules whose level-0 k-NN at the end beats centred pixels ({floor:.2f}): "
+                         + (", ".join(f"{r['name']} ({r['level0']['knn']:.2f})" for r in ends
+                                      if r["level0"]["knn"] > floor) or "none") + ".")
+            lines.append("At least 8 points above their architecture at random init: "
+                         + (", ".join(r["name"] for r in ends if r["arch"] in floors
+                                      and r["level0"]["knn"] >= floors[r["arch"]]["knn"] + 8) or "none") + ".")
+            lines.append("")
     if pixels and trials:
         floor = pixels["centred pixels"]["knn"]
         beat = [r for r in trials if r["knn"] > floor]
@@ -256,14 +360,22 @@ def main() -> None:
     t.add_argument("--probe", action="store_true")
     t.add_argument("--threads", type=int, default=None, help="torch threads (1 is far faster on a shared, loaded "
                    "machine: 2 threads contending with other jobs spin)")
+    c = sub.add_parser("curve")
+    c.add_argument("name")
+    c.add_argument("--set", dest="sets", action="append", default=[])
+    c.add_argument("--epochs", type=float, required=True, help="length of the schedule, in epochs of 60,000")
+    c.add_argument("--at", default="1,2,4", help="epochs at which to score, comma-separated")
+    c.add_argument("--threads", type=int, default=None)
     sub.add_parser("floors")
     sub.add_parser("report")
     args = parser.parse_args()
-    if args.cmd == "trial":
-        if args.threads:
-            import torch
+    if getattr(args, "threads", None):
+        import torch
 
-            torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
+    if args.cmd == "curve":
+        run_curve(args.name, args.sets, args.epochs, [float(v) for v in args.at.split(",")])
+    elif args.cmd == "trial":
         row = run_trial(args.name, args.sets, args.probe)
         print(json.dumps({k: row[k] for k in ("name", "wall_s", "steps", "knn", "knn_centred", "probe", "load_after")}))
     elif args.cmd == "floors":
