@@ -53,10 +53,10 @@ def test_unknown_preset_names_the_known_ones():
 def test_overrides_with_dotted_keys_and_dashes():
     cfg = resolve_config("tiny", overrides={"model.levels": 3, "model.level-input": "embedding",
                                             "train.batch_size": "64", "optim.lr": "0.01",
-                                            "model.stop_gradient": "yes", "data.limit": None})
+                                            "model.stop_gradient": "yes", "train.epochs": None})
     assert cfg.model.levels == 3 and cfg.model.level_input == "embedding"
     assert cfg.train.batch_size == 64 and cfg.optim.lr == 0.01 and cfg.model.stop_gradient is True
-    assert cfg.data.limit == 20000  # None means "not given", the preset's value stays
+    assert cfg.train.epochs == 6  # None means "not given", the preset's value stays
 
 
 def test_unknown_option_names_the_known_ones():

@@ -20,7 +20,8 @@ MLP = "40-20"  # mlp encoder hidden 40, representation 20
 
 
 def small_cfg(levels=2, encoder="mlp", level_input="representation", stop_gradient=False, **extra):
-    overrides = {"model.levels": levels, "model.encoder": encoder, "model.level_input": level_input,
+    # The authors' level-0 encoder (ResNet-18), whatever the CPU default's backbone is.
+    overrides = {"model.backbone": "resnet18", "model.levels": levels, "model.encoder": encoder, "model.level_input": level_input,
                  "model.stop_gradient": stop_gradient, "model.projector": PROJ, "model.mlp_dims": MLP,
                  "model.stem": "small", "data.image_size": SIZE}
     overrides.update(extra)
