@@ -15,8 +15,11 @@ the store's history of fingerprints says in O(1) whether its first rows are stil
 ones, Store.rows_unchanged_since), what the indexed rows were (rows_record), kind, parameters,
 measured recall, build time, size, and per level what the last run did and why),
 `emb.h5.index/level{K}-{build}.faiss` and beside it `level{K}-{build}.probe.npz` (the recall
-queries and their exact top-k, which a growth extends with the added rows instead of searching
-every stored row again).
+queries, their exact top-k and the index's own answers, which a growth extends with the added rows
+instead of searching every stored row again). A small growth leaves the base file alone and writes
+the added rows as an exact *delta part*, `level{K}-{build}.delta{J}.faiss`, listed in the level's
+"parts"; search merges the base's and the parts' top-k (PartedIndex); a growth past the limits
+(DELTA_MAX_PARTS, DELTA_MAX_SHARE, DELTA_MAX_ROWS) folds every part into the base once.
 Every file is written through sjea_tools.io (temporary file, fsync, the user's umask, rename); a
 build or a growth writes new files first and then replaces the sidecar in one rename, so a reader
 never sees a half-built set and a kill leaves the previous set usable.
@@ -61,6 +64,22 @@ MIN_GAIN = 0.002
 PQ_RERANK = 4
 # Files larger than this are memory-mapped on load rather than read into memory.
 MMAP_MIN_BYTES = 256 << 20
+# What a recall probe holds: the queries (stored rows) and their exact top-k ...
+PROBE_KEYS = ("rows", "queries", "ids", "scores")
+# ... and the index's own answers to them (k x rerank wide), which a delta part's growth extends.
+ANSWER_KEYS = ("found_ids", "found_scores")
+# Delta parts: a growth adds its rows as a new exact (Flat) part beside the base index instead of
+# rewriting the base, whose file is O(stored rows) (0.46 GB per level at 200,000 x 512 HNSW: 1.3-2.9
+# s to write, 0.7-0.9 s to read back). Every search scans each part exactly, so the parts together
+# hold at most DELTA_MAX_SHARE of the base's rows (a Flat base searches ~10% slower, HNSW and IVF
+# keep their recall and gain exact answers) and at most DELTA_MAX_ROWS (half of FLAT_MAX_ROWS: an
+# exact scan of 25,000 x 512 costs ~3 ms a query on 2 cores, whatever the store's size). Each part
+# is one more file to open and one more search call and merge per query batch: DELTA_MAX_PARTS
+# bounds that. The growth past a limit folds every part into the base, written once: that O(n)
+# write is paid once per 8 small updates or per 10% growth, whichever comes first.
+DELTA_MAX_PARTS = 8
+DELTA_MAX_SHARE = 0.10
+DELTA_MAX_ROWS = 25_000
 
 
 def choose_index(n: int, dim: int, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> dict:
@@ -217,7 +236,10 @@ def tune_and_measure(index, vectors: np.ndarray, spec: dict, k: int = 10, sample
     a larger setting only slows every search). `settled`: the recall below target at which the
     current setting was already tuned (a growth): no doubling is tried while the recall stays there.
     A growth passes its `probe` (recall_probe, extended) and `get_rows` (sorted ids -> vectors, for
-    the exact re-scoring of compressed indexes) instead of `vectors`. The probe is returned too.
+    the exact re-scoring of compressed indexes) instead of `vectors`. The probe is returned too,
+    with the index's answers at the setting kept ("found_ids", "found_scores": k x rerank wide,
+    before re-scoring): a delta part's growth merges its own exact answers into them (grow_by_part)
+    instead of searching the base again.
     """
     probe = probe if probe is not None else recall_probe(vectors, k, sample, seed)
     get_rows = get_rows or (lambda ids: vectors[ids])
@@ -227,9 +249,10 @@ def tune_and_measure(index, vectors: np.ndarray, spec: dict, k: int = 10, sample
     limit = {"efSearch": 2048, "nprobe": spec["params"].get("nlist", 1)}.get(name, 0)
     tried: list[dict] = []
     rerank = spec.get("rerank", 1)
-    previous = None  # (setting, recall) before the last doubling
+    previous = None  # (setting, recall, answers) before the last doubling
     while True:
-        _, found = index.search(queries, min(n, k * rerank))
+        answers = index.search(queries, min(n, k * rerank))
+        found = answers[1]
         if rerank > 1:  # what search does for compressed indexes: exact re-scoring of more candidates
             found, _ = exact_rerank(queries, found, get_rows, k)
         recall = recall_at_k(found, truth)
@@ -237,7 +260,7 @@ def tune_and_measure(index, vectors: np.ndarray, spec: dict, k: int = 10, sample
         if name:
             tried.append({name: value, "recall": round(recall, 4)})
         if previous is not None and recall - previous[1] < MIN_GAIN:  # more probing stopped helping
-            value, recall = previous
+            value, recall, answers = previous
             spec["search_params"][name] = value
             set_search_params(index, spec["search_params"])
             break
@@ -245,9 +268,10 @@ def tune_and_measure(index, vectors: np.ndarray, spec: dict, k: int = 10, sample
         if (not tune or name is None or recall >= target or value >= limit
                 or (settled is not None and recall >= settled)):
             break
-        previous = (value, recall)
+        previous = (value, recall, answers)
         spec["search_params"][name] = min(limit, value * 2)
         set_search_params(index, spec["search_params"])
+    probe = {**probe, "found_ids": answers[1].astype(np.int64), "found_scores": answers[0].astype(np.float32)}
     return {"recall_at_k": recall, "k": k, "sample": len(queries), "target": target, "tried": tried,
             "probe": probe}
 
@@ -299,8 +323,10 @@ def build_indexes(store_path: str | Path, kind: str = "auto", memory_budget=None
 
     kind "auto" asks choose_index; an explicit kind uses `params` (nlist, nprobe, m, nbits,
     ef_construction, ef_search) with defaults for the rest. An index already beside the store that
-    was built on its first rows with the same settings *grows*: only the added rows are read and
-    added (the IVF quantizer and the HNSW graph kept) and recall is measured again. A level is
+    was built on its first rows with the same settings *grows*: only the added rows are read, written
+    as a new exact delta part while the parts stay small (the base file untouched), else added to
+    the base with the parts (the IVF quantizer and the HNSW graph kept), and recall is measured
+    again. A level is
     rebuilt when the kind chosen for the new size differs, recall after growth falls below target,
     the indexed rows changed, the settings asked differ, or `rebuild`. Each level entry says what
     happened in "action" (built, grown, rebuilt, up to date) and "status" (that word and why).
@@ -427,7 +453,7 @@ def index_is_current(store_path: str | Path) -> bool:
         except SjeaError:
             return False
     folder = index_dir(store_path)
-    return all((folder / e["file"]).is_file() for e in sidecar["levels"].values())
+    return all((folder / f).is_file() for e in sidecar["levels"].values() for f in level_files(e))
 
 
 def build_level_file(vectors: np.ndarray, spec: dict, path: Path, sample: int = RECALL_SAMPLE, tune: bool = True,
@@ -454,7 +480,7 @@ def save_level(index, spec: dict, measured: dict, path: Path, seconds: float) ->
             "search_params": spec["search_params"], "rerank": spec.get("rerank", 1), "dim": int(index.d),
             "reason": spec["reason"], "recall_at_10": round(measured["recall_at_k"], 4), "recall_k": measured["k"],
             "recall_sample": measured["sample"], "recall_tuning": measured["tried"],
-            "build_seconds": round(seconds, 3), "bytes": path.stat().st_size}
+            "build_seconds": round(seconds, 3), "bytes": path.stat().st_size, "base_rows": int(index.ntotal)}
 
 
 def remove_unused_files(folder: Path, sidecar: dict | None) -> None:
@@ -462,7 +488,7 @@ def remove_unused_files(folder: Path, sidecar: dict | None) -> None:
     killed build's) and the temporary files a killed build left (sjea_tools.io names them
     .level*.*.tmp and .index.json.*.tmp). Called under the store's writer lock."""
     levels = sidecar["levels"].values() if sidecar else []
-    keep = {e["file"] for e in levels} | {e.get("probe") for e in levels}
+    keep = {f for e in levels for f in level_files(e)} | {e.get("probe") for e in levels}
     if not folder.is_dir():
         return
     for path in [*folder.glob("level*.faiss"), *folder.glob(f"level*{PROBE_SUFFIX}"), *folder.glob(".level*.tmp"),
@@ -618,26 +644,144 @@ def settings_differ(n: int, dim: int, entry: dict, old: dict, request: dict) -> 
 def grow_level(store, level: int, old: dict, request: dict, path: Path,
                progress: ProgressFn | None) -> tuple[dict | None, str]:
     """Add the store's rows after old["n"] to a level's index and measure recall again, reading
-    only the added rows: (the new entry, "") or (None, why it must be rebuilt instead)."""
+    only the added rows: as a new delta part beside the base while the parts stay within the
+    limits (grow_by_part), else folded with every part into the base, written once (fold_level).
+    (the new entry, "") or (None, why it must be rebuilt instead)."""
+    entry = old["levels"][str(level)]
+    if fits_in_part(entry, int(old["n"]), store.n):
+        grown = grow_by_part(store, level, old, request, path, progress)
+        if grown is not None:
+            return grown, ""
+    return fold_level(store, level, old, request, path, progress)
+
+
+def fits_in_part(entry: dict, n_old: int, n: int) -> bool:
+    """Whether the rows after the base (earlier parts' and the n - n_old added) stay within the
+    delta limits with one more part. Pure."""
+    base = int(entry.get("base_rows", n_old))
+    return (len(entry.get("parts", [])) < DELTA_MAX_PARTS
+            and n - base <= min(DELTA_MAX_SHARE * base, DELTA_MAX_ROWS))
+
+
+def level_files(entry: dict) -> list[str]:
+    """The index files of a level's sidecar entry: its base, then its delta parts in row order."""
+    return [entry["file"], *(part["file"] for part in entry.get("parts", []))]
+
+
+def grow_by_part(store, level: int, old: dict, request: dict, path: Path,
+                 progress: ProgressFn | None) -> dict | None:
+    """Write the rows after old["n"] as a new exact part (IndexFlatIP: the vectors are prepared
+    for inner product as the base's are) beside a level's base, which is neither read nor written,
+    and measure the combined recall: the probe's truth and the base's stored answers both merge
+    the queries' exact top among the added rows, so the cost follows the rows added (queries x
+    added), not the rows stored. The new entry, or None where a fold must decide (files missing,
+    a probe too small, recall below the floor)."""
+    import faiss
+
+    folder, entry = path.parent, old["levels"][str(level)]
+    n_old, n = int(old["n"]), store.n
+    t0 = time.perf_counter()
+    if not all((folder / f).is_file() for f in level_files(entry)):
+        return None
+    try:
+        probe = with_base_answers(read_probe(folder / entry["probe"]), folder / entry["file"], entry)
+    except SjeaError:
+        return None
+    if probe["ids"].shape[1] < min(10, n):
+        return None
+    new = prepare(store.read_embeddings(level, np.arange(n_old, n)), request["metric"])
+    part = faiss.IndexFlatIP(new.shape[1])
+    add_vectors(part, new, progress, f"level {level} delta part +{n - n_old:,}")
+    rerank = entry.get("rerank", 1)
+    probe = extend_probe(probe, new, n_old, min(n, probe["ids"].shape[1] * rerank))
+    recall = probe_recall(probe, rerank, lambda ids: prepare(store.read_embeddings(level, ids), request["metric"]))
+    if recall < min(TARGET_RECALL, entry["recall_at_10"] - RECALL_SLACK):
+        return None
+    parts = entry.get("parts", [])
+    record, probe_file = save_part(part, probe, path.with_name(f"{path.stem}.delta{len(parts) + 1}.faiss"), n_old)
+    name = {"hnsw": "efSearch", "ivf-flat": "nprobe", "ivf-pq": "nprobe"}.get(entry["kind"])
+    return {**entry, "probe": probe_file, "parts": [*parts, record], "base_rows": int(entry.get("base_rows", n_old)),
+            "recall_at_10": round(recall, 4), "recall_sample": len(probe["queries"]),
+            "recall_tuning": [{name: entry["search_params"][name], "recall": round(recall, 4)}] if name else [],
+            "build_seconds": round(time.perf_counter() - t0, 3), "bytes": entry["bytes"] + record["bytes"],
+            "action": "grown", "added": n - n_old,
+            "status": f"grown (+{n - n_old:,} rows, delta part {len(parts) + 1} of {DELTA_MAX_PARTS})"}
+
+
+def with_base_answers(probe: dict, base_path: Path, entry: dict) -> dict:
+    """The probe with the base index's answers to its queries. A probe written before they were
+    stored (an older sjea; its level has no parts yet) gets them by one search of the base,
+    memory-mapped when large: once, the next growths find them in the probe."""
+    if "found_ids" in probe:
+        return probe
+    index = read_faiss(base_path)
+    set_search_params(index, entry["search_params"])
+    scores, ids = index.search(probe["queries"], min(index.ntotal, probe["ids"].shape[1] * entry.get("rerank", 1)))
+    return {**probe, "found_ids": ids.astype(np.int64), "found_scores": scores.astype(np.float32)}
+
+
+def extend_probe(probe: dict, new: np.ndarray, n_old: int, width: int) -> dict:
+    """The probe after `new` rows were added at n_old as an exact part: its queries' exact top
+    among them merged into the truth (k wide) and into the index's answers (`width` wide, what a
+    PartedIndex search returns). No query is drawn from the part (that needs every row's vectors:
+    the fold draws them)."""
+    k = probe["ids"].shape[1]
+    scores, ids = exact_top_k(probe["queries"], new, min(width, len(new)))
+    ids = ids.astype(np.int64) + n_old
+    truth = merge_top_k(probe["ids"], probe["scores"], ids[:, :k], scores[:, :k], k)
+    found = merge_top_k(probe["found_ids"], probe["found_scores"], ids, scores, width)
+    return {**probe, "ids": truth[0], "scores": truth[1].astype(np.float32), "found_ids": found[0],
+            "found_scores": found[1].astype(np.float32)}
+
+
+def probe_recall(probe: dict, rerank: int, get_rows) -> float:
+    """recall@k of the index's stored answers against the probe's truth, re-scored exactly from
+    the stored vectors where the index is compressed (what search does)."""
+    k = probe["ids"].shape[1]
+    found = probe["found_ids"]
+    if rerank > 1:
+        found, _ = exact_rerank(probe["queries"], found, get_rows, k)
+    return recall_at_k(found, probe["ids"])
+
+
+def save_part(part, probe: dict, path: Path, first_row: int) -> tuple[dict, str]:
+    """Write a delta part and the level's new recall probe, each atomically under a new name
+    (readers keep the old set until the sidecar is replaced): (the part's record, the probe's name)."""
+    import faiss
+
+    with atomic_path(path) as tmp:
+        faiss.write_index(part, str(tmp))
+    probe_path = path.with_suffix(PROBE_SUFFIX)
+    atomic_write(probe_path, lambda f: np.savez(f, **probe))
+    return ({"file": path.name, "first_row": int(first_row), "rows": int(part.ntotal),
+             "bytes": path.stat().st_size}, probe_path.name)
+
+
+def fold_level(store, level: int, old: dict, request: dict, path: Path,
+               progress: ProgressFn | None) -> tuple[dict | None, str]:
+    """Add every row after the base (its delta parts' and the added ones) to a level's base index
+    in memory, measure and tune recall, and write it once; the parts are dropped. (the new entry,
+    "") or (None, why it must be rebuilt instead)."""
     folder = path.parent
     entry = old["levels"][str(level)]
     n_old, n = int(old["n"]), store.n
+    n_base, parts = int(entry.get("base_rows", n_old)), entry.get("parts", [])
     t0 = time.perf_counter()
     try:
         index = read_faiss(folder / entry["file"], mmap=False)
         probe = read_probe(folder / entry["probe"])
     except SjeaError:  # deleted or damaged since: a rebuild repairs it
         return None, f"{entry['file']} or its recall probe is missing or unreadable"
-    if index.ntotal != n_old:
-        return None, f"{entry['file']} holds {index.ntotal:,} vectors, not the {n_old:,} recorded"
+    if index.ntotal != n_base:
+        return None, f"{entry['file']} holds {index.ntotal:,} vectors, not the {n_base:,} recorded"
     if probe["ids"].shape[1] < min(10, n):
         return None, "the index held too few rows to measure recall@10 on"
     spec = {"kind": entry["kind"], "params": dict(entry["params"]), "search_params": dict(entry["search_params"]),
             "rerank": entry.get("rerank", 1), "reason": entry["reason"]}
     set_search_params(index, spec["search_params"])
-    new = prepare(store.read_embeddings(level, np.arange(n_old, n)), request["metric"])
-    add_vectors(index, new, progress, f"level {level} {spec['kind']} +{n - n_old:,}")
-    probe = grow_probe(index, spec["kind"], probe, new, n_old, request["sample"])
+    new = prepare(store.read_embeddings(level, np.arange(n_base, n)), request["metric"])
+    add_vectors(index, new, progress, f"level {level} {spec['kind']} +{n - n_base:,}")
+    probe = grow_probe(index, spec["kind"], probe, new, n_old, request["sample"], n_base=n_base)
     had = entry["recall_at_10"]  # below target: its setting was tuned to that ceiling already
     measured = tune_and_measure(index, None, spec, probe=probe, tune=request["tune"] and not entry.get("search_forced"),
                                 get_rows=lambda ids: prepare(store.read_embeddings(level, ids), request["metric"]),
@@ -648,7 +792,9 @@ def grow_level(store, level: int, old: dict, request: dict, path: Path,
                    f"{floor:.2f} (the {entry['recall_at_10']:.2f} it had, less {RECALL_SLACK})")
         return None, f"recall@10 {measured['recall_at_k']:.2f} after growth is below {against}"
     saved = save_level(index, spec, measured, path, time.perf_counter() - t0)
-    return {**saved, "action": "grown", "status": f"grown (+{n - n_old:,} rows)", "added": n - n_old,
+    status = (f"grown and folded (+{n - n_base:,} rows into the base, {len(parts)} delta part"
+              f"{'s' if len(parts) > 1 else ''} dropped)" if parts else f"grown (+{n - n_old:,} rows)")
+    return {**saved, "action": "grown", "status": status, "added": n - n_old,
             "rows_at_build": entry.get("rows_at_build", n_old), "search_forced": entry.get("search_forced", False)}, ""
 
 
@@ -659,14 +805,18 @@ def add_vectors(index, vectors: np.ndarray, progress: ProgressFn | None, task: s
         added.advance(min(chunk, len(vectors) - start))
 
 
-def grow_probe(index, kind: str, probe: dict, new: np.ndarray, n_old: int, sample: int) -> dict:
-    """The recall probe after `new` rows were added at n_old: the old queries' exact top-k merged
-    with their exact top-k among the new rows (queries x added rows: cost follows what was added),
-    and queries drawn from the new rows in proportion, so the sample stays uniform over all rows;
-    their exact top-k comes from the grown index's own full vectors (IVF-PQ keeps only codes, so
-    it keeps its old queries)."""
-    k, n = probe["ids"].shape[1], n_old + len(new)
-    scores, ids = exact_top_k(probe["queries"], new, min(k, len(new)))
+def grow_probe(index, kind: str, probe: dict, new: np.ndarray, n_old: int, sample: int,
+               n_base: int | None = None) -> dict:
+    """The recall probe after rows were added at n_old: `new` holds the rows from n_base on
+    (default n_old; a fold passes its delta parts' rows too, whose top-k the probe's truth already
+    holds). The old queries' exact top-k is merged with their exact top-k among the rows after
+    n_old (queries x added rows: cost follows what was added), and queries are drawn from `new`
+    in proportion, so the sample stays uniform over all rows; their exact top-k comes from the
+    grown index's own full vectors (IVF-PQ keeps only codes, so it keeps its old queries)."""
+    n_base = n_old if n_base is None else n_base
+    k, n = probe["ids"].shape[1], n_base + len(new)
+    added = new[n_old - n_base:]
+    scores, ids = exact_top_k(probe["queries"], added, min(k, len(added)))
     ids, scores = merge_top_k(probe["ids"], probe["scores"], ids + n_old, scores, k)
     exact = exact_searcher(index, kind)
     want = min(sample, n)
@@ -676,7 +826,7 @@ def grow_probe(index, kind: str, probe: dict, new: np.ndarray, n_old: int, sampl
     picked = np.sort(rng.choice(len(new), take, replace=False))
     queries = np.ascontiguousarray(new[picked], dtype=np.float32)
     new_scores, new_ids = exact(queries, k) if take else (np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
-    return {"rows": np.concatenate([probe["rows"][keep], picked + n_old]).astype(np.int64),
+    return {"rows": np.concatenate([probe["rows"][keep], picked + n_base]).astype(np.int64),
             "queries": np.concatenate([probe["queries"][keep], queries]),
             "ids": np.concatenate([ids[keep], new_ids]).astype(np.int64),
             "scores": np.concatenate([scores[keep], new_scores]).astype(np.float32)}
@@ -707,7 +857,7 @@ def exact_searcher(index, kind: str):
 def read_probe(path: Path) -> dict:
     try:
         with np.load(path) as f:
-            return {name: f[name] for name in ("rows", "queries", "ids", "scores")}
+            return {name: f[name] for name in (*PROBE_KEYS, *ANSWER_KEYS) if name in PROBE_KEYS or name in f.files}
     except (OSError, ValueError, KeyError) as e:
         raise SjeaError(f"{path} is unreadable ({str(e)[:80]}); rebuild the index with: sjea index "
                         f"{str(path.parent)[:-len('.index')]} --rebuild") from None
@@ -755,7 +905,9 @@ def read_faiss(path: Path, mmap: bool | None = None):
 def load_indexes(store_path: str | Path, model_id: str, n: int, levels, mmap: bool | None = None,
                  fingerprint: str | None = None) -> dict:
     """{level: faiss index} for a store whose model id and row count are given; stale -> SjeaError.
-    The store's fingerprint is read from the store unless given."""
+    A level with delta parts gets a PartedIndex (base and parts searched as one); the base is
+    memory-mapped when large, the parts (small) are read. The store's fingerprint is read from the
+    store unless given."""
     if fingerprint is None:
         from .store import open_store
 
@@ -766,12 +918,57 @@ def load_indexes(store_path: str | Path, model_id: str, n: int, levels, mmap: bo
     out = {}
     for level in levels:
         entry = sidecar["levels"][str(level)]
-        path = folder / entry["file"]
-        if not path.is_file():
-            raise SjeaError(f"{path} is missing; rebuild the index with: sjea index {store_path}")
-        index = read_faiss(path, mmap)
-        if index.ntotal != n:
-            raise SjeaError(f"{path} holds {index.ntotal} vectors, the store {n}; rebuild with: sjea index {store_path}")
+        index = read_faiss(existing(folder / entry["file"], store_path), mmap)
         set_search_params(index, entry["search_params"])
+        if entry.get("parts"):
+            index = PartedIndex(index, [read_faiss(existing(folder / part["file"], store_path), mmap=False)
+                                        for part in entry["parts"]])
+            check_parts(index, entry, folder, store_path)
+        if index.ntotal != n:
+            raise SjeaError(f"{folder / entry['file']} holds {index.ntotal} vectors, the store {n}; rebuild with: "
+                            f"sjea index {store_path}")
         out[level] = index
     return out
+
+
+def existing(path: Path, store_path) -> Path:
+    if not path.is_file():
+        raise SjeaError(f"{path} is missing; rebuild the index with: sjea index {store_path}")
+    return path
+
+
+def check_parts(index: "PartedIndex", entry: dict, folder: Path, store_path) -> None:
+    """Refuse parts whose rows are not the ones the sidecar records (the ids would be off)."""
+    for (part, first), record in zip(index.parts, entry["parts"]):
+        if first != record["first_row"] or part.ntotal != record["rows"]:
+            raise SjeaError(f"{folder / record['file']} holds rows {first:,}+{part.ntotal:,}, the sidecar records "
+                            f"{record['first_row']:,}+{record['rows']:,}; rebuild with: sjea index {store_path}")
+
+
+class PartedIndex:
+    """A level's base index and its delta parts searched as one: each is searched for its own
+    top k (the parts exactly), ids offset by the rows before it, and the lists merged by score
+    (merge_top_k: ties keep the lower id, as a single index holding every row would). Anything
+    else (d, efSearch, the HNSW graph, ...) is the base's."""
+
+    def __init__(self, base, parts: list):
+        self.base, self.parts = base, []
+        first = int(base.ntotal)
+        for part in parts:
+            self.parts.append((part, first))
+            first += int(part.ntotal)
+        self.ntotal = first
+
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) (q, k) as faiss returns them."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        scores, ids = self.base.search(x, min(k, self.base.ntotal))
+        for part, first in self.parts:
+            s, i = part.search(x, min(k, part.ntotal))
+            ids, scores = merge_top_k(ids, scores, np.where(i >= 0, i + first, -1), s, k)
+        return scores, ids
+
+    def __getattr__(self, name: str):
+        if name in ("base", "parts"):  # not set yet (copy, pickle): never recurse
+            raise AttributeError(name)
+        return getattr(self.base, name)

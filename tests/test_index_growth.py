@@ -280,7 +280,8 @@ def test_growth_after_update_and_compaction_is_vouched_by_the_store_history_with
     append(st, 700, 760)  # the store's writers read paths; build_indexes must not
     read.clear()
     info = ix.build_indexes(st)
-    assert statuses(info) == {"0": "grown (+60 rows)", "1": "grown (+60 rows)"} and "paths" not in read, read
+    assert statuses(info) == {"0": "grown (+60 rows, delta part 1 of 8)", "1": "grown (+60 rows, delta part 1 of 8)"}
+    assert "paths" not in read, read
     monkeypatch.undo()
     with open_store(st) as s:
         for level, index in loaded(st).items():
@@ -314,8 +315,184 @@ def test_a_doubling_that_gains_no_recall_is_undone_and_growth_does_not_retry_it(
     built = ix.build_indexes(st, kind="hnsw")["levels"]["0"]
     assert built["recall_tuning"] == [{"efSearch": 64, "recall": 0.9}, {"efSearch": 128, "recall": 0.9}]
     assert built["search_params"] == {"efSearch": 64}  # the doubling bought nothing: every search stays cheap
-    write(st, grown_rows(1500, 1600))
+    write(st, grown_rows(1500, 1700))  # past the delta parts' 10%: the base grows and is measured again
     grown = ix.build_indexes(st, kind="hnsw")["levels"]["0"]
-    assert grown["status"] == "grown (+100 rows)" and grown["search_params"] == {"efSearch": 64}
+    assert grown["status"] == "grown (+200 rows)" and grown["search_params"] == {"efSearch": 64}
     assert grown["recall_tuning"] == [{"efSearch": 64, "recall": 0.9}]  # one search: the ceiling was known
     assert loaded(st)[0].hnsw.efSearch == 64
+
+
+# --------------------------------------------------------------------------------------------
+# Delta parts: a small growth writes the added rows as an exact part beside the base
+
+
+def collection(n, n_base=1000):
+    """The first n rows of one growing collection: successive growths append to the same rows."""
+    return {k: v[:n] for k, v in grown_rows(n_base, n_base + 300).items()}
+
+
+def base_stat(st, level="0"):
+    path = ix.index_dir(st) / ix.read_sidecar(st)["levels"][level]["file"]
+    stat = path.stat()
+    return path.name, stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+
+def listed_files(info):
+    return {"index.json", *(f for e in info["levels"].values() for f in (*ix.level_files(e), e["probe"]))}
+
+
+def test_small_growths_become_delta_parts_and_flat_search_equals_a_fresh_build(tmp_path, monkeypatch):
+    st = write(tmp_path / "s.h5", rows(1000))
+    ix.build_indexes(st)
+    before = {lv: base_stat(st, lv) for lv in ("0", "1")}
+    read = []
+    real = ix.read_faiss
+    monkeypatch.setattr(ix, "read_faiss", lambda path, mmap=None: read.append(path.name) or real(path, mmap))
+    write(st, collection(1050))
+    info = ix.build_indexes(st)
+    assert statuses(info) == {"0": "grown (+50 rows, delta part 1 of 8)", "1": "grown (+50 rows, delta part 1 of 8)"}
+    write(st, collection(1090))
+    info = ix.build_indexes(st)
+    assert statuses(info) == {"0": "grown (+40 rows, delta part 2 of 8)", "1": "grown (+40 rows, delta part 2 of 8)"}
+    assert read == []  # neither growth read an index file: the base is untouched
+    monkeypatch.undo()
+    for lv, e in info["levels"].items():
+        assert [(p["first_row"], p["rows"]) for p in e["parts"]] == [(1000, 50), (1050, 40)]
+        assert e["base_rows"] == 1000 and e["recall_at_10"] == 1.0 and base_stat(st, lv) == before[lv]
+    assert {p.name for p in ix.index_dir(st).iterdir()} == listed_files(info)
+    indexes, fresh = loaded(st), {lv: fresh_flat(v) for lv, v in collection(1090).items()}
+    for level, vectors in collection(1090).items():
+        assert isinstance(indexes[level], ix.PartedIndex) and indexes[level].ntotal == 1090
+        want_scores, want_ids = fresh[level].search(vectors[::9], 10)
+        scores, ids = indexes[level].search(vectors[::9], 10)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-6)  # sgemm rounding of other shapes
+    # What search returns (ids and exact scores from the stored rows) equals a from-scratch build's.
+    from sjea_tools.search import search_store
+
+    copy = shutil.copy(st, tmp_path / "fresh.h5")
+    assert {e["action"] for e in ix.build_indexes(copy)["levels"].values()} == {"built"}
+    grown, built = (search_store(s, ids=range(0, 1090, 9), k=10, mode="per-level")["results"] for s in (st, copy))
+    assert grown == built
+
+
+@pytest.mark.parametrize("kind,params", [("hnsw", {}), ("ivf-flat", {"nlist": 16})])
+def test_hnsw_and_ivf_bases_with_parts_reach_the_target_against_flat(tmp_path, kind, params):
+    st = write(tmp_path / "s.h5", rows(1500))
+    ix.build_indexes(st, kind=kind, params=params)
+    for n in (1560, 1620):
+        write(st, collection(n, 1500))
+        info = ix.build_indexes(st, kind=kind, params=params)
+        assert all(e["status"].startswith("grown (+60 rows, delta part") for e in info["levels"].values())
+    indexes = loaded(st)
+    for level, vectors in collection(1620, 1500).items():
+        assert len(info["levels"][str(level)]["parts"]) == 2
+        assert info["levels"][str(level)]["recall_at_10"] >= ix.TARGET_RECALL
+        queries = np.concatenate([vectors[:1500:10], vectors[1500:]])  # base rows and every added row
+        _, truth = fresh_flat(vectors).search(queries, 10)
+        _, found = indexes[level].search(queries, 10)
+        assert ix.recall_at_k(found, truth) >= ix.TARGET_RECALL
+        _, first = indexes[level].search(vectors[1500:], 1)
+        assert (first[:, 0] == np.arange(1500, 1620)).all()  # an added row is its own nearest
+    assert indexes[0].hnsw.efSearch == 64 if kind == "hnsw" else indexes[0].nprobe >= 1  # the base's settings
+
+
+def test_past_the_limits_the_parts_are_folded_into_the_base_once(tmp_path, monkeypatch):
+    st = write(tmp_path / "s.h5", rows(1000))
+    ix.build_indexes(st)
+    for n in (1040, 1080):  # 80 rows in parts: within 10% of the base's 1,000
+        write(st, collection(n))
+        ix.build_indexes(st)
+    write(st, collection(1120))  # 120 rows after the base: past 10%
+    info = ix.build_indexes(st)
+    assert statuses(info)["0"] == "grown and folded (+120 rows into the base, 2 delta parts dropped)"
+    e = info["levels"]["0"]
+    assert "parts" not in e and e["base_rows"] == 1120 and e["recall_at_10"] == 1.0 and e["added"] == 40
+    assert {p.name for p in ix.index_dir(st).iterdir()} == listed_files(info)
+    monkeypatch.setattr(ix, "DELTA_MAX_PARTS", 1)
+    write(st, collection(1130))
+    assert statuses(ix.build_indexes(st))["0"] == "grown (+10 rows, delta part 1 of 1)"
+    write(st, collection(1140))  # a second part would pass DELTA_MAX_PARTS
+    info = ix.build_indexes(st)
+    assert statuses(info)["0"] == "grown and folded (+20 rows into the base, 1 delta part dropped)"
+    vectors = collection(1140)
+    for level, index in loaded(st).items():
+        assert not isinstance(index, ix.PartedIndex) and index.ntotal == 1140
+        np.testing.assert_array_equal(index.search(vectors[level][::7], 10)[1],
+                                      fresh_flat(vectors[level]).search(vectors[level][::7], 10)[1])
+
+
+def test_a_rebuild_drops_the_parts(tmp_path):
+    st = write(tmp_path / "s.h5", rows(1000))
+    ix.build_indexes(st)
+    write(st, collection(1050))
+    parts = [p["file"] for p in ix.build_indexes(st)["levels"]["0"]["parts"]]
+    info = ix.build_indexes(st, rebuild=True)
+    assert all("parts" not in e and e["base_rows"] == 1050 for e in info["levels"].values())
+    assert not any((ix.index_dir(st) / f).exists() for f in parts)
+    assert {p.name for p in ix.index_dir(st).iterdir()} == listed_files(info)
+
+
+def test_a_kill_between_the_part_and_the_sidecar_leaves_the_old_index_usable(tmp_path, monkeypatch):
+    st = write(tmp_path / "s.h5", rows(1000))
+    ix.build_indexes(st)
+    write(st, collection(1050))
+    ix.build_indexes(st)  # one part already
+    folder = ix.index_dir(st)
+    sidecar_before = (folder / "index.json").read_text()
+    with open_store(st) as s:
+        old_fingerprint = s.fingerprint
+    write(st, collection(1080))
+    real = ix.atomic_write_text
+
+    def killed_at_the_sidecar(path, text):
+        if path.name == "index.json":
+            raise KeyboardInterrupt  # the parts and probes are written, the sidecar not yet
+        return real(path, text)
+
+    monkeypatch.setattr(ix, "atomic_write_text", killed_at_the_sidecar)
+    with pytest.raises(KeyboardInterrupt):
+        ix.build_indexes(st)
+    monkeypatch.undo()
+    assert (folder / "index.json").read_text() == sidecar_before
+    orphans = {p.name for p in folder.iterdir()} - listed_files(json.loads(sidecar_before))
+    assert {n for n in orphans if ".delta1." in n} == set() and len(orphans) == 4  # a part and a probe per level
+    old = ix.load_indexes(st, ATTRS["model_id"], 1050, [0, 1], fingerprint=old_fingerprint)  # the old set
+    vectors = collection(1050)
+    for level, index in old.items():
+        assert (index.search(vectors[level][1000:], 1)[1][:, 0] == np.arange(1000, 1050)).all()
+    info = ix.build_indexes(st)  # the next run removes the orphans and grows
+    assert statuses(info)["0"] == "grown (+30 rows, delta part 2 of 8)"
+    assert {p.name for p in folder.iterdir()} == listed_files(info)
+
+
+def test_a_probe_without_the_base_answers_gets_them_once_and_still_adds_a_part(tmp_path):
+    st = write(tmp_path / "s.h5", rows(1500))
+    info = ix.build_indexes(st, kind="hnsw")
+    for e in info["levels"].values():  # what an older sjea wrote: no answers in the probe
+        path = ix.index_dir(st) / e["probe"]
+        probe = ix.read_probe(path)
+        np.savez(path, **{k: probe[k] for k in ix.PROBE_KEYS})
+    write(st, collection(1560, 1500))
+    info = ix.build_indexes(st, kind="hnsw")
+    assert statuses(info)["0"] == "grown (+60 rows, delta part 1 of 8)"
+    assert info["levels"]["0"]["recall_at_10"] >= ix.TARGET_RECALL
+    assert set(ix.ANSWER_KEYS) <= set(ix.read_probe(ix.index_dir(st) / info["levels"]["0"]["probe"]))
+
+
+def test_a_row_in_a_delta_part_is_found_by_sjea_search_and_by_the_server(tmp_path):
+    from sjea_tools.serve.state import LoadedStore, fingerprint
+
+    st = write(tmp_path / "s.h5", rows(1000))
+    ix.build_indexes(st)
+    write(st, collection(1030))
+    assert "delta part 1" in statuses(ix.build_indexes(st))["0"]
+    row = 1017
+    r = CliRunner().invoke(app, ["search", "--id", str(row), "--store", str(st), "--mode", "per-level", "--k", "3",
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    hits = json.loads(r.stdout)["results"][0]["per_level"]
+    assert {lv: h[0]["id"] for lv, h in hits.items()} == {"0": row, "1": row}
+    served = LoadedStore(st, fingerprint(st)).search(ids=[row], k=3, mode="per-level")
+    assert {lv: h[0]["id"] for lv, h in served["results"][0]["per_level"].items()} == {"0": row, "1": row}
+    assert served["results"][0]["per_level"]["0"][0]["score"] == pytest.approx(1.0, abs=1e-5)
