@@ -198,13 +198,13 @@ def test_overrides_beat_file_beat_preset(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text(TOML_TEXT)
     preset_only = resolve_config("tiny")
-    assert preset_only.data.limit == 20000 and preset_only.train.epochs == 2
+    assert preset_only.data.limit is None and preset_only.train.epochs == 6
     cfg = resolve_config("tiny", config_file=path, overrides={"data.limit": 50, "model.encoder": "mlp"})
     assert cfg.data.limit == 50            # override beats file
     assert cfg.model.encoder == "mlp"      # override beats file
     assert cfg.train.epochs == 3.0         # file beats preset
     assert cfg.model.levels == 3           # file beats default
-    assert cfg.train.checkpoint_every == 50  # preset beats default, untouched by file and overrides
+    assert cfg.optim.warmup_epochs == 0.3  # preset beats default, untouched by file and overrides
 
 
 def test_empty_config_file_changes_nothing(tmp_path):

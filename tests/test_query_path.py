@@ -147,10 +147,11 @@ def test_plain_client_from_the_readme_gives_the_stored_rows(mixed, tmp_path, wit
     assert 'MODEL = "runs/tiny/onnx/all_levels.onnx"' in code and 'IMAGES = ["shoe.jpg", "bag.png"]' in code
     code = code.replace('"runs/tiny/onnx/all_levels.onnx"', repr(model))
     code = code.replace('["shoe.jpg", "bag.png"]', repr([str(images / p) for p in paths]))
-    code += f"\nnp.save({str(tmp_path / 'out.npy')!r}, np.stack(vectors))\n"
+    code += f"\nnp.savez({str(tmp_path / 'out.npz')!r}, *vectors)\n"  # one array per level: dims differ
     done = run_plain_client(code, tmp_path)
     assert done.returncode == 0, done.stderr
-    got = np.load(tmp_path / "out.npy")
+    saved = np.load(tmp_path / "out.npz")
+    got = [saved[f"arr_{j}"] for j in range(len(saved.files))]
     for j, lv in enumerate(sorted(rows)):
         want = rows[lv] / np.linalg.norm(rows[lv], axis=1, keepdims=True)
         cosines = np.sum(got[j] * want, axis=1)
