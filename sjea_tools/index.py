@@ -27,7 +27,6 @@ never sees a half-built set and a kill leaves the previous set usable.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -37,9 +36,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SjeaError
-from .io import atomic_path, atomic_write, atomic_write_text, stale_temp_files
+from .io import atomic_path, atomic_write, atomic_write_text, sha256_bytes, stale_temp_files
 from .progress import Counter, ProgressFn
-from .vectors import exact_rerank, l2_normalize
+from .vectors import best_k, exact_rerank, l2_normalize
 
 KINDS = ("flat", "hnsw", "ivf-flat", "ivf-pq")
 METRICS = ("cosine", "inner-product")
@@ -192,11 +191,6 @@ def set_search_params(index, params: dict) -> None:
     space = faiss.ParameterSpace()
     for name, value in params.items():
         space.set_index_parameter(index, name, int(value))
-
-
-def exact_neighbours(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
-    """Ids of the exact top-k by inner product (brute force, blocked by FAISS)."""
-    return exact_top_k(queries, vectors, k)[1]
 
 
 def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -551,13 +545,11 @@ def rows_record(store, paths: list[str] | None) -> dict:
 def paths_digest(paths: list[str], n_first: int) -> tuple[str, str]:
     """(sha256 of the first n_first paths, of all): one pass over the bytes store.strings_sha256
     hashes (each path + NUL), so the full digest equals the /paths checksum of a store written now."""
-    def encoded(values):
-        return "".join(v + "\0" for v in values).encode("utf-8", "surrogateescape")
+    from .store import strings_hash
 
-    h = hashlib.sha256(encoded(paths[:n_first]))
+    h = strings_hash(paths[:n_first])
     first = h.hexdigest()
-    h.update(encoded(paths[n_first:]))
-    return first, h.hexdigest()
+    return first, strings_hash(paths[n_first:], h).hexdigest()
 
 
 def check_rows(n: int) -> np.ndarray:
@@ -566,11 +558,11 @@ def check_rows(n: int) -> np.ndarray:
 
 def identity_digest(attrs: dict) -> str:
     values = {k: attrs.get(k) for k in IDENTITY_KEYS}
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+    return sha256_bytes(json.dumps(values, sort_keys=True, default=str).encode())
 
 
 def vectors_digest(store, level: int, rows: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(store.read_embeddings(level, rows)).tobytes()).hexdigest()
+    return sha256_bytes(np.ascontiguousarray(store.read_embeddings(level, rows)).tobytes())
 
 
 def stale_rows(store, old: dict, paths) -> str | None:
@@ -834,9 +826,7 @@ def grow_probe(index, kind: str, probe: dict, new: np.ndarray, n_old: int, sampl
 
 def merge_top_k(ids_a, scores_a, ids_b, scores_b, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k best of two (q, *) candidate lists by score; ties keep the first list's (lower) ids."""
-    ids, scores = np.concatenate([ids_a, ids_b], 1), np.concatenate([scores_a, scores_b], 1)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
+    return best_k(np.concatenate([ids_a, ids_b], 1), np.concatenate([scores_a, scores_b], 1), k)
 
 
 def exact_searcher(index, kind: str):

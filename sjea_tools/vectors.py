@@ -31,6 +31,11 @@ def exact_scores(queries: np.ndarray, ids: np.ndarray, get_rows) -> np.ndarray:
 
 def exact_rerank(queries: np.ndarray, candidates: np.ndarray, get_rows, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k best of each query's candidate ids (q, m) by `exact_scores`: (ids (q, k), scores (q, k))."""
-    scores = exact_scores(queries, candidates, get_rows)
+    return best_k(candidates, exact_scores(queries, candidates, get_rows), k)
+
+
+def best_k(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k highest-scoring ids (q, m) -> (ids (q, k), scores (q, k)); equal scores keep
+    their order in the row."""
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(candidates, order, 1), np.take_along_axis(scores, order, 1)
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)

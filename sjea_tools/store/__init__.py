@@ -37,12 +37,12 @@ from .merge import format_shard, merge_stores, parse_shard, shard_slice
 from .segments import (AUTO_COMPACT_SEGMENTS, SEGMENTS_SUFFIX, add_stores, append_segment, compact_store,
                        remove_orphans, segments_dir)
 from .reader import (FORMAT, IDENTITY_ATTRS, Store, StoreDamagedError, check_same_identity, copy_rows, open_store,
-                     preprocess_of)
+                     preprocess_of, strings_hash)
 from .verify import verify_store
 from .writer import write_store
 
 __all__ = ["AUTO_COMPACT_SEGMENTS", "FORMAT", "IDENTITY_ATTRS", "PARTIAL_SUFFIX", "SEGMENTS_SUFFIX", "Journal", "Store",
            "StoreBusyError", "StoreDamagedError", "add_stores", "append_segment", "check_same_identity",
            "compact_store", "copy_rows", "disk_faults", "format_shard", "merge_stores", "open_store", "parse_shard",
-           "partial_path", "preprocess_of", "remove_orphans", "segments_dir", "shard_slice", "verify_store",
-           "write_store", "writer_lock"]
+           "partial_path", "preprocess_of", "remove_orphans", "segments_dir", "shard_slice", "strings_hash",
+           "verify_store", "write_store", "writer_lock"]

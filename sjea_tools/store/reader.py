@@ -60,10 +60,16 @@ def to_stored_text(values) -> list:
 
 def strings_sha256(values) -> str:
     """The checksum of a string dataset (HDF5 cannot checksum variable-length data itself)."""
-    h = hashlib.sha256()
+    return strings_hash(values).hexdigest()
+
+
+def strings_hash(values, h=None):
+    """`h` (a new sha256 when None) updated with the strings as strings_sha256 hashes them, so a
+    prefix's digest can be taken on the way to the whole list's."""
+    h = h or hashlib.sha256()
     for v in values:
         h.update(v.encode("utf-8", "surrogateescape") + b"\0")  # no file name holds NUL
-    return h.hexdigest()
+    return h
 
 
 class StoreDamagedError(SjeaError):
