@@ -156,52 +156,35 @@ def run_trial(name: str, sets: list[str], with_probe: bool) -> dict:
 
 def run_curve(name: str, sets: list[str], epochs: float, at: list[float]) -> list[dict]:
     """One schedule of `epochs` over all 60,000 images, scored (level-0 and level-1 k-NN, both protocols)
-    at the epochs in `at`: where a recipe is going, for the price of one training. The loop is the
-    trainer's step with the library's pieces (model, batched augmentation, stacked VICReg, optimiser
-    and schedule) without checkpoints or run folder; the chosen recipe is then checked with `trial`
-    (the real `train()`)."""
-    import math
-
+    at the epochs in `at`: where a recipe is going, for the price of one training. The steps are the
+    trainer's own (build_training, its batches and seeded views, train_step), without checkpoints
+    or run folder; the chosen recipe is then checked with `trial` (the whole `train()`)."""
     import torch
 
     from sjea_tools.config import resolve_config
-    from sjea_tools.data.augment import two_views
-    from sjea_tools.data.datasets import load_dataset
-    from sjea_tools.losses import stacked_vicreg_loss
-    from sjea_tools.models import build_model
-    from trainers.optim import build_optimizer, lr_factor, peak_lr, set_lr
+    from trainers.distributed import DistInfo
+    from trainers.trainer import batch_source, build_training, load_training_data, step_batches, train_step, \
+        two_views_on_device
 
     overrides = dict(s.split("=", 1) for s in sets)
-    cfg = resolve_config("tiny", overrides={"train.device": "cpu", "data.limit": None, **overrides})
+    cfg = resolve_config("tiny", overrides={"train.device": "cpu", "data.limit": None, "train.epochs": epochs,
+                                            **overrides})
     torch.manual_seed(cfg.train.seed)
-    pixels = torch.from_numpy(load_dataset("fashion-mnist", None, "train").pixels)
-    batch = cfg.train.batch_size
-    per_epoch = len(pixels) // batch
-    total = math.ceil(epochs * per_epoch)
-    model = build_model(cfg)
-    optimizer = build_optimizer(model.parameters(), cfg.optim, batch)
-    lr, warmup = peak_lr(cfg.optim, batch), round(cfg.optim.warmup_epochs * per_epoch)
-    spec, g = cfg.preprocess_spec, torch.Generator().manual_seed(cfg.train.seed + 1)
-    score_at = sorted({min(total, round(e * per_epoch)) for e in at})
+    info = DistInfo()
+    data, per_epoch = load_training_data(cfg, info)
+    t = build_training(cfg, info, torch.device("cpu"), per_epoch)
+    score_at = {min(t.total_steps, round(e * per_epoch)) for e in at}
     rows, step, train_s = [], 0, 0.0
-    while step < total:
-        order = torch.randperm(len(pixels), generator=g)
-        for i in range(min(per_epoch, total - step)):
+    t.model.train()
+    while step < t.total_steps:
+        batches = step_batches(len(data), cfg.train.batch_size, info, cfg.train.seed, step // per_epoch)
+        for item in batch_source(data, cfg, batches[:t.total_steps - step], t.device):
             t0 = time.perf_counter()
-            v1, v2 = two_views(pixels[order[i * batch:(i + 1) * batch]], cfg.data, spec.image_size, spec.mean,
-                               spec.std, g)
-            set_lr(optimizer, lr * lr_factor(step, warmup, total, cfg.optim.final_lr_ratio))
-            _, z1 = model.forward_train(v1)
-            _, z2 = model.forward_train(v2)
-            loss, _ = stacked_vicreg_loss(z1, z2, cfg.per_level("sim_coeff"), cfg.per_level("std_coeff"),
-                                          cfg.per_level("cov_coeff"), cfg.per_level("level_weights"))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            train_step(t, *two_views_on_device(t, item, step), step)
             step, train_s = step + 1, train_s + time.perf_counter() - t0
             if step in score_at:
-                rows.append(_curve_point(name, overrides, cfg, model, step, per_epoch, epochs, train_s))
-                model.train()
+                rows.append(_curve_point(name, overrides, cfg, t.model, step, per_epoch, epochs, train_s))
+                t.model.train()
     random_init_floor(cfg, with_probe=False)
     return rows
 
@@ -309,8 +292,10 @@ def report() -> str:
     curves.sort(key=lambda r: (order[r["name"]], r["epoch"]))  # one schedule's points together, in order
     if curves:
         lines += ["## Learning curves (`curve`: one schedule, scored on the way)", "",
-                  "Each row is one scoring point of one schedule (`epochs` long); *train s* is the time spent in "
-                  "training steps up to that point, beside the load average when it was scored. k-NN as above; "
+                  "Each row is one scoring point of one schedule (`epochs` long); the rows of 2026-11-28 ran "
+                  "an earlier `curve` that copied the trainer's step (same model, augmentation, loss, optimiser "
+                  "and schedule, its own data order), later ones the trainer's own steps. *train s* is the time "
+                  "spent in training steps up to that point, beside the load average when it was scored. k-NN as above; "
                   "level 1 is the second encoder of the stack. On Fashion-MNIST's grey images the saturation, hue "
                   "and grayscale parts of the augmentation do nothing (they are skipped), so brightness and "
                   "contrast are the jitter that acts.", "",
