@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 ./scripts/install.sh
 export PATH="$PWD/.venv/bin:$PATH"
 set -x
-sjea train --overwrite                                   # -> runs/tiny (about 6 min on 2 cores)
+sjea train --overwrite                                   # -> runs/tiny (minutes on 2 cores)
 sjea export --level all --overwrite                      # -> runs/tiny/onnx/*.onnx, parity printed
 sjea images fashion-mnist demo/images --split test --limit 3000
 sjea embed demo/images demo/fmnist.h5 --overwrite        # -> demo/fmnist.h5 + demo/fmnist.h5.index/
