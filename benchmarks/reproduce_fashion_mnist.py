@@ -7,9 +7,14 @@ docs/reproduction.md (nothing in it is typed by hand).
     .venv/bin/python benchmarks/reproduce_fashion_mnist.py --limit 512 --epochs 0.1 --max-train 500 \
         --max-test 200 --seeds 0 --doc /tmp/smoke.md --runs /tmp/smoke-runs         # a smoke test of the script
 
+    .venv/bin/python benchmarks/reproduce_fashion_mnist.py --train-only --select mlp &   # training split over
+    .venv/bin/python benchmarks/reproduce_fashion_mnist.py --train-only --select vicreg  # two processes, then
+    .venv/bin/python benchmarks/reproduce_fashion_mnist.py                                # evaluate and write
+
 Models, all from the `tiny` preset (same data, epochs, batch, optimiser, augmentations per seed):
-- S-JEA, 2 levels, level 1 an MLP encoder (`--encoder mlp`);
-- S-JEA, 2 levels, level 1 the authors' one-channel ResNet-18 (`--encoder resnet`);
+- S-JEA, 2 levels, level 1 an MLP encoder (`--level1 mlp`, the default);
+- S-JEA, 2 levels, level 1 the authors' one-channel ResNet-18 (`--level1 mlp,resnet`; about 50 minutes
+  a seed on 2 CPU cores, so a GPU run);
 - VICReg, 1 level, whose level-0 backbone is the registered one whose total parameter count
   (encoder + projector) is closest to each S-JEA model's: the extra parameters go into the
   encoder that evaluation uses, not into a projector that evaluation throws away (method.md).
@@ -42,13 +47,15 @@ def total_params(cfg) -> int:
     return sum(c["encoder"] + c["projector"] for c in build_model(cfg).parameter_counts())
 
 
-def model_configs(common: dict) -> dict:
+LEVEL1 = {"mlp": "MLP", "resnet": "ResNet"}
+
+
+def model_configs(common: dict, level1: list[str]) -> dict:
     """name -> config overrides; VICReg's backbone picked per S-JEA model by total parameter count."""
     from sjea_tools.config import resolve_config
     from sjea_tools.models import BACKBONES
 
-    models = {"S-JEA (MLP level 1)": {"model.levels": 2, "model.encoder": "mlp"},
-              "S-JEA (ResNet level 1)": {"model.levels": 2, "model.encoder": "resnet"}}
+    models = {f"S-JEA ({LEVEL1[e]} level 1)": {"model.levels": 2, "model.encoder": e} for e in level1}
     out = dict(models)
     for name, sets in models.items():
         target = total_params(resolve_config("tiny", overrides={**common, **sets}))
@@ -70,6 +77,22 @@ def train_if_needed(cfg, run_dir: Path, retrain: bool) -> float | None:
     else:
         train(cfg, out_dir=run_dir, overwrite=True)
     return time.perf_counter() - t0
+
+
+def evaluated(run: Path, weights: str, args, seed: int) -> dict:
+    """evaluate_run's result, reused from an earlier call when the model and the protocol are unchanged."""
+    from sjea_tools import evaluation
+
+    out, key_file = run / f"repro-{weights}.json", run / f"repro-{weights}.protocol.json"
+    key = {"model_mtime_ns": (run / "model.pt").stat().st_mtime_ns, "max_train": args.max_train,
+           "max_test": args.max_test, "seed": seed, "device": args.device}
+    if out.is_file() and key_file.is_file() and json.loads(key_file.read_text()) == key and not args.reevaluate:
+        return json.loads(out.read_text())
+    result = evaluation.evaluate_run(run, max_train=args.max_train, max_test=args.max_test, seed=seed,
+                                     random_init=weights == "random-init", device=args.device, baselines=True,
+                                     out=out)
+    key_file.write_text(json.dumps(key))
+    return result
 
 
 def flatten(result: dict) -> list[dict]:
@@ -131,13 +154,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--retrain", action="store_true", help="train every run again")
+    ap.add_argument("--reevaluate", action="store_true", help="evaluate again even where a result is kept")
+    ap.add_argument("--level1", default="mlp",
+                    help="S-JEA level-1 encoders, comma-separated: mlp, resnet (the authors'; about 50 min per seed "
+                         "on 2 CPU cores, 1.1 s a step: use a GPU); each brings its parameter-matched VICReg")
+    ap.add_argument("--select", default="",
+                    help="only the models whose name contains this text (with --train-only: split training "
+                         "over several processes)")
+    ap.add_argument("--train-only", action="store_true", help="train the selected runs and stop (no page)")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs", help="where the run folders go")
     ap.add_argument("--doc", type=Path, default=DOC, help="the page whose results section is rewritten")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT))
 
-    from sjea_tools import evaluation
     from sjea_tools.config import resolve_config
 
     common = {"train.device": args.device}
@@ -146,7 +176,12 @@ def main() -> None:
     if args.limit is not None:
         common["data.limit"] = args.limit
     seeds = [int(s) for s in args.seeds.split(",")]
-    models = model_configs(common)
+    level1 = [e.strip() for e in args.level1.split(",") if e.strip()]
+    if unknown := sorted(set(level1) - set(LEVEL1)):
+        raise SystemExit(f"--level1: unknown encoder(s) {', '.join(unknown)}; choose from {', '.join(LEVEL1)}")
+    models = {n: sets for n, sets in model_configs(common, level1).items() if args.select.lower() in n.lower()}
+    if not models:
+        raise SystemExit(f"--select {args.select!r} matches no model; leave it out to run them all")
     trained: dict[str, list[list[dict]]] = {}
     floors: dict[str, list[list[dict]]] = {}
     info: dict[str, dict] = {}
@@ -160,14 +195,17 @@ def main() -> None:
             info.setdefault(name, {"params": total_params(cfg), "cfg": cfg, "walls": []})
             if wall is not None:
                 info[name]["walls"].append(wall)
+            if args.train_only:
+                continue
             for weights in ("trained", "random-init"):
-                result = evaluation.evaluate_run(run, max_train=args.max_train, max_test=args.max_test, seed=0,
-                                                 random_init=weights == "random-init", device=args.device,
-                                                 baselines=True, out=run / f"repro-{weights}.json")
+                # The random-init floor of seed s is the architecture initialised with seed s.
+                result = evaluated(run, weights, args, seed=0 if weights == "trained" else seed)
                 (trained if weights == "trained" else floors).setdefault(name, []).append(flatten(result))
                 pixels = pixels or result["baselines"]["pixels"]
                 n_train, n_test = result["n_train"], result["n_test"]
             print(f"{name} seed {seed}: done", flush=True)
+    if args.train_only:
+        return
 
     any_cfg = next(iter(info.values()))["cfg"]
     out = [BEGIN, "",
