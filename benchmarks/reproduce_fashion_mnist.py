@@ -144,6 +144,25 @@ def comparisons(trained: dict[str, list[list[dict]]]) -> list[str]:
     return lines
 
 
+def against_floors(trained: dict[str, list[list[dict]]], floors: dict[str, list[list[dict]]],
+                   pixels: list[dict]) -> list[str]:
+    """Every trained level against the best pixel row and its own architecture at random init."""
+    best_pixels = {key: max(pixels, key=lambda p: p[key]) for key in ("knn_top1", "linear_top1")}
+    lines = []
+    for name, per_seed in trained.items():
+        for i, level in enumerate(per_seed[0]):
+            parts = []
+            for key, label in (("knn_top1", "k-NN top-1"), ("linear_top1", "probe top-1")):
+                (m, s), (mr, sr) = mean_std([x[i][key] for x in per_seed]), mean_std([x[i][key] for x in floors[name]])
+                p = best_pixels[key]
+                where = lambda d, spread: ("beyond" if abs(d) > spread else "within")  # noqa: E731
+                parts.append(f"{label} {m:.2f} ± {s:.2f}: {m - p[key]:+.2f} against {p['features']} ({p[key]:.2f}; "
+                             f"{where(m - p[key], s)} the seed spread), {m - mr:+.2f} against random init "
+                             f"({mr:.2f} ± {sr:.2f}; {where(m - mr, s + sr)} the seed spread)")
+            lines.append(f"- {name} level {level['level']}: " + "; ".join(parts) + ".")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=float, default=None, help="training epochs (default: the tiny preset's)")
@@ -228,7 +247,9 @@ def main() -> None:
     for p in pixels or []:
         out.append(f"| {p['features']} | {p['dim']} | {p['knn_top1']:.2f} | {p['knn_top1_centred']:.2f} | "
                    f"{p['linear_top1']:.2f} |")
-    out += ["", "### S-JEA against VICReg, as measured", "", *comparisons(trained), "", END]
+    out += ["", "### Against the floors (the best pixel row per metric, the same architecture at random init)", "",
+            *against_floors(trained, floors, pixels or []),
+            "", "### S-JEA against VICReg, as measured", "", *comparisons(trained), "", END]
     doc = args.doc
     text = doc.read_text() if doc.is_file() else f"# Reproduction\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
