@@ -271,3 +271,25 @@ def test_unknown_recipe_and_bad_view_values_are_refused():
     with pytest.raises(SjeaError, match="blur_sigma"):
         resolve_config("tiny", overrides={"data.blur_sigma": "0,2"})
     assert math.isclose(resolve_config("tiny", overrides={"data.view2.blur_p": 0.5}).data.view2.blur_p, 0.5)
+
+
+@pytest.mark.parametrize("recipe", ["tiny", "vicreg", "authors"])
+def test_grey_batch_as_one_channel_equals_three_channels(fmnist_test, recipe):
+    """The grey fast path (one channel, expanded at the end) gives the three-channel views."""
+    cfg = resolve_config("tiny", overrides={} if recipe == "tiny" else {"data.augment": recipe})
+    px = torch.from_numpy(np.ascontiguousarray(fmnist_test.pixels[:256]))
+    assert A.is_grey(px)
+    mean, std = (0.3, 0.3, 0.3), (0.35, 0.35, 0.35)
+    for view in A.view_settings(cfg.data):
+        fast = A.augment_batch(px, view, 28, mean, std, _gen(5), grey=True)
+        full = A.augment_batch(px, view, 28, mean, std, _gen(5), grey=False)
+        assert fast.shape == full.shape == (256, 3, 28, 28)
+        assert (fast - full).abs().amax() < 1e-5
+        assert (fast - px.permute(0, 3, 1, 2).float().div(255).sub(0.3).div(0.35)).abs().amax() > 0.5  # augmented
+
+
+def test_colour_batch_is_not_taken_for_grey(fmnist_test):
+    px = torch.from_numpy(np.ascontiguousarray(fmnist_test.pixels[:8])).clone()
+    px[3, 10, 10, 2] ^= 1  # one channel of one pixel of one image
+    assert not A.is_grey(px)
+    assert A.is_grey(px[:3])
