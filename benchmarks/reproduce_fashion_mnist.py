@@ -95,6 +95,20 @@ def evaluated(run: Path, weights: str, args, seed: int) -> dict:
     return result
 
 
+def draw_plots(run: Path, images: Path, prefix: str, device: str) -> list[Path]:
+    """`sjea plot`'s pictures of one run (t-SNE per level, covariance term, top-level sub-clusters of
+    'Sandal') as <images>/<prefix>_<kind>.png."""
+    import shutil
+    import tempfile
+
+    from sjea_tools import plots
+
+    images.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        written = plots.plot_run(run, out_dir=tmp, class_name="Sandal", device=device)
+        return [Path(shutil.move(str(path), images / f"{prefix}_{path.name}")) for path in written]
+
+
 def flatten(result: dict) -> list[dict]:
     """Per level: the metrics of METRICS from one evaluate_run result."""
     centred = {r["level"]: r["knn_top1_centred"] for r in result.get("baselines", {}).get("model", [])}
@@ -181,6 +195,7 @@ def main() -> None:
                     help="only the models whose name contains this text (with --train-only: split training "
                          "over several processes)")
     ap.add_argument("--train-only", action="store_true", help="train the selected runs and stop (no page)")
+    ap.add_argument("--no-plots", action="store_true", help="skip the pictures (t-SNE, covariance, sub-clusters)")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs", help="where the run folders go")
     ap.add_argument("--doc", type=Path, default=DOC, help="the page whose results section is rewritten")
     args = ap.parse_args()
@@ -188,6 +203,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
 
     from sjea_tools.config import resolve_config
+    from sjea_tools.io import atomic_write_text
 
     common = {"train.device": args.device}
     if args.epochs is not None:
@@ -204,6 +220,8 @@ def main() -> None:
     trained: dict[str, list[list[dict]]] = {}
     floors: dict[str, list[list[dict]]] = {}
     info: dict[str, dict] = {}
+    pictures: dict[str, list[Path]] = {}
+    first_vicreg = next((n for n in models if n.startswith("VICReg")), None)
     pixels = None
     for name, sets in models.items():
         slug = name.lower().replace(" ", "-").replace("(", "").replace(")", "")
@@ -222,6 +240,10 @@ def main() -> None:
                 (trained if weights == "trained" else floors).setdefault(name, []).append(flatten(result))
                 pixels = pixels or result["baselines"]["pixels"]
                 n_train, n_test = result["n_train"], result["n_test"]
+            if seed == seeds[0] and not args.no_plots:
+                prefix = "fmnist_sjea" if name == "S-JEA (MLP level 1)" else (
+                    "fmnist_vicreg" if name == first_vicreg else f"fmnist_{slug}")
+                pictures[name] = draw_plots(run, args.doc.parent / "images", prefix, args.device)
             print(f"{name} seed {seed}: done", flush=True)
     if args.train_only:
         return
@@ -249,13 +271,19 @@ def main() -> None:
                    f"{p['linear_top1']:.2f} |")
     out += ["", "### Against the floors (the best pixel row per metric, the same architecture at random init)", "",
             *against_floors(trained, floors, pixels or []),
-            "", "### S-JEA against VICReg, as measured", "", *comparisons(trained), "", END]
+            "", "### S-JEA against VICReg, as measured", "", *comparisons(trained), ""]
+    if pictures:
+        out += [f"### Pictures (seed {seeds[0]}; `sjea plot`: test images, t-SNE per level, covariance term "
+                "during training, k-means sub-clusters of 'Sandal' at the top level)", ""]
+        for name, paths in pictures.items():
+            out += [f"**{name}**", ""] + [f"![{name} {p.stem}](images/{p.name})" for p in paths] + [""]
+    out.append(END)
     doc = args.doc
     text = doc.read_text() if doc.is_file() else f"# Reproduction\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{doc} lacks the result markers; add them where the results go.")
     head, rest = text.split(BEGIN, 1)
-    doc.write_text(head + "\n".join(out) + rest.split(END, 1)[1])
+    atomic_write_text(doc, head + "\n".join(out) + rest.split(END, 1)[1])
     print(json.dumps({name: [[{k: v for k, v in lv.items()} for lv in seed] for seed in per]
                       for name, per in trained.items()}, indent=1))
     print(f"wrote {doc}")
