@@ -79,6 +79,11 @@ def train_if_needed(cfg, run_dir: Path, retrain: bool) -> float | None:
     return time.perf_counter() - t0
 
 
+def training_seconds(run: Path) -> float:
+    """Wall time of a finished training: model.pt's time minus config.json's (written at the start)."""
+    return (run / "model.pt").stat().st_mtime - (run / "config.json").stat().st_mtime
+
+
 def evaluated(run: Path, weights: str, args, seed: int) -> dict:
     """evaluate_run's result, reused from an earlier call when the model and the protocol are unchanged."""
     from sjea_tools import evaluation
@@ -230,8 +235,7 @@ def main() -> None:
             run = args.runs / f"repro-{slug}-s{seed}"
             wall = train_if_needed(cfg, run, args.retrain)
             info.setdefault(name, {"params": total_params(cfg), "cfg": cfg, "walls": []})
-            if wall is not None:
-                info[name]["walls"].append(wall)
+            info[name]["walls"].append(wall if wall is not None else training_seconds(run))
             if args.train_only:
                 continue
             for weights in ("trained", "random-init"):
@@ -251,16 +255,16 @@ def main() -> None:
     any_cfg = next(iter(info.values()))["cfg"]
     out = [BEGIN, "",
            f"Measured by `benchmarks/reproduce_fashion_mnist.py {' '.join(sys.argv[1:])}` on "
-           f"{time.strftime('%Y-%m-%d')}, device {args.device}, {args.threads} torch thread(s), {os.cpu_count()} CPU "
+           f"{time.strftime('%Y-%m-%d')}, device {args.device}, {args.threads} torch thread(s) in this command, {os.cpu_count()} CPU "
            f"cores visible, 1-min load average at the end {os.getloadavg()[0]:.1f}. Training: "
            f"{any_cfg.data.limit or 'all'} Fashion-MNIST training images, {any_cfg.train.epochs:g} epochs, batch "
            f"{any_cfg.train.batch_size}, seeds {args.seeds}. Evaluation: bank / probe training set {n_train} "
            f"training images, {n_test} test queries; k-NN cosine k=200 T=0.1 (as is, and centred by the bank's "
            "mean); probe = the cheap protocol (one linear layer on frozen standardised features, 20 epochs, no "
            "augmentation).", "",
-           "| model | parameters (encoders + projectors) | training wall time per seed (s) |", "|---|---|---|"]
+           "| model | parameters (encoders + projectors) | training wall time per seed (s; from the run folder's file times) |", "|---|---|---|"]
     for name, i in info.items():
-        walls = ", ".join(f"{w:.0f}" for w in i["walls"]) or "trained earlier"
+        walls = ", ".join(f"{w:.0f}" for w in i["walls"])
         out.append(f"| {name} | {i['params']:,} | {walls} |")
     out += ["", "### Trained (mean ± std over seeds)", "", *table(trained), "",
             "### The same architectures at random initialisation (BatchNorm statistics from training images)", "",
