@@ -2,6 +2,8 @@
 
     augmentation : both views of a grey batch as one channel (expanded at the end) against all
                    three channels (`sjea_tools.data.augment.augment_batch`, grey=True / False)
+    crop         : `resized_crop_flip`'s sampling grid from two per-image vectors against the same
+                   grid through F.affine_grid (the code before), same pixels
     model step   : forward, backward and optimiser step of the `tiny` model with its inputs and
                    weights in channels_last against the default (contiguous) memory format
 
@@ -49,6 +51,25 @@ def alternate(ways: dict, reps: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def affine_grid_crop(x: torch.Tensor, size: int, boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """The crop as it was before bench_step: the same sampling grid through F.affine_grid (a batched
+    matmul over every output pixel), kept here as the other way."""
+    import torch.nn.functional as F
+
+    n, _, height, width = x.shape
+    top, left, h, w = boxes.to(x.dtype).unbind(1)
+    theta = torch.zeros(n, 2, 3, dtype=x.dtype)
+    theta[:, 0, 0] = w / width * torch.where(flip, -1.0, 1.0)
+    theta[:, 0, 2] = (2 * left + w) / width - 1
+    theta[:, 1, 1] = h / height
+    theta[:, 1, 2] = (2 * top + h) / height - 1
+    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    lo = torch.stack([(2 * left + 1) / width - 1, (2 * top + 1) / height - 1], dim=1).view(n, 1, 1, 2)
+    hi = torch.stack([(2 * (left + w) - 1) / width - 1, (2 * (top + h) - 1) / height - 1], dim=1).view(n, 1, 1, 2)
+    grid = torch.maximum(torch.minimum(grid, hi), lo)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=40)
@@ -70,21 +91,32 @@ def main() -> None:
 
     aug = alternate({"one channel": augment(True), "three channels": augment(False)}, args.reps)
 
+    x = px.permute(0, 3, 1, 2).float().div(255)
+    boxes = A.crop_boxes(batch, x.shape[2], x.shape[3], views[0].crop_scale, views[0].crop_ratio, g)
+    flip = torch.rand(batch, generator=g) < 0.5
+    same = (A.resized_crop_flip(x, spec.image_size, boxes, flip)
+            - affine_grid_crop(x, spec.image_size, boxes, flip)).abs().amax().item()
+    assert same < 1e-5, f"the two crops differ by {same}"
+    crop = alternate({"two vectors": lambda: A.resized_crop_flip(x, spec.image_size, boxes, flip),
+                      "affine_grid": lambda: affine_grid_crop(x, spec.image_size, boxes, flip)}, args.reps)
+
     v1, v2 = (A.augment_batch(px, v, spec.image_size, spec.mean, spec.std, g) for v in views)
     trainings = {}
     for name, cl in (("channels_last", True), ("contiguous", False)):
         torch.manual_seed(0)
-        t = build_training(cfg, DistInfo(), torch.device("cpu"), steps_per_epoch=469)
-        inputs = (v1, v2)
-        if cl:
-            t.model.to(memory_format=torch.channels_last)
-            inputs = tuple(v.contiguous(memory_format=torch.channels_last) for v in inputs)
+        way = resolve_config("tiny", overrides={"train.device": "cpu", "train.channels_last": cl})
+        t = build_training(way, DistInfo(), torch.device("cpu"), steps_per_epoch=469)  # converts the model
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        inputs = tuple(v.contiguous(memory_format=fmt) for v in (v1, v2))
+        conv = next(w for w in t.model.parameters() if w.dim() == 4)
+        assert conv.is_contiguous(memory_format=fmt), "the trainer did not set the model's memory format"
         trainings[name] = (t, inputs)
     step = alternate({name: (lambda t=t, i=i: train_step(t, *i, step=100)) for name, (t, i) in trainings.items()},
                      args.reps)
 
     result = {"threads": args.threads, "batch": batch, "reps": args.reps, "load_before": os.getloadavg()[0],
               "augment_ms": aug, "augment_ratio": aug["three channels"] / aug["one channel"],
+              "crop_ms": crop, "crop_ratio": crop["affine_grid"] / crop["two vectors"], "crop_max_difference": same,
               "step_ms": step, "step_ratio": step["contiguous"] / step["channels_last"]}
     print(json.dumps(result, indent=1))
     if args.write_docs:
@@ -97,6 +129,8 @@ def main() -> None:
             "| part | this way | ms | other way | ms | ratio |", "|---|---|---|---|---|---|",
             f"| both views' augmentation | one channel | {aug['one channel']:.1f} | three channels | "
             f"{aug['three channels']:.1f} | **{result['augment_ratio']:.2f}x** |",
+            f"| crop + flip of one view (three channels; same pixels within {same:.0e}) | grid from two vectors | "
+            f"{crop['two vectors']:.2f} | F.affine_grid | {crop['affine_grid']:.2f} | **{result['crop_ratio']:.2f}x** |",
             f"| model step (forward, backward, Adam) | channels_last | {step['channels_last']:.1f} | contiguous | "
             f"{step['contiguous']:.1f} | **{result['step_ratio']:.2f}x** |", "", END])
         write_block(ROOT / "docs" / "benchmarks.md", BEGIN, END, block,

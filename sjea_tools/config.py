@@ -116,7 +116,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
-    channels_last: bool = True  # GPU only
+    channels_last: bool = True  # inputs and weights in NHWC (CPU and GPU)
     compile: bool = False
     augment_on_device: bool = True  # batched augmentation on the training device
     checkpoint_every: int = 200  # steps between checkpoints (and at every epoch end)

@@ -154,7 +154,7 @@ def build_training(cfg: RunConfig, info: DistInfo, device: torch.device, steps_p
     # max_steps stops early without shortening the schedule (a quick look at the start of a real run).
     stop_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
     model = build_model(cfg).to(device)
-    if device.type == "cuda" and cfg.train.channels_last:
+    if cfg.train.channels_last:  # faster on CPU too (oneDNN): benchmarks/bench_step.py
         model = model.to(memory_format=torch.channels_last)
     objective: nn.Module = TwoViewObjective(model, cfg)
     if info.enabled:
@@ -199,7 +199,7 @@ def two_views_on_device(t: Training, item, step: int) -> tuple[torch.Tensor, tor
             (cfg.train.seed * 1_000_003 + step) * max(1, info.world_size) + info.rank)
         spec = cfg.preprocess_spec
         v1, v2 = two_views(item.to(device, non_blocking=True), cfg.data, spec.image_size, spec.mean, spec.std, g)
-    if device.type == "cuda" and cfg.train.channels_last:
+    if cfg.train.channels_last:
         v1 = v1.contiguous(memory_format=torch.channels_last)
         v2 = v2.contiguous(memory_format=torch.channels_last)
     return v1, v2
