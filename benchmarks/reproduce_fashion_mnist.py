@@ -17,7 +17,8 @@ Models, all from the `tiny` preset (same data, epochs, batch, optimiser, augment
   a seed on 2 CPU cores, so a GPU run);
 - VICReg, 1 level, whose level-0 backbone is the registered one whose total parameter count
   (encoder + projector) is closest to each S-JEA model's: the extra parameters go into the
-  encoder that evaluation uses, not into a projector that evaluation throws away (method.md).
+  encoder that evaluation uses, not into a projector that evaluation throws away (method.md);
+- VICReg, 1 level, on S-JEA's own level-0 backbone (the simpler method on the same encoder).
 Every model trains with seeds 0, 1, 2 (`--seeds`); each metric is reported as mean +- std over
 seeds, beside raw/centred pixels and each architecture at random init, under the same protocol.
 """
@@ -51,7 +52,9 @@ LEVEL1 = {"mlp": "MLP", "resnet": "ResNet"}
 
 
 def model_configs(common: dict, level1: list[str]) -> dict:
-    """name -> config overrides; VICReg's backbone picked per S-JEA model by total parameter count."""
+    """name -> config overrides. Per S-JEA model, two VICReg models: the backbone whose total
+    parameter count is closest (method.md's comparison), and S-JEA's own level-0 backbone alone (the
+    simpler method on the same encoder: what the stacked level does to level 0)."""
     from sjea_tools.config import resolve_config
     from sjea_tools.models import BACKBONES
 
@@ -62,6 +65,9 @@ def model_configs(common: dict, level1: list[str]) -> dict:
         best = min(BACKBONES, key=lambda b: abs(total_params(resolve_config(
             "tiny", overrides={**common, "model.levels": 1, "model.backbone": b})) - target))
         out[f"VICReg {best}"] = {"model.levels": 1, "model.backbone": best}
+        own = resolve_config("tiny", overrides={**common, **sets}).model.backbone
+        if own != best:
+            out[f"VICReg {own} (S-JEA level-0 encoder)"] = {"model.levels": 1, "model.backbone": own}
     return out
 
 
