@@ -96,7 +96,8 @@ def evaluated(run: Path, weights: str, args, seed: int) -> dict:
 
     out, key_file = run / f"repro-{weights}.json", run / f"repro-{weights}.protocol.json"
     key = {"model_mtime_ns": (run / "model.pt").stat().st_mtime_ns, "max_train": args.max_train,
-           "max_test": args.max_test, "seed": seed, "device": args.device}
+           "max_test": args.max_test, "seed": seed, "device": args.device,
+           "threads": args.threads}  # the thread count changes float sums: a probe moves by ~0.02
     if out.is_file() and key_file.is_file() and json.loads(key_file.read_text()) == key and not args.reevaluate:
         return json.loads(out.read_text())
     result = evaluation.evaluate_run(run, max_train=args.max_train, max_test=args.max_test, seed=seed,
