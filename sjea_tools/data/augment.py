@@ -304,7 +304,8 @@ def augment_batch(pixels: torch.Tensor, view: ViewSettings, size: int, mean, std
 
     A grey batch (Fashion-MNIST) is augmented as one channel and expanded at the end: every op maps
     equal channels to equal channels, and the random draws are the same, so the view equals the
-    three-channel one within float rounding at a third of the work (tests/test_augment.py)."""
+    three-channel one within float rounding (tests/test_augment.py; faster: benchmarks/bench_step.py).
+    `grey=None` checks the batch (a host sync on GPU); two_views checks once for both views."""
     x = pixels.permute(0, 3, 1, 2)
     if grey if grey is not None else is_grey(pixels):
         x = x[:, :1]
