@@ -16,12 +16,18 @@ import numpy as np
 PIXEL_BASELINES = ("raw pixels", "centred pixels")
 
 
+def is_grey(pixels) -> bool:
+    """Whether every image of a (N, H, W, 3) pixel batch, numpy or torch, has three equal channels."""
+    return pixels.shape[-1] == 3 and bool(
+        ((pixels[..., 0] == pixels[..., 1]) & (pixels[..., 1] == pixels[..., 2])).all())
+
+
 def pixel_features(data) -> np.ndarray:
     """Flat float32 pixel vectors (N, D) in [0, 1] of an in-memory ImageData (uint8 N,H,W,3)."""
     px = data.pixels
     if px is None:
         raise ValueError("pixel baselines need in-memory pixels (a benchmark dataset, not a folder)")
-    if px.shape[-1] == 3 and np.array_equal(px[..., 0], px[..., 1]) and np.array_equal(px[..., 0], px[..., 2]):
+    if is_grey(px):
         px = px[..., :1]  # grayscale stored as RGB: count each pixel once
     return px.reshape(len(px), -1).astype(np.float32) / 255.0
 

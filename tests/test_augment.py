@@ -15,6 +15,7 @@ import torch
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
+from sjea_tools.baselines import is_grey
 from sjea_tools.config import resolve_config
 from sjea_tools.data import augment as A
 
@@ -278,7 +279,7 @@ def test_grey_batch_as_one_channel_equals_three_channels(fmnist_test, recipe):
     """The grey fast path (one channel, expanded at the end) gives the three-channel views."""
     cfg = resolve_config("tiny", overrides={} if recipe == "tiny" else {"data.augment": recipe})
     px = torch.from_numpy(np.ascontiguousarray(fmnist_test.pixels[:256]))
-    assert A.is_grey(px)
+    assert is_grey(px)
     mean, std = (0.3, 0.3, 0.3), (0.35, 0.35, 0.35)
     for view in A.view_settings(cfg.data):
         fast = A.augment_batch(px, view, 28, mean, std, _gen(5), grey=True)
@@ -291,5 +292,5 @@ def test_grey_batch_as_one_channel_equals_three_channels(fmnist_test, recipe):
 def test_colour_batch_is_not_taken_for_grey(fmnist_test):
     px = torch.from_numpy(np.ascontiguousarray(fmnist_test.pixels[:8])).clone()
     px[3, 10, 10, 2] ^= 1  # one channel of one pixel of one image
-    assert not A.is_grey(px)
-    assert A.is_grey(px[:3])
+    assert not is_grey(px) and not is_grey(px.numpy())
+    assert is_grey(px[:3]) and is_grey(px[:3].numpy())

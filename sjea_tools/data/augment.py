@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..baselines import is_grey
 from ..config import DataConfig
 
 _LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
@@ -293,11 +294,6 @@ def augment_float(x: torch.Tensor, view: ViewSettings, size: int, g: torch.Gener
     return x
 
 
-def is_grey(pixels: torch.Tensor) -> bool:
-    """Whether every image of a uint8 (N, H, W, 3) batch has three equal channels."""
-    return bool(((pixels[..., 0] == pixels[..., 1]) & (pixels[..., 1] == pixels[..., 2])).all())
-
-
 def augment_batch(pixels: torch.Tensor, view: ViewSettings, size: int, mean, std, g: torch.Generator,
                   grey: bool | None = None) -> torch.Tensor:
     """One augmented, normalised view (N, 3, size, size) of a uint8 (N, H, W, 3) batch.
@@ -307,7 +303,7 @@ def augment_batch(pixels: torch.Tensor, view: ViewSettings, size: int, mean, std
     three-channel one within float rounding (tests/test_augment.py; faster: benchmarks/bench_step.py).
     `grey=None` checks the batch (a host sync on GPU); two_views checks once for both views."""
     x = pixels.permute(0, 3, 1, 2)
-    if grey if grey is not None else is_grey(pixels):
+    if is_grey(pixels) if grey is None else grey:
         x = x[:, :1]
     x = augment_float(x.float().div_(255.0), view, size, g).expand(-1, 3, -1, -1)
     m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
