@@ -93,6 +93,7 @@ def training_seconds(run: Path) -> float:
 def evaluated(run: Path, weights: str, args, seed: int) -> dict:
     """evaluate_run's result, reused from an earlier call when the model and the protocol are unchanged."""
     from sjea_tools import evaluation
+    from sjea_tools.io import atomic_write_text
 
     out, key_file = run / f"repro-{weights}.json", run / f"repro-{weights}.protocol.json"
     key = {"model_mtime_ns": (run / "model.pt").stat().st_mtime_ns, "max_train": args.max_train,
@@ -103,7 +104,7 @@ def evaluated(run: Path, weights: str, args, seed: int) -> dict:
     result = evaluation.evaluate_run(run, max_train=args.max_train, max_test=args.max_test, seed=seed,
                                      random_init=weights == "random-init", device=args.device, baselines=True,
                                      out=out)
-    key_file.write_text(json.dumps(key))
+    atomic_write_text(key_file, json.dumps(key))
     return result
 
 
@@ -151,6 +152,11 @@ def table(rows: dict[str, list[list[dict]]]) -> list[str]:
     return lines
 
 
+def beyond(difference: float, spread: float) -> bool:
+    """The page's rule: a difference of means counts when it exceeds the summed standard deviations."""
+    return abs(difference) > spread
+
+
 def comparisons(trained: dict[str, list[list[dict]]]) -> list[str]:
     """Every S-JEA level against every VICReg model, metric by metric: does the difference of the
     means exceed the seed spread (sum of the two standard deviations)?"""
@@ -164,7 +170,7 @@ def comparisons(trained: dict[str, list[list[dict]]]) -> list[str]:
                     b = [seed[0][key] for seed in trained[v]]
                     (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
                     d = ma - mb
-                    verdict = ("exceeds the seed spread" if abs(d) > sa + sb else "is within the seed spread")
+                    verdict = "exceeds the seed spread" if beyond(d, sa + sb) else "is within the seed spread"
                     lines.append(f"- {name} level {level['level']} vs {v}, {label}: {ma:.2f} vs {mb:.2f}, "
                                  f"difference {d:+.2f}, which {verdict} ({sa:.2f} + {sb:.2f}).")
     return lines
@@ -181,10 +187,11 @@ def against_floors(trained: dict[str, list[list[dict]]], floors: dict[str, list[
             for key, label in (("knn_top1", "k-NN top-1"), ("linear_top1", "probe top-1")):
                 (m, s), (mr, sr) = mean_std([x[i][key] for x in per_seed]), mean_std([x[i][key] for x in floors[name]])
                 p = best_pixels[key]
-                where = lambda d, spread: ("beyond" if abs(d) > spread else "within")  # noqa: E731
+                to_pixels = "beyond" if beyond(m - p[key], s) else "within"
+                to_random = "beyond" if beyond(m - mr, s + sr) else "within"
                 parts.append(f"{label} {m:.2f} ± {s:.2f}: {m - p[key]:+.2f} against {p['features']} ({p[key]:.2f}; "
-                             f"{where(m - p[key], s)} the seed spread), {m - mr:+.2f} against random init "
-                             f"({mr:.2f} ± {sr:.2f}; {where(m - mr, s + sr)} the seed spread)")
+                             f"{to_pixels} the seed spread), {m - mr:+.2f} against random init "
+                             f"({mr:.2f} ± {sr:.2f}; {to_random} the seed spread)")
             lines.append(f"- {name} level {level['level']}: " + "; ".join(parts) + ".")
     return lines
 
