@@ -21,7 +21,7 @@ from .errors import SjeaError
 from .index import load_indexes, read_sidecar
 from .levels import parse_levels
 from .hierarchy import WITHIN
-from .vectors import exact_rerank, exact_scores, l2_normalize
+from .vectors import best_k, exact_rerank, exact_scores, l2_normalize
 
 MODES = ("per-level", "hierarchical", "both")
 # Chosen by benchmarks/bench_hierarchical.py (docs/search.md): the mode and ordering that measured best.
@@ -60,9 +60,7 @@ def _cosine_top_k(q: np.ndarray, b: np.ndarray, k: int) -> tuple[np.ndarray, np.
     k = min(k, len(b))
     sims = q @ b.T
     top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < len(b) else np.tile(np.arange(len(b)), (len(q), 1))
-    order = np.argsort(-np.take_along_axis(sims, top, 1), axis=1, kind="stable")
-    ids = np.take_along_axis(top, order, 1)
-    return ids, np.take_along_axis(sims, ids, 1)
+    return best_k(top, np.take_along_axis(sims, top, 1), k)
 
 
 def check_order(order, levels: int | list[int]) -> list[int] | None:
