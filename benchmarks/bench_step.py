@@ -6,6 +6,8 @@
                    grid through F.affine_grid (the code before), same pixels
     model step   : forward, backward and optimiser step of the `tiny` model with its inputs and
                    weights in channels_last against the default (contiguous) memory format
+    level 1      : the same step with the authors' ResNet-18 level 1 instead of the default's MLP
+                   (what `reproduce_fashion_mnist.py --level1 resnet` costs a run; --resnet-reps 0 skips)
 
 Real Fashion-MNIST batches, the trainer's own functions (`build_training`, `train_step`), the two
 ways alternating so that load changes hit both alike; median milliseconds and the ratio.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -74,6 +77,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--resnet-reps", type=int, default=6,
+                    help="repetitions of the step with the authors' ResNet-18 level 1 (slow on CPU; 0 skips it)")
     ap.add_argument("--write-docs", action="store_true", help="write the result block into docs/benchmarks.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -114,10 +119,20 @@ def main() -> None:
     step = alternate({name: (lambda t=t, i=i: train_step(t, *i, step=100)) for name, (t, i) in trainings.items()},
                      args.reps)
 
+    level1 = {}
+    if args.resnet_reps:  # what the reproduction's `--level1 resnet` costs against the default's MLP level 1
+        resnet = build_training(resolve_config("tiny", overrides={"train.device": "cpu", "model.encoder": "resnet"}),
+                                DistInfo(), torch.device("cpu"), steps_per_epoch=469)
+        t, i = trainings["channels_last"]
+        level1 = alternate({"mlp": lambda: train_step(t, *i, step=100),
+                            "resnet": lambda: train_step(resnet, *i, step=100)}, args.resnet_reps)
+    steps = math.ceil(cfg.train.epochs * (len(data) // batch))  # as the trainer: whole batches per epoch
+
     result = {"threads": args.threads, "batch": batch, "reps": args.reps, "load_before": os.getloadavg()[0],
               "augment_ms": aug, "augment_ratio": aug["three channels"] / aug["one channel"],
               "crop_ms": crop, "crop_ratio": crop["affine_grid"] / crop["two vectors"], "crop_max_difference": same,
-              "step_ms": step, "step_ratio": step["contiguous"] / step["channels_last"]}
+              "step_ms": step, "step_ratio": step["contiguous"] / step["channels_last"],
+              "level1_step_ms": level1, "steps_per_run": steps}
     print(json.dumps(result, indent=1))
     if args.write_docs:
         block = "\n".join([
@@ -132,7 +147,13 @@ def main() -> None:
             f"| crop + flip of one view (three channels; same pixels within {same:.0e}) | grid from two vectors | "
             f"{crop['two vectors']:.2f} | F.affine_grid | {crop['affine_grid']:.2f} | **{result['crop_ratio']:.2f}x** |",
             f"| model step (forward, backward, Adam) | channels_last | {step['channels_last']:.1f} | contiguous | "
-            f"{step['contiguous']:.1f} | **{result['step_ratio']:.2f}x** |", "", END])
+            f"{step['contiguous']:.1f} | **{result['step_ratio']:.2f}x** |"]
+            + ([f"| model step, level 1 (both channels_last) | MLP (the default) | {level1['mlp']:.1f} | the authors' "
+                f"ResNet-18 | {level1['resnet']:.1f} | **{level1['resnet'] / level1['mlp']:.2f}x** the cost |", "",
+                f"At the default's {steps:,} steps, the steps alone of one run take {steps * level1['mlp'] / 60e3:.1f} "
+                f"min with the MLP level 1 and {steps * level1['resnet'] / 60e3:.1f} min with the ResNet level 1 "
+                f"({args.resnet_reps} repetitions of the latter)."] if level1 else [])
+            + ["", END])
         write_block(ROOT / "docs" / "benchmarks.md", BEGIN, END, block,
                     "## The CPU training step, part by part (`benchmarks/bench_step.py`)")
         print(f"wrote {ROOT / 'docs' / 'benchmarks.md'}")

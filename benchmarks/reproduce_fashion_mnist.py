@@ -13,8 +13,8 @@ docs/reproduction.md (nothing in it is typed by hand).
 
 Models, all from the `tiny` preset (same data, epochs, batch, optimiser, augmentations per seed):
 - S-JEA, 2 levels, level 1 an MLP encoder (`--level1 mlp`, the default);
-- S-JEA, 2 levels, level 1 the authors' one-channel ResNet-18 (`--level1 mlp,resnet`; about 50 minutes
-  a seed on 2 CPU cores, so a GPU run);
+- S-JEA, 2 levels, level 1 the authors' one-channel ResNet-18 (`--level1 mlp,resnet`; its step
+  costs several times the MLP model's on CPU, docs/benchmarks.md "bench_step": a GPU run);
 - VICReg, 1 level, whose level-0 backbone is the registered one whose total parameter count
   (encoder + projector) is closest to each S-JEA model's: the extra parameters go into the
   encoder that evaluation uses, not into a projector that evaluation throws away (method.md);
@@ -208,8 +208,9 @@ def main() -> None:
     ap.add_argument("--retrain", action="store_true", help="train every run again")
     ap.add_argument("--reevaluate", action="store_true", help="evaluate again even where a result is kept")
     ap.add_argument("--level1", default="mlp",
-                    help="S-JEA level-1 encoders, comma-separated: mlp, resnet (the authors'; about 50 min per seed "
-                         "on 2 CPU cores, 1.1 s a step: use a GPU); each brings its parameter-matched VICReg")
+                    help="S-JEA level-1 encoders, comma-separated: mlp, resnet (the authors'; several times the MLP's "
+                         "step on CPU, see benchmarks/bench_step.py: use a GPU); each brings its parameter-matched "
+                         "VICReg")
     ap.add_argument("--select", default="",
                     help="only the models whose name contains this text (with --train-only: split training "
                          "over several processes)")
