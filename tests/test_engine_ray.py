@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from conftest import make_run, write_fmnist_folder
 from sjea_tools.cli import app
-from sjea_tools.embed import embed_folder
+from sjea_tools.embed import EmbedRequest, RayOptions, embed_folder
 from sjea_tools.engines import ray as engine
 from sjea_tools.errors import SjeaError
 from sjea_tools.index import read_sidecar
@@ -47,9 +47,14 @@ def setup(tmp_path_factory, fmnist_test, ray_local):
     out = base / "ray.h5"
     _killed_after_one_batch(folder, out, options)
     calls = []
-    summary = engine.embed_with_ray(folder, out, partitions=2, index=False, **options,
+    summary = _embed_with_ray(folder, out, partitions=2, index=False, **options,
                                     progress=lambda task, done, total: calls.append((task, done, total)))
     return base, run, folder, plain, out, summary, calls
+
+
+def _embed_with_ray(folder, out, *, partitions=None, address=None, progress=None, **options):
+    request = EmbedRequest(folder, out, engine="ray", ray=RayOptions(partitions, address), **options)
+    return engine.embed_with_ray(request, progress)
 
 
 def _killed_after_one_batch(folder, out, options) -> None:
@@ -85,7 +90,7 @@ def test_ray_partitions_merge_into_the_store_a_plain_run_writes(setup):
 
 def test_a_rerun_redoes_nothing_and_duplicates_no_row(setup):
     base, run, folder, plain, out, _, _ = setup
-    again = engine.embed_with_ray(folder, out, partitions=2, index=False, run=run, backend="torch", workers=0)
+    again = _embed_with_ray(folder, out, partitions=2, index=False, run=run, backend="torch", workers=0)
     assert [p["status"] for p in again["parts"]] == ["complete", "complete"]
     assert again["status"] == "up to date" and again["added"] == 0
     _same_store(out, plain)
@@ -131,10 +136,10 @@ def test_unreachable_cluster_is_one_line_at_once(setup, tmp_path, monkeypatch):
         port = s.getsockname()[1]
     t0 = time.perf_counter()
     with pytest.raises(SjeaError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}"):
-        engine.embed_with_ray(folder, tmp_path / "x.h5", address=f"127.0.0.1:{port}", run=run)
+        _embed_with_ray(folder, tmp_path / "x.h5", address=f"127.0.0.1:{port}", run=run)
     assert time.perf_counter() - t0 < 30  # Ray alone retries for minutes
     with pytest.raises(SjeaError, match="HOST:PORT"):
-        engine.embed_with_ray(folder, tmp_path / "x.h5", address="headnode", run=run)
+        _embed_with_ray(folder, tmp_path / "x.h5", address="headnode", run=run)
 
 
 @pytest.mark.parametrize("args, words", [
@@ -156,5 +161,5 @@ def test_bad_engine_options_are_one_line_before_any_work(setup, tmp_path, args, 
 def test_an_existing_store_is_refused_before_the_tasks_run(setup):
     _, run, folder, plain, _, _, _ = setup
     with pytest.raises(SjeaError, match="already exists; pass --overwrite"):
-        engine.embed_with_ray(folder, plain, partitions=2, run=run, backend="torch")
+        _embed_with_ray(folder, plain, partitions=2, run=run, backend="torch")
     assert not shard_path(plain, (0, 2)).exists()

@@ -1,5 +1,5 @@
-"""`sjea embed`: folder -> HDF5 store (resumable), then search indexes (sjea_tools.pipeline.run_embed, or
-sjea_tools.engines.ray.embed_with_ray with --engine ray)."""
+"""`sjea embed`: folder -> HDF5 store (resumable), then search indexes: an EmbedRequest run by
+sjea_tools.engines.run_embed (this process, torchrun ranks, or Ray tasks with --engine ray)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from .common import (no_index_option, quiet_option, json_option, console, handle
                      positive_int, print_json, rich_progress)
 
 EMBED_TASK = "embedding"  # sjea_tools.embed.runner.PROGRESS_TASK, the task this column rates
-ENGINES = ("local", "ray")
 
 
 class RateColumn(ProgressColumn):
@@ -36,7 +35,7 @@ def print_index_line(summary: dict) -> None:
 
 
 # Long only by its option declarations, one per option (Typer reads them from the signature);
-# the body is 23 lines.
+# the body is 16 lines.
 @app.command()
 @handle_errors
 def embed(
@@ -102,40 +101,23 @@ def embed(
     json_out: bool = json_option("the summary"),
 ) -> None:
     """Embed a folder of images into an HDF5 store: streaming, resumable, failures recorded."""
+    from ..embed import EmbedRequest, RayOptions
+    from ..engines import run_embed
     from ..errors import SjeaError
-    from ..pipeline import run_embed
 
     if level and levels_old is not None:
         raise SjeaError("give the levels once, with --level (--levels is its old spelling).")
-    check_engine(engine, {"--partitions": partitions, "--ray-address": ray_address, "--ray-cpus": ray_cpus,
-                          "--ray-gpus": ray_gpus})
+    request = EmbedRequest(images, out, run=run, onnx=onnx, levels=level or levels_old, batch_size=batch_size,
+                           workers=workers, device=device, backend=backend, dtype=dtype, normalize=normalize,
+                           shard=shard, update=update, overwrite=overwrite, commit_every_s=commit_every,
+                           follow_symlinks=follow_symlinks, allow_outside=allow_outside, index=not no_index,
+                           engine=engine, ray=RayOptions(partitions, ray_address, ray_cpus, ray_gpus))
     with rich_progress(quiet or json_out, RateColumn()) as progress:
-        options = dict(run=run, onnx=onnx, levels=level or levels_old, batch_size=batch_size, workers=workers,
-                       device=device, backend=backend, dtype=dtype, normalize=normalize, shard=shard, update=update,
-                       overwrite=overwrite, index=not no_index, progress=progress, commit_every_s=commit_every,
-                       follow_symlinks=follow_symlinks, allow_outside=allow_outside)
-        if engine == "ray":
-            from ..engines.ray import embed_with_ray
-
-            summary = embed_with_ray(images, out, partitions=partitions, address=ray_address,
-                                     cpus_per_task=ray_cpus or 1.0, gpus_per_task=ray_gpus, **options)
-        else:
-            summary = run_embed(images, out, **options)
+        summary = run_embed(request, progress)
     if json_out:
         print_json(summary)
         return
     print_summary(summary)
-
-
-def check_engine(engine: str, ray_only: dict) -> None:
-    """A known engine, and the Ray options (those given) only with --engine ray."""
-    from ..errors import SjeaError
-
-    if engine not in ENGINES:
-        raise SjeaError(f"--engine must be {' or '.join(ENGINES)}, not '{engine}'.")
-    given = [name for name, value in ray_only.items() if value is not None]
-    if engine != "ray" and given:
-        raise SjeaError(f"{given[0]} applies to --engine ray; add --engine ray or leave {given[0]} out.")
 
 
 def print_summary(summary: dict) -> None:

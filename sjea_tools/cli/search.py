@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from . import app
+from ..search_request import SearchRequest
 from .common import (json_option, any_finite, non_negative_int, console, err_console, handle_errors, literal, markup_safe, positive_int,
                      print_json)
 
@@ -41,7 +42,6 @@ def search(
 ) -> None:
     """Find the stored images nearest to QUERY images (or --id N), at each level or hierarchically."""
     from ..errors import SjeaError
-    from ..search import search_store
 
     if factor is not None:
         raise SjeaError("--factor is gone: hierarchical search now answers from the query's coarse cluster; "
@@ -53,8 +53,8 @@ def search(
         check_grid_target(grid, store, queries or [], overwrite)
         if mode is None and level is None:
             mode = "both"  # the grid shows a row per level and the hierarchical row
-    res = search_store(store, queries=[str(q) for q in queries or []], ids=ids or [], k=k, mode=mode, level=level,
-                       order=order, probes=probes, within=within, min_score=min_score)
+    res = run_search(SearchRequest(store, tuple(queries or ()), tuple(ids or ()), k=k, mode=mode, level=level,
+                                   order=order, probes=probes, within=within, min_score=min_score))
     if grid is not None:
         from ..grid import search_grid
 
@@ -67,6 +67,16 @@ def search(
     print_tables(res)
     if grid is not None:
         console.print(f"grid written to {markup_safe(grid)}", highlight=False)
+
+
+def run_search(request: SearchRequest) -> dict:
+    """The one place a SearchRequest meets search.search_store's current keyword signature (until
+    search_store takes the request itself)."""
+    from ..search import DEFAULT_WITHIN, search_store
+
+    r = request
+    return search_store(r.store, queries=list(r.queries), ids=list(r.ids), k=r.k, mode=r.mode, level=r.level,
+                        order=r.order, probes=r.probes, within=r.within or DEFAULT_WITHIN, min_score=r.min_score)
 
 
 def group_name(levels: list[int], nodes: list[int]) -> str:

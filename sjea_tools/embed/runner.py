@@ -8,7 +8,6 @@ file). Indexes and cluster trees are not built here: sjea_tools.pipeline chains 
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -17,53 +16,62 @@ from pathlib import Path
 from ..errors import SjeaError
 from ..io import remove_stale_temp_files
 from ..progress import ProgressFn, report
-from ..store import (append_segment, disk_faults, format_shard, open_store, parse_shard, partial_path,
-                     remove_orphans, shard_slice, write_store, writer_lock)
+from ..store import (append_segment, disk_faults, format_shard, open_store, partial_path, remove_orphans,
+                     shard_slice, write_store, writer_lock)
+from ..store.guard import require_held
 from .backends import Embedder
 from .plan import Plan, plan_run
 from .reader import decoded_batches, default_workers
+from .request import EmbedRequest
 
-DTYPES = ("float32", "float16")
-# Seconds between durable commits of the journal: at most this much work is redone after a kill.
-COMMIT_EVERY_S = 2.0
 PROGRESS_TASK = "embedding"
 
 
-def embed_folder(images, out, run=None, onnx=None, levels=None, batch_size: int = 256, workers: int | None = None,
-                 device: str = "cpu", backend: str = "auto", dtype: str = "float32", normalize: bool = True,
-                 shard=None, update: bool = False, overwrite: bool = False, progress: ProgressFn | None = None,
-                 embedder: Embedder | None = None, commit_every_s: float = COMMIT_EVERY_S,
-                 follow_symlinks: bool = False, allow_outside: bool = False) -> dict:
+def embed_folder(images, out, *, progress: ProgressFn | None = None, embedder: Embedder | None = None,
+                 **options) -> dict:
     """Embed every image under `images` (a folder, a text file of paths, or one image) into the HDF5
     store `out`, resuming an interrupted run of the same command. Returns a summary dict.
 
+    The keyword form of embed_store: `options` are EmbedRequest's fields (run, onnx, levels,
+    batch_size, workers, device, backend, dtype, normalize, shard, update, overwrite,
+    commit_every_s, follow_symlinks, allow_outside); no index is built here whatever `index` says.
     progress("embedding", images done, total) after every batch (sjea_tools.progress).
-    commit_every_s: seconds between durable commits of the journal (the most work a kill can cost).
-    follow_symlinks: embed files that symbolic links reach outside the image root (else recorded
-    as failures); allow_outside: a list file may name paths outside its folder.
+    embedder: a model already loaded, used instead of the request's run/onnx/backend/device.
     """
+    return embed_store(EmbedRequest(images, out, **options), progress, embedder)
+
+
+def embed_store(request: EmbedRequest, progress: ProgressFn | None = None, embedder: Embedder | None = None) -> dict:
+    """embed_held under the writer lock of request.out: the entry point of a run that is its own
+    command (embed_folder, a torchrun rank's or a Ray task's shard)."""
+    with writer_lock(request.out):
+        return embed_held(request, progress, embedder)
+
+
+def embed_held(request: EmbedRequest, progress: ProgressFn | None = None, embedder: Embedder | None = None) -> dict:
+    """The embedding step of `request` (no index). The caller holds writer_lock(request.out), taken
+    before the first byte (temp files, journal folder): one run per OUT at a time."""
     from ..data.datasets import find_images  # here: sjea_tools.data imports torch, a CPU query path never needs it
 
     t0 = time.perf_counter()
-    out = Path(out)
-    workers = _checked_options(out, dtype, batch_size, workers, update, overwrite, commit_every_s)
-    _check_not_an_input(out, images, run, onnx)
-    shard_t = parse_shard(shard)
-    root, scanned, refused = find_images(images, follow_symlinks=follow_symlinks, allow_outside=allow_outside)
-    emb = embedder or Embedder.from_source(run=run, onnx=onnx, backend=backend, device=device, levels=levels,
-                                           normalize=normalize)
-    attrs = {**emb.store_attrs(), "dtype": dtype, "root": str(root), "input": str(Path(images).resolve()),
-             "scan_count": len(scanned), "shard": format_shard(shard_t)}
-    # The writer lock before the first byte (temp files, journal folder): one run per OUT at a time.
-    with writer_lock(out), disk_faults(f"{out} or its unfinished run {partial_path(out)}"):
+    r, out = request, request.out
+    require_held(out)
+    workers = _checked_target(out, r.workers)
+    _check_not_an_input(out, r.images, r.run, r.onnx)
+    root, scanned, refused = find_images(r.images, follow_symlinks=r.follow_symlinks, allow_outside=r.allow_outside)
+    emb = embedder or Embedder.from_source(run=r.run, onnx=r.onnx, backend=r.backend, device=r.device,
+                                           levels=r.levels, normalize=r.normalize)
+    attrs = {**emb.store_attrs(), "dtype": r.dtype, "root": str(root), "input": str(r.images.resolve()),
+             "scan_count": len(scanned), "shard": format_shard(r.shard)}
+    with disk_faults(f"{out} or its unfinished run {partial_path(out)}"):
         remove_stale_temp_files(out)  # a killed final write's temporary file
-        plan = plan_run(out, attrs, scanned[shard_slice(len(scanned), shard_t)], update, overwrite)
+        plan = plan_run(out, attrs, scanned[shard_slice(len(scanned), r.shard)], r.update, r.overwrite)
         if plan.status != "run":
             remove_orphans(out)  # segment files of an update killed after its last rename
             with open_store(out) as s:
                 return _summary(out, s.n, 0, 0, len(s.failed), 0, t0, emb, status=plan.status)
         try:
-            _stream(plan, root, emb, batch_size, workers, commit_every_s, progress, refused)
+            _stream(plan, root, emb, r.batch_size, workers, r.commit_every_s, progress, refused)
             added, failed_now = plan.journal.rows, plan.journal.failed
             _finish(out, attrs, plan)
         finally:
@@ -72,26 +80,14 @@ def embed_folder(images, out, run=None, onnx=None, levels=None, batch_size: int 
         return _summary(out, s.n, added, failed_now, len(s.failed), plan.resumed, t0, emb, status="written")
 
 
-def _checked_options(out: Path, dtype: str, batch_size: int, workers: int | None, update: bool,
-                     overwrite: bool, commit_every_s: float) -> int:
-    """Refuse bad options before any work; returns the number of decode workers."""
+def _checked_target(out: Path, workers: int | None) -> int:
+    """Refuse an OUT that is no file name (the request checked the values); returns the number of
+    decode workers."""
     if out.is_dir():
         raise SjeaError(f"output {out} is a folder; give a file name such as {out / 'embeddings.h5'}.")
     if out.exists() and not out.is_file():
         raise SjeaError(f"output {out} exists and is not a regular file; choose another name.")
-    if dtype not in DTYPES:
-        raise SjeaError(f"--dtype must be float32 or float16, not '{dtype}'.")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise SjeaError(f"--batch-size must be a whole number of at least 1 (got {batch_size}).")
-    workers = default_workers() if workers is None else workers
-    if not isinstance(workers, int) or workers < 0:
-        raise SjeaError(f"--workers must be 0 (decode in this process) or more (got {workers}).")
-    if not math.isfinite(commit_every_s) or commit_every_s < 0:
-        raise SjeaError(f"--commit-every must be a finite number of seconds >= 0 (got {commit_every_s}); 0 "
-                        "commits after every batch.")
-    if update and overwrite:
-        raise SjeaError("pass --update (add new images) or --overwrite (replace the store), not both.")
-    return workers
+    return default_workers() if workers is None else workers
 
 
 def _check_not_an_input(out: Path, images, run, onnx) -> None:

@@ -1,19 +1,21 @@
 """`sjea embed --engine ray`: the shard flow of sjea_tools.pipeline as Ray tasks, on one machine or many.
 
-    embed_with_ray("photos/", "photos.h5", partitions=4, run="runs/tiny")          # a local Ray
-    embed_with_ray("/shared/photos", "/shared/photos.h5", partitions=64, address="head:6379")
+    ray4 = RayOptions(partitions=4)
+    embed_with_ray(EmbedRequest("photos/", "photos.h5", run="runs/tiny", engine="ray", ray=ray4))  # a local Ray
+    embed_with_ray(EmbedRequest("/shared/photos", "/shared/photos.h5", engine="ray",
+                                ray=RayOptions(partitions=64, address="head:6379")))
     with ray_session():                                   # one local Ray for several folders
         for name in ("a", "b"):
-            embed_with_ray(name, f"{name}.h5", partitions=2)
+            embed_with_ray(EmbedRequest(name, f"{name}.h5", engine="ray", ray=RayOptions(partitions=2)))
 
 The driver scans the images once (the order a plain run uses) to refuse bad input and size the
 partitions before anything starts, checks that some node can run a task, and submits one Ray task
 per partition. Task I embeds shard I/N (store.shard_slice of that same scan) into its own shard
-store, pipeline.shard_path(OUT, (I, N)), with embed_folder: the `--shard I/N` path, unchanged.
+store, pipeline.shard_path(OUT, (I, N)), with embed_store: the `--shard I/N` path, unchanged.
 When every task is done the driver merges the shard stores into OUT (pipeline.merge_shards) and
 indexes it as a plain run does.
 
-Retries: Ray runs a task again when its worker process or node is lost (MAX_RETRIES). embed_folder
+Retries: Ray runs a task again when its worker process or node is lost (MAX_RETRIES). embed_store
 resumes the shard's journal, so a retry redoes at most the last few seconds of work and never
 writes a row twice; a shard store already finished is "complete" at once. A rerun of the whole
 command resumes every partition the same way (give it the same --partitions).
@@ -29,13 +31,15 @@ import os
 import socket
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
+from ..embed import EmbedRequest, RayOptions
 from ..errors import SjeaError
 from ..pipeline import merge_shards, shard_path
 from ..progress import ProgressFn, report
-from ..store import StoreBusyError, format_shard, open_store, shard_slice
+from ..store import StoreBusyError, format_shard, open_store, shard_slice, writer_lock
 
 INSTALL_HINT = "pip install 'sjea-tools[ray]'"
 PROGRESS_TASK = "partitions"
@@ -57,73 +61,65 @@ def import_ray():
     return ray
 
 
-def embed_with_ray(images, out, *, partitions: int | None = None, address: str | None = None,
-                   cpus_per_task: float = 1.0, gpus_per_task: float | None = None, index: bool = True,
-                   progress: ProgressFn | None = None, run=None, onnx=None, device: str = "auto",
-                   workers: int | None = None, overwrite: bool = False, update: bool = False, shard=None,
-                   follow_symlinks: bool = False, allow_outside: bool = False, **embed_options) -> dict:
-    """Embed `images` into the store `out` as `partitions` Ray tasks (shard stores beside OUT),
-    merge them into OUT and index it unless index=False: the same store a plain embed_folder writes.
+def embed_with_ray(request: EmbedRequest, progress: ProgressFn | None = None) -> dict:
+    """Embed request.images into the store request.out as Ray tasks (shard stores beside OUT),
+    merge them into OUT and index it unless request.index is False: the same store a plain run
+    writes. OUT's writer lock is held from the first check to the index.
 
-    address: None starts a local Ray for this call (and stops it after); "HOST:PORT" or "auto"
-    joins an existing cluster, whose every node must see IMAGES, OUT's folder and the model at the
-    same paths and have sjea-tools installed. A Ray already initialised in this process
-    (ray_session, ray.init) is used as it is. partitions: default, as many tasks as the cluster
-    runs at once. gpus_per_task: default 1 when the cluster has a GPU, else 0. workers: decode
-    processes per task, default the task's CPUs minus one (its own process runs the model). Other
-    options are embed_folder's; overwrite replaces the shard stores too (everything is embedded again).
-    progress("partitions", finished, N) as tasks finish, then the merge and index steps' own.
+    request.ray (RayOptions): address None starts a local Ray for this call (and stops it after);
+    "HOST:PORT" or "auto" joins an existing cluster, whose every node must see IMAGES, OUT's folder
+    and the model at the same paths and have sjea-tools installed. A Ray already initialised in this
+    process (ray_session, ray.init) is used as it is. partitions: default, as many tasks as the
+    cluster runs at once. cpus_per_task: default 1. gpus_per_task: default 1 when the cluster has a
+    GPU, else 0. request.workers: decode processes per task, default the task's CPUs minus one (its
+    own process runs the model); device "auto" is the GPU Ray gives the task, else the CPU. The
+    other fields are a plain run's; overwrite replaces the shard stores too (everything is embedded
+    again). progress("partitions", finished, N) as tasks finish, then the merge and index steps' own.
     """
+    if request.engine != "ray":
+        raise ValueError("embed_with_ray runs a request whose engine is 'ray'")  # engines.run_embed chooses
+    with writer_lock(request.out):
+        return _embed_held(request, request.ray or RayOptions(), progress)
+
+
+def _embed_held(request: EmbedRequest, opts: RayOptions, progress: ProgressFn | None) -> dict:
     t0 = time.perf_counter()
-    if update:
-        raise SjeaError("--update runs on the plain engine only: add images to an existing store without "
-                        "--engine ray, or embed into a new OUT.")
-    if shard is not None:
-        raise SjeaError("--shard and --engine ray do not combine: the engine splits the images into "
-                        "--partitions shards itself.")
-    cpus, gpus = _checked_resources(cpus_per_task, gpus_per_task)
+    cpus = float(opts.cpus_per_task or 1.0)
+    gpus = None if opts.gpus_per_task is None else float(opts.gpus_per_task)
     ray = import_ray()
-    images, out = Path(images).resolve(), Path(out).absolute()
-    run, onnx = _model_paths(run, onnx)
-    count = _scan_count(images, follow_symlinks, allow_outside)
+    images, out = request.images.resolve(), request.out.absolute()
+    run, onnx = _model_paths(request.run, request.onnx)
+    count = _scan_count(images, request.follow_symlinks, request.allow_outside)
+    partitions = opts.partitions
     if partitions is not None and (not isinstance(partitions, int) or not 1 <= partitions <= count):
         raise SjeaError(f"--partitions must be a whole number from 1 to the {count} images found "
                         f"(got {partitions}).")
-    _check_out(out, overwrite)
-    with ray_session(address, num_cpus=_local_cpus(cpus, partitions)) as where:
+    _check_out(out, request.overwrite)
+    with ray_session(opts.address, num_cpus=_local_cpus(cpus, partitions)) as where:
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         gpus = gpus if gpus is not None else (1.0 if any(r.get("GPU", 0) >= 1 for r in nodes) else 0.0)
         _check_feasible(nodes, cpus, gpus)
         n = partitions or max(1, min(count, _task_slots(nodes, cpus, gpus)))
-        options = {**embed_options, "run": run, "onnx": onnx, "overwrite": overwrite,
-                   # "auto" means the GPU Ray gives the task (CUDA_VISIBLE_DEVICES), else the CPU
-                   "device": ("cuda" if gpus > 0 else "cpu") if device == "auto" else device,
-                   "workers": max(0, int(cpus) - 1) if workers is None else workers,
-                   "follow_symlinks": follow_symlinks, "allow_outside": allow_outside}
+        # Each task runs the plain --shard I/N path: absolute paths (a worker's working folder is
+        # not the driver's), "auto" as the GPU Ray gives the task (CUDA_VISIBLE_DEVICES) else the CPU.
+        part = replace(request, images=images, out=out, run=run, onnx=onnx, engine="local", ray=None,
+                       device=("cuda" if gpus > 0 else "cpu") if request.device == "auto" else request.device,
+                       workers=max(0, int(cpus) - 1) if request.workers is None else request.workers)
         task = ray.remote(_embed_partition).options(num_cpus=cpus, num_gpus=gpus, max_retries=MAX_RETRIES,
                                                     retry_exceptions=False)
-        parts = _run_tasks(ray, task, images, out, n, options, progress)
-    merged = merge_shards(out, n, index=index, progress=progress, overwrite=overwrite)
+        parts = _run_tasks(ray, task, part, n, progress)
+    merged = merge_shards(out, n, index=request.index, progress=progress, overwrite=request.overwrite)
     return _summary(out, merged, parts, n, count, where, cpus, gpus, t0)
 
 
-def _embed_partition(images: str, out: str, shard: tuple[int, int], options: dict) -> dict:
+def _embed_partition(request: EmbedRequest, shard: tuple[int, int]) -> dict:
     """One Ray task: shard I/N of the images into its own shard store, resuming its journal."""
-    from ..embed import embed_folder
+    from ..embed import embed_store
 
     t0 = time.perf_counter()
-    summary = embed_folder(images, shard_path(out, shard), shard=shard, **options)
+    summary = embed_store(replace(request, out=shard_path(request.out, shard), shard=shard))
     return {**summary, "shard": format_shard(shard), "host": socket.gethostname(),
             "task_seconds": round(time.perf_counter() - t0, 3)}
-
-
-def _checked_resources(cpus_per_task, gpus_per_task) -> tuple[float, float | None]:
-    for name, value in (("--ray-cpus", cpus_per_task), ("--ray-gpus", gpus_per_task)):
-        if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0):
-            raise SjeaError(f"{name} must be a number >= 0 (got {value}).")
-    if cpus_per_task <= 0:
-        raise SjeaError(f"--ray-cpus must be more than 0 (got {cpus_per_task}); each task runs a model.")
-    return float(cpus_per_task), None if gpus_per_task is None else float(gpus_per_task)
 
 
 def _model_paths(run, onnx):
@@ -238,10 +234,10 @@ def _task_slots(nodes: list[dict], cpus: float, gpus: float) -> int:
     return sum(per_node(r) for r in nodes)
 
 
-def _run_tasks(ray, task, images: Path, out: Path, n: int, options: dict, progress: ProgressFn | None) -> list[dict]:
+def _run_tasks(ray, task, request: EmbedRequest, n: int, progress: ProgressFn | None) -> list[dict]:
     """Submit the N partitions, collect their summaries in shard order as they finish. On a failure
     or Ctrl-C the other tasks are cancelled; each keeps its last journal commit for the rerun."""
-    refs = {task.remote(str(images), str(out), (i, n), options): i for i in range(n)}
+    refs = {task.remote(request, (i, n)): i for i in range(n)}
     pending, done = list(refs), {}
     report(progress, PROGRESS_TASK, 0, n)
     try:

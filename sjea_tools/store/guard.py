@@ -1,13 +1,17 @@
 """One writer per store, and disk faults as one line.
 
-`writer_lock(store)` is taken by every command that writes a store or what lives beside it (embed,
-merge, index) before it touches anything: the journal folder, temporary files, the index folder.
-It is a POSIX record lock (lockf) on a hidden file beside the store, `.NAME.lock`:
+`writer_lock(store)` is taken once, at the top of every command that writes a store or what lives
+beside it, before it touches anything (the journal folder, temporary files, the index folder):
+pipeline.embed_locally / merge_and_index / index_store, embed.embed_store (a shard of torchrun or
+Ray), engines.ray.embed_with_ray, store.compact_store. The steps below them expect it held
+(`require_held`). It is a POSIX record lock (lockf) on a hidden file beside the store, `.NAME.lock`:
 
 - lockf, not flock: it belongs to this process alone, so forked decode workers never inherit it,
   and the kernel drops it the moment the process dies: a killed run never blocks its own resume.
 - Re-entrant within a process (a count per path): POSIX drops *every* lock a process holds on a
   file when *any* descriptor of it is closed, so a nested acquire must not open a second one.
+  Nested takes remain where a step is also a public entry point of its own: the journal holds the
+  lock while open, and merge_stores, compact_store and index.build_indexes take it themselves.
 - The holder unlinks the file before it releases it. A process that opened the old file and then
   got the lock sees that the path no longer names its inode and tries again, so two processes can
   never each hold "the" lock through two different files.
@@ -67,6 +71,19 @@ def writer_lock(store: str | Path) -> Iterator[None]:
                 except OSError:
                     pass
                 os.close(fd)
+
+
+def held(store: str | Path) -> bool:
+    """Whether this process holds the writer lock of `store`."""
+    with _mutex:
+        return str(lock_path(store)) in _held
+
+
+def require_held(store: str | Path) -> None:
+    """A step that writes `store` under its caller's lock: a missing lock is a bug, said at once."""
+    if not held(store):
+        raise RuntimeError(f"the writer lock of {store} is not held; take store.writer_lock({str(store)!r}) "
+                           "around this call")
 
 
 def _acquire(path: Path, store: Path) -> int:
