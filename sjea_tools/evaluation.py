@@ -23,6 +23,7 @@ import torch
 from .errors import SjeaError
 from .levels import parse_levels
 from .progress import Counter, ProgressFn
+from .workers import end_with_this_process
 
 EVAL_FILE = "eval.json"
 KNN_K = 200
@@ -213,7 +214,8 @@ def extract_features(model, data, levels: Sequence[int] | None = None, batch_siz
     device = next(model.parameters()).device
     workers = 0 if data.pixels is not None else 2  # folders decode files; in-memory pixels do not
     loader = torch.utils.data.DataLoader(PixelDataset(data, model.image_size), batch_size=batch_size,
-                                         shuffle=False, num_workers=workers)
+                                         shuffle=False, num_workers=workers,
+                                         worker_init_fn=end_with_this_process())
     out: list[list[np.ndarray]] = [[] for _ in levels]
     done = Counter(progress, task, len(data))
     with torch.no_grad():

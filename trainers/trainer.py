@@ -28,6 +28,7 @@ from sjea_tools.data.preprocess import normalize_pixels
 from sjea_tools.errors import SjeaError
 from sjea_tools.losses import stacked_vicreg_loss
 from sjea_tools.metrics import effective_rank, mean_std
+from sjea_tools.workers import end_with_this_process
 from sjea_tools.models import build_model
 from sjea_tools.progress import ProgressFn, report
 from sjea_tools.runs import (CHECKPOINT_FILE, CONFIG_FILE, DEFAULT_RUNS_DIR, METRICS_FILE, prepare_run_dir, save_model,
@@ -96,7 +97,8 @@ def batch_source(data, cfg: RunConfig, batches: list[np.ndarray], device: torch.
     dataset = base if cfg.train.augment_on_device else _TwoViewPixels(
         base, per_image_transforms(cfg.data, size, cfg.mean, cfg.std))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.data.workers,
-                                         pin_memory=pin, persistent_workers=False)
+                                         pin_memory=pin, persistent_workers=False,
+                                         worker_init_fn=end_with_this_process())
     for item in loader:
         yield item[0] if cfg.train.augment_on_device else tuple(item)
 

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ..spec import PreprocessSpec
-from .images import decode_image, to_rgb
+from .images import decoded, to_rgb
 
 if TYPE_CHECKING:
     import torch
@@ -38,33 +38,49 @@ def _mean_std(mean_or_spec, std) -> tuple[Sequence[float], Sequence[float]]:
     return mean_or_spec, std
 
 
+# Up to this aspect ratio the whole image is resized, then cropped (the pixels of every store so
+# far); beyond it only the region the centre crop keeps is resized (resize's box=), so a 1 x 300,000
+# strip costs a model-sized image, not a 64 x 19,200,000 one.
+MAX_WHOLE_RESIZE_ASPECT = 8
+
+
 def model_pixels(img: Image.Image, image_size: int | PreprocessSpec) -> np.ndarray:
     """uint8 (H, W, 3) pixels at the model's size: short side resized, centre cropped."""
     image_size = _size(image_size)
     img = to_rgb(img)
     w, h = img.size
-    if (w, h) != (image_size, image_size):
-        scale = image_size / min(w, h)
-        nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+    if (w, h) == (image_size, image_size):
+        return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
+    scale = image_size / min(w, h)
+    nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+    left, top = (nw - image_size) // 2, (nh - image_size) // 2
+    if max(w, h) > MAX_WHOLE_RESIZE_ASPECT * min(w, h):
+        sx, sy = w / nw, h / nh  # the crop's box in the file's pixels
+        box = (left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy)
+        img = img.resize((image_size, image_size), Image.BILINEAR, box=box, reducing_gap=3.0)
+    else:
         if (nw, nh) != (w, h):
             img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
-        left, top = (nw - image_size) // 2, (nh - image_size) // 2
         img = img.crop((left, top, left + image_size, top + image_size))
     return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
 
 
-def file_pixels(path: str | Path, image_size: int | PreprocessSpec) -> np.ndarray:
-    """uint8 (S, S, 3) pixels of one image file; OSError/ValueError saying why it cannot be read.
+def file_pixels(path: str | Path, image_size: int | PreprocessSpec, display_name: str | None = None) -> np.ndarray:
+    """uint8 (S, S, 3) pixels of one image file; OSError/ValueError saying why it cannot be read
+    (naming the file as display_name when given).
 
-    JPEGs are draft-decoded at the model's size (data.images.decode_image), so every caller that
-    wants the stored vector of a file must come through here."""
+    JPEGs are draft-decoded at the model's size (data.images.decoded), so every caller that
+    wants the stored vector of a file must come through here. The full-size image is reduced to
+    the model's size inside the decode budget, so no more than DECODE_BUDGET_BYTES of decoded
+    images are held at once per process."""
     image_size = _size(image_size)
     st = os.stat(path)
     if not stat.S_ISREG(st.st_mode):
         raise ValueError("not a regular file")  # a FIFO or device would block or never end
     if st.st_size == 0:
         raise ValueError("empty file (0 bytes)")
-    return model_pixels(decode_image(path, target_size=image_size), image_size)
+    with decoded(path, target_size=image_size, display_name=display_name) as img:
+        return model_pixels(img, image_size)
 
 
 def normalize_array(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:

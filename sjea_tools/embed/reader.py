@@ -94,7 +94,8 @@ def decoded_batches(root: Path, paths: Sequence[str], image_size: int, batch_siz
 
     A process pool rather than torch's DataLoader: embedding with ONNX Runtime then never imports
     torch (about 2 s of every run's start-up). A worker that dies raises BrokenProcessPool
-    instead of hanging; at most 2 batches per worker wait decoded, so memory stays bounded."""
+    instead of hanging; at most 2 batches per worker wait decoded, so memory stays bounded.
+    Workers end when this process dies (sjea_tools.workers), even by SIGKILL."""
     tasks = ((paths[s:s + batch_size], s) for s in range(0, len(paths), max(1, batch_size)))
     if workers == 0:
         for chunk, s in tasks:
@@ -104,8 +105,11 @@ def decoded_batches(root: Path, paths: Sequence[str], image_size: int, batch_siz
     from collections import deque
     from concurrent.futures import ProcessPoolExecutor
 
+    from ..workers import end_with_this_process
+
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                             initializer=end_with_this_process()) as pool:
         pending: deque = deque()
         try:
             for chunk, s in tasks:

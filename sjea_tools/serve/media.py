@@ -56,10 +56,12 @@ def image_size(source, max_pixels: int) -> tuple[int, int]:
     """(width, height) from the header only; BadImage when it is not an image or has too many pixels."""
     from PIL import Image
 
+    from ..data.images import IMAGE_FORMATS
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow's bomb *warning*; the limit below is ours
         try:
-            with Image.open(source) as img:
+            with Image.open(source, formats=IMAGE_FORMATS) as img:
                 w, h = img.size
         except Image.DecompressionBombError:
             raise BadImage(f"the image has more than {max_pixels:,} pixels (a decompression bomb?); "
@@ -112,7 +114,7 @@ def _thumbnail(path: str, mtime_ns: int, nbytes: int, size: int, max_pixels: int
 
     image_size(path, max_pixels)
     try:
-        img = decode_image(path, target_size=size)
+        img = decode_image(path, target_size=size, display_name=Path(path).name)
     except (OSError, ValueError) as e:
         raise BadImage(f"the stored file is not a readable image ({str(e).splitlines()[0][:120]}).") from None
     img.thumbnail((size, size))
