@@ -191,6 +191,7 @@ def test_optimised_graph_cache_gives_the_same_vectors_and_passes_over_a_bad_file
     hex digits only, in $SJEA_ORT_CACHE) and gives the vectors of an uncached session; an
     unreadable cached file, or another model's graph under this name, is passed over silently and
     replaced; with the cache off nothing is written."""
+    import exports.graph_cache as graph_cache
     import exports.runtime as runtime
     from exports.runtime import OnnxModel
 
@@ -210,8 +211,8 @@ def test_optimised_graph_cache_gives_the_same_vectors_and_passes_over_a_bad_file
 
     monkeypatch.setenv("SJEA_ORT_CACHE", str(cache))
     loads = []
-    real = runtime._try_session
-    monkeypatch.setattr(runtime, "_try_session", lambda src, *a: loads.append(src) or real(src, *a))
+    real = graph_cache.try_session
+    monkeypatch.setattr(graph_cache, "try_session", lambda src, *a: loads.append(src) or real(src, *a))
 
     def check(expect_loaded_from_cache: bool) -> Path:
         loads.clear()
