@@ -319,10 +319,6 @@ RANGES = {  # setting: (lowest, highest)
 }
 
 
-def _finite(v) -> bool:
-    return math.isfinite(v)
-
-
 def _sizes(spec: str) -> list[int] | None:
     """'512-512-256' -> [512, 512, 256]; None unless every part is a positive integer."""
     try:
@@ -345,9 +341,9 @@ def _dense_weights(cfg: RunConfig) -> int:
 
 def _range_rules(name: str, low, high) -> list[tuple]:
     label = name.split("[")[0]
-    return [(name, lambda v, cfg: v is None or not (_finite(v) and v > high),
+    return [(name, lambda v, cfg: v is None or not (math.isfinite(v) and v > high),
              f"{label}: {{v}} is out of range; give a value at most {high:,}."),
-            (name, lambda v, cfg: v is None or (_finite(v) and low <= v <= high),
+            (name, lambda v, cfg: v is None or (math.isfinite(v) and low <= v <= high),
              f"{label}: {{v}} is out of range; give a value from {low:,} to {high:,}.")]
 
 
@@ -359,7 +355,7 @@ def _view_rules(view: str) -> list[tuple]:
          "{name}: give min,max with 0 < min <= max <= 1, e.g. 0.3,1.0 (got {v})."),
         (f"{view}.jitter", lambda v, cfg: v is None or (len(v) == 4 and all(x >= 0 for x in v)),  # bounds: RANGES
          "{name}: give brightness,contrast,saturation,hue (hue <= 0.5), e.g. 0.4,0.4,0.4,0.1 (got {v})."),
-        (f"{view}.blur_sigma", lambda v, cfg: v is None or (len(v) == 2 and 0.0 < v[0] <= v[1] and _finite(v[1])),
+        (f"{view}.blur_sigma", lambda v, cfg: v is None or (len(v) == 2 and 0.0 < v[0] <= v[1] and math.isfinite(v[1])),
          "{name}: give min,max in pixels with 0 < min <= max, e.g. 0.1,2.0 (got {v})."),
     ]
 
@@ -371,8 +367,8 @@ RULES: list[tuple] = [
     ("model.levels", lambda v, cfg: v >= 1, "--levels must be 1 or more (got {v})."),
     ("train.batch_size", lambda v, cfg: v >= 2,
      "--batch-size must be 2 or more: VICReg's variance needs a batch (got {v})."),
-    ("train.epochs", lambda v, cfg: _finite(v) and v > 0, "--epochs must be positive (got {v})."),
-    *[(f"data.{name}", lambda v, cfg: v is None or (len(v) == 3 and all(_finite(x) for x in v)),
+    ("train.epochs", lambda v, cfg: math.isfinite(v) and v > 0, "--epochs must be positive (got {v})."),
+    *[(f"data.{name}", lambda v, cfg: v is None or (len(v) == 3 and all(math.isfinite(x) for x in v)),
        "{name}: give three numbers, one per RGB channel, e.g. 0.5,0.5,0.5 (got {v}).") for name in ("mean", "std")],
     ("data.std", lambda v, cfg: v is None or min(v) > 0, "{name}: every value must be positive (got {v})."),
     ("data.image_size", lambda v, cfg: v is None or v >= 1, "{name} must be positive (got {v})."),
@@ -380,9 +376,9 @@ RULES: list[tuple] = [
      "{name} must be 1 or more; leave it unset for all images (got {v})."),
     ("data.holdout", lambda v, cfg: v >= 0, "{name} must be 0 or more (got {v})."),
     *[rule for view in VIEWS for rule in _view_rules(view)],
-    ("optim.lr", lambda v, cfg: _finite(v) and v > 0, "{name} must be a positive number (got {v})."),
-    ("optim.weight_decay", lambda v, cfg: _finite(v) and v >= 0, "{name} must be 0 or more (got {v})."),
-    *[(name, lambda v, cfg: all(_finite(x) and x >= 0 for x in v),
+    ("optim.lr", lambda v, cfg: math.isfinite(v) and v > 0, "{name} must be a positive number (got {v})."),
+    ("optim.weight_decay", lambda v, cfg: math.isfinite(v) and v >= 0, "{name} must be 0 or more (got {v})."),
+    *[(name, lambda v, cfg: all(math.isfinite(x) and x >= 0 for x in v),
        "{name}: every value must be a finite number, 0 or more (got {v}).") for name in LOSS_LISTS],
     *[rule for name, (low, high) in RANGES.items() for rule in _range_rules(name, low, high)],
     *[(f"model.{name}", lambda v, cfg: not any(d > MAX_WIDTH for d in
@@ -418,8 +414,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     for setting, ok, message in RULES:
         for v in _values(cfg, setting):
             if not ok(v, cfg):
-                raise SjeaError(message.format(name=setting.split("[")[0], v=v, n=len(v) if hasattr(v, "__len__") else 0,
-                                               levels=cfg.model.levels, dense=_dense_weights(cfg)))
+                n = len(v) if hasattr(v, "__len__") else 0
+                raise SjeaError(message.format(name=setting.split("[")[0], v=v, n=n, levels=cfg.model.levels,
+                                               dense=_dense_weights(cfg)))
     return cfg
 
 
