@@ -149,7 +149,7 @@ def set_metadata(proto, metadata: dict[str, str]) -> None:
     """Replace the graph's metadata_props with `metadata` (string keys and values), plus
     'graph_sha256': the hash of the graph and weights as serialized, which OnnxModel checks on
     every load, so the checkpoint identity (model_sha256) cannot be claimed by a changed file."""
-    from .runtime import graph_sha256
+    from .onnx_meta import graph_sha256
 
     del proto.metadata_props[:]
     metadata = {**metadata, "graph_sha256": graph_sha256(proto.SerializeToString())}

@@ -7,6 +7,7 @@ configuration is built, by the CLI and by Python users alike, and the result is 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import tomllib
@@ -289,83 +290,7 @@ def load_config_file(path: str | Path) -> dict:
     return data
 
 
-def validate(cfg: RunConfig) -> RunConfig:
-    m, t = cfg.model, cfg.train
-    if m.levels < 1:
-        raise SjeaError(f"--levels must be 1 or more (got {m.levels}).")
-    if t.batch_size < 2:
-        raise SjeaError(f"--batch-size must be 2 or more: VICReg's variance needs a batch (got {t.batch_size}).")
-    if not (math.isfinite(t.epochs) and t.epochs > 0):
-        raise SjeaError(f"--epochs must be positive (got {t.epochs}).")
-    check_numbers(cfg)
-    check_bounds(cfg)
-    choices = {
-        "model.stem": (m.stem, ("auto", "small", "standard")),
-        "model.encoder": (m.encoder, ("resnet", "mlp")),
-        "model.level_input": (m.level_input, ("representation", "embedding")),
-        "optim.optimizer": (cfg.optim.optimizer, ("adam", "lars")),
-        "data.augment": (cfg.data.augment, ("custom", "authors", "vicreg")),
-        "train.precision": (t.precision, ("auto", "fp32", "bf16", "fp16")),
-    }
-    for name, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise SjeaError(f"{name}: '{value}' is not one of {', '.join(allowed)}.")
-    for name in ("sim_coeff", "std_coeff", "cov_coeff", "level_weights"):
-        n = len(getattr(cfg.loss, name))
-        if n not in (1, m.levels):
-            raise SjeaError(f"loss.{name}: give one value or one per level ({m.levels}), not {n}.")
-    if m.backbone not in BACKBONE_NAMES:
-        raise SjeaError(f"unknown backbone '{m.backbone}' (known: {', '.join(BACKBONE_NAMES)}).")
-    for spec_name in ("projector", "mlp_dims"):
-        spec = getattr(m, spec_name)
-        try:
-            dims = [int(v) for v in spec.split("-")]
-            assert dims and all(d > 0 for d in dims)
-        except (ValueError, AssertionError):
-            raise SjeaError(f"model.{spec_name}: '{spec}' must be sizes joined by '-', e.g. 512-512-256.") from None
-    return cfg
-
-
-def check_numbers(cfg: RunConfig) -> None:
-    """Refuse values that would only fail (or silently misbehave) later, deep inside training."""
-    d, o = cfg.data, cfg.optim
-    for name in ("mean", "std"):
-        v = getattr(d, name)
-        if v is not None and (len(v) != 3 or not all(math.isfinite(x) for x in v)):
-            raise SjeaError(f"data.{name}: give three numbers, one per RGB channel, e.g. 0.5,0.5,0.5 (got {v}).")
-    if d.std is not None and min(d.std) <= 0:
-        raise SjeaError(f"data.std: every value must be positive (got {d.std}).")
-    if d.image_size is not None and d.image_size < 1:
-        raise SjeaError(f"data.image_size must be positive (got {d.image_size}).")
-    if d.limit is not None and d.limit < 1:
-        raise SjeaError(f"data.limit must be 1 or more; leave it unset for all images (got {d.limit}).")
-    if d.holdout < 0:
-        raise SjeaError(f"data.holdout must be 0 or more (got {d.holdout}).")
-    for where, v in (("data", d), ("data.view1", d.view1), ("data.view2", d.view2)):
-        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
-            p = getattr(v, name)
-            if p is not None and not 0.0 <= p <= 1.0:  # also refuses NaN
-                raise SjeaError(f"{where}.{name} is a probability: give a value from 0 to 1 (got {p}).")
-        c = v.crop_scale
-        if c is not None and (len(c) != 2 or not 0.0 < c[0] <= c[1] <= 1.0):
-            raise SjeaError(f"{where}.crop_scale: give min,max with 0 < min <= max <= 1, e.g. 0.3,1.0 (got {c}).")
-        j = v.jitter
-        if j is not None and (len(j) != 4 or not all(x >= 0 for x in j)):  # the bounds: check_bounds
-            raise SjeaError(f"{where}.jitter: give brightness,contrast,saturation,hue (hue <= 0.5), "
-                            f"e.g. 0.4,0.4,0.4,0.1 (got {j}).")
-        b = v.blur_sigma
-        if b is not None and (len(b) != 2 or not 0.0 < b[0] <= b[1] or not math.isfinite(b[1])):
-            raise SjeaError(f"{where}.blur_sigma: give min,max in pixels with 0 < min <= max, e.g. 0.1,2.0 (got {b}).")
-    if not (math.isfinite(o.lr) and o.lr > 0):
-        raise SjeaError(f"optim.lr must be a positive number (got {o.lr}).")
-    if not (math.isfinite(o.weight_decay) and o.weight_decay >= 0):
-        raise SjeaError(f"optim.weight_decay must be 0 or more (got {o.weight_decay}).")
-    for name in ("sim_coeff", "std_coeff", "cov_coeff", "level_weights"):
-        values = getattr(cfg.loss, name)
-        if not all(math.isfinite(v) and v >= 0 for v in values):
-            raise SjeaError(f"loss.{name}: every value must be a finite number, 0 or more (got {values}).")
-
-
+# --- validation: one table ---------------------------------------------------------------------
 # Upper bounds: far above any recipe (the paper uses 2-3 levels; official VICReg a 8192-8192-8192
 # projector and batch 2048 over many GPUs), low enough that a typo (levels: 100000) is refused at
 # once instead of building a model until the kernel kills the process.
@@ -376,40 +301,123 @@ MAX_BATCH = 65536
 MAX_IMAGE_SIZE = 4096
 MAX_SEED = 2**32 - 1  # numpy's seed range
 
+VIEWS = ("data", "data.view1", "data.view2")
+LOSS_LISTS = tuple(f"loss.{name}" for name in ("sim_coeff", "std_coeff", "cov_coeff", "level_weights"))
+PROBABILITIES = ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p")
+CHOICES = {"model.stem": ("auto", "small", "standard"), "model.encoder": ("resnet", "mlp"),
+           "model.level_input": ("representation", "embedding"), "optim.optimizer": ("adam", "lars"),
+           "data.augment": ("custom", "authors", "vicreg"), "train.precision": ("auto", "fp32", "bf16", "fp16")}
+RANGES = {  # setting: (lowest, highest)
+    "model.levels": (1, MAX_LEVELS), "train.batch_size": (2, MAX_BATCH), "data.image_size": (8, MAX_IMAGE_SIZE),
+    "data.workers": (0, 256), "data.split_seed": (0, MAX_SEED), "train.seed": (0, MAX_SEED),
+    "train.epochs": (0, 1e6), "train.max_steps": (1, 10**12), "train.checkpoint_every": (1, 10**12),
+    "train.log_every": (1, 10**12), "optim.lr": (0, 100.0), "optim.weight_decay": (0, 10.0),
+    "optim.momentum": (0, 1.0), "optim.eta": (0, 10.0), "optim.warmup_epochs": (0, 1e6),
+    "optim.final_lr_ratio": (0, 1.0),
+    **{f"{name}[*]": (0, 1e6) for name in LOSS_LISTS},
+    **{f"{view}.jitter[{i}]": (0, 0.5 if i == 3 else 10.0) for view in VIEWS for i in range(4)},  # hue <= 0.5
+}
 
-def check_bounds(cfg: RunConfig) -> None:
-    """Refuse values outside what any run could use, with the setting's name and the allowed range."""
-    d, o, t, m = cfg.data, cfg.optim, cfg.train, cfg.model
-    ranges = [  # (setting, value, lowest, highest)
-        ("model.levels", m.levels, 1, MAX_LEVELS), ("train.batch_size", t.batch_size, 2, MAX_BATCH),
-        ("data.image_size", d.image_size, 8, MAX_IMAGE_SIZE), ("data.workers", d.workers, 0, 256),
-        ("data.split_seed", d.split_seed, 0, MAX_SEED), ("train.seed", t.seed, 0, MAX_SEED),
-        ("train.epochs", t.epochs, 0, 1e6), ("train.max_steps", t.max_steps, 1, 10**12),
-        ("train.checkpoint_every", t.checkpoint_every, 1, 10**12), ("train.log_every", t.log_every, 1, 10**12),
-        ("optim.lr", o.lr, 0, 100.0), ("optim.weight_decay", o.weight_decay, 0, 10.0),
-        ("optim.momentum", o.momentum, 0, 1.0), ("optim.eta", o.eta, 0, 10.0),
-        ("optim.warmup_epochs", o.warmup_epochs, 0, 1e6), ("optim.final_lr_ratio", o.final_lr_ratio, 0, 1.0),
-    ]
-    ranges += [(f"loss.{name}", v, 0, 1e6) for name in ("sim_coeff", "std_coeff", "cov_coeff", "level_weights")
-               for v in getattr(cfg.loss, name)]
-    for where, jitter in (("data", d.jitter), ("data.view1", d.view1.jitter), ("data.view2", d.view2.jitter)):
-        ranges += [(f"{where}.jitter", v, 0, 0.5 if i == 3 else 10.0) for i, v in enumerate(jitter or ())]  # hue <= 0.5
-    for name, value, low, high in ranges:
-        if value is not None and not (math.isfinite(value) and low <= value <= high):
-            limit = f"at most {high:,}" if math.isfinite(value) and value > high else f"from {low:,} to {high:,}"
-            raise SjeaError(f"{name}: {value} is out of range; give a value {limit}.")
-    dense = 0
+
+def _sizes(spec: str) -> list[int] | None:
+    """'512-512-256' -> [512, 512, 256]; None unless every part is a positive integer."""
+    try:
+        dims = [int(v) for v in spec.split("-")]
+    except ValueError:
+        return None
+    return dims if all(d > 0 for d in dims) else None
+
+
+def _dense_weights(cfg: RunConfig) -> int:
+    """An upper estimate of the projectors' and mlp encoders' weights: every chain read from a
+    2048-wide input (resnet50's output)."""
+    m, dense = cfg.model, 0
     for spec_name in ("projector", "mlp_dims"):
-        spec = getattr(m, spec_name)
-        dims = [int(v) for v in spec.split("-") if v.strip().isdigit()]
-        if any(v > MAX_WIDTH for v in dims):
-            raise SjeaError(f"model.{spec_name}: '{spec}' has a size above {MAX_WIDTH}; use smaller layers.")
         if spec_name == "projector" or m.encoder == "mlp":
-            # An upper estimate: every chain read from a 2048-wide input (resnet50's output).
+            dims = [int(v) for v in getattr(m, spec_name).split("-") if v.strip().isdigit()]
             dense += m.levels * sum(a * b for a, b in zip([2048] + dims, dims))
-    if dense > MAX_DENSE_PARAMETERS:
-        raise SjeaError(f"model.projector/mlp_dims: about {dense:,} weights over {m.levels} levels (at most "
-                        f"{MAX_DENSE_PARAMETERS:,}); use fewer levels or smaller layers.")
+    return dense
+
+
+def _range_rules(name: str, low, high) -> list[tuple]:
+    label = name.split("[")[0]
+    return [(name, lambda v, cfg: v is None or not (math.isfinite(v) and v > high),
+             f"{label}: {{v}} is out of range; give a value at most {high:,}."),
+            (name, lambda v, cfg: v is None or (math.isfinite(v) and low <= v <= high),
+             f"{label}: {{v}} is out of range; give a value from {low:,} to {high:,}.")]
+
+
+def _view_rules(view: str) -> list[tuple]:
+    rules = [(f"{view}.{p}", lambda v, cfg: v is None or 0.0 <= v <= 1.0,  # also refuses NaN
+              "{name} is a probability: give a value from 0 to 1 (got {v}).") for p in PROBABILITIES]
+    return rules + [
+        (f"{view}.crop_scale", lambda v, cfg: v is None or (len(v) == 2 and 0.0 < v[0] <= v[1] <= 1.0),
+         "{name}: give min,max with 0 < min <= max <= 1, e.g. 0.3,1.0 (got {v})."),
+        (f"{view}.jitter", lambda v, cfg: v is None or (len(v) == 4 and all(x >= 0 for x in v)),  # bounds: RANGES
+         "{name}: give brightness,contrast,saturation,hue (hue <= 0.5), e.g. 0.4,0.4,0.4,0.1 (got {v})."),
+        (f"{view}.blur_sigma", lambda v, cfg: v is None or (len(v) == 2 and 0.0 < v[0] <= v[1] and math.isfinite(v[1])),
+         "{name}: give min,max in pixels with 0 < min <= max, e.g. 0.1,2.0 (got {v})."),
+    ]
+
+
+# (setting, ok(value, cfg), message: what is wrong and how to fix it), checked in this order; the
+# message is formatted with the setting's `name`, its value `v`, `n` = len(v), `levels`, `dense`.
+# A setting ending in [*] is checked value by value, in [i] its i-th value (when it has one).
+RULES: list[tuple] = [
+    ("model.levels", lambda v, cfg: v >= 1, "--levels must be 1 or more (got {v})."),
+    ("train.batch_size", lambda v, cfg: v >= 2,
+     "--batch-size must be 2 or more: VICReg's variance needs a batch (got {v})."),
+    ("train.epochs", lambda v, cfg: math.isfinite(v) and v > 0, "--epochs must be positive (got {v})."),
+    *[(f"data.{name}", lambda v, cfg: v is None or (len(v) == 3 and all(math.isfinite(x) for x in v)),
+       "{name}: give three numbers, one per RGB channel, e.g. 0.5,0.5,0.5 (got {v}).") for name in ("mean", "std")],
+    ("data.std", lambda v, cfg: v is None or min(v) > 0, "{name}: every value must be positive (got {v})."),
+    ("data.image_size", lambda v, cfg: v is None or v >= 1, "{name} must be positive (got {v})."),
+    ("data.limit", lambda v, cfg: v is None or v >= 1,
+     "{name} must be 1 or more; leave it unset for all images (got {v})."),
+    ("data.holdout", lambda v, cfg: v >= 0, "{name} must be 0 or more (got {v})."),
+    *[rule for view in VIEWS for rule in _view_rules(view)],
+    ("optim.lr", lambda v, cfg: math.isfinite(v) and v > 0, "{name} must be a positive number (got {v})."),
+    ("optim.weight_decay", lambda v, cfg: math.isfinite(v) and v >= 0, "{name} must be 0 or more (got {v})."),
+    *[(name, lambda v, cfg: all(math.isfinite(x) and x >= 0 for x in v),
+       "{name}: every value must be a finite number, 0 or more (got {v}).") for name in LOSS_LISTS],
+    *[rule for name, (low, high) in RANGES.items() for rule in _range_rules(name, low, high)],
+    *[(f"model.{name}", lambda v, cfg: not any(d > MAX_WIDTH for d in
+                                               (int(x) for x in v.split("-") if x.strip().isdigit())),
+       f"{{name}}: '{{v}}' has a size above {MAX_WIDTH}; use smaller layers.") for name in ("projector", "mlp_dims")],
+    ("model", lambda v, cfg: _dense_weights(cfg) <= MAX_DENSE_PARAMETERS,
+     f"model.projector/mlp_dims: about {{dense:,}} weights over {{levels}} levels (at most "
+     f"{MAX_DENSE_PARAMETERS:,}); use fewer levels or smaller layers."),
+    *[(name, lambda v, cfg, allowed=allowed: v in allowed, f"{{name}}: '{{v}}' is not one of {', '.join(allowed)}.")
+      for name, allowed in CHOICES.items()],
+    *[(name, lambda v, cfg: len(v) in (1, cfg.model.levels),
+       "{name}: give one value or one per level ({levels}), not {n}.") for name in LOSS_LISTS],
+    ("model.backbone", lambda v, cfg: v in BACKBONE_NAMES,
+     f"unknown backbone '{{v}}' (known: {', '.join(BACKBONE_NAMES)})."),
+    *[(f"model.{name}", lambda v, cfg: _sizes(v) is not None,
+       "{name}: '{v}' must be sizes joined by '-', e.g. 512-512-256.") for name in ("projector", "mlp_dims")],
+]
+
+
+def _values(cfg: RunConfig, setting: str) -> list:
+    """The value(s) a rule's setting names: one, each of a list ([*]), or its i-th when it has one."""
+    path, _, index = setting.partition("[")
+    value = functools.reduce(getattr, path.split("."), cfg)
+    if not index:
+        return [value]
+    if value is None:
+        return []
+    return list(value) if index == "*]" else list(value)[int(index[:-1]):int(index[:-1]) + 1]
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """`cfg`, or SjeaError with the first rule of RULES it breaks: one line naming the setting and the fix."""
+    for setting, ok, message in RULES:
+        for v in _values(cfg, setting):
+            if not ok(v, cfg):
+                n = len(v) if hasattr(v, "__len__") else 0
+                raise SjeaError(message.format(name=setting.split("[")[0], v=v, n=n, levels=cfg.model.levels,
+                                               dense=_dense_weights(cfg)))
+    return cfg
 
 
 def resolve_config(preset: str = "tiny", config_file: str | Path | None = None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import types
 import typing
+from pathlib import Path
 
 import pytest
 import typer
@@ -89,3 +90,23 @@ def test_good_numbers_pass_the_same_checks(args):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert '"levels": 1' in result.stdout and '"epochs": 0.5' in result.stdout
+
+
+@pytest.mark.parametrize("args,want", [
+    (["search", "--bogus"], "error: No such option: --bogus (see 'sjea search --help')"),
+    (["serch"], "error: No such command 'serch'. Did you mean 'search', 'serve'? (see 'sjea --help')"),
+    (["index"], "error: Missing argument 'store'. (see 'sjea index --help')"),
+])
+def test_usage_errors_are_one_line_and_exit_2(args, want):
+    """Typer's usage errors are caught through public names only (typer.BadParameter's base class):
+    a Typer that moved them would fail here, not fall back to its multi-line panel."""
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert result.stderr.strip() == want
+
+
+def test_ghost_command_names_are_gone():
+    from sjea_tools import cli
+
+    on_disk = {p.stem for p in Path(cli.__file__).parent.glob("*.py")} - {"__init__", "common"}
+    assert set(cli.COMMAND_MODULES) == on_disk

@@ -323,3 +323,26 @@ def test_dry_run_of_a_huge_config_file_is_refused_fast_and_small(tmp_path):
     assert rc == 2, done.stderr
     assert done.stderr.strip().splitlines() == ["error: model.levels: 100000 is out of range; give a value at most 16."]
     assert peak_kb < 300_000, f"peak {peak_kb} KB: something big was built or imported"
+
+
+def test_a_bad_projector_is_refused_under_python_O():
+    """Validation is not `assert`: under `python -O` (asserts stripped) the projector '0-512' is still
+    refused, as the one-line error of `sjea train`."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-O", "-c", "from sjea_tools.cli import main; main()", "train",
+                           "--dry-run", "--projector", "0-512"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert done.stderr.strip().splitlines() == [
+        "error: model.projector: '0-512' must be sizes joined by '-', e.g. 512-512-256."]
+
+
+def test_every_rule_names_a_real_setting():
+    """A rule whose setting was renamed would check nothing: each one must read a value of the defaults."""
+    from sjea_tools.config import RULES, _values
+
+    cfg = resolve_config("tiny", overrides={"data.view1.jitter": "0.1,0.1,0.1,0.1"})
+    for setting, _, _ in RULES:
+        _values(cfg, setting)  # AttributeError on a setting that does not exist
+    assert len({setting for setting, _, _ in RULES}) > 50

@@ -171,11 +171,10 @@ def test_cli_search_of_a_file_does_not_import_torch(mixed):
     assert "TORCH_IMPORTED False" in done.stderr, done.stderr
 
 
-def test_cli_search_imports_only_its_own_command_and_no_pydantic(mixed):
-    """`sjea search` imports neither the other commands (train, embed: their progress bars) nor
-    pydantic (Typer's option conversion; see sjea_tools.cli.plain_coercion)."""
+def test_cli_search_imports_only_its_own_command(mixed):
+    """`sjea search` imports none of the other commands (train, embed: their progress bars)."""
     run, images, store, names = mixed
-    unneeded = ("pydantic", "rich.progress", "sjea_tools.cli.train", "sjea_tools.cli.embed", "sjea_tools.grid")
+    unneeded = ("rich.progress", "sjea_tools.cli.train", "sjea_tools.cli.embed", "sjea_tools.grid")
     probe = ("import sys, atexit\n"
              f"atexit.register(lambda: print('LOADED', [m for m in {unneeded!r} if m in sys.modules], file=sys.stderr))\n"
              "from sjea_tools.cli import main\nsys.argv[0] = 'sjea'\nsys.exit(main())\n")
@@ -185,49 +184,6 @@ def test_cli_search_imports_only_its_own_command_and_no_pydantic(mixed):
     assert "LOADED []" in done.stderr, done.stderr
 
 
-def test_plain_option_values_are_typers_own():
-    """Every option of every command converts a value to what Typer's own (pydantic) conversion
-    gives, or fails with the same error: plain values here, the rest handed to Typer."""
-    typer_coercion = pytest.importorskip("typer._coercion")
-    import typer.main
-
-    from sjea_tools.cli import PlainCoercion, app, plain_coercion
-
-    try:
-        from typer._click import Context
-    except ImportError:  # pragma: no cover - older typer on top of click
-        from click import Context
-    group = typer.main.get_command(app)
-    texts = ["", "0", "-0", "7", "007", "+5", "1_000", " 3", "12345678901234567890", "-12", "1.5", "1.", ".5", "1e3",
-             "nan", "-inf", "abc", "all", "0,1", "a\nb", "\u00e9", "missing/x.png", str(Path(__file__)),
-             str(Path(__file__).parent)]
-
-    def outcome(converter, value, param, ctx):
-        try:
-            got = converter.coerce(value, param=param, ctx=ctx)
-        except Exception as e:  # noqa: BLE001 - the same error either way
-            return "error", type(e).__name__, e.format_message() if hasattr(e, "format_message") else str(e)
-        return "ok", type(got).__name__, repr(got), [type(v).__name__ for v in got] if isinstance(got, list) else None
-
-    fast = compared = 0
-    for command in [group, *group.commands.values()]:
-        plain_coercion(command, Context(command))
-        for param in command.get_params(Context(command)):
-            mine = getattr(param, "_runtime_param", None)
-            if not isinstance(mine, PlainCoercion):
-                continue
-            theirs = typer_coercion.build_runtime_param(param.type_descriptor)
-            values = [None, param.default] + [[t] if mine.multi else t for t in texts]
-            for value in values:
-                ctx = Context(command)
-                want = outcome(theirs, value, param, ctx)
-                mine.typer_own = None
-                assert outcome(mine, value, param, ctx) == want, (command.name, param.name, value)
-                fast += mine.typer_own is None
-                compared += 1
-    assert compared > 1000 and fast > compared / 3, (compared, fast)
-
-
 # --- the cache of optimised graphs ----------------------------------------------------------------
 
 def test_optimised_graph_cache_gives_the_same_vectors_and_passes_over_a_bad_file(mixed, tmp_path, monkeypatch):
@@ -235,6 +191,7 @@ def test_optimised_graph_cache_gives_the_same_vectors_and_passes_over_a_bad_file
     hex digits only, in $SJEA_ORT_CACHE) and gives the vectors of an uncached session; an
     unreadable cached file, or another model's graph under this name, is passed over silently and
     replaced; with the cache off nothing is written."""
+    import exports.graph_cache as graph_cache
     import exports.runtime as runtime
     from exports.runtime import OnnxModel
 
@@ -254,8 +211,8 @@ def test_optimised_graph_cache_gives_the_same_vectors_and_passes_over_a_bad_file
 
     monkeypatch.setenv("SJEA_ORT_CACHE", str(cache))
     loads = []
-    real = runtime._try_session
-    monkeypatch.setattr(runtime, "_try_session", lambda src, *a: loads.append(src) or real(src, *a))
+    real = graph_cache.try_session
+    monkeypatch.setattr(graph_cache, "try_session", lambda src, *a: loads.append(src) or real(src, *a))
 
     def check(expect_loaded_from_cache: bool) -> Path:
         loads.clear()

@@ -6,17 +6,14 @@ app when imported); `sjea --help`, and any code that reads `sjea_tools.cli.app`,
 
 from __future__ import annotations
 
-import re
 import sys
-from pathlib import Path as _Path
 
 import typer
 from typer.core import TyperGroup
 
-try:  # typer >= 0.20 vendors click
-    from typer._click.exceptions import NoArgsIsHelpError, UsageError
-except ImportError:  # pragma: no cover - older typer on top of click
-    from click.exceptions import NoArgsIsHelpError, UsageError
+# Typer (>= 0.26) vendors click and exports, of click's usage errors, only BadParameter; every usage
+# error (unknown option, bad value, missing argument, no such command) is of BadParameter's base.
+UsageError = typer.BadParameter.__base__
 
 
 class OneLineErrors(TyperGroup):
@@ -25,10 +22,10 @@ class OneLineErrors(TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except NoArgsIsHelpError as e:
-            print(e.ctx.get_help() if e.ctx else str(e), file=sys.stderr)
-            sys.exit(2)
         except UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # how Typer itself tells it apart (rich_utils)
+                print(e.ctx.get_help() if e.ctx else str(e), file=sys.stderr)
+                sys.exit(2)
             command = e.ctx.command_path if e.ctx else "sjea"
             print(f"error: {e.format_message()} (see '{command} --help')", file=sys.stderr)
             sys.exit(e.exit_code)
@@ -38,117 +35,6 @@ class OneLineErrors(TyperGroup):
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
-
-    def parse_args(self, ctx, args):
-        plain_coercion(self, ctx)
-        return super().parse_args(ctx, args)
-
-    def get_command(self, ctx, cmd_name):
-        command = super().get_command(ctx, cmd_name)
-        if command is not None:
-            plain_coercion(command, ctx)
-        return command
-
-
-# --- option values without pydantic ------------------------------------------------------------
-# Typer >= 0.2x converts every option value (flags aside) through a pydantic TypeAdapter built on first use:
-# importing pydantic and building an adapter per option cost 0.22 s of a 1.3 s `sjea search`
-# (measured, docs/benchmarks.md). Our options are plain str, int, float, bool, Path and lists of them;
-# for those, a value that is unambiguous (a str option's text, a plain decimal integer or number,
-# any path) is converted here to exactly what Typer's adapter returns, through Typer's own path
-# checks; every other value and type (a value Typer would refuse, '1e3', a Choice, a parser...)
-# goes to Typer's own conversion, so its results and its messages are Typer's.
-_INT = re.compile(r"-?(0|[1-9][0-9]{0,17})")
-_FLOAT = re.compile(r"-?[0-9]{1,15}(\.[0-9]{1,15})?")
-
-
-def _typer_internals():
-    """Typer's own converter and path checker, or None where this Typer has neither (older ones,
-    on top of click, convert without pydantic anyway)."""
-    try:
-        from typer._coercion import build_runtime_param
-        from typer._param_types import coerce_cli_path
-        from typer.core import _TyperParameter
-    except ImportError:  # pragma: no cover - another Typer
-        return None
-    if not hasattr(_TyperParameter, "get_runtime_param"):  # pragma: no cover
-        return None
-    return build_runtime_param, coerce_cli_path
-
-
-def _leaf_converter(annotation, info, coerce_cli_path):
-    """value -> converted value, or _TYPER when Typer's own conversion must decide."""
-    if info.parser is not None or getattr(info, "click_type", None) is not None:
-        return None
-    if annotation is str:
-        return lambda v, param, ctx: v if isinstance(v, str) else _TYPER
-    if annotation is bool:
-        return lambda v, param, ctx: v if type(v) is bool else _TYPER
-    no_bounds = info.min is None and info.max is None and not info.clamp
-    if annotation is int and no_bounds:
-        return lambda v, param, ctx: (v if type(v) is int else int(v) if isinstance(v, str) and _INT.fullmatch(v)
-                                      else _TYPER)
-    if annotation is float and no_bounds:
-        return lambda v, param, ctx: (v if type(v) is float else float(v) if isinstance(v, str) and _FLOAT.fullmatch(v)
-                                      else _TYPER)
-    if annotation is _Path and info.path_type is None:
-        return lambda v, param, ctx: (coerce_cli_path(_Path(v), info, path_type=_Path, param=param, ctx=ctx)
-                                      if isinstance(v, (str, _Path)) else _TYPER)
-    return None
-
-
-class _Typer:
-    pass
-
-
-_TYPER = _Typer()
-
-
-class PlainCoercion:
-    """Stands in for Typer's per-option converter (`_runtime_param`) on a plain option."""
-
-    def __init__(self, param, leaf, build_runtime_param):
-        self.param, self.leaf, self.build = param, leaf, build_runtime_param
-        self.multi = param.multiple or param.nargs == -1
-        self.typer_own = None
-
-    def _typer(self, value, param, ctx):
-        if self.typer_own is None:
-            self.typer_own = self.build(self.param.type_descriptor)
-        return self.typer_own.coerce(value, param=param, ctx=ctx)
-
-    def coerce(self, value, param, ctx):
-        if value is None:
-            return () if self.multi else None
-        if self.multi:
-            if not isinstance(value, (list, tuple)):
-                return self._typer(value, param, ctx)
-            out = [self.leaf(v, param, ctx) for v in value]
-            return self._typer(value, param, ctx) if any(o is _TYPER for o in out) else out
-        out = self.leaf(value, param, ctx)
-        return self._typer(value, param, ctx) if out is _TYPER else out
-
-
-def plain_coercion(command, ctx) -> None:
-    """Give each plain option of `command` (its --help too) the converter above, once; other
-    options keep Typer's."""
-    internals = _typer_internals()
-    if internals is None:
-        return
-    build, coerce_cli_path = internals
-    for param in command.get_params(ctx):
-        desc = getattr(param, "type_descriptor", None)
-        if desc is None or getattr(param, "_runtime_param", True) is not None or desc.file_annotation is not None:
-            continue
-        annotation = desc.annotation
-        if desc.is_list:
-            args = getattr(annotation, "__args__", ())
-            annotation = args[0] if len(args) == 1 else None
-        if desc.is_tuple or desc.is_choice or annotation is None:
-            continue
-        leaf = _leaf_converter(annotation, desc.parameter_info, coerce_cli_path)
-        if leaf is not None:
-            param._runtime_param = PlainCoercion(param, leaf, build)
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -166,8 +52,8 @@ _app = typer.Typer(
 
 # Each command lives in the module named after it and registers itself on `app` when imported; the
 # order here is the order of `sjea --help`.
-COMMAND_MODULES = ("train", "export", "images", "data", "embed", "merge", "index", "clusters", "search",
-                   "serve", "verify", "compact", "eval", "evaluate", "plot")
+COMMAND_MODULES = ("train", "export", "images", "embed", "merge", "index", "clusters", "search", "serve", "verify",
+                   "compact", "eval", "plot")
 _imported: set[str] = set()
 _registering = False
 
@@ -176,15 +62,13 @@ def _register_commands(only: str | None = None) -> None:
     """Import the command modules (all, or the one named `only`), keeping the --help order."""
     global _registering
     import importlib
-    import importlib.util
 
     _registering = True
     try:
         for name in COMMAND_MODULES if only is None else (only,):
             if name not in _imported:
                 _imported.add(name)
-                if importlib.util.find_spec(f"{__name__}.{name}") is not None:
-                    importlib.import_module(f".{name}", __name__)
+                importlib.import_module(f".{name}", __name__)
     finally:
         _registering = False
     rank = {name: i for i, name in enumerate(COMMAND_MODULES)}

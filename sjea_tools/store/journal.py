@@ -79,8 +79,9 @@ class Journal:
         try:
             meta = json.loads((folder / "meta.json").read_text())
             commit = json.loads((folder / "commit.json").read_text())
-            assert meta.get("format") == JOURNAL_FORMAT
-        except (OSError, ValueError, AssertionError):
+            if meta.get("format") != JOURNAL_FORMAT:
+                raise ValueError(meta.get("format"))
+        except (OSError, ValueError, AttributeError):  # AttributeError: meta.json holds no table
             lock.__exit__(None, None, None)
             raise SjeaError(f"{folder} is not a readable unfinished run; delete it or pass --overwrite.") from None
         j = cls(folder, meta)

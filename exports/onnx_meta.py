@@ -1,0 +1,112 @@
+"""What an exported ONNX file says about itself, read without onnx or torch: its metadata, its
+preprocessing, the hash of its computing content (read from the protobuf wire format) and the
+model identity that hash lets it claim."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from sjea_tools.errors import SjeaError
+from sjea_tools.spec import PreprocessSpec
+
+
+def parse_metadata(props: dict[str, str]) -> dict:
+    """metadata_props (all strings) -> typed values: JSON where the exporter wrote JSON."""
+    out = {}
+    for key, value in props.items():
+        try:
+            out[key] = json.loads(value)
+        except (json.JSONDecodeError, TypeError):
+            out[key] = value
+    return out
+
+
+def preprocess_spec(metadata: dict, path: Path) -> PreprocessSpec:
+    """The graph's input preprocessing: the 'preprocess' record, or, in files exported before it
+    existed, the same numbers under their separate keys."""
+    record = metadata.get("preprocess")
+    if isinstance(record, dict):
+        return PreprocessSpec.from_dict(record)
+    if "image_size" not in metadata:
+        raise SjeaError(f"{path} has no sjea metadata (levels, image size); export it with 'sjea export'.")
+    return PreprocessSpec.from_dict({"image_size": metadata["image_size"], "mean": metadata.get("mean"),
+                                     "std": metadata.get("std"),
+                                     "colour_mode": metadata.get("color_mode", "RGB")})
+
+
+# Top-level ModelProto fields that describe rather than compute (producer_name, producer_version,
+# doc_string, metadata_props): left out of the content hash, so metadata can record the hash.
+DESCRIPTIVE_FIELDS = frozenset({2, 3, 6, 14})
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data):
+            raise ValueError("truncated varint")
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def graph_sha256(data: bytes) -> str:
+    """sha256 of a serialized ONNX model's computing content: every top-level protobuf field
+    (graph with its weights, opsets, functions, IR version) except the descriptive ones, in file
+    order. Reads the wire format directly (no onnx import); ValueError when it is not protobuf."""
+    return content_hashes(data)[0]
+
+
+def content_hashes(data: bytes) -> tuple[str, str]:
+    """(graph_sha256, sha256 of the descriptive fields) in one pass: together they name the whole
+    file's content (the key of its optimised graph, `content_key`)."""
+    h, rest, pos, view = hashlib.sha256(), hashlib.sha256(), 0, memoryview(data)
+    while pos < len(data):
+        start = pos
+        key, pos = _varint(data, pos)
+        wire = key & 7
+        if wire == 0:
+            _, pos = _varint(data, pos)
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            pos += length
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+        if pos > len(data):
+            raise ValueError("truncated field")
+        (rest if key >> 3 in DESCRIPTIVE_FIELDS else h).update(view[start:pos])
+    return h.hexdigest(), rest.hexdigest()
+
+
+def content_model_id(graph_hash: str) -> str:
+    """The model id of an ONNX file that records no verifiable checkpoint identity."""
+    return f"onnx-graph-sha256:{graph_hash}"
+
+
+class ModelIdentityError(SjeaError):
+    """An ONNX file is not the model it claims (or is expected) to be."""
+
+
+def verified_model_id(data: bytes, metadata: dict, path: Path, actual: str | None = None) -> str:
+    """The model id a file may claim: the checkpoint's sha256 from its metadata when its content
+    still hashes to the graph_sha256 recorded at export, else (no record) its content hash; a
+    mismatch (weights or graph changed after export) is refused. `actual`: graph_sha256(data)
+    when the caller has it."""
+    try:
+        actual = actual or graph_sha256(data)
+    except ValueError as e:
+        raise SjeaError(f"{path} is not a readable ONNX file ({e}); export it again with 'sjea export'.") from None
+    recorded = str(metadata.get("graph_sha256", ""))
+    if not recorded:
+        return content_model_id(actual)
+    if recorded != actual:
+        raise ModelIdentityError(f"{path} was modified after export: its graph and weights hash to {actual[:12]}, "
+                        f"not the {recorded[:12]} recorded when it was exported; use the genuine file or "
+                        "export it again with 'sjea export'.")
+    return str(metadata.get("model_sha256") or "") or content_model_id(actual)
