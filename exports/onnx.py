@@ -138,11 +138,32 @@ def _export_proto(graph: LevelsGraph, example: torch.Tensor, input_name: str, na
                               input_names=[input_name], output_names=names, dynamic_axes=axes,
                               do_constant_folding=True)
             proto = onnx.load_from_string(buffer.getvalue())
+    drop_source_locations(proto)
     written = {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")}
     if written != {opset}:
         raise SjeaError(f"the exporter wrote opset {sorted(written)} instead of {opset}; pass --opset "
                         f"{DEFAULT_OPSET} (the default).")
     return proto
+
+
+def drop_source_locations(proto) -> None:
+    """Remove the dynamo exporter's per-node stack traces: they hold this machine's source paths
+    (/home/.../sjea_tools/models/convnet.py), so the same checkpoint exported from two checkouts gave
+    two graph_sha256s and told every reader of the file where the code was installed."""
+    def strip(graph):
+        for node in graph.node:
+            keep = [p for p in node.metadata_props if "stack_trace" not in p.key]
+            if len(keep) != len(node.metadata_props):
+                del node.metadata_props[:]
+                node.metadata_props.extend(keep)
+            for attr in node.attribute:
+                if attr.g.node:
+                    strip(attr.g)
+                for sub in attr.graphs:
+                    strip(sub)
+    strip(proto.graph)
+    for function in proto.functions:
+        strip(function)
 
 
 def set_metadata(proto, metadata: dict[str, str]) -> None:

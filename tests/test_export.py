@@ -131,6 +131,20 @@ def test_cli_exports_every_level_of_a_2_level_mlp_run(exported_mlp2, fmnist_test
         assert max_abs_diff(g, w) <= 1e-4 and min_cosine(g, w) >= 0.99999
 
 
+def test_exported_graph_holds_no_source_path(exported_mlp2):
+    """The exporter records each node's Python stack trace; kept, the file would name this checkout's
+    folders and its graph_sha256 would change with the install path."""
+    import onnx
+
+    run, report = exported_mlp2
+    source_root = str(Path(__file__).resolve().parents[1])
+    for f in report["files"]:
+        raw = Path(f["path"]).read_bytes()
+        assert source_root.encode() not in raw and b"site-packages" not in raw, f["path"]
+        props = {p.key for n in onnx.load_from_string(raw).graph.node for p in n.metadata_props}
+        assert not any("stack_trace" in k for k in props)
+
+
 @pytest.mark.parametrize("levels,encoder", [(3, "mlp"), (2, "resnet"), (3, "resnet")])
 def test_export_run_every_level_passes_verification(tmp_path, levels, encoder):
     from conftest import make_run
