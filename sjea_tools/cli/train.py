@@ -180,7 +180,8 @@ def _warn_if_too_short(cfg, images: int | None) -> None:
     from ..data.recipe import plan_steps, too_short_warning
 
     plan = plan_steps(images, cfg) if images is not None else None
-    if plan and plan["steps_per_epoch"] and plan["too_short"]:  # none at all: the trainer refuses it
+    # None at all: the trainer refuses it; --max-steps: a chosen quick look (the summary still says it).
+    if plan and plan["steps_per_epoch"] and plan["too_short"] and not cfg.train.max_steps:
         err_console.print(f"[yellow]warning:[/] {too_short_warning(plan['stop_step'])}")
 
 
