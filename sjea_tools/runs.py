@@ -4,6 +4,8 @@
     runs/<name>/metrics.jsonl      one JSON object per logged step / epoch
     runs/<name>/checkpoints/last.pt  full resume state (trainers.checkpoint)
     runs/<name>/model.pt           the final weights with their config
+    runs/<name>/skipped.jsonl      image files training skipped, with the reason (one JSON per line)
+    runs/<name>/summary.json       what the finished run did: images, skipped, steps, time, final losses
     runs/LATEST                    path of the run written last (what commands use by default)
 """
 
@@ -21,6 +23,8 @@ MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = Path("checkpoints") / "last.pt"
+SKIPPED_FILE = "skipped.jsonl"
+SUMMARY_FILE = "summary.json"
 LATEST_FILE = "LATEST"
 DEFAULT_RUNS_DIR = Path("runs")
 
@@ -45,11 +49,70 @@ def safe_torch_load(path: Path) -> dict:
                         "restore the file.") from None
 
 
-def set_latest(run_dir: Path, runs_dir: Path = DEFAULT_RUNS_DIR) -> None:
-    """Point ./runs/LATEST (what commands use without --run) and the run's own parent folder at it."""
+def set_latest(run_dir: Path, runs_dir: Path = DEFAULT_RUNS_DIR) -> bool:
+    """Point runs_dir/LATEST (what commands use without --run) at the run; False, and nothing
+    written, when a file of that name exists that is not such a pointer (a user's own file)."""
     run_dir = Path(run_dir).resolve()
-    for folder in {Path(runs_dir).resolve(), run_dir.parent}:
-        atomic_write_text(folder / LATEST_FILE, str(run_dir) + "\n")
+    pointer = Path(runs_dir) / LATEST_FILE
+    if pointer.exists() and not is_latest_pointer(pointer):
+        return False
+    atomic_write_text(pointer, str(run_dir) + "\n")
+    return True
+
+
+def is_latest_pointer(path: Path) -> bool:
+    """Whether `path` holds what set_latest writes: one absolute path, to a run folder or to
+    nothing (a run deleted since)."""
+    try:
+        if not path.is_file() or path.stat().st_size > 4096:
+            return False
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    if len(lines) != 1 or not Path(lines[0]).is_absolute():
+        return False
+    target = Path(lines[0])
+    return not target.exists() or (target / CONFIG_FILE).is_file()
+
+
+# What a run that failed before its first checkpoint leaves: nothing worth keeping.
+START_FILES = (CONFIG_FILE, METRICS_FILE, SKIPPED_FILE)
+
+
+def is_failed_start(run_dir: Path) -> bool:
+    """A folder holding only what a run writes before its first checkpoint (no model, nothing else)."""
+    names = {p.name for p in Path(run_dir).iterdir()}
+    checkpoints = Path(run_dir) / CHECKPOINT_FILE.parent
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        return False
+    return names <= set(START_FILES) | {CHECKPOINT_FILE.parent.name} and _is_saved_config(Path(run_dir) / CONFIG_FILE)
+
+
+def _is_saved_config(path: Path) -> bool:
+    """Whether `path` is absent or a full RunConfig as save_config writes it (a user's own partial
+    settings file named config.json is not, and is never removed)."""
+    if not path.exists():
+        return True
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and set(saved) == set(RunConfig().to_dict())
+
+
+def discard_failed_start(run_dir: Path) -> None:
+    """Remove what a run wrote before failing ahead of its first checkpoint, so that the same
+    command can run again; a folder holding anything else is left alone."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or not is_failed_start(run_dir):
+        return
+    for name in START_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for folder in (run_dir / CHECKPOINT_FILE.parent, run_dir):
+        try:
+            folder.rmdir()
+        except OSError:
+            pass  # absent, or not empty (a temporary file being written): leave it
 
 
 def prepare_run_dir(cfg: RunConfig, out_dir: Path | None, overwrite: bool, runs_dir: Path) -> Path:
@@ -59,10 +122,13 @@ def prepare_run_dir(cfg: RunConfig, out_dir: Path | None, overwrite: bool, runs_
     if run_dir.exists() and not run_dir.is_dir():
         raise SjeaError(f"{run_dir} exists and is not a folder; choose another --out.")
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        if not overwrite:
+        if is_failed_start(run_dir):  # what a killed start left (config.json only): nothing to continue
+            discard_failed_start(run_dir)
+        elif not overwrite:
             raise SjeaError(f"run folder {run_dir} already exists; continue it with --resume {run_dir}, "
                             "replace it with --overwrite, or pick another --out.")
-        shutil.rmtree(run_dir)
+        else:
+            shutil.rmtree(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -23,16 +23,19 @@ from torch import nn
 
 from sjea_tools.config import RunConfig, save_config
 from sjea_tools.data.augment import per_image_transforms, two_views
-from sjea_tools.data.datasets import PixelDataset, load_dataset, resize_pixels, train_split
+from sjea_tools.data.datasets import PixelDataset, decode_folder, load_dataset, resize_pixels, train_split
 from sjea_tools.data.preprocess import normalize_pixels
+from sjea_tools.data.recipe import MIN_STEPS_TO_LEARN, FolderFacts, plan_steps, resolve_recipe
 from sjea_tools.errors import SjeaError
 from sjea_tools.losses import stacked_vicreg_loss
 from sjea_tools.metrics import effective_rank, mean_std
 from sjea_tools.workers import end_with_this_process
 from sjea_tools.models import build_model
 from sjea_tools.progress import ProgressFn, report
-from sjea_tools.runs import (CHECKPOINT_FILE, CONFIG_FILE, DEFAULT_RUNS_DIR, METRICS_FILE, prepare_run_dir, save_model,
-                             set_latest, truncate_metrics)
+from sjea_tools.io import atomic_write_text
+from sjea_tools.runs import (CHECKPOINT_FILE, CONFIG_FILE, DEFAULT_RUNS_DIR, METRICS_FILE, SKIPPED_FILE, SUMMARY_FILE,
+                             discard_failed_start, prepare_run_dir, read_metrics, save_model, set_latest,
+                             truncate_metrics)
 from sjea_tools.spec import PreprocessSpec
 
 from .checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
@@ -317,18 +320,36 @@ def run_steps(t: Training, data, run_dir: Path, start_step: int, steps_per_epoch
         metrics.close()
 
 
-def load_training_data(cfg: RunConfig, info: DistInfo):
-    """The training split at model size and the number of steps per epoch for this world size."""
+def load_training_data(cfg: RunConfig, info: DistInfo, progress: ProgressFn | None = None):
+    """(cfg with its image size and mean/std resolved, the training split at model size, steps per
+    epoch for this world size, {path: reason} of skipped files). An image folder is decoded once
+    here: unreadable files are skipped and named, and a folder with too few images is refused
+    before anything is written."""
     data = train_split(load_dataset(cfg.data.dataset, cfg.data.data_dir, "train"), cfg.data.holdout,
                        cfg.data.split_seed, cfg.data.limit)
-    if data.pixels is not None and data.pixels.shape[1] != cfg.image_size:
+    # Only nulls are filled here; choosing batch and epochs from the count is the caller's (the CLI's).
+    cfg, _ = resolve_recipe(cfg, data, fixed={"train.batch_size", "train.epochs"}, world_size=info.world_size)
+    skipped: dict[str, str] = {}
+    if data.pixels is None:
+        data, skipped = decode_folder(data, cfg.image_size, cfg.data.workers, progress)
+    elif data.pixels.shape[1] != cfg.image_size:
         data.pixels = resize_pixels(data.pixels, cfg.image_size)
     batch = cfg.train.batch_size
     steps_per_epoch = len(data) // (batch * info.world_size)
     if steps_per_epoch == 0:
-        raise SjeaError(f"{len(data)} training images are fewer than one batch of {batch} x {info.world_size} "
-                        "process(es); lower --batch-size.")
-    return data, steps_per_epoch
+        raise SjeaError(too_few_images(len(data), batch, info.world_size, skipped))
+    return cfg, data, steps_per_epoch, skipped
+
+
+def too_few_images(n: int, batch: int, world_size: int, skipped: dict[str, str]) -> str:
+    """The one-line refusal of a dataset smaller than one batch."""
+    unread = f" ({len(skipped)} unreadable skipped)" if skipped else ""
+    if n < 2 * world_size:
+        return f"only {n} readable image(s){unread}: training needs at least 2 per process; add images."
+    fit = 2 ** int(math.log2(n // world_size))
+    procs = f" x {world_size} processes" if world_size > 1 else ""
+    return (f"{n} readable images{unread} are fewer than one batch of {batch}{procs}; pass --batch-size "
+            f"{fit} or less, or add images.")
 
 
 def resume_state(out_dir: Path | str | None) -> tuple[RunConfig, dict]:
@@ -356,10 +377,11 @@ def train(cfg: RunConfig, out_dir: Path | str | None = None, resume: bool = Fals
 
 
 def _train(cfg, state, out_dir, resume, overwrite, runs_dir: Path, info: DistInfo, progress, log) -> Path:
+    started = time.perf_counter()
     device = process_device(cfg.train.device, info)
     torch.manual_seed(cfg.train.seed)
     # Data problems are found before anything is written, so a failed start leaves no run folder.
-    data, steps_per_epoch = load_training_data(cfg, info)
+    cfg, data, steps_per_epoch, skipped = load_training_data(cfg, info, progress if info.is_main else None)
     if resume:
         run_dir = Path(out_dir)
     else:
@@ -367,26 +389,97 @@ def _train(cfg, state, out_dir, resume, overwrite, runs_dir: Path, info: DistInf
             out_dir or runs_dir / cfg.name)
         if info.is_main:
             save_config(cfg, run_dir / CONFIG_FILE)
-    barrier(info)
-    t = build_training(cfg, info, device, steps_per_epoch)
-    start_step = 0
-    if state is not None:
-        start_step = restore_checkpoint(state, model=t.model, optimizer=t.optimizer, scaler=t.scaler)
-        if info.is_main:
-            truncate_metrics(run_dir, start_step)
-    run_steps(t, data, run_dir, start_step, steps_per_epoch, progress, log)
+    if info.is_main:
+        atomic_write_text(run_dir / SKIPPED_FILE, "".join(
+            json.dumps({"path": p, "reason": r}) + "\n" for p, r in sorted(skipped.items())))
+    try:
+        barrier(info)
+        t = build_training(cfg, info, device, steps_per_epoch)
+        start_step = 0
+        if state is not None:
+            start_step = restore_checkpoint(state, model=t.model, optimizer=t.optimizer, scaler=t.scaler)
+            if info.is_main:
+                truncate_metrics(run_dir, start_step)
+        run_steps(t, data, run_dir, start_step, steps_per_epoch, progress, log)
+    except BaseException:
+        if info.is_main and not resume:
+            discard_failed_start(run_dir)  # only when no checkpoint was written: the rerun is not refused
+        raise
     if info.is_main:
         save_model(run_dir, t.model, cfg)
-        set_latest(run_dir, runs_dir)
+        summary = run_summary(run_dir, len(data), skipped, t.stop_step, steps_per_epoch, time.perf_counter() - started)
+        summary["latest_updated"] = set_latest(run_dir, runs_dir)
+        atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     barrier(info)
     return run_dir
 
 
-def describe(cfg: RunConfig) -> dict:
-    """What --dry-run prints: the resolved config and each level's parameter count."""
+def run_summary(run_dir: Path, images: int, skipped: dict[str, str], steps: int, steps_per_epoch: int,
+                seconds: float) -> dict:
+    """summary.json: what the run did, its last losses and its collapse state at the end. A level
+    counts as collapsed at the end only when the last two epoch checks both flag it (epoch 1 alone
+    often does, then recovers)."""
+    rows = read_metrics(run_dir)
+    last_step = next((r for r in reversed(rows) if r["kind"] == "step"), None)
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    flagged = [set(r.get("collapsed_levels", [])) for r in epochs[-2:]]
+    persistent = sorted(set.intersection(*flagged)) if len(flagged) == 2 else []
+    return {
+        "images": images, "skipped": len(skipped), "skipped_file": SKIPPED_FILE,
+        "skipped_paths": sorted(skipped)[:20], "steps": steps, "epochs": steps / steps_per_epoch,
+        "seconds": round(seconds, 1), "too_short": steps < MIN_STEPS_TO_LEARN,
+        "final": None if last_step is None else {"step": last_step["step"], "loss": last_step["loss"],
+                                                 "levels": last_step["levels"]},
+        "collapse": None if not epochs else {"epoch": epochs[-1]["epoch"], "flagged_last_check":
+                                              epochs[-1].get("collapsed_levels", []), "collapsed_levels": persistent,
+                                              "levels": epochs[-1]["levels"]},
+    }
+
+
+def describe(cfg: RunConfig, facts: FolderFacts | None = None, images: int | None = None,
+             time_steps: int = 2) -> dict:
+    """What --dry-run prints: the resolved config, each level's parameter count, and with `images`
+    the step plan and a time estimate from `time_steps` real steps timed on this machine."""
     model = build_model(cfg)
     counts = model.parameter_counts()
-    return {"config": cfg.to_dict(), "levels": [
+    out = {"config": cfg.to_dict(), "levels": [
         {"level": k, "encoder": c["encoder"], "projector": c["projector"], "representation_dim": model.level_dims[k],
          "embedding_dim": model.embedding_dims[k]} for k, c in enumerate(counts)],
         "total_parameters": sum(c["encoder"] + c["projector"] for c in counts)}
+    if facts is not None:
+        out["data"] = {"files": facts.count, "colour_mode": facts.colour_mode,
+                       "median_short_side": facts.median_short_side, "sampled": facts.sampled,
+                       "unreadable_in_sample": facts.unreadable_in_sample, "recipe": facts.notes}
+    if images is not None:
+        plan = plan_steps(images, cfg)
+        out["plan"] = plan
+        if plan["steps_per_epoch"]:
+            out["estimate"] = estimate_time(cfg, plan["stop_step"], images, facts, time_steps)
+    return out
+
+
+def estimate_time(cfg: RunConfig, steps: int, images: int, facts: FolderFacts | None, time_steps: int = 2) -> dict:
+    """Seconds the run should take here: `time_steps` real training steps (after one untimed
+    warm-up step) of the configured model, batch and device on random pixels, times the step count,
+    plus decoding the folder once at the per-image cost measured on its sample."""
+    device = process_device(cfg.train.device, DistInfo())
+    torch.manual_seed(cfg.train.seed)
+    t = build_training(cfg, DistInfo(), device, steps_per_epoch=max(1, steps))
+    size, batch = cfg.image_size, cfg.train.batch_size
+    pixels = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    t.model.train()
+    timed = []
+    for step in range(time_steps + 1):
+        start = time.perf_counter()
+        v1, v2 = two_views_on_device(t, pixels, step)
+        train_step(t, v1, v2, step)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timed.append(time.perf_counter() - start)
+    step_s = sum(timed[1:]) / max(1, time_steps)
+    decode_s = 0.0
+    if facts is not None and facts.decode_s_per_image:
+        decode_s = facts.decode_s_per_image * images / max(1, min(cfg.data.workers, torch.get_num_threads()) or 1)
+    return {"seconds": round(step_s * steps + decode_s, 1), "step_s": round(step_s, 4), "timed_steps": time_steps,
+            "decode_s": round(decode_s, 1), "device": str(device)}

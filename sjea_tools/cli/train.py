@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -115,26 +116,92 @@ def train(
         from trainers.trainer import train as run_training
 
         cfg = resolve_config(preset)  # replaced by the run's saved config
-        run_dir = _train_with_progress(run_training, cfg, quiet, out_dir=resume, resume=True)
+        run_dir = _train_with_progress(run_training, cfg, quiet, json_out, out_dir=resume, resume=True)
     else:
         cfg = resolve_config(preset, config, overrides)
+        cfg, facts, images = _resolve_for_data(cfg, _fixed_keys(preset, config, named, sets), dry_run)
         # torch is imported only now: a refused configuration answers without that wait.
         from trainers.trainer import describe, train as run_training
 
         if dry_run:
-            summary = describe(cfg)
+            summary = describe(cfg, facts, images)
             if json_out:
                 print_json(summary)
             else:
                 _print_dry_run(summary)
             return
-        run_dir = _train_with_progress(run_training, cfg, quiet, out_dir=out, overwrite=overwrite)
+        _warn_if_too_short(cfg, images)
+        run_dir = _train_with_progress(run_training, cfg, quiet, json_out, out_dir=out, overwrite=overwrite)
+    summary = _read_summary(run_dir)
     if json_out:
         from ..runs import MODEL_FILE, METRICS_FILE
 
-        print_json({"run": str(run_dir), "model": str(run_dir / MODEL_FILE), "metrics": str(run_dir / METRICS_FILE)})
+        print_json({"run": str(run_dir), "model": str(run_dir / MODEL_FILE), "metrics": str(run_dir / METRICS_FILE),
+                    "summary": summary})
     else:
-        console.print(f"run folder: {markup_safe(run_dir)}")
+        _print_summary(run_dir, summary)
+
+
+def _fixed_keys(preset: str, config: Optional[Path], named: dict, sets: list[str]) -> set[str]:
+    """Dotted settings the user chose (option, --set, --config file, or a preset other than the
+    default): the data-derived recipe leaves them as they are."""
+    from ..config import load_config_file
+
+    fixed = {key for key, value in named.items() if value is not None} | set(_parse_sets(sets))
+    if config is not None:
+        fixed |= {f"{section}.{key}" for section, table in load_config_file(config).items()
+                  if isinstance(table, dict) for key in table}
+    if preset != "tiny":  # a named recipe's batch and epochs are deliberate
+        fixed |= {"train.batch_size", "train.epochs"}
+    return fixed
+
+
+def _resolve_for_data(cfg, fixed: set[str], dry_run: bool):
+    """(cfg with the recipe's values filled, what the folder sample showed, the image count; None
+    for a benchmark dataset not on this machine when only dry-running: the rest still prints)."""
+    from ..config import DATASETS
+    from ..data import load_dataset
+    from ..data.datasets import ImageData, train_split
+    from ..data.recipe import resolve_recipe
+    from ..errors import SjeaError
+
+    try:
+        data = train_split(load_dataset(cfg.data.dataset, cfg.data.data_dir, "train"), cfg.data.holdout,
+                           cfg.data.split_seed, cfg.data.limit)
+    except SjeaError:
+        if not (dry_run and cfg.data.dataset in DATASETS):
+            raise
+        return resolve_recipe(cfg, ImageData(cfg.data.dataset), fixed)[0], None, None
+    cfg, facts = resolve_recipe(cfg, data, fixed)
+    return cfg, facts, len(data)
+
+
+def _warn_if_too_short(cfg, images: int | None) -> None:
+    from ..data.recipe import plan_steps, too_short_warning
+
+    plan = plan_steps(images, cfg) if images is not None else None
+    # None at all: the trainer refuses it; --max-steps: a chosen quick look (the summary still says it).
+    if plan and plan["steps_per_epoch"] and plan["too_short"] and not cfg.train.max_steps:
+        err_console.print(f"[yellow]warning:[/] {too_short_warning(plan['stop_step'])}")
+
+
+class _CollapseWatch:
+    """Warns when a level looks collapsed at two epoch checks in a row: a single flag (often epoch 1,
+    before the variance term has spread the embeddings) is not reported."""
+
+    def __init__(self):
+        self.previous: set[int] = set()
+        self.warned: set[int] = set()
+
+    def epoch(self, row: dict) -> None:
+        flagged = set(row.get("collapsed_levels") or [])
+        persistent = sorted((flagged & self.previous) - self.warned)
+        self.previous = flagged
+        if persistent:
+            self.warned |= set(persistent)
+            err_console.print(f"[yellow]warning:[/] level(s) {persistent} look collapsed at two epoch checks in a "
+                              f"row (epoch {row['epoch']}: embedding std or effective rank fell); check the variance "
+                              "coefficient and the lr.")
 
 
 class _StepMetrics(ProgressColumn):
@@ -142,7 +209,7 @@ class _StepMetrics(ProgressColumn):
 
     def __init__(self):
         super().__init__()
-        self.text, self.last_step = "", None
+        self.text, self.watch = "", _CollapseWatch()
 
     def render(self, task) -> Text:
         return Text(self.text)
@@ -150,21 +217,65 @@ class _StepMetrics(ProgressColumn):
     def log(self, row: dict) -> None:
         """trainers.trainer's metrics callback: step rows update the text, epoch rows may warn."""
         if row["kind"] == "step":
-            self.last_step = row["step"]
-            losses = " ".join(f"L{k}={level['loss']:.3f}" for k, level in enumerate(row["levels"]))
-            self.text = f"{losses}  {row['images_per_s']:.0f} img/s"
-        elif row.get("collapsed_levels"):
-            err_console.print(f"[yellow]warning:[/] level(s) {row['collapsed_levels']} look collapsed (embedding std "
-                              "or effective rank fell); check the variance coefficient and the lr.")
+            self.text = f"{_losses(row)}  {row['images_per_s']:.0f} img/s"
+        else:
+            self.watch.epoch(row)
 
 
-def _train_with_progress(run_training, cfg, quiet: bool, **options) -> Path:
+def _losses(row: dict) -> str:
+    return " ".join(f"L{k}={level['loss']:.3f}" for k, level in enumerate(row["levels"]))
+
+
+class _PlainProgress:
+    """Progress as plain lines, for a pipe or a log file (a live bar there shows nothing until the
+    end): each stage at every tenth, training rows at every twentieth of the steps and the last."""
+
+    def __init__(self, stream):
+        self.stream, self.marks, self.total = stream, {}, None
+        self.watch, self.started = _CollapseWatch(), time.perf_counter()
+
+    def _line(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def __call__(self, task: str, done: int, total: int | None = None) -> None:
+        if task == "train":
+            self.total = total  # training lines come from the metrics rows (losses included)
+            return
+        if total:
+            tenth = done * 10 // total
+            if tenth > self.marks.get(task, -1):
+                self.marks[task] = tenth
+                self._line(f"{task}: {done}/{total}")
+
+    def log(self, row: dict) -> None:
+        if row["kind"] != "step":
+            self.watch.epoch(row)
+            return
+        total = self.total or row["step"]
+        twentieth = row["step"] * 20 // max(1, total)
+        if twentieth > self.marks.get("train", -1) or row["step"] == total:
+            self.marks["train"] = twentieth
+            elapsed = time.perf_counter() - self.started
+            self._line(f"step {row['step']}/{total} (epoch {row['epoch']:.1f})  {_losses(row)}  "
+                       f"{row['images_per_s']:.0f} img/s  {elapsed:.0f} s")
+
+
+def _train_with_progress(run_training, cfg, quiet: bool, json_out: bool, **options) -> Path:
+    import contextlib
+    import sys
+
     from ..io import writing_error
 
-    metrics = _StepMetrics()
+    live = sys.stdout.isatty() and sys.stderr.isatty()
+    if quiet or live:
+        metrics = _StepMetrics()
+        context, log = rich_progress(quiet, metrics), (None if quiet else metrics.log)
+    else:
+        plain_lines = _PlainProgress(sys.stderr if json_out else sys.stdout)  # stdout carries only JSON then
+        context, log = contextlib.nullcontext(plain_lines), plain_lines.log
     try:
-        with rich_progress(quiet, metrics) as progress:
-            run_dir = run_training(cfg, progress=progress, log=None if quiet else metrics.log, **options)
+        with context as progress:
+            return run_training(cfg, progress=progress, log=log, **options)
     except RuntimeError as e:
         # torch.save on a full disk raises RuntimeError ("unexpected pos ...") with no errno; the
         # checkpoint is written atomically, so what was written before it stays as it was.
@@ -172,12 +283,69 @@ def _train_with_progress(run_training, cfg, quiet: bool, **options) -> Path:
         if disk is None:
             raise
         raise disk from None
-    if metrics.last_step is not None:  # rows reach rank 0 only: other torchrun processes stay silent
-        from ..runs import MODEL_FILE, METRICS_FILE
 
-        err_console.print(f"trained {metrics.last_step} steps; model: {markup_safe(run_dir / MODEL_FILE)}; "
-                          f"metrics: {markup_safe(run_dir / METRICS_FILE)}")
-    return run_dir
+
+def _read_summary(run_dir: Path) -> dict | None:
+    import json
+
+    from ..runs import SUMMARY_FILE
+
+    try:  # other torchrun processes return before rank 0 writes it
+        return json.loads((run_dir / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _print_summary(run_dir: Path, summary: dict | None) -> None:
+    """What the run did, in a few lines on stdout: images, skipped files by name, steps, time, the
+    last losses per level, the collapse state at the end, and where everything is."""
+    from ..runs import METRICS_FILE, MODEL_FILE, SKIPPED_FILE
+
+    if summary is not None:
+        console.print(f"trained {summary['steps']} steps ({summary['epochs']:.1f} epochs) on {summary['images']} images "
+                      f"in {summary['seconds']:.0f} s", highlight=False)
+        if summary["skipped"]:
+            console.print(f"skipped {summary['skipped']} unreadable file(s), listed in "
+                          f"{markup_safe(run_dir / SKIPPED_FILE)}:", highlight=False)
+            for line in _skipped_lines(run_dir / SKIPPED_FILE):
+                console.print(f"  {markup_safe(line)}", highlight=False)
+        if summary["final"]:
+            console.print("final losses: " + "; ".join(
+                f"level {k} {lv['loss']:.3f} (invariance {lv['invariance']:.3f}, variance {lv['variance']:.3f}, "
+                f"covariance {lv['covariance']:.3f})" for k, lv in enumerate(summary["final"]["levels"])), highlight=False)
+        console.print(f"collapse at the end: {_collapse_text(summary['collapse'])}", highlight=False)
+        if summary["too_short"]:
+            from ..data.recipe import too_short_warning
+
+            err_console.print(f"[yellow]warning:[/] {too_short_warning(summary['steps'])}")
+        if not summary.get("latest_updated", True):
+            err_console.print("note: runs/LATEST was left as it is: it is not a pointer sjea wrote; pass --run "
+                              f"{markup_safe(run_dir)} to later commands.")
+    console.print(f"model: {markup_safe(run_dir / MODEL_FILE)}; metrics: {markup_safe(run_dir / METRICS_FILE)}",
+                  highlight=False)
+    console.print(f"run folder: {markup_safe(run_dir)}", highlight=False)
+
+
+def _skipped_lines(path: Path, show: int = 10) -> list[str]:
+    import json
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [f"{row['path']}: {row['reason']}" for row in rows[:show]]
+    return lines + ([f"... and {len(rows) - show} more"] if len(rows) > show else [])
+
+
+def _collapse_text(collapse: dict | None) -> str:
+    if collapse is None:
+        return "not checked (no epoch finished)"
+    stats = "; ".join(f"level {k} std {lv['std']:.3f}, effective rank {lv['effective_rank']:.1f} of {lv['dim']}"
+                      for k, lv in enumerate(collapse["levels"]))
+    if collapse["collapsed_levels"]:
+        state = f"level(s) {collapse['collapsed_levels']} collapsed at the last two checks"
+    elif collapse["flagged_last_check"]:
+        state = f"level(s) {collapse['flagged_last_check']} flagged at the last check only"
+    else:
+        state = "none"
+    return f"{state} (epoch {collapse['epoch']}: {stats})"
 
 
 def _print_dry_run(summary: dict) -> None:
@@ -194,3 +362,44 @@ def _print_dry_run(summary: dict) -> None:
                       str(lv["embedding_dim"]))
     console.print(table)
     console.print(f"total parameters: {summary['total_parameters']:,}")
+    _print_plan(summary)
+
+
+def _print_plan(summary: dict) -> None:
+    """The data, the values resolved for it, the step plan and the measured time estimate."""
+    from ..data.recipe import too_short_warning
+
+    d, data = summary["config"]["data"], summary.get("data")
+    if data is not None:
+        unread = data["unreadable_in_sample"]
+        console.print(f"data: {markup_safe(d['dataset'])}: {data['files']} image files, {data['colour_mode']}, median "
+                      f"short side {data['median_short_side']} px (sample of {data['sampled']}"
+                      + (f"; {len(unread)} unreadable in it, skipped and listed when training" if unread else "")
+                      + ")", highlight=False)
+        for note in data["recipe"]:
+            console.print(f"  chosen from the data: {note}", highlight=False)
+    mean, std = (", ".join(f"{v:.4f}" for v in d[k]) for k in ("mean", "std"))
+    console.print(f"resolved: image_size {d['image_size']}, mean ({mean}), std ({std}), colour mode "
+                  f"{data['colour_mode'] if data else 'RGB'}", highlight=False)
+    plan = summary.get("plan")
+    if plan is None:
+        console.print("steps: unknown (the dataset is not on this machine)", highlight=False)
+        return
+    train = summary["config"]["train"]
+    console.print(f"images: {plan['images']}; steps: {plan['steps_per_epoch']} per epoch (batch {train['batch_size']}) "
+                  f"x {train['epochs']:g} epochs = {plan['total_steps']}"
+                  + (f", stopping at {plan['stop_step']} (--max-steps)" if plan["stop_step"] < plan["total_steps"] else ""),
+                  highlight=False)
+    est = summary.get("estimate")
+    if est:
+        decode = f" + decoding every image once {est['decode_s']:.0f} s" if est["decode_s"] else ""
+        console.print(f"estimated time: about {_duration(est['seconds'])} on {est['device']} ({plan['stop_step']} steps x "
+                      f"{est['step_s']:.3f} s, timed on {est['timed_steps']} real steps here{decode})", highlight=False)
+    if plan["steps_per_epoch"] and plan["too_short"]:
+        err_console.print(f"[yellow]warning:[/] {too_short_warning(plan['stop_step'])}")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else (f"{minutes} min {secs} s" if minutes else f"{secs} s")

@@ -369,3 +369,61 @@ def train_split(data: ImageData, holdout: int, seed: int, limit: int | None) -> 
     if limit:
         index = index[:limit]
     return data if len(index) == len(data) else data.subset(index)
+
+
+# --- decoding a folder once, before training ------------------------------------------------------
+
+# Decoded pixels are kept in memory when they fit this budget (about 175,000 images at 64 px): every
+# epoch then reads memory instead of decoding each file again. Larger folders keep their paths.
+IN_MEMORY_BYTES = 2 * 1024**3
+
+
+class _DecodeRows:
+    """(row, uint8 pixels or None, reason) per image: what a DataLoader worker hands back."""
+
+    def __init__(self, paths: list[str], image_size: int):
+        self.paths, self.image_size = paths, image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from .images import describe_error
+
+        try:
+            return i, file_pixels(self.paths[i], self.image_size), None
+        except (OSError, ValueError) as e:  # what file_pixels raises for a file it cannot read
+            return i, None, describe_error(e)
+
+
+def _as_list(items):
+    return items
+
+
+def decode_folder(data: ImageData, image_size: int, workers: int = 0, progress=None,
+                  max_bytes: int = IN_MEMORY_BYTES) -> tuple[ImageData, dict[str, str]]:
+    """Decode every image of a folder dataset once at `image_size`: (the readable images, with their
+    pixels in memory when they fit `max_bytes`, else their paths; {path relative to the root: reason}
+    of those skipped). A truncated, empty or non-image file is skipped, never raised."""
+    import torch
+
+    from ..progress import Counter
+
+    keep = len(data) * image_size * image_size * 3 <= max_bytes
+    loader = torch.utils.data.DataLoader(_DecodeRows(data.paths, image_size), batch_size=32, num_workers=workers,
+                                         collate_fn=_as_list)
+    good, pixels, skipped = [], [], {}
+    counter = Counter(progress, "decoding", len(data))
+    for batch in loader:
+        for i, px, reason in batch:
+            if px is None:
+                skipped[os.path.relpath(data.paths[i], data.root) if data.root else data.paths[i]] = reason
+                continue
+            good.append(i)
+            if keep:
+                pixels.append(px)
+        counter.advance(len(batch))
+    readable = data.subset(np.asarray(good, dtype=np.int64))
+    if keep and pixels:
+        readable.pixels = np.stack(pixels)
+    return readable, skipped
