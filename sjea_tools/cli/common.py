@@ -28,7 +28,10 @@ err_console = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isat
 
 def _fail(e: SjeaError):
     # plain(): a message quoting a file name with a newline or odd bytes stays one printable line.
-    err_console.print(f"[bold red]error:[/] {escape(plain(str(e)))}", highlight=False, soft_wrap=True)
+    # A terminal narrower than the message gets it wrapped between words (the terminal itself would
+    # cut mid-word); a pipe or log keeps it on one line.
+    err_console.print(f"[bold red]error:[/] {escape(plain(str(e)))}", highlight=False,
+                      soft_wrap=not err_console.is_terminal)
     return typer.Exit(e.exit_code)
 
 
