@@ -77,7 +77,9 @@ def test_eval_store_matches_numpy_knn_on_the_stored_embeddings(tmp_path, make_ru
             assert "coarse" in row["hierarchy"]
 
 
-def test_eval_refuses_a_store_without_labels(tmp_path, make_run, fmnist_test):
+def test_eval_of_unlabelled_images_needs_a_store(tmp_path, make_run, fmnist_test):
+    """A run on a folder without class sub-folders is refused; the folder's store gets label-free
+    measures instead (tests/test_eval_labelfree.py), or a one-line refusal with --no-images."""
     from PIL import Image
 
     from sjea_tools.embed import embed_folder
@@ -88,7 +90,7 @@ def test_eval_refuses_a_store_without_labels(tmp_path, make_run, fmnist_test):
     for i in range(12):
         Image.fromarray(fmnist_test.pixels[i]).save(flat / f"{i}.png")
     embed_folder(flat, tmp_path / "flat.h5", run=run, workers=0, backend="torch")
-    assert_one_line_error(runner.invoke(app, ["eval", str(tmp_path / "flat.h5")]), "no labels")
+    assert_one_line_error(runner.invoke(app, ["eval", str(tmp_path / "flat.h5"), "--no-images"]), "no labels")
     assert_one_line_error(runner.invoke(app, ["eval", "--run", str(run), "--dataset", str(flat)]), "no labels")
     assert not (tmp_path / "flat.h5.eval.json").exists() and not (run / "eval.json").exists()
 
@@ -98,8 +100,8 @@ def test_eval_bad_options_are_one_line(tmp_path, make_run):
     assert_one_line_error(runner.invoke(app, ["eval", "--run", str(run), "--level", "5"]), "level")
     assert_one_line_error(runner.invoke(app, ["eval", "--run", str(run), "--dataset", "imagenet"]), "unknown dataset")
     assert_one_line_error(runner.invoke(app, ["eval", "--run", str(tmp_path / "nowhere")]), "does not exist")
-    for flag in ("--baselines", "--no-baselines"):  # pixel floors need a run's dataset, not a STORE
-        assert_one_line_error(runner.invoke(app, ["eval", str(tmp_path / "photos.h5"), flag]), "--baselines", "STORE")
+    for flag in ("--limit", "--sample"):  # STORE-only options
+        assert_one_line_error(runner.invoke(app, ["eval", "--run", str(run), flag, "5"]), flag, "STORE")
 
 
 def test_paths_are_printed_literally_on_one_line(tmp_path, make_run):
