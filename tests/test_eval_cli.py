@@ -65,13 +65,17 @@ def test_eval_store_matches_numpy_knn_on_the_stored_embeddings(tmp_path, make_ru
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["output"] == str(store.with_name("fm.h5.eval.json")) and out["n_train"] + out["n_test"] == 150
+    # k from class sizes (never 200 on 150 rows): the smallest class of the bank
+    with h5py.File(store, "r") as f:
+        bank_counts = np.bincount(np.delete(f["labels"][:], out["test_rows"]))
+    assert out["settings"]["knn_k"] == min(200, bank_counts[bank_counts > 0].min())
     with h5py.File(store, "r") as f:  # read the store with plain h5py, not through sjea
         labels = f["labels"][:]
         test = np.zeros(len(labels), bool)
         test[out["test_rows"]] = True
         for row in out["levels"]:
             emb = f[f"level_{row['level']}/embeddings"][:].astype(np.float64)
-            expected = numpy_knn_accuracy(emb[~test], labels[~test], emb[test], labels[test])
+            expected = numpy_knn_accuracy(emb[~test], labels[~test], emb[test], labels[test], k=out["settings"]["knn_k"])
             assert abs(row["knn_top1"] - expected) <= 0.1
             # the folder's class names are Fashion-MNIST's, so the coarse grouping applies
             assert "coarse" in row["hierarchy"]
