@@ -131,8 +131,8 @@ def eval_command(
     max_test: Optional[int] = typer.Option(None, "--max-test", callback=positive_int, help="Use N random test images (queries); default all."),
     limit: Optional[int] = typer.Option(None, "--limit", callback=non_negative_int, help="STORE only: use N random labelled rows "
                                         "(default 100000; 0 = all)."),
-    sample: Optional[int] = typer.Option(None, "--sample", callback=non_negative_int, help="STORE only: decode N random "
-                                         "images for the label-free measures and floors (default 1000; 0 = all)."),
+    sample: Optional[int] = typer.Option(None, "--sample", callback=positive_int, help="STORE only: decode N random "
+                                         "images for the label-free measures and floors (default 1000)."),
     images: bool = typer.Option(True, "--images/--no-images", help="STORE only: --no-images skips decoding the "
                                 "store's images (no label-free measures or floors; a labelled store only)."),
     level: Optional[List[str]] = typer.Option(None, "--level", help="Evaluate these levels: repeatable, or 0,1, "
@@ -162,7 +162,7 @@ def eval_command(
         if run is not None or dataset is not None:
             raise SjeaError("give either a STORE or --run/--dataset, not both.")
         rows = evaluation.STORE_EVAL_ROWS if limit is None else (limit or None)
-        drawn = evaluation.SAMPLE_ROWS if sample is None else (sample or None)
+        drawn = evaluation.SAMPLE_ROWS if sample is None else sample
         with rich_progress(quiet or as_json) as progress:
             result = evaluation.evaluate_store(store, max_rows=rows, probe_epochs=probe_epochs, probe_lr=probe_lr,
                                                seed=seed, levels=level or None, out=out, sample=drawn,
