@@ -65,19 +65,25 @@ def test_eval_store_matches_numpy_knn_on_the_stored_embeddings(tmp_path, make_ru
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["output"] == str(store.with_name("fm.h5.eval.json")) and out["n_train"] + out["n_test"] == 150
+    # k from class sizes (never 200 on 150 rows): the smallest class of the bank
+    with h5py.File(store, "r") as f:
+        bank_counts = np.bincount(np.delete(f["labels"][:], out["test_rows"]))
+    assert out["settings"]["knn_k"] == min(200, bank_counts[bank_counts > 0].min())
     with h5py.File(store, "r") as f:  # read the store with plain h5py, not through sjea
         labels = f["labels"][:]
         test = np.zeros(len(labels), bool)
         test[out["test_rows"]] = True
         for row in out["levels"]:
             emb = f[f"level_{row['level']}/embeddings"][:].astype(np.float64)
-            expected = numpy_knn_accuracy(emb[~test], labels[~test], emb[test], labels[test])
+            expected = numpy_knn_accuracy(emb[~test], labels[~test], emb[test], labels[test], k=out["settings"]["knn_k"])
             assert abs(row["knn_top1"] - expected) <= 0.1
             # the folder's class names are Fashion-MNIST's, so the coarse grouping applies
             assert "coarse" in row["hierarchy"]
 
 
-def test_eval_refuses_a_store_without_labels(tmp_path, make_run, fmnist_test):
+def test_eval_of_unlabelled_images_needs_a_store(tmp_path, make_run, fmnist_test):
+    """A run on a folder without class sub-folders is refused; the folder's store gets label-free
+    measures instead (tests/test_eval_labelfree.py), or a one-line refusal with --no-images."""
     from PIL import Image
 
     from sjea_tools.embed import embed_folder
@@ -88,7 +94,7 @@ def test_eval_refuses_a_store_without_labels(tmp_path, make_run, fmnist_test):
     for i in range(12):
         Image.fromarray(fmnist_test.pixels[i]).save(flat / f"{i}.png")
     embed_folder(flat, tmp_path / "flat.h5", run=run, workers=0, backend="torch")
-    assert_one_line_error(runner.invoke(app, ["eval", str(tmp_path / "flat.h5")]), "no labels")
+    assert_one_line_error(runner.invoke(app, ["eval", str(tmp_path / "flat.h5"), "--no-images"]), "no labels")
     assert_one_line_error(runner.invoke(app, ["eval", "--run", str(run), "--dataset", str(flat)]), "no labels")
     assert not (tmp_path / "flat.h5.eval.json").exists() and not (run / "eval.json").exists()
 
@@ -98,8 +104,8 @@ def test_eval_bad_options_are_one_line(tmp_path, make_run):
     assert_one_line_error(runner.invoke(app, ["eval", "--run", str(run), "--level", "5"]), "level")
     assert_one_line_error(runner.invoke(app, ["eval", "--run", str(run), "--dataset", "imagenet"]), "unknown dataset")
     assert_one_line_error(runner.invoke(app, ["eval", "--run", str(tmp_path / "nowhere")]), "does not exist")
-    for flag in ("--baselines", "--no-baselines"):  # pixel floors need a run's dataset, not a STORE
-        assert_one_line_error(runner.invoke(app, ["eval", str(tmp_path / "photos.h5"), flag]), "--baselines", "STORE")
+    for flag in ("--limit", "--sample"):  # STORE-only options
+        assert_one_line_error(runner.invoke(app, ["eval", "--run", str(run), flag, "5"]), flag, "STORE")
 
 
 def test_paths_are_printed_literally_on_one_line(tmp_path, make_run):

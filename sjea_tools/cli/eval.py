@@ -17,7 +17,15 @@ def _pct(value) -> str:
 
 
 def eval_tables(result: dict):
-    """The per-level table, and the hierarchical-search table when there is one."""
+    """The per-level table (labels), the hierarchical-search table when there is one, the pixel
+    floors, and a store's label-free table."""
+    tables = labelled_tables(result) if "levels" in result else []
+    if result.get("label_free"):
+        tables += label_free_tables(result["label_free"])
+    return tables
+
+
+def labelled_tables(result: dict):
     from rich.table import Table
 
     hier = "hierarchy" in result["levels"][0]
@@ -57,7 +65,7 @@ def baseline_table(result: dict):
     from rich.table import Table
 
     b = result["baselines"]
-    caption = ("k-NN: cosine, k=200, T=0.1; centred: the bank's mean subtracted from bank and queries first. "
+    caption = (f"k-NN: cosine, k={result['settings']['knn_k']}, T=0.1; centred: the bank's mean subtracted from bank and queries first. "
                f"Probe: the cheap protocol: one linear layer on frozen, standardised features, "
                f"{result['settings']['probe_epochs']} epochs, no augmentation (not the standard augmented "
                "100-epoch probe)." + (f" {b['note']}." if b.get("note") else ""))
@@ -74,11 +82,46 @@ def baseline_table(result: dict):
     return table
 
 
+def label_free_tables(free: dict):
+    """Trained, random init and pixels side by side on the store's own images, then the labelled
+    k-NN floors on the same sample with one verdict line per comparison."""
+    from rich.table import Table
+
+    caption = (f"{free['sample']} images ({free['sample_rule']}"
+               + (f"; {len(free['skipped'])} unreadable skipped" if free["skipped"] else "")
+               + f"), one augmented copy each: {free['augmentation']}. Copies are retrieved among the sample's "
+               "originals (cosine). Alignment: mean squared distance of unit vectors original-copy (lower is "
+               "better); uniformity: log E exp(-2 d^2) over pairs (lower = more spread); pixels: centred by the "
+               "sample's mean." + (f" {free['note']}." if free.get("note") else ""))
+    table = Table(title="label-free, on the store's own images (same protocol for every row)", caption=caption)
+    for col in ("features", "level", "dim", "copy R@1", "copy R@10", "mean rank", "alignment", "uniformity", "RankMe"):
+        table.add_column(col, justify="right")
+    for row in free["rows"]:
+        table.add_row(row["features"], "-" if row["level"] is None else str(row["level"]), str(row["dim"]),
+                      _pct(row["copy_recall_at_1"]), _pct(row["copy_recall_at_10"]), f"{row['copy_mean_rank']:.1f}",
+                      f"{row['alignment']:.3f}", f"{row['uniformity']:.3f}", f"{row['effective_rank']:.1f}")
+    tables = [table]
+    lab = free.get("labelled")
+    if lab:
+        ks = sorted(set(lab["k"]))
+        floors = Table(title=f"labels on the same sample: weighted k-NN top-1 over {lab['splits']} seeded splits",
+                       caption=f"k = {', '.join(map(str, ks))} ({lab['k_rule']}); pixels centred by each bank's mean.")
+        for col in ("features", "level", "k-NN top-1", "per split"):
+            floors.add_column(col, justify="right")
+        for row in lab["rows"]:
+            floors.add_row(row["features"], "-" if row["level"] is None else str(row["level"]), _pct(row["knn_top1"]),
+                           " / ".join(_pct(v) for v in row["knn_top1_splits"]))
+        tables.append(floors)
+        tables += [v["line"] + " (paired bootstrap over the pooled test queries)" for v in lab["verdicts"]]
+    return tables
+
+
 @app.command("eval")
 @handle_errors
 def eval_command(
-    store: Optional[Path] = typer.Argument(None, help="An HDF5 store with labels (from 'sjea embed' on a folder "
-                                           "with class sub-folders); evaluates its stored embeddings."),
+    store: Optional[Path] = typer.Argument(None, help="An HDF5 store (from 'sjea embed'): label-free measures on a sample "
+                                           "of its own images beside random init and pixels; with folder labels "
+                                           "also the probe and k-NN of its stored embeddings."),
     run: Optional[str] = typer.Option(None, "--run", help="Run folder to evaluate (default: the latest run)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="fashion-mnist, cifar10, cifar100, stl10, or an "
                                           "image folder with class sub-folders (default: the run's dataset)."),
@@ -88,6 +131,10 @@ def eval_command(
     max_test: Optional[int] = typer.Option(None, "--max-test", callback=positive_int, help="Use N random test images (queries); default all."),
     limit: Optional[int] = typer.Option(None, "--limit", callback=non_negative_int, help="STORE only: use N random labelled rows "
                                         "(default 100000; 0 = all)."),
+    sample: Optional[int] = typer.Option(None, "--sample", callback=positive_int, help="STORE only: decode N random "
+                                         "images for the label-free measures and floors (default 1000)."),
+    images: bool = typer.Option(True, "--images/--no-images", help="STORE only: --no-images skips decoding the "
+                                "store's images (no label-free measures or floors; a labelled store only)."),
     level: Optional[List[str]] = typer.Option(None, "--level", help="Evaluate these levels: repeatable, or 0,1, "
                                               "or all \\[default: all]."),
     probe_epochs: int = typer.Option(20, "--probe-epochs", callback=positive_int, help="Epochs of the linear probe on cached features."),
@@ -99,28 +146,31 @@ def eval_command(
     save_features: bool = typer.Option(False, "--save-features", help="Also write the features and labels used "
                                        "(<eval file>.features.npz) for your own analysis."),
     baselines: Optional[bool] = typer.Option(None, "--baselines/--no-baselines", show_default=False,
-                                             help="Also score raw and centred pixels under the same k-NN and probe "
-                                             "(a run on a benchmark dataset only) [default: --baselines]."),
+                                             help="Also score pixels (and, for a STORE, the architecture at random "
+                                             "init) under the same protocol [default: --baselines]."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the JSON here instead of beside the run or store."),
     as_json: bool = json_option("the result"),
     quiet: bool = quiet_option(),
 ) -> None:
-    """Linear probe, weighted k-NN, effective rank and coarse/fine retrieval scores, per level."""
+    """Linear probe, weighted k-NN, effective rank and coarse/fine retrieval scores, per level; for a
+    STORE also label-free measures (augmented-copy retrieval, alignment, uniformity) beside random init and pixels."""
     from .. import evaluation
     from ..errors import SjeaError
 
     if store is not None:
         if run is not None or dataset is not None:
             raise SjeaError("give either a STORE or --run/--dataset, not both.")
-        if baselines is not None:
-            raise SjeaError("--baselines/--no-baselines apply to a run; a STORE holds no pixels to compare with.")
         rows = evaluation.STORE_EVAL_ROWS if limit is None else (limit or None)
-        result = evaluation.evaluate_store(store, max_rows=rows, probe_epochs=probe_epochs, probe_lr=probe_lr,
-                                           seed=seed, levels=level or None, out=out)
+        drawn = evaluation.SAMPLE_ROWS if sample is None else sample
+        with rich_progress(quiet or as_json) as progress:
+            result = evaluation.evaluate_store(store, max_rows=rows, probe_epochs=probe_epochs, probe_lr=probe_lr,
+                                               seed=seed, levels=level or None, out=out, sample=drawn,
+                                               floors=baselines is not False, images=images, device=device,
+                                               progress=progress)
     else:
-        if limit is not None:
-            raise SjeaError("--limit applies to a STORE; for a run use --max-train and --max-test.")
+        if limit is not None or sample is not None or not images:
+            raise SjeaError("--limit, --sample and --no-images apply to a STORE; for a run use --max-train and --max-test.")
         with rich_progress(quiet or as_json) as progress:
             result = evaluation.evaluate_run(run, dataset=dataset, data_dir=data_dir, max_train=max_train,
                                              max_test=max_test, levels=level or None, probe_epochs=probe_epochs,
@@ -132,6 +182,6 @@ def eval_command(
         print_json(result)
         return
     for table in eval_tables(result):
-        console.print(table)
+        console.print(table, soft_wrap=isinstance(table, str))
     err_console.print(f"wrote {markup_safe(result['output'])}" + (f" and {markup_safe(result['features_file'])}" if "features_file" in result else ""),
                       soft_wrap=True)

@@ -3,7 +3,7 @@ and how coarse or fine the neighbourhoods of each level are.
 
 The metric functions at the top are pure (arrays in, numbers out) and tested on their own.
 `evaluate_run` computes features once per split with the encoder in eval mode, then applies
-them; `evaluate_store` does the same on the embeddings an HDF5 store already holds.
+them; `evaluation.store.evaluate_store` does the same on the embeddings an HDF5 store holds.
 
 Protocol (method.md): features are the representations Y[k]; the bank of the k-NN and the
 training set of the probe are the dataset's train split, the queries its test split.
@@ -20,16 +20,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import SjeaError
-from .levels import parse_levels
-from .progress import Counter, ProgressFn
-from .workers import end_with_this_process
+from ..errors import SjeaError
+from ..levels import parse_levels
+from ..progress import Counter, ProgressFn
+from ..workers import end_with_this_process
 
 EVAL_FILE = "eval.json"
 KNN_K = 200
 KNN_TEMPERATURE = 0.1
 PRECISION_K = 10
-STORE_EVAL_ROWS = 100_000  # default sample of a store's labelled rows: bounded time and memory
 
 
 # --- pure metric functions ------------------------------------------------------------------------
@@ -46,7 +45,7 @@ def weighted_vote(neighbour_labels: np.ndarray, similarities: np.ndarray, num_cl
 def knn_accuracy(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, query_labels: np.ndarray,
                  k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> float:
     """Weighted k-NN top-1 accuracy in percent (cosine similarity, vote weight exp(sim/T))."""
-    from .search import cosine_top_k
+    from ..search import cosine_top_k
 
     ids, sims = cosine_top_k(queries, bank, k)  # chunked over queries: bounded memory
     return knn_accuracy_from_neighbours(ids, sims, bank_labels, query_labels, temperature)
@@ -57,6 +56,18 @@ def knn_accuracy_from_neighbours(ids: np.ndarray, sims: np.ndarray, bank_labels:
     num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
     pred = weighted_vote(bank_labels[ids], sims, num_classes, temperature)
     return float(100.0 * (pred == query_labels).mean())
+
+
+def knn_k_for(bank_labels: np.ndarray, cap: int = KNN_K) -> int:
+    """k of the k-NN for a labelled bank: the smallest class's size in the bank, at most `cap`, at least 1.
+
+    A k larger than a class lets other classes outvote a query's own (k = 200 over classes of 48)."""
+    counts = np.bincount(np.asarray(bank_labels, dtype=np.int64))
+    counts = counts[counts > 0]
+    return int(max(1, min(cap, counts.min()))) if len(counts) else 1
+
+
+KNN_K_RULE = "k = the smallest class's size in the bank, at most 200, at least 1"
 
 
 def precision_at_k(ids: np.ndarray, bank_labels: np.ndarray, query_labels: np.ndarray, k: int = PRECISION_K) -> float:
@@ -110,7 +121,7 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
 
 def collapse_stats(features: np.ndarray) -> dict[str, float]:
     """RankMe effective rank and mean per-dimension std of L2-normalised rows (metrics.py)."""
-    from .metrics import effective_rank, mean_std
+    from ..metrics import effective_rank, mean_std
 
     t = torch.from_numpy(np.asarray(features, dtype=np.float32))
     return {"effective_rank": effective_rank(t), "mean_std": mean_std(t)}
@@ -151,7 +162,7 @@ def evaluate_features(train_feats: Sequence[np.ndarray], train_labels: np.ndarra
                       probe_epochs: int = 20, probe_lr: float = 0.2, seed: int = 0, k: int = KNN_K,
                       temperature: float = KNN_TEMPERATURE) -> dict:
     """Every metric for every level, from cached features; `coarse` = (fine->coarse map, names)."""
-    from .search import cosine_top_k
+    from ..search import cosine_top_k
 
     train_labels = np.asarray(train_labels, dtype=np.int64)
     test_labels = np.asarray(test_labels, dtype=np.int64)
@@ -187,7 +198,7 @@ def hierarchical_scores(train_feats, test_feats, levels, label_sets, k, temperat
     Cluster-gated (sjea_tools.hierarchy): hits come from the query's cluster at the first level of
     `order` and are ranked by the last; the vote weights are the similarities at that last level.
     """
-    from .search import hierarchical_search
+    from ..search import hierarchical_search
 
     positions = list(range(len(levels)))
     bases = list(train_feats)
@@ -207,7 +218,7 @@ def extract_features(model, data, levels: Sequence[int] | None = None, batch_siz
                      progress: ProgressFn | None = None, task: str = "features") -> list[np.ndarray]:
     """Representations Y[k] of every image of `data` (an ImageData), model in eval mode, in order;
     images done are reported to `progress` under `task`."""
-    from .data import PixelDataset, normalize_pixels
+    from ..data import PixelDataset, normalize_pixels
 
     levels = list(range(model.num_levels)) if levels is None else list(levels)
     model.eval()
@@ -229,7 +240,7 @@ def extract_features(model, data, levels: Sequence[int] | None = None, batch_siz
 
 def calibrate_batchnorm(model, data, batches: int = 20, batch_size: int = 256, seed: int = 0) -> None:
     """Running BatchNorm statistics from real images, no weight changes (for random-init baselines)."""
-    from .data import PixelDataset, normalize_pixels
+    from ..data import PixelDataset, normalize_pixels
 
     gen = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(PixelDataset(data, model.image_size), batch_size=batch_size,
@@ -250,7 +261,7 @@ def calibrate_batchnorm(model, data, batches: int = 20, batch_size: int = 256, s
 
 def load_eval_splits(dataset: str, data_dir: str | None, seed: int, test_fraction: float = 0.2):
     """(train, test) ImageData with labels: the official splits, or a seeded split of a folder."""
-    from .data import load_dataset
+    from ..data import load_dataset
 
     if dataset in ("fashion-mnist", "cifar10", "cifar100", "stl10"):
         # "labeled": STL-10's labelled training split (its "train" is the unlabelled one).
@@ -283,7 +294,7 @@ def coarse_of(data) -> tuple[np.ndarray, list[str]] | None:
         fine_to_coarse = np.zeros(n_fine, dtype=np.int64)
         fine_to_coarse[data.labels] = data.coarse_labels
         return fine_to_coarse, list(data.coarse_names)
-    from .data import coarse_from_class_names
+    from ..data import coarse_from_class_names
 
     return coarse_from_class_names(data.class_names)
 
@@ -302,9 +313,9 @@ def evaluate_run(run=None, dataset: str | None = None, data_dir: str | None = No
     `baselines=True` adds raw- and centred-pixel rows under the same k-NN and probe, and the
     centred k-NN of every level (baselines.py).
     """
-    from .models import build_model
-    from .io import atomic_write_text, check_writable
-    from .runs import find_run, load_model, model_id
+    from ..models import build_model
+    from ..io import atomic_write_text, check_writable
+    from ..runs import find_run, load_model, model_id
 
     run_dir = find_run(run)
     out_path = Path(out) if out else run_dir / ("eval-random-init.json" if random_init else EVAL_FILE)
@@ -327,7 +338,7 @@ def evaluate_run(run=None, dataset: str | None = None, data_dir: str | None = No
     result = evaluate_features(train_feats, train.labels, test_feats, test.labels, levels, coarse_of(train),
                                probe_epochs=probe_epochs, probe_lr=probe_lr, seed=seed)
     if baselines:
-        from .baselines import baseline_results
+        from ..baselines import baseline_results
 
         probe = lambda a, b, c, d: linear_probe(a, b, c, d, epochs=probe_epochs, lr=probe_lr, seed=seed)  # noqa: E731
         result["baselines"] = baseline_results(train, test, train_feats, test_feats, levels, knn_accuracy, probe)
@@ -352,7 +363,7 @@ def evaluate_run(run=None, dataset: str | None = None, data_dir: str | None = No
 def save_feature_file(path: Path, levels, train_feats, train_labels, test_feats, test_labels) -> None:
     import io
 
-    from .io import atomic_write_bytes
+    from ..io import atomic_write_bytes
 
     arrays = {"levels": np.asarray(levels), "train_labels": train_labels, "test_labels": test_labels}
     for level, a, b in zip(levels, train_feats, test_feats):
@@ -360,44 +371,3 @@ def save_feature_file(path: Path, levels, train_feats, train_labels, test_feats,
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue())
-
-
-def evaluate_store(store_path, max_rows: int | None = STORE_EVAL_ROWS, test_fraction: float = 0.2, probe_epochs: int = 20,
-                   probe_lr: float = 0.2, seed: int = 0, levels=None,
-                   out: str | Path | None = None) -> dict:
-    """Evaluate the embeddings of a labelled HDF5 store: a seeded split of its rows into a bank
-    (and probe training set) and queries. Writes <store>.eval.json beside the store.
-    `levels`: None/'all', 1, '0,1' or [0, 1] of the stored levels (sjea_tools.levels)."""
-    from .data import coarse_from_class_names
-    from .io import atomic_write_text, check_writable
-    from .store import open_store
-
-    store_path = Path(store_path)
-    out_path = Path(out) if out else store_path.with_name(store_path.name + ".eval.json")
-    with open_store(store_path) as store:
-        check_writable(out_path)
-        if store.labels is None:
-            raise SjeaError(f"{store_path} holds no labels; embed a folder with one sub-folder per class "
-                            "(sjea embed) or evaluate a run on a dataset with --run RUN --dataset NAME.")
-        levels = parse_levels(levels, store.levels)
-        labels = np.asarray(store.labels, dtype=np.int64)
-        keep = labels >= 0  # rows without a class (images outside the class folders)
-        rows = random_subset(int(keep.sum()), max_rows, seed)
-        rows = np.flatnonzero(keep)[rows]
-        if len(rows) < 10:
-            raise SjeaError(f"{store_path} has only {len(rows)} labelled rows; evaluation needs at least 10.")
-        feats = [np.asarray(store.read_embeddings(level, rows=rows), dtype=np.float32) for level in levels]
-        label_names = list(store.label_names) if store.label_names is not None else None
-        model = store.model_id
-    labels = labels[rows]
-    tr, te = seeded_split(len(rows), test_fraction, seed)
-    result = evaluate_features([f[tr] for f in feats], labels[tr], [f[te] for f in feats], labels[te], levels,
-                               coarse_from_class_names(label_names), probe_epochs=probe_epochs, probe_lr=probe_lr, seed=seed)
-    result = {"source": "store", "store": str(store_path.resolve()), "model_id": model, "class_names": label_names,
-              "n_train": int(len(tr)), "n_test": int(len(te)), "test_rows": rows[te].tolist(),
-              "settings": {"knn_k": KNN_K, "knn_temperature": KNN_TEMPERATURE, "probe_epochs": probe_epochs,
-                           "probe_lr": probe_lr, "seed": seed, "test_fraction": test_fraction,
-                           "features": "stored embeddings"},
-              **result, "output": str(out_path)}
-    atomic_write_text(out_path, json.dumps(result, indent=2) + "\n")
-    return result
