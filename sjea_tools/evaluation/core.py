@@ -246,7 +246,7 @@ def calibrate_batchnorm(model, data, batches: int = 20, batch_size: int = 256, s
     loader = torch.utils.data.DataLoader(PixelDataset(data, model.image_size), batch_size=batch_size,
                                          shuffle=True, generator=gen)
     for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)):
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the calibration batches
     device = next(model.parameters()).device
