@@ -172,7 +172,7 @@ def test_build_indexes_from_python_is_silent_and_writes_files_with_the_umask_mod
     shutil.copy(store["out"], out)
     old = os.umask(0o022)
     try:
-        info = build_indexes(out, kind="hnsw", clusters=False)
+        info = build_indexes(out, kind="hnsw")
     finally:
         os.umask(old)
     assert capfd.readouterr() == ("", "")  # no progress bar unless a progress callable is given
@@ -188,10 +188,10 @@ def test_rebuild_removes_the_previous_build_and_a_killed_builds_temp_files(store
 
     out = tmp_path / "copy.h5"
     shutil.copy(store["out"], out)
-    first = build_indexes(out, clusters=False)
+    first = build_indexes(out)
     stale = tmp_path / "copy.h5.index" / ".level0-19700101T000000000000.faiss.abc123.tmp"
     stale.write_bytes(b"half an index")
-    second = build_indexes(out, clusters=False, rebuild=True)  # unchanged rows alone would be "up to date"
+    second = build_indexes(out, rebuild=True)  # unchanged rows alone would be "up to date"
     names = {p.name for p in (tmp_path / "copy.h5.index").iterdir()}
     assert names == {"index.json", *(e[f] for e in second["levels"].values() for f in ("file", "probe"))}
     assert not names & {e["file"] for e in first["levels"].values()}
