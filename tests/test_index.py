@@ -109,3 +109,11 @@ def test_index_build_reports_vectors_added_through_the_progress_protocol():
     ix.build_index(x, spec, progress=lambda task, done, total: calls.append((task, done, total)), task="level 0",
                    chunk=200)
     assert calls == [("level 0", 0, 500), ("level 0", 200, 500), ("level 0", 400, 500), ("level 0", 500, 500)]
+
+
+def test_identity_digest_keys_are_the_stores_identity_with_the_preprocessing_spelled_out():
+    from sjea_tools.index.sidecar import IDENTITY_KEYS
+
+    # the keys every sidecar written so far digested: a change would rebuild every existing index
+    assert sorted(IDENTITY_KEYS) == sorted(("model_id", "levels", "dims", "image_size", "mean", "std", "colour_mode",
+                                            "normalized", "dtype", "root"))

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import SjeaError
 from ..io import sha256_bytes, stale_temp_files
 from ..spec import PreprocessSpec
-from ..store.reader import IDENTITY_ATTRS
+from ..store import IDENTITY_ATTRS
 
 INDEX_FORMAT = "sjea-index/1"
 SIDECAR = "index.json"
@@ -33,7 +33,6 @@ def index_dir(store_path: str | Path) -> Path:
     """The folder of a store's indexes: STORE.index beside it."""
     store_path = Path(store_path)
     return store_path.with_name(store_path.name + ".index")
-
 
 
 def store_of(folder: Path) -> Path:
