@@ -34,8 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from sjea_tools.clusters import build_tree, coarse_order, default_sizes, kmeans  # noqa: E402
 from sjea_tools.hierarchy import gated_search  # noqa: E402
-from sjea_tools.search import cosine_top_k  # noqa: E402
-from sjea_tools.vectors import l2_normalize  # noqa: E402
+from sjea_tools.vectors import cosine_top_k, l2_normalize  # noqa: E402
 
 K = 10
 BEGIN, END = "<!-- hierarchical:begin (written by benchmarks/bench_hierarchical.py) -->", "<!-- hierarchical:end -->"
@@ -110,7 +109,7 @@ def bench_run(run: str, args) -> dict:
         purities[lv] = {"coarse": purity(a, coarse_labels), "fine": purity(a, f["bank_labels"])}
     row = {"run": str(run), "model_id": f["model_id"][:12], "bank": n, "queries": len(qv[0]), "sizes": sizes,
            "agreement": dict(zip(levels, agreement)), "purity": purities, "coarse": levels[order[0]], "methods": {}}
-    per_level = {lv: cosine_top_k(qv[i], bank[i], K)[0] for i, lv in enumerate(levels)}
+    per_level = {lv: cosine_top_k(qv[i], bank[i], K)[1] for i, lv in enumerate(levels)}
     for lv, ids in per_level.items():
         row["methods"][f"level {lv}"] = measure(ids, f, per_level)
     for label, o in (("measured", order), ("reversed", order[::-1])):
@@ -133,7 +132,7 @@ def score_spread(bank, qv, f, levels) -> dict:
         for how in ("raw", "centred"):
             mu = f[f"bank{lv}"].mean(axis=0) if how == "centred" else 0.0
             b, q = l2_normalize(f[f"bank{lv}"] - mu), l2_normalize(f[f"query{lv}"] - mu)
-            ids, sims = cosine_top_k(q, b, K)
+            sims, ids = cosine_top_k(q, b, K)
             same = f["bank_labels"][ids[:, 0]] == f["query_labels"]
             a, c = rng.integers(0, len(b), 5000), rng.integers(0, len(b), 5000)
             out[f"L{lv} {how}"] = {

@@ -136,7 +136,7 @@ def bench_size(n: int, dim: int, n_queries: int, k: int, seed: int, budget: int,
     fetch = k * spec.get("rerank", 1)
     _, found = auto.search(queries[:1000], fetch)
     if fetch > k:
-        found, _ = exact_rerank(queries[:1000], found, lambda ids: vectors[ids], k)
+        _, found = exact_rerank(queries[:1000], found, lambda ids: vectors[ids], k)
     recall = ix.recall_at_k(found, truth)
 
     # One thread per query: a single query gains little from a second core and, on a shared

@@ -1,10 +1,11 @@
 """Search a store: per level, or hierarchically (inside the query's coarse cluster, ranked by the fine level).
 
-Pure, on arrays (the evaluation uses these):
-    cosine_top_k(queries, base, k)                           exact top-k by cosine
+Pure, on arrays (the evaluation uses it; exact top-k by cosine is vectors.cosine_top_k):
     hierarchical_search(queries, bases, k, order)            cluster-gated search (sjea_tools.hierarchy)
 On a store (`sjea search` calls this):
     search_store(store_path, queries=[image files or folders], ids=[rows], k, mode, level, ...)
+Every search returns (scores, ids), FAISS's order. The indexes are reached through one handle,
+index.open_indexes: opened once per store version, then `handle.search` per level and query batch.
 
 Scores are always exact, computed from the stored vectors (cosines for a cosine index, raw inner
 products for an inner-product one): an approximate index only proposes candidates (PQ proposes 4x
@@ -18,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SjeaError
-from .index import load_indexes, read_sidecar
+from .index import open_indexes
 from .levels import parse_levels
 from .hierarchy import WITHIN
-from .vectors import best_k, exact_rerank, exact_scores, l2_normalize
+from .vectors import exact_scores, l2_normalize
 
 MODES = ("per-level", "hierarchical", "both")
 # Chosen by benchmarks/bench_hierarchical.py (docs/search.md): the mode and ordering that measured best.
@@ -30,37 +31,6 @@ MODES = ("per-level", "hierarchical", "both")
 DEFAULT_MODE = "per-level"
 DEFAULT_WITHIN = "score"
 STORE_SUFFIXES = (".h5", ".hdf5")
-
-
-SIMILARITY_BLOCK = 1 << 25  # floats of work arrays per chunk of queries (128 MiB of float32)
-
-
-def query_chunks(n_queries: int, floats_per_query: int) -> list[slice]:
-    """Slices of queries small enough that one chunk's work arrays stay under SIMILARITY_BLOCK."""
-    size = max(1, SIMILARITY_BLOCK // max(1, floats_per_query))
-    return [slice(start, start + size) for start in range(0, n_queries, size)]
-
-
-def _in_chunks(fn, n_queries: int, floats_per_query: int):
-    """Run fn(slice) over query chunks and concatenate its (ids, scores): memory stays bounded
-    whatever the number of queries."""
-    parts = [fn(c) for c in query_chunks(n_queries, floats_per_query)]
-    if len(parts) == 1:
-        return parts[0]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
-def cosine_top_k(queries: np.ndarray, base: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k ids and cosine scores (q, k) of each query against base (n, d)."""
-    q, b = l2_normalize(queries), l2_normalize(base)
-    return _in_chunks(lambda c: _cosine_top_k(q[c], b, k), len(q), len(b))
-
-
-def _cosine_top_k(q: np.ndarray, b: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    k = min(k, len(b))
-    sims = q @ b.T
-    top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < len(b) else np.tile(np.arange(len(b)), (len(q), 1))
-    return best_k(top, np.take_along_axis(sims, top, 1), k)
 
 
 def check_order(order, levels: int | list[int]) -> list[int] | None:
@@ -78,11 +48,10 @@ def hierarchical_search(queries: list[np.ndarray], bases: list[np.ndarray], k: i
 
     queries[l] (q, d_l) and bases[l] (n, d_l). Builds the cluster tree over the levels of `order`
     (coarse first; default: measured by `clusters.coarse_order`), then searches inside each
-    query's coarse cluster. Returns ids (q, k) (-1 padded) and each hit's cosine at every level,
-    scores (q, k, levels) (-inf for padding).
+    query's coarse cluster. Returns each hit's cosine at every level, scores (q, k, levels) (-inf
+    for padding), and ids (q, k) (-1 padded).
     """
     from .clusters import build_tree, coarse_order, default_sizes
-    from .hierarchy import gated_search
 
     if k <= 0:
         raise SjeaError(f"k must be at least 1, not {k}.")
@@ -92,12 +61,21 @@ def hierarchical_search(queries: list[np.ndarray], bases: list[np.ndarray], k: i
     sizes = sizes or default_sizes(n, len(bases))
     order = check_order(order, len(bases)) or coarse_order(unit_b, sizes[0], seed=seed)[0]
     tree = build_tree([unit_b[i] for i in order], sizes[:len(order)], seed=seed)
-    got = gated_search([unit_q[i] for i in order], lambda rows: unit_b[order[-1]][rows], tree, min(k, n), probes,
-                       within)
-    ids = got["ids"]
-    scores = np.stack([exact_scores(unit_q[j], ids, lambda rows, j=j: unit_b[j][rows]) for j in range(len(bases))],
+    got, scores = gated_hits(unit_q, lambda j, rows: unit_b[j][rows], tree, order, min(k, n), probes, within)
+    return scores, got["ids"]
+
+
+def gated_hits(qv: list[np.ndarray], get_rows, tree: dict, pos: list[int], k: int, probes: int,
+               within: str) -> tuple[dict, np.ndarray]:
+    """hierarchy.gated_search down the tree over the levels at positions `pos` of qv (coarse first),
+    ranked by the last, and each hit's exact score at every level: (what gated_search returns,
+    scores (q, k, len(qv)), -inf for padding). get_rows(j, sorted rows) -> level j's vectors."""
+    from .hierarchy import gated_search
+
+    got = gated_search([qv[j] for j in pos], lambda rows: get_rows(pos[-1], rows), tree, k, probes, within)
+    scores = np.stack([exact_scores(qv[j], got["ids"], lambda rows, j=j: get_rows(j, rows)) for j in range(len(qv))],
                       axis=2)
-    return ids, scores
+    return got, scores
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,13 +163,14 @@ def search_store(store_path=None, queries=(), ids=(), k: int = 10, mode: str | N
     if not queries and not ids:
         raise SjeaError("nothing to search for: pass image files, a folder of images, or --id N.")
     with open_store(path) as store:
-        sidecar = read_sidecar(path)
-        cosine = (sidecar or {}).get("metric", "cosine") == "cosine"
-        mode, used, wanted = resolve_request(k, mode, level, order, store.levels, probes, within, min_score, cosine)
+        indexes = open_indexes(path)
+        mode, used, wanted = resolve_request(k, mode, level, order, store.levels, probes, within, min_score,
+                                             indexes.cosine)
         tree = hierarchy_tree(store, path, wanted) if mode != "per-level" else None
-        indexes = load_indexes(path, store.model_id, store.n, used, mmap=mmap) if mode != "hierarchical" else {}
+        if mode != "hierarchical":
+            indexes.load(store.model_id, store.n, used, mmap=mmap)
         labels, qv = query_vectors(store, path, ids, queries, embedder)
-        return search_open_store(store, path, labels, qv, indexes=indexes, sidecar=sidecar, tree=tree,
+        return search_open_store(store, path, labels, qv, indexes=indexes, tree=tree,
                                  paths=store.paths, k=k, mode=mode, used=used, probes=probes, within=within,
                                  min_score=min_score, notes=[note] if note else [])
 
@@ -208,23 +187,22 @@ def resolve_request(k: int, mode: str | None, level, order, levels: list[int], p
     return mode, used, (check_order(order, levels) if mode != "per-level" else None)
 
 
-def search_open_store(store, path: Path, labels: list[dict], qv: list[np.ndarray], *, indexes: dict,
-                      sidecar: dict | None, tree: dict | None, paths: list[str], k: int, mode: str, used: list[int],
-                      probes: int, within: str, min_score: float | None, notes: list[str]) -> dict:
-    """The search itself, on an open store with its indexes and tree at hand: `search_store` loads
-    them per call, `sjea serve` once per store version; both answer through this function."""
+def search_open_store(store, path: Path, labels: list[dict], qv: list[np.ndarray], *, indexes, tree: dict | None,
+                      paths: list[str], k: int, mode: str, used: list[int], probes: int, within: str,
+                      min_score: float | None, notes: list[str]) -> dict:
+    """The search itself, on an open store with its index handle (index.open_indexes, the levels
+    searched loaded) and tree at hand: `search_store` opens them per call, `sjea serve` once per
+    store version; both answer through this function."""
     levels, n = store.levels, store.n
-    cosine = (sidecar or {}).get("metric", "cosine") == "cosine"
     if k > n:
         notes.append(f"k={k} is larger than the store ({n} rows): showing all {n}")
         k = n
-    qv = [l2_normalize(v) if cosine else v for v in qv]
+    qv = [indexes.prepare(v) for v in qv]
 
     def get_rows(j: int, rows: np.ndarray) -> np.ndarray:
-        x = store.read_embeddings(levels[j], rows)
-        return l2_normalize(x) if cosine else x
+        return indexes.prepare(store.read_embeddings(levels[j], rows))
 
-    searcher = Searcher(indexes, sidecar, qv, levels, get_rows, n, paths)
+    searcher = Searcher(indexes, qv, levels, get_rows, paths)
     results = [dict(lab) for lab in labels]
     if mode in ("per-level", "both"):
         for r, hits in zip(results, searcher.per_level(used, k)):
@@ -302,24 +280,18 @@ def query_embedder(store, path: Path, embedder=None):
 
 
 class Searcher:
-    """The FAISS indexes and stored vectors of one open store, searched with unit query vectors
+    """The index handle and stored vectors of one open store, searched with prepared query vectors
     qv[j] (one array per store level j); hits are dicts ready for the result."""
 
-    def __init__(self, indexes: dict, sidecar: dict, qv: list[np.ndarray], levels: list[int], get_rows, n: int,
-                 paths: list[str]):
-        self.indexes, self.sidecar, self.qv, self.levels = indexes, sidecar, qv, levels
-        self.get_rows, self.n, self.paths = get_rows, n, paths
-
-    def top(self, j: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        lv = self.levels[j]
-        return index_top(self.indexes[lv], self.qv[j], k, self.sidecar["levels"][str(lv)].get("rerank", 1),
-                         lambda rows: self.get_rows(j, rows), self.n)
+    def __init__(self, indexes, qv: list[np.ndarray], levels: list[int], get_rows, paths: list[str]):
+        self.indexes, self.qv, self.levels, self.get_rows, self.paths = indexes, qv, levels, get_rows, paths
 
     def per_level(self, used: list[int], k: int) -> list[dict]:
         """Per query: {level: hits} for each level of `used`."""
         out: list[dict] = [{} for _ in self.qv[0]]
         for lv in used:
-            hit_ids, hit_scores = self.top(self.levels.index(lv), k)
+            j = self.levels.index(lv)
+            hit_scores, hit_ids = self.indexes.search(lv, self.qv[j], k, lambda rows: self.get_rows(j, rows))
             for r, hid, hsc in zip(out, hit_ids, hit_scores):
                 r[str(lv)] = [{"rank": i + 1, "id": int(h), "path": self.paths[h], "score": float(s)}
                               for i, (h, s) in enumerate(zip(hid, hsc)) if h >= 0]
@@ -328,14 +300,9 @@ class Searcher:
     def hierarchical(self, tree: dict, tree_levels: list[int], k: int, probes: int,
                      within: str) -> list[tuple[list[dict], list[int], dict]]:
         """Per query: (hits of the gated search, scored at every level; its cluster path; its gate)."""
-        from .hierarchy import gated_search
-
         pos = [self.levels.index(lv) for lv in tree_levels]
-        got = gated_search([self.qv[j] for j in pos], lambda rows: self.get_rows(pos[-1], rows), tree, k, probes,
-                           within)
+        got, scores = gated_hits(self.qv, self.get_rows, tree, pos, k, probes, within)
         ids = got["ids"]
-        scores = np.stack([exact_scores(self.qv[j], ids, lambda rows, j=j: self.get_rows(j, rows))
-                           for j in range(len(self.levels))], axis=2)
         out = []
         for qi in range(len(ids)):
             hits = [{"rank": i + 1, "id": int(h), "path": self.paths[h], "score": float(scores[qi, i, pos[-1]]),
@@ -345,9 +312,3 @@ class Searcher:
             gate = {"clusters": list(got["gate"][qi]), "rows": int(got["gate_rows"][qi])}
             out.append((hits, [int(c) for c in got["path"][qi]], gate))
         return out
-
-
-def index_top(index, queries: np.ndarray, k: int, rerank: int, get_rows, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top k from a FAISS index, re-scored exactly from the stored vectors (rerank x k candidates)."""
-    _, cand = index.search(np.ascontiguousarray(queries, dtype=np.float32), min(n, k * max(1, rerank)))
-    return exact_rerank(queries, cand, get_rows, k)

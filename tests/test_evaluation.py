@@ -128,24 +128,6 @@ def test_evaluate_run_refuses_a_folder_without_class_subfolders(tmp_path, make_r
     assert not (run / "eval.json").exists()
 
 
-def test_chunked_similarities_give_the_same_scores(monkeypatch):
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 4, size=700)
-    feats = [rng.normal(size=(700, 16)).astype(np.float32) + labels[:, None] * k for k in (0.3, 0.1)]
-    coarse = (np.array([0, 0, 1, 1]), ["a", "b"])
-
-    def run():
-        return ev.evaluate_features([f[:500] for f in feats], labels[:500], [f[500:] for f in feats], labels[500:],
-                                    [0, 1], coarse, probe_epochs=1, k=50)
-
-    whole = run()
-    from sjea_tools import search
-
-    monkeypatch.setattr(search, "SIMILARITY_BLOCK", 500 * 7)  # queries in chunks of 7
-    assert len(search.query_chunks(200, 500)) == 29
-    assert run() == whole
-
-
 def test_precision_uses_ten_neighbours_even_when_k_is_smaller():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(2), 100)
@@ -154,8 +136,8 @@ def test_precision_uses_ten_neighbours_even_when_k_is_smaller():
                                (np.array([0, 0]), ["one"]), probe_epochs=1, k=3)
     coarse = out["levels"][0]["hierarchy"]["coarse"]
     assert coarse["precision_at_10"] == 100.0 and coarse["knn_top1"] == 100.0  # one coarse group
-    from sjea_tools.search import cosine_top_k
+    from sjea_tools.vectors import cosine_top_k
 
-    ids, _ = cosine_top_k(feats[150:], feats[:150], 10)
+    _, ids = cosine_top_k(feats[150:], feats[:150], 10)
     assert out["levels"][0]["hierarchy"]["fine"]["precision_at_10"] == pytest.approx(
         ev.precision_at_k(ids, labels[:150], labels[150:], 10))

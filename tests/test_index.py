@@ -54,7 +54,7 @@ def test_each_kind_finds_itself_and_reaches_recall(kind, tmp_path):
     loaded = ix.read_faiss(path, mmap=True)
     ix.set_search_params(loaded, spec["search_params"])
     _, cand = loaded.search(x[:20], 10 * spec["rerank"])  # as search does for k=10: re-scored exactly
-    ids, scores = exact_rerank(x[:20], cand, lambda r: x[r], 1)
+    scores, ids = exact_rerank(x[:20], cand, lambda r: x[r], 1)
     assert (ids[:, 0] == np.arange(20)).mean() >= 0.9 and np.median(scores) > 0.999
 
 
@@ -75,7 +75,7 @@ def test_recall_at_k_counts_overlap():
 def test_exact_rerank_orders_by_true_score_and_drops_padding():
     base = l2_normalize(np.eye(4, dtype=np.float32) + 0.1)
     q = base[2:3]
-    ids, scores = exact_rerank(q, np.array([[0, -1, 2, 1]]), lambda r: base[r], 3)
+    scores, ids = exact_rerank(q, np.array([[0, -1, 2, 1]]), lambda r: base[r], 3)
     assert ids[0, 0] == 2 and scores[0, 0] == pytest.approx(1.0, abs=1e-6)
     assert -1 not in ids[0]
 
@@ -109,3 +109,11 @@ def test_index_build_reports_vectors_added_through_the_progress_protocol():
     ix.build_index(x, spec, progress=lambda task, done, total: calls.append((task, done, total)), task="level 0",
                    chunk=200)
     assert calls == [("level 0", 0, 500), ("level 0", 200, 500), ("level 0", 400, 500), ("level 0", 500, 500)]
+
+
+def test_identity_digest_keys_are_the_stores_identity_with_the_preprocessing_spelled_out():
+    from sjea_tools.index.sidecar import IDENTITY_KEYS
+
+    # the keys every sidecar written so far digested: a change would rebuild every existing index
+    assert sorted(IDENTITY_KEYS) == sorted(("model_id", "levels", "dims", "image_size", "mean", "std", "colour_mode",
+                                            "normalized", "dtype", "root"))

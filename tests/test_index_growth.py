@@ -111,7 +111,7 @@ def test_grown_ivf_and_hnsw_keep_their_structure_and_reach_the_target_against_fl
 
 
 def test_kind_chosen_for_the_new_size_rebuilds_and_says_why(tmp_path, monkeypatch):
-    monkeypatch.setattr(ix, "FLAT_MAX_ROWS", 600)
+    monkeypatch.setattr(ix.choose, "FLAT_MAX_ROWS", 600)
     st = write(tmp_path / "s.h5", rows(500))
     ix.build_indexes(st)
     write(st, grown_rows(500, 700))
@@ -155,7 +155,7 @@ def test_recall_below_target_after_growth_rebuilds(tmp_path, monkeypatch):
         measured = real(index, vectors, spec, **kw)
         return {**measured, "recall_at_k": 0.91} if vectors is None else measured  # growth passes no vectors
 
-    monkeypatch.setattr(ix, "tune_and_measure", worse_after_growth)
+    monkeypatch.setattr(ix.growth, "tune_and_measure", worse_after_growth)
     info = ix.build_indexes(st, kind="hnsw")
     assert statuses(info)["0"] == "rebuilt: recall@10 0.91 after growth is below the target 0.95"
     assert info["levels"]["0"]["recall_at_10"] >= ix.TARGET_RECALL and info["levels"]["0"]["action"] == "rebuilt"
@@ -199,7 +199,8 @@ def test_a_crash_mid_growth_leaves_the_old_index_and_a_rerun_grows(tmp_path, mon
         saved.append(real(*a, **kw))
         return saved[-1]
 
-    monkeypatch.setattr(ix, "save_level", crash_on_second_level)
+    for module in (ix.growth, ix.level_file):  # a fold saves through growth, a rebuild through level_file
+        monkeypatch.setattr(module, "save_level", crash_on_second_level)
     with pytest.raises(KeyboardInterrupt):
         ix.build_indexes(st)
     assert (folder / "index.json").read_text() == sidecar_before  # readers still see the old set
@@ -207,7 +208,7 @@ def test_a_crash_mid_growth_leaves_the_old_index_and_a_rerun_grows(tmp_path, mon
     for e in old["levels"].values():
         assert ix.read_faiss(folder / e["file"]).ntotal == 500 and (folder / e["probe"]).is_file()
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
-    monkeypatch.setattr(ix, "save_level", real)
+    monkeypatch.undo()
     info = ix.build_indexes(st)
     assert statuses(info) == {"0": "grown (+150 rows)", "1": "grown (+150 rows)"}
     assert {p.name for p in folder.iterdir()} == {"index.json", *(e[f] for e in info["levels"].values()
@@ -310,7 +311,7 @@ def test_a_store_rewritten_after_a_history_growth_is_rebuilt_not_grown(tmp_path)
 
 def test_a_doubling_that_gains_no_recall_is_undone_and_growth_does_not_retry_it(tmp_path, monkeypatch):
     real = ix.recall_at_k
-    monkeypatch.setattr(ix, "recall_at_k", lambda found, truth: min(0.9, real(found, truth)))  # a ceiling (ties, PQ)
+    monkeypatch.setattr(ix.recall, "recall_at_k", lambda found, truth: min(0.9, real(found, truth)))  # a ceiling (ties, PQ)
     st = write(tmp_path / "s.h5", rows(1500))
     built = ix.build_indexes(st, kind="hnsw")["levels"]["0"]
     assert built["recall_tuning"] == [{"efSearch": 64, "recall": 0.9}, {"efSearch": 128, "recall": 0.9}]
@@ -347,7 +348,8 @@ def test_small_growths_become_delta_parts_and_flat_search_equals_a_fresh_build(t
     before = {lv: base_stat(st, lv) for lv in ("0", "1")}
     read = []
     real = ix.read_faiss
-    monkeypatch.setattr(ix, "read_faiss", lambda path, mmap=None: read.append(path.name) or real(path, mmap))
+    for module in (ix.growth, ix.load):
+        monkeypatch.setattr(module, "read_faiss", lambda path, mmap=None: read.append(path.name) or real(path, mmap))
     write(st, collection(1050))
     info = ix.build_indexes(st)
     assert statuses(info) == {"0": "grown (+50 rows, delta part 1 of 8)", "1": "grown (+50 rows, delta part 1 of 8)"}
@@ -409,7 +411,7 @@ def test_past_the_limits_the_parts_are_folded_into_the_base_once(tmp_path, monke
     e = info["levels"]["0"]
     assert "parts" not in e and e["base_rows"] == 1120 and e["recall_at_10"] == 1.0 and e["added"] == 40
     assert {p.name for p in ix.index_dir(st).iterdir()} == listed_files(info)
-    monkeypatch.setattr(ix, "DELTA_MAX_PARTS", 1)
+    monkeypatch.setattr(ix.growth, "DELTA_MAX_PARTS", 1)
     write(st, collection(1130))
     assert statuses(ix.build_indexes(st))["0"] == "grown (+10 rows, delta part 1 of 1)"
     write(st, collection(1140))  # a second part would pass DELTA_MAX_PARTS
@@ -443,14 +445,14 @@ def test_a_kill_between_the_part_and_the_sidecar_leaves_the_old_index_usable(tmp
     with open_store(st) as s:
         old_fingerprint = s.fingerprint
     write(st, collection(1080))
-    real = ix.atomic_write_text
+    real = ix.build.atomic_write_text
 
     def killed_at_the_sidecar(path, text):
         if path.name == "index.json":
             raise KeyboardInterrupt  # the parts and probes are written, the sidecar not yet
         return real(path, text)
 
-    monkeypatch.setattr(ix, "atomic_write_text", killed_at_the_sidecar)
+    monkeypatch.setattr(ix.build, "atomic_write_text", killed_at_the_sidecar)
     with pytest.raises(KeyboardInterrupt):
         ix.build_indexes(st)
     monkeypatch.undo()

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from sjea_tools.errors import SjeaError
-from sjea_tools.search import cosine_top_k, hierarchical_search
+from sjea_tools.search import hierarchical_search
+from sjea_tools.vectors import cosine_top_k
 
 
 def two_levels(n=500, seed=0):
@@ -18,7 +19,7 @@ def two_levels(n=500, seed=0):
 
 def test_cosine_top_k_matches_brute_force():
     a, _ = two_levels()
-    ids, scores = cosine_top_k(a[:5], a, 7)
+    scores, ids = cosine_top_k(a[:5], a, 7)
     an = a / np.linalg.norm(a, axis=1, keepdims=True)
     sims = an[:5] @ an.T
     assert np.array_equal(ids, np.argsort(-sims, axis=1)[:, :7])
@@ -28,7 +29,7 @@ def test_cosine_top_k_matches_brute_force():
 def test_hierarchical_self_query_first_with_scores_at_every_level():
     bases = two_levels()
     q = [b[10:13] for b in bases]
-    ids, scores = hierarchical_search(q, bases, k=5, order=[0, 1])
+    scores, ids = hierarchical_search(q, bases, k=5, order=[0, 1])
     assert ids.shape == (3, 5) and scores.shape == (3, 5, 2)
     assert list(ids[:, 0]) == [10, 11, 12]
     assert np.all(scores[:, 0, :] > 0.999)
@@ -51,8 +52,8 @@ def grouped(n=1200, seed=0):
 def test_the_coarse_cluster_decides_what_the_fine_level_cannot_undo():
     bases, kind = grouped()
     q = [b[:40] for b in bases]
-    ids, _ = hierarchical_search(q, bases, k=10, order=[0, 1], sizes=[4, 3])
-    fine, _ = cosine_top_k(q[1], bases[1], 10)
+    _, ids = hierarchical_search(q, bases, k=10, order=[0, 1], sizes=[4, 3])
+    _, fine = cosine_top_k(q[1], bases[1], 10)
     assert np.all(kind[ids] == kind[:40, None])  # every hit from the query's own kind
     assert (kind[fine] != kind[:40, None]).mean() > 0.3  # level 1 alone crosses kinds
     assert np.mean([set(a) != set(b) for a, b in zip(ids.tolist(), fine.tolist())]) > 0.9
@@ -64,8 +65,8 @@ def test_measured_order_puts_the_clustered_level_first():
     bases, _ = grouped()
     order, agreement = coarse_order(bases, 4)
     assert order == [0, 1] and agreement[0] > agreement[1]
-    default, _ = hierarchical_search([b[:5] for b in bases], bases, k=3, sizes=[4, 3])
-    explicit, _ = hierarchical_search([b[:5] for b in bases], bases, k=3, order=[0, 1], sizes=[4, 3])
+    _, default = hierarchical_search([b[:5] for b in bases], bases, k=3, sizes=[4, 3])
+    _, explicit = hierarchical_search([b[:5] for b in bases], bases, k=3, order=[0, 1], sizes=[4, 3])
     assert np.array_equal(default, explicit) and default_sizes(1200, 2)[0] > 4
 
 

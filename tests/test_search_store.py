@@ -172,7 +172,7 @@ def test_build_indexes_from_python_is_silent_and_writes_files_with_the_umask_mod
     shutil.copy(store["out"], out)
     old = os.umask(0o022)
     try:
-        info = build_indexes(out, kind="hnsw", clusters=False)
+        info = build_indexes(out, kind="hnsw")
     finally:
         os.umask(old)
     assert capfd.readouterr() == ("", "")  # no progress bar unless a progress callable is given
@@ -188,10 +188,10 @@ def test_rebuild_removes_the_previous_build_and_a_killed_builds_temp_files(store
 
     out = tmp_path / "copy.h5"
     shutil.copy(store["out"], out)
-    first = build_indexes(out, clusters=False)
+    first = build_indexes(out)
     stale = tmp_path / "copy.h5.index" / ".level0-19700101T000000000000.faiss.abc123.tmp"
     stale.write_bytes(b"half an index")
-    second = build_indexes(out, clusters=False, rebuild=True)  # unchanged rows alone would be "up to date"
+    second = build_indexes(out, rebuild=True)  # unchanged rows alone would be "up to date"
     names = {p.name for p in (tmp_path / "copy.h5.index").iterdir()}
     assert names == {"index.json", *(e[f] for e in second["levels"].values() for f in ("file", "probe"))}
     assert not names & {e["file"] for e in first["levels"].values()}
@@ -367,3 +367,20 @@ def test_clusters_prints_odd_example_names_as_text(odd_store, capsys):
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if "a[b]c.png" in ln)
     assert "[/bold]x.png" in line and "new\\nline.png" in line  # one line, nothing read as markup
+
+
+def test_the_index_handle_answers_what_search_store_answers(store):
+    from sjea_tools.index import open_indexes
+    from sjea_tools.store import open_store
+
+    with open_store(store["out"]) as s:
+        handle = open_indexes(store["out"])
+        assert handle.metric == "cosine" and handle.kinds == {"0": "flat", "1": "flat"} and handle.loaded == {}
+        handle.load(s.model_id, s.n, [1])
+        queries = handle.prepare(s.read_embeddings(1, [3, 40]))
+        scores, ids = handle.search(1, queries, 4, lambda rows: handle.prepare(s.read_embeddings(1, rows)))
+    res = search_store(store["out"], ids=[3, 40], k=4, mode="per-level", level=1)
+    for qi, r in enumerate(res["results"]):
+        assert [h["id"] for h in r["per_level"]["1"]] == ids[qi].tolist() and ids[qi, 0] == [3, 40][qi]
+        assert [h["score"] for h in r["per_level"]["1"]] == pytest.approx(scores[qi].tolist(), abs=1e-6)
+    assert np.all(np.diff(scores, axis=1) <= 0)  # (scores, ids), best first

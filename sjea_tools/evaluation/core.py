@@ -45,9 +45,9 @@ def weighted_vote(neighbour_labels: np.ndarray, similarities: np.ndarray, num_cl
 def knn_accuracy(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, query_labels: np.ndarray,
                  k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> float:
     """Weighted k-NN top-1 accuracy in percent (cosine similarity, vote weight exp(sim/T))."""
-    from ..search import cosine_top_k
+    from ..vectors import cosine_top_k
 
-    ids, sims = cosine_top_k(queries, bank, k)  # chunked over queries: bounded memory
+    sims, ids = cosine_top_k(queries, bank, k)  # blocked by FAISS: bounded memory
     return knn_accuracy_from_neighbours(ids, sims, bank_labels, query_labels, temperature)
 
 
@@ -162,7 +162,7 @@ def evaluate_features(train_feats: Sequence[np.ndarray], train_labels: np.ndarra
                       probe_epochs: int = 20, probe_lr: float = 0.2, seed: int = 0, k: int = KNN_K,
                       temperature: float = KNN_TEMPERATURE) -> dict:
     """Every metric for every level, from cached features; `coarse` = (fine->coarse map, names)."""
-    from ..search import cosine_top_k
+    from ..vectors import cosine_top_k
 
     train_labels = np.asarray(train_labels, dtype=np.int64)
     test_labels = np.asarray(test_labels, dtype=np.int64)
@@ -175,7 +175,7 @@ def evaluate_features(train_feats: Sequence[np.ndarray], train_labels: np.ndarra
     per_level = []
     for level, ftr, fte in zip(levels, train_feats, test_feats):
         probe = linear_probe(ftr, train_labels, fte, test_labels, epochs=probe_epochs, lr=probe_lr, seed=seed)
-        ids, sims = cosine_top_k(fte, ftr, max(k, PRECISION_K))
+        sims, ids = cosine_top_k(fte, ftr, max(k, PRECISION_K))
         row = {"level": int(level), "dim": int(ftr.shape[1]),
                "linear_top1": probe["top1"], "linear_top5": probe["top5"],
                "knn_top1": knn_accuracy_from_neighbours(ids[:, :k], sims[:, :k], train_labels, test_labels, temperature),
@@ -205,7 +205,7 @@ def hierarchical_scores(train_feats, test_feats, levels, label_sets, k, temperat
     depth = max(k, PRECISION_K)
     out = []
     for order in (positions, positions[::-1]):
-        ids, scores = hierarchical_search(list(test_feats), bases, k=depth, order=order)  # chunked inside
+        scores, ids = hierarchical_search(list(test_feats), bases, k=depth, order=order)  # chunked inside
         sims = scores[:, :, order[-1]]
         out.append({"order": [int(levels[i]) for i in order],
                     **{name: retrieval_scores(ids, sims, ytr, yte, k, temperature) for name, (ytr, yte) in label_sets.items()}})

@@ -151,9 +151,9 @@ def label_free_rows(feats: dict) -> list[dict]:
 def knn_correct(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, query_labels: np.ndarray,
                 k: int) -> np.ndarray:
     """Per query, whether the weighted cosine k-NN (T = 0.1) predicts its label."""
-    from ..search import cosine_top_k
+    from ..vectors import cosine_top_k
 
-    ids, sims = cosine_top_k(queries, bank, k)  # the one top-k call of this module
+    sims, ids = cosine_top_k(queries, bank, k)  # the one top-k call of this module
     num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
     return weighted_vote(bank_labels[ids], sims, num_classes, KNN_TEMPERATURE) == query_labels
 

@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SjeaError
-from ..index import load_indexes, read_sidecar
+from ..index import SIDECAR, index_dir, open_indexes
 from ..search import (DEFAULT_MODE, DEFAULT_WITHIN, hierarchy_tree, query_vectors, resolve_request,
                       search_open_store)
 from ..store import open_store
-from ..vectors import l2_normalize
 
 
 class StaleStore(SjeaError):
@@ -33,8 +32,6 @@ class StaleStore(SjeaError):
 
 def fingerprint(store_path: Path) -> tuple:
     """What changes when the store or its index is replaced (every writer renames a new file in)."""
-    from ..index import SIDECAR, index_dir
-
     out = []
     for p in (store_path, index_dir(store_path) / SIDECAR):
         try:
@@ -58,10 +55,10 @@ class LoadedStore:
             self.root = Path(store.root)
             self.paths = store.paths
             self.labels, self.label_names = store.labels, store.label_names
-            self.sidecar = read_sidecar(path)
             self.store_fingerprint = getattr(store, "fingerprint", None)
-            self.indexes = load_indexes(path, store.model_id, store.n, store.levels,
-                                        fingerprint=self.store_fingerprint)
+            # the one trip into the index package per store version; requests call indexes.search
+            self.indexes = open_indexes(path).load(store.model_id, store.n, store.levels,
+                                                   fingerprint=self.store_fingerprint)
             self.tree, self.tree_note = read_tree(store)
             if previous_embedder is not None and previous_embedder.model_id == store.model_id \
                     and previous_embedder.levels == store.levels:
@@ -69,7 +66,7 @@ class LoadedStore:
                 self.embedder, self.embedder_error = previous_embedder, None
             else:
                 self.embedder, self.embedder_error = _load_embedder(store, embedder_source)
-        self.cosine = (self.sidecar or {}).get("metric", "cosine") == "cosine"
+        self.cosine = self.indexes.cosine
 
     # --- search -----------------------------------------------------------------------------------
     def search(self, ids=(), files=(), k: int = 10, mode: str | None = None, level=None, order=None,
@@ -84,10 +81,10 @@ class LoadedStore:
         with open_store(self.path) as store:
             tree = self._hierarchy_tree(store, wanted) if mode != "per-level" else None
             labels, qv = self._query_vectors(store, ids, files)
-            res = search_open_store(store, self.path, labels, qv, indexes=self.indexes, sidecar=self.sidecar,
-                                    tree=tree, paths=self.paths, k=k, mode=mode, used=used, probes=probes,
-                                    within=within, min_score=min_score, notes=[])
-        self._add_cluster_paths(res["results"], [l2_normalize(v) if self.cosine else v for v in qv])
+            res = search_open_store(store, self.path, labels, qv, indexes=self.indexes, tree=tree, paths=self.paths,
+                                    k=k, mode=mode, used=used, probes=probes, within=within, min_score=min_score,
+                                    notes=[])
+        self._add_cluster_paths(res["results"], [self.indexes.prepare(v) for v in qv])
         res["root"] = str(self.root)
         return res
 
@@ -161,7 +158,7 @@ class LoadedStore:
         return cluster_node(self.tree, self.tree_note, depth, node, offset, limit)
 
     def info(self) -> dict:
-        kinds = {lv: e.get("kind") for lv, e in (self.sidecar or {}).get("levels", {}).items()}
+        kinds = self.indexes.kinds
         return {"store": str(self.path), "root": str(self.root), "n": self.n, "levels": self.levels, "dims": self.dims,
                 "model_id": self.model_id, "fingerprint": self.store_fingerprint,
                 "model_source": self.attrs.get("model_source"),

@@ -1,0 +1,102 @@
+"""build_indexes: one index per level of a store, built, grown or kept, and the sidecar that
+switches readers to the new files in one rename."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..errors import SjeaError
+from ..io import atomic_write_text
+from ..progress import ProgressFn
+from ..store import disk_faults, open_store
+from .choose import check_build_options, parse_memory, wanted_spec
+from .growth import grow_level, plan_level
+from .level_file import build_level_file
+from .load import prepare
+from .recall import RECALL_SAMPLE
+from .sidecar import (INDEX_FORMAT, SIDECAR, StoredPaths, index_dir, read_sidecar_or_none, remove_unused_files,
+                      rows_record, stale_rows)
+
+
+def build_indexes(store_path: str | Path, kind: str = "auto", memory_budget=None, params: dict | None = None,
+                  metric: str = "cosine", sample: int = RECALL_SAMPLE, tune: bool = True,
+                  progress: ProgressFn | None = None, rebuild: bool = False) -> dict:
+    """One FAISS index per level of a store, saved beside it; returns the sidecar dict.
+
+    kind "auto" asks choose_index; an explicit kind uses `params` (nlist, nprobe, m, nbits,
+    ef_construction, ef_search) with defaults for the rest. An index already beside the store that
+    was built on its first rows with the same settings *grows*: only the added rows are read, written
+    as a new exact delta part while the parts stay small (the base file untouched), else added to
+    the base with the parts (the IVF quantizer and the HNSW graph kept), and recall is measured
+    again. A level is rebuilt when the kind chosen for the new size differs, recall after growth
+    falls below target, the indexed rows changed, the settings asked differ, or `rebuild`. Each
+    level entry says what happened in "action" (built, grown, rebuilt, up to date) and "status"
+    (that word and why). Indexes only: the cluster tree is pipeline.index_store's next step.
+    Silent unless given `progress`. The caller holds the store's writer lock (so two builds never
+    delete each other's files); this function does not take it.
+    """
+    check_build_options(kind, metric, params, sample)
+    request = {"kind": kind, "budget": parse_memory(memory_budget), "metric": metric, "sample": sample,
+               "tune": tune, "rebuild": rebuild, "params": {k: v for k, v in (params or {}).items() if v is not None}}
+    store_path = Path(store_path)
+    folder = index_dir(store_path)
+    with disk_faults(f"the index folder {folder}"):
+        old = read_sidecar_or_none(store_path)
+        remove_unused_files(folder, old)  # what a killed build or growth left
+        sidecar, changed = _index_all_levels(store_path, old, request, progress)
+        if changed:  # the one step that switches readers to the new files
+            atomic_write_text(folder / SIDECAR, json.dumps(sidecar, indent=2) + "\n")
+            remove_unused_files(folder, sidecar)
+    sidecar["path"] = str(folder)
+    return sidecar
+
+
+def _index_all_levels(store_path: Path, old: dict | None, request: dict,
+                      progress: ProgressFn | None) -> tuple[dict, bool]:
+    """(the new sidecar, whether it differs from `old` and must be written)."""
+    import faiss
+
+    build_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    with open_store(store_path) as store:
+        if store.n == 0:
+            raise SjeaError(f"{store_path} holds no embeddings yet; run sjea embed first.")
+        paths = StoredPaths(store)  # read only where the store's history cannot answer, or for a build
+        problem = "no index yet" if old is None else stale_rows(store, old, paths)
+        entries = {str(level): _index_level(store, level, dim, old, problem, request, build_id, progress)
+                   for level, dim in zip(store.levels, store.dims)}
+        built = any(e["action"] in ("built", "rebuilt") for e in entries.values())
+        sidecar = {"format": INDEX_FORMAT, "store": store_path.name, "model_id": store.model_id, "n": store.n,
+                   "store_fingerprint": store.fingerprint, "metric": request["metric"], "levels": entries,
+                   "memory_budget": request["budget"], "sample": request["sample"],
+                   "rows": rows_record(store, paths() if built or paths.read else None),
+                   "faiss_version": faiss.__version__,
+                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if old is not None and all(e["action"] == "up to date" for e in entries.values()):
+        # Nothing to add; only a rewrite of the same rows (a new fingerprint) needs a new sidecar.
+        if old.get("store_fingerprint") == sidecar["store_fingerprint"]:
+            return {**old, "levels": entries}, False
+    return sidecar, True
+
+
+def _index_level(store, level: int, dim: int, old: dict | None, problem: str | None, request: dict, build_id: str,
+                 progress: ProgressFn | None) -> dict:
+    """One level's sidecar entry: kept, grown, or built from all its vectors."""
+    action, reason = plan_level(store.n, dim, level, old, problem, request)
+    if action == "up to date":
+        return {**old["levels"][str(level)], "action": action, "status": "up to date", "added": 0}
+    path = index_dir(store.path) / f"level{level}-{build_id}.faiss"
+    if action == "grow":
+        entry, reason = grow_level(store, level, old, request, path, progress)
+        if entry is not None:
+            return entry
+        action = "rebuilt"
+    spec = wanted_spec(store.n, dim, request)
+    vectors = prepare(store.read_embeddings(level), request["metric"])
+    forced = any(request["params"].get(p) is not None for p in ("nprobe", "ef_search"))
+    entry = build_level_file(vectors, spec, path, sample=request["sample"], tune=request["tune"] and not forced,
+                             progress=progress, task=f"level {level} {spec['kind']}")
+    return {**entry, "action": action, "status": f"{action}: {reason}", "added": 0, "rows_at_build": store.n,
+            "search_forced": forced}
+
