@@ -81,3 +81,80 @@ def indexed_store(root: Path, data, n: int, name: str = "emb.h5") -> dict:
     with open_store(out) as s:
         paths = s.paths
     return {"root": root, "run": run, "images": images, "out": out, "paths": paths}
+
+
+# --- kills placed by events, not by time ---------------------------------------------------------
+
+PAUSED = "sjea-test: paused at the kill point"
+# `sjea ARGS` in a subprocess with `patch` applied first: the patch calls pause() at the event the
+# test wants to kill at; the process then says so on stdout and waits there until it is killed.
+PAUSING_CLI = """
+import sys
+PAUSED = {paused!r}
+
+def pause():
+    print(PAUSED, flush=True)
+    sys.stdin.read()  # the test SIGKILLs the process while it waits here
+    raise SystemExit("the test closed stdin instead of killing this run")
+
+{patch}
+from sjea_tools.cli import main
+sys.argv[0] = "sjea"
+main()
+"""
+
+
+def start_paused(patch: str, args: list[str], cwd: Path | None = None):
+    """Start `sjea ARGS` with `patch` applied and return it once it waits at its pause() (its
+    stdout is read up to that point); fails when the command ends before reaching it."""
+    import subprocess
+    import sys
+    import tempfile
+    import textwrap
+
+    err = tempfile.TemporaryFile(mode="w+")
+    script = PAUSING_CLI.format(paused=PAUSED, patch=textwrap.dedent(patch))
+    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], cwd=cwd, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=err, text=True)
+    for line in proc.stdout:
+        if line.strip() == PAUSED:
+            return proc
+    proc.wait()
+    err.seek(0)
+    raise AssertionError(f"the command ended (exit {proc.returncode}) before its kill point: {err.read()[-2000:]}")
+
+
+def kill(proc) -> None:
+    """SIGKILL a process start_paused returned, and reap it."""
+    proc.kill()
+    proc.wait()
+    proc.stdin.close()
+    proc.stdout.close()
+
+
+# Pauses an embed when a journal commit counts `rows` rows or more: "before-commit" after the
+# batch's data were written and fsynced, before commit.json counts them (the resume must cut
+# them off); "after-commit" once commit.json is in place.
+JOURNAL_PAUSE = """
+import json
+from pathlib import Path
+from sjea_tools.store import journal
+
+WHEN, ROWS = {when!r}, {rows!r}
+write = journal.atomic_write_text
+
+def write_then_maybe_pause(path, text, *args, **kwargs):
+    due = Path(path).name == "commit.json" and json.loads(text)["rows"] >= ROWS
+    if due and WHEN == "before-commit":
+        pause()
+    write(path, text, *args, **kwargs)
+    if due and WHEN == "after-commit":
+        pause()
+
+journal.atomic_write_text = write_then_maybe_pause
+"""
+
+
+def journal_pause(when: str, rows: int) -> str:
+    assert when in ("before-commit", "after-commit"), when
+    return JOURNAL_PAUSE.format(when=when, rows=rows)

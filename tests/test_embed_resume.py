@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import make_run, write_fmnist_folder
+from conftest import journal_pause, kill, make_run, start_paused, write_fmnist_folder
 from sjea_tools.embed import Embedder, embed_folder
 from sjea_tools.store import open_store
 
@@ -53,48 +51,33 @@ def _cmd(folder, out, run, *extra):
             "--batch-size", "16", "--no-index", "--quiet", *extra]
 
 
-def test_sigkill_at_random_points_then_resume_equals_a_clean_run(setup, tmp_path):
+# Recorded seeds (never the clock): each picks two kill points, a row count and whether the kill
+# lands before or after the commit that counts it (seed 1: before then after; 5: after then before).
+@pytest.mark.parametrize("seed", [1, 5])
+def test_sigkill_at_random_points_then_resume_equals_a_clean_run(setup, tmp_path, seed):
     run, folder, clean, _ = setup
     out = tmp_path / "killed.h5"
     partial = out.with_name(out.name + ".partial")
-    seed = int(time.time())
     rng = random.Random(seed)
-    print("random seed", seed)
-    kills = 0
-    # Two kills at random committed-row counts, each also landing at a random point of a batch.
-    for target in sorted(rng.sample(range(8, 200), 2)):
-        proc = subprocess.Popen(_cmd(folder, out, run, "--commit-every", "0", "--batch-size", "8"),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None and _committed_rows(partial) < target:
-            time.sleep(0.002)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
-        assert proc.returncode in (0, -signal.SIGKILL), proc.stderr.read()
-        if out.exists():  # finished, or killed after the rename: never a half store
-            with open_store(out) as s:
-                assert s.n == len(_contents(clean)[0])
-            break
-    assert kills >= 1, "the run finished before it could be killed; the test needs a slower run"
-    # The same command again (with --update only if an attempt already finished).
-    out_existed = out.exists()
-    print(f"kills={kills} store already complete before the rerun={out_existed}")
-    done = subprocess.run(_cmd(folder, out, run, "--json", *(["--update"] if out.exists() else [])),
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    first = rng.randrange(8, 100)
+    second = rng.randrange(first + 16, 200)  # beyond what the first kill left committed (batches of 8)
+    kills = [(rows, rng.choice(["before-commit", "after-commit"])) for rows in (first, second)]
+    # Two kills, each at the first journal commit that counts `rows` rows: after its batch was
+    # written but before it counts, or just after; the second kills the resumed run.
+    for rows, when in kills:
+        args = _cmd(folder, out, run, "--commit-every", "0", "--batch-size", "8")[1:]
+        kill(start_paused(journal_pause(when, rows), args))
+        commit = json.loads((partial / "commit.json").read_text())
+        written = (partial / "paths.jsonl").stat().st_size
+        # Before the commit, the killed batch's rows are on disk beyond what commit.json counts.
+        assert (written > commit["paths_bytes"]) == (when == "before-commit"), (seed, rows, when, commit)
+        assert (commit["rows"] >= rows) == (when == "after-commit"), (seed, rows, when, commit)
+        assert not out.exists(), f"seed {seed}: a store before the run finished"
+    done = subprocess.run(_cmd(folder, out, run, "--json"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"seed {seed}: {done.stderr}"
     assert not partial.exists()
-    if kills and not out_existed:  # killed mid-run: the rerun kept the committed rows
-        assert json.loads(done.stdout)["resumed_from"] > 0
+    assert json.loads(done.stdout)["resumed_from"] == commit["rows"] + commit["failed"], f"seed {seed}, kills {kills}"
     _assert_same_as_clean(out, clean)
-
-
-def _committed_rows(partial: Path) -> int:
-    try:
-        return json.loads((partial / "commit.json").read_text())["rows"]
-    except (OSError, ValueError):
-        return 0
 
 
 def test_two_shards_merged_equal_a_single_run(setup, tmp_path):

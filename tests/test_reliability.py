@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import h5py
@@ -190,20 +189,35 @@ def test_4_names_that_are_not_utf8_are_stored_losslessly_and_a_rerun_works(env, 
 
 # --- 5: two writers started together --------------------------------------------------------------
 
+# Each trial, the two processes start the same embed; the one that gets the writer lock holds it
+# until the other's whole attempt has ended (an event, not a time), so every trial is a real
+# contention, and the holder reports that it saw the other's attempt while it held the lock.
 RACER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
     from sjea_tools.embed import Embedder, embed_folder
     from sjea_tools.errors import SjeaError
-    images, base, run, trials = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    from sjea_tools.store import guard
+    images, base, run, trials, me = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
     emb = Embedder.from_source(run=run, backend="torch")
+    acquire, held_while_other_tried = guard._acquire, {}
+
+    def other_done(t):
+        return (base / f"done-{t}-{1 - me}").exists()
+
+    def acquire_then_wait_for_the_other(path, store):
+        fd = acquire(path, store)  # StoreBusyError when the other holds it
+        if store.name.startswith("race"):
+            t = int(store.stem[4:])
+            while not other_done(t):
+                time.sleep(0.001)
+            held_while_other_tried[t] = True
+        return fd
+
+    guard._acquire = acquire_then_wait_for_the_other
     print("ready", flush=True)
-    start = float(sys.stdin.readline())  # the same moment for both processes
+    sys.stdin.readline()  # both go together
     for t in range(trials):
-        slot = start + t * 0.4
-        time.sleep(max(0.0, slot - time.time() - 0.005))
-        while time.time() < slot:
-            pass  # the last 5 ms busy-waited: both leave within microseconds of each other
         try:
             status = embed_folder(images, base / f"race{t}.h5", embedder=emb, workers=0, batch_size=4,
                                   commit_every_s=0)["status"]
@@ -211,36 +225,46 @@ RACER = textwrap.dedent("""
             status = "error: " + str(e)
         except Exception as e:
             status = "CRASH: " + repr(e)
-        print(json.dumps([t, status]), flush=True)
+        finally:
+            (base / f"done-{t}-{me}").touch()
+        print(json.dumps([t, status, held_while_other_tried.get(t, False)]), flush=True)
 """)
 
 
 def test_5_two_embeds_started_together_never_both_write(env, tmp_path, fmnist_test):
-    """30 trials of two processes starting the same embed at the same instant: the old code (lock
-    taken after the journal folder was recreated) left no store or a broken journal in some."""
+    """Ten trials of two processes running the same embed into the same new store, each with a
+    real contention (see RACER): the old code (lock taken after the journal folder was recreated)
+    left no store or a broken journal. Fails when a trial did not race."""
     import json
 
     base, run, _, _ = env
     folder = write_fmnist_folder(tmp_path / "imgs", fmnist_test, 4)
-    trials = 30
-    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(folder), str(tmp_path), str(run), str(trials)],
+    trials = 10
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(folder), str(tmp_path), str(run), str(trials), str(me)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              cwd=ROOT) for _ in range(2)]
-    for p in procs:
-        assert p.stdout.readline().strip() == "ready", p.stderr.read()[-2000:]
-    start = time.time() + 0.5
-    outputs = [p.communicate(f"{start}\n", timeout=300) for p in procs]
+                              cwd=ROOT) for me in range(2)]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready", p.stderr.read()[-2000:]
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0 and "Traceback" not in err, err[-2000:]
-    results = [dict(json.loads(line) for line in out.splitlines()) for out, _ in outputs]
+    results = [{t: (status, raced) for t, status, raced in map(json.loads, out.splitlines())} for out, _ in outputs]
     for t in range(trials):
-        statuses = [r[t] for r in results]
+        (status_a, raced_a), (status_b, raced_b) = results[0][t], results[1][t]
+        statuses = [status_a, status_b]
         assert not any(s.startswith("CRASH") for s in statuses), statuses
-        assert "written" in statuses, statuses  # one of the two wrote the store
-        other = [s for s in statuses if s != "written"]
-        # The other found it busy, or (when it came second) the same command's finished work.
-        assert len(other) <= 1 and (not other or other[0] == "complete"
-                                    or "another sjea process is using" in other[0]), statuses
+        # The race happened: one held the lock through the other's whole attempt, which was refused.
+        assert sorted([raced_a, raced_b]) == [False, True], (t, statuses)
+        winner, loser = (status_a, status_b) if raced_a else (status_b, status_a)
+        assert winner == "written" and "another sjea process is using" in loser, (t, statuses)
         out = tmp_path / f"race{t}.h5"
         with open_store(out) as s:
             assert s.n == 4 and len(set(s.paths)) == 4
@@ -255,15 +279,15 @@ def test_5_a_run_never_touches_the_journal_folder_of_a_writer_still_creating_it(
     out = tmp_path / "st.h5"
     folder = partial_path(out)
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import time
+        import sys
         from pathlib import Path
         from sjea_tools.store import writer_lock
         with writer_lock({str(out)!r}):
             Path({str(folder)!r}).mkdir()
             (Path({str(folder)!r}) / "paths.jsonl").touch()
             print("creating", flush=True)
-            time.sleep(60)
-    """)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            sys.stdin.read()  # holds the lock until killed, however slow the test is
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert holder.stdout.readline().strip() == "creating"
         res = _embed(imgs, out, run, "--no-index")
@@ -280,16 +304,17 @@ def test_5_a_run_never_touches_the_journal_folder_of_a_writer_still_creating_it(
 # --- 6: a busy store ------------------------------------------------------------------------------
 
 HOLDER = textwrap.dedent("""
-    import sys, time, h5py
+    import sys, h5py
     f = h5py.File(sys.argv[1], sys.argv[2])   # what a search ("r") or a cluster write ("r+") holds
     print("holding", flush=True)
-    time.sleep(60)
+    sys.stdin.read()  # until killed, however slow the test is
 """)
 
 
 @contextlib.contextmanager
 def _held(path, mode):
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), mode], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
     try:
         assert p.stdout.readline().strip() == "holding"
         yield

@@ -1,12 +1,14 @@
 """The page of `sjea serve` driven in headless Chromium (Debian's chromium + chromium-driver, through
 selenium) on a real server and a real store: upload a Fashion-MNIST image, see its own file at rank 1,
 click a result and get its neighbours, see an error shown, open the cluster tree; screenshots are
-saved as docs/images/serve.png and docs/images/serve-clusters.png (the README shows the first).
+saved in the test's temporary folder, or, with SJEA_WRITE_SCREENSHOTS=1, as docs/images/serve.png and
+docs/images/serve-clusters.png (the README shows the first): a plain run never changes tracked files.
 
 Skipped, with the reason, only where no browser can be started."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -77,6 +79,18 @@ def served(tmp_path_factory, fmnist_test):
     stop()
 
 
+@pytest.fixture
+def screenshots(tmp_path) -> Path:
+    """Where the page's screenshots go: docs/images/ only when asked (SJEA_WRITE_SCREENSHOTS=1, to
+    refresh the documentation's pictures), else this test's temporary folder."""
+    return DOCS_IMAGES if os.environ.get("SJEA_WRITE_SCREENSHOTS") == "1" else tmp_path
+
+
+def saved_screenshot(driver, path: Path) -> None:
+    assert driver.save_screenshot(str(path)), path
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+
+
 def wait(driver, seconds: float = 30):
     return WebDriverWait(driver, seconds)
 
@@ -91,7 +105,7 @@ def first_hits(driver) -> dict[str, dict]:
     return out
 
 
-def test_upload_click_and_cluster_tree_in_a_real_browser(browser, served):
+def test_upload_click_and_cluster_tree_in_a_real_browser(browser, served, screenshots):
     d = browser
     d.get(served["url"])
     wait(d).until(EC.text_to_be_present_in_element((By.ID, "store-info"), f"{N} rows"))
@@ -104,7 +118,7 @@ def test_upload_click_and_cluster_tree_in_a_real_browser(browser, served):
     tops = first_hits(d)
     assert set(tops) == {"Level 0", "Level 1", "hierarchical"}
     assert all(t["path"] == rel for t in tops.values()), tops
-    d.save_screenshot(str(DOCS_IMAGES / "serve.png"))
+    saved_screenshot(d, screenshots / "serve.png")
 
     # Click a result: the page searches from it (rank 1 is that item) and the URL says which.
     second = d.find_elements(By.CSS_SELECTOR, "#results .column[data-kind='hierarchical'] .hit")[1]
@@ -134,7 +148,7 @@ def test_upload_click_and_cluster_tree_in_a_real_browser(browser, served):
     assert d.find_elements(By.CSS_SELECTOR, "#clusters .cluster[data-depth='1']")
     wait(d).until(lambda drv: drv.execute_script(
         "return [...document.images].filter(i => i.offsetParent && !(i.complete && i.naturalWidth)).length") == 0)
-    d.save_screenshot(str(DOCS_IMAGES / "serve-clusters.png"))
+    saved_screenshot(d, screenshots / "serve-clusters.png")
 
     # A member opens its own search.
     member = d.find_element(By.CSS_SELECTOR, "#members .member")

@@ -172,12 +172,12 @@ def test_a_journal_has_one_writer_at_a_time_and_a_killed_writer_frees_it(tmp_pat
     folder = tmp_path / "out.h5.partial"
     writer = subprocess.Popen(
         [sys.executable, "-c", f"""
-import time
+import sys
 from sjea_tools.store import Journal
 j = Journal.create({str(folder)!r}, {ATTRS!r})
 print("ready", flush=True)
-time.sleep(60)
-"""], stdout=subprocess.PIPE, text=True)
+sys.stdin.read()  # holds the journal until killed, however slow the test is
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline().strip() == "ready"
         with pytest.raises(SjeaError, match=r"another sjea process is using .*out\.h5; wait for it"):

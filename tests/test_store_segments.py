@@ -1,13 +1,15 @@
 """Issue 13, item 1: a store that grows by segments instead of copies, and stays crash-safe.
 
 Real images, a real (tiny, random) model. `--update`, `sjea merge` and `sjea compact` are killed
-(SIGKILL) between every two of their durable steps (the SJEA_CRASH_AT points of
-sjea_tools/store/segments.py, in a forked child) and at random times (the real CLI); afterwards
-the store opens with every row once, or the same command again gives exactly the clean result.
+(SIGKILL) between every two of their durable steps (in a forked child whose copy of
+sjea_tools/store/segments.py the test patches to die there: `KILL_POINTS`) and at journal commits
+picked by recorded seeds (the real CLI); afterwards the store opens with every row once, or the
+same command again gives exactly the clean result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -15,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import make_run, write_fmnist_folder
+from conftest import journal_pause, kill, make_run, start_paused, write_fmnist_folder
 from sjea_tools.cli import app
 from sjea_tools.embed import Embedder, embed_folder
 from sjea_tools.errors import SjeaError
@@ -98,13 +99,56 @@ def _assert_clean_layout(out: Path):
     assert on_disk == named
 
 
+# The durable steps of the three writers, and how a forked child is stopped just there: the
+# function of segments.py that it dies before or after (the fault injection lives here, not in the
+# library).
+KILL_POINTS = {
+    "update-linked": ("write_store", "before"),  # the old file linked as a segment, the new one not written
+    "update-segment": ("write_store", "after"),  # the new segment whole, no top-level file names it
+    "labels-written": ("_write_labels_file", "after"),  # renumbered labels beside a segment
+    "top-written": ("atomic_path", "before-rename"),  # the new top-level file written, not renamed over OUT
+    "update-published": ("_publish", "after"),
+    "merge-linked": ("_link_segment", "after"),
+    "merge-published": ("_publish", "after"),
+    "compact-written": ("write_store", "after"),
+}
+
+
+def _die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _arm(point: str) -> None:
+    """Patch segments.py (in this process) so that it SIGKILLs itself at `point`."""
+    name, when = KILL_POINTS[point]
+    real = getattr(segments, name)
+
+    def dies_before(*args, **kwargs):
+        _die()
+
+    def dies_after(*args, **kwargs):
+        real(*args, **kwargs)
+        _die()
+
+    @contextlib.contextmanager
+    def dies_before_rename(path, *args, **kwargs):
+        with real(path, *args, **kwargs) as tmp:
+            yield tmp
+            if not Path(path).parent.name.endswith(segments.SEGMENTS_SUFFIX):  # the top-level file
+                _die()
+
+    setattr(segments, name, {"before": dies_before, "after": dies_after, "before-rename": dies_before_rename}[when])
+
+
 def _killed_at(point: str, work) -> bool:
-    """Run work() in a forked child that SIGKILLs itself at crash point `point`; True when it died there."""
+    """Run work() in a forked child that SIGKILLs itself at `point` (a KILL_POINTS name, or a
+    kill work() makes itself); True when it died there."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 1
         try:
-            os.environ[segments.CRASH_ENV] = point
+            if point in KILL_POINTS:
+                _arm(point)
             work()
             code = 0
         except BaseException:
@@ -217,11 +261,12 @@ def test_an_old_single_file_store_grows_into_segments_that_search_and_compact(en
         assert res.exit_code == 0, res.output
     # sjea compact: one file again; rows, fingerprint and cluster tree kept, so the index stays current.
     with open_store(out) as s:
-        fingerprint, groups = s.fingerprint, set(s._f)
+        fingerprint, groups = s.fingerprint, {g.name for g in s.derived_groups()}
     res = CliRunner().invoke(app, ["compact", str(out)])
     assert res.exit_code == 0 and "compacted 2 segments into" in res.output and str(out) in res.output
     with open_store(out) as s:
-        assert s.segments is None and s.fingerprint == fingerprint and set(s._f) == groups
+        assert s.segments is None and s.fingerprint == fingerprint
+        assert groups and {g.name for g in s.derived_groups()} == groups  # the cluster tree kept
     assert index_is_current(out) and not segments_dir(out).exists()
     _assert_same(out, env["grown"])
     res = CliRunner().invoke(app, ["compact", str(out), "--json"])
@@ -280,26 +325,21 @@ def test_sigkill_at_every_step_of_an_update_then_the_same_command_gives_the_clea
         _assert_clean_layout(out)
 
 
-def test_sigkill_of_the_cli_update_while_embedding_then_it_resumes(env, tmp_path):
-    seed = int(time.time())
+# Recorded seeds (never the clock), each a kill at the first journal commit that counts `rows`
+# rows: 1 before that commit (the batch written, not counted), 5 just after it.
+@pytest.mark.parametrize("seed", [1, 5])
+def test_sigkill_of_the_cli_update_while_embedding_then_it_resumes(env, tmp_path, seed):
     rng = random.Random(seed)
-    print("random seed", seed)
+    rows, when = rng.randrange(1, 24), rng.choice(["before-commit", "after-commit"])
     out = tmp_path / "s.h5"
     shutil.copy(env["base"], out)
-    cmd = [SJEA, "embed", str(env["G"]), str(out), "--run", str(env["run"]), "--backend", "torch", "--workers", "0",
-           "--batch-size", "4", "--commit-every", "0", "--no-index", "--quiet", "--update"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    target, deadline = rng.randrange(1, 24), time.monotonic() + 120  # a random number of journal rows
-    while proc.poll() is None and time.monotonic() < deadline and _journal_rows(out) < target:
-        time.sleep(0.002)
-    killed = proc.poll() is None
-    proc.kill()
-    proc.wait()
-    assert proc.returncode in (0, -signal.SIGKILL), proc.stderr.read()[-2000:]
-    _opens_with_every_row_once(out, {len(_contents(env["base"])["paths"]), len(_contents(env["grown"])["paths"])})
-    print(f"killed={killed} after {target} journal rows")
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    args = ["embed", str(env["G"]), str(out), "--run", str(env["run"]), "--backend", "torch", "--workers", "0",
+            "--batch-size", "4", "--commit-every", "0", "--no-index", "--quiet", "--update"]
+    kill(start_paused(journal_pause(when, rows), args))
+    assert (_journal_rows(out) >= rows) == (when == "after-commit"), (seed, rows, when, _journal_rows(out))
+    _opens_with_every_row_once(out, {len(_contents(env["base"])["paths"])})  # the old store, untouched
+    done = subprocess.run([SJEA, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"seed {seed}: {done.stderr}"
     _assert_same(out, env["grown"])
     _assert_clean_layout(out)
 

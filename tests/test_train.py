@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +16,9 @@ import torch
 from typer.testing import CliRunner
 
 import sjea_tools
+from conftest import kill, start_paused
 from sjea_tools.cli import app
 from sjea_tools.data import load_dataset
-from sjea_tools.runs import read_metrics
 
 SJEA = str(Path(sys.executable).with_name("sjea"))
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -103,21 +101,14 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     # Uninterrupted reference.
     ref = subprocess.run([SJEA, *common, "--out", "runs/ref", "--quiet"], cwd=tmp_path, capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
-    # Killed run: SIGKILL once a mid-epoch checkpoint exists and training went past it.
-    proc = subprocess.Popen([SJEA, *common, "--out", "runs/k", "--quiet"], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "runs/k/metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if metrics.is_file() and any(s >= 6 for s in steps_logged_safe(metrics)):
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # Killed run: SIGKILLed at an event, not a time: once step 6's metrics row is written (the
+    # checkpoint of step 4 exists and training went past it) the run waits to be killed.
+    proc = start_paused(METRICS_PAUSE.format(step=6), [*common, "--out", "runs/k", "--quiet"], cwd=tmp_path)
+    kill(proc)
     run = tmp_path / "runs/k"
-    assert not (run / "model.pt").exists(), "the kill came too late to test anything"
+    assert steps_logged(run) == list(range(1, 7)) and not (run / "model.pt").exists()
     ckpt = torch.load(run / "checkpoints/last.pt", weights_only=True)
-    assert 0 < ckpt["step"] < total and ckpt["step"] % 4 == 0
+    assert ckpt["step"] == 4
     resumed = subprocess.run([SJEA, "train", "--resume", "runs/k", "--quiet"], cwd=tmp_path, capture_output=True,
                              text=True)
     assert resumed.returncode == 0, resumed.stderr
@@ -136,14 +127,24 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     sjea_tools.load_model(run)
 
 
+# Pauses `sjea train` right after the metrics row of step {step} is written.
+METRICS_PAUSE = """
+from trainers import trainer
+
+write = trainer.MetricsLog.write
+
+def write_then_maybe_pause(self, row):
+    write(self, row)
+    if row.get("kind") == "step" and row["step"] == {step}:
+        pause()
+
+trainer.MetricsLog.write = write_then_maybe_pause
+"""
+
+
 def step_losses(run_dir: Path) -> dict[int, float]:
     rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
     return {r["step"]: r["loss"] for r in rows if r["kind"] == "step"}
-
-
-def steps_logged_safe(path: Path) -> list[int]:
-    """Steps in a metrics file another process is writing (a half-written last line is skipped)."""
-    return [row["step"] for row in read_metrics(path.parent) if row.get("kind") == "step"]
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path):

@@ -305,6 +305,11 @@ class Store:
             g.attrs[key] = value
         self._f.flush()
 
+    def derived_groups(self) -> list:
+        """The open h5py groups written after the rows (cluster tree, ...), which a rewrite of
+        the rows (a compaction) carries over."""
+        return [self._f[k] for k in self._f if k not in RESERVED_GROUPS and not k.startswith("level_")]
+
     def read_group(self, name: str):
         """(arrays, attrs) of a group written with write_group, or None when it is absent."""
         if name not in self._f:

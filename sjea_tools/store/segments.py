@@ -17,8 +17,6 @@ classes of all rows, as a single run gives. A segment whose class names begin th
 is; for any other (shards of a sorted folder, an update that brings a class sorting before the
 existing ones) its labels, renumbered, are written once to a small file beside it (8 bytes a row).
 
-`SJEA_CRASH_AT=<point>` makes the process SIGKILL itself at that named point: the kill tests
-(tests/test_store_segments.py) use it to stop a writer between any two of its durable steps.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import uuid
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -37,7 +34,7 @@ from ..errors import SjeaError
 from ..io import atomic_path, fsync_dir, remove_stale_temp_files
 from ..progress import ProgressFn, report
 from .guard import StoreBusyError, disk_faults, writer_lock
-from .reader import FORMAT, RESERVED_GROUPS, Store, h5py_module, open_store, strings_sha256
+from .reader import FORMAT, Store, h5py_module, open_store, strings_sha256
 from .writer import LIBVER, RowBlocks, labels_of, new_fingerprint, write_store, write_text_dataset
 
 SEGMENTS_SUFFIX = ".segments"
@@ -45,7 +42,6 @@ SEGMENTS_SUFFIX = ".segments"
 TOP_LIBVER = ("v110", "v110")
 # After an --update that leaves more segments than this, the newest small ones are compacted.
 AUTO_COMPACT_SEGMENTS = 32
-CRASH_ENV = "SJEA_CRASH_AT"
 # Root attributes a top-level file writes itself (never copied from another store's attributes).
 OWN_ATTRS = ("segments", "history_fingerprints", "history_rows", "fingerprint", "format", "normalized")
 
@@ -54,12 +50,6 @@ def segments_dir(out: str | Path) -> Path:
     """The folder of the segment files of the store `out`: OUT.h5.segments/ beside it."""
     out = Path(out)
     return out.with_name(out.name + SEGMENTS_SUFFIX)
-
-
-def crash_point(name: str) -> None:
-    """Die here, as a SIGKILL would, when SJEA_CRASH_AT names this point (the kill tests)."""
-    if os.environ.get(CRASH_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --- the three writers: update, merge, compaction --------------------------------------------
@@ -88,13 +78,10 @@ def _append(out: Path, attrs: dict, new_paths: list[str], rows: RowBlocks, failu
     _check_unique(paths, out)
     names = _union_of_classes([old_names, labels_of(new_paths)[1] if new_paths else []])
     name, fingerprint = _new_segment_name(len(segs)), new_fingerprint()
-    crash_point("update-linked")
     write_store(segments_dir(out) / name, attrs, [rows], failures, progress=progress, task="writing",
                 total=len(new_paths), fingerprint=fingerprint, label_names=names)
-    crash_point("update-segment")
     segs.append(_entry(out, name, len(new_paths), len(failures), fingerprint))
     _publish(out, attrs, segs, paths, failed, names, history, keep_labels=old_names == names)
-    crash_point("update-published")
     remove_orphans(out)
     return segs
 
@@ -110,7 +97,6 @@ def add_stores(out: str | Path, attrs: dict, inputs: list[str | Path], progress:
         segs, paths, failed, classes = _link_stores(out, inputs, progress, task)
         _check_unique(paths, out)
         _publish(out, attrs, segs, paths, failed, _union_of_classes(classes), [])
-        crash_point("merge-published")
         remove_orphans(out)
     return out
 
@@ -126,7 +112,6 @@ def _link_stores(out: Path, inputs: list[str | Path], progress: ProgressFn | Non
             paths += s.paths
             failed += s.failed
             classes.append(_class_names(s))
-            crash_point("merge-linked")
             report(progress, task, len(paths), total)
     finally:
         for s in stores:
@@ -173,8 +158,7 @@ def compact_store(out: str | Path, progress: ProgressFn | None = None) -> dict:
             if segs:
                 attrs = {k: v for k, v in s.attrs.items() if k not in ("segments", "fingerprint", "format")}
                 write_store(out, attrs, [s.iter_rows()], failed, progress=progress, task="compacting", total=n,
-                            fingerprint=s.fingerprint, keep_groups=_derived_groups(s))
-        crash_point("compact-written")
+                            fingerprint=s.fingerprint, keep_groups=s.derived_groups())
         removed = remove_orphans(out)
     return {"out": str(out), "status": "compacted" if segs else "already one file", "segments": len(segs or [1]),
             "rows": n, "failed": len(failed), "removed_files": removed}
@@ -194,7 +178,6 @@ def compact_tail(out: Path, start: int) -> None:
                     total=len(paths) - first, fingerprint=seg_print, label_names=names)
     segs = segs[:start] + [_entry(out, name, len(paths) - first, len(failed) - first_failed, seg_print)]
     _publish(out, attrs, segs, paths, failed, names, history, fingerprint=fingerprint, keep_labels=True)
-    crash_point("tail-published")
     remove_orphans(out)
 
 
@@ -287,11 +270,6 @@ def _check_unique(paths: list[str], out: Path) -> None:
         raise SjeaError(f"the rows for {out} name some images twice; the inputs overlap (merge each shard once).")
 
 
-def _derived_groups(s: Store) -> list:
-    """Groups written after the rows (cluster tree, ...): a compaction keeps them."""
-    return [s._f[k] for k in s._f if k not in RESERVED_GROUPS and not k.startswith("level_")]
-
-
 # --- the top-level file -----------------------------------------------------------------------
 
 def _publish(out: Path, attrs: dict, segs: list[dict], paths: list[str], failed: list[tuple[str, str]],
@@ -310,7 +288,6 @@ def _publish(out: Path, attrs: dict, segs: list[dict], paths: list[str], failed:
             if names is not None:
                 write_text_dataset(f, "label_names", names)
             _root_attrs(f, attrs, segs, fingerprint, history)
-        crash_point("top-written")
 
 
 def _virtual_layout(f, attrs: dict, segs: list[dict], paths: list[str], failed: list[tuple[str, str]],
@@ -380,5 +357,4 @@ def _write_labels_file(out: Path, seg: dict, labels: np.ndarray) -> str:
     name = f"{Path(seg['file']).stem}.labels-{uuid.uuid4().hex[:8]}.h5"
     with atomic_path(segments_dir(out) / name) as tmp, h5py_module().File(tmp, "w", libver=LIBVER) as f:
         f.create_dataset("labels", data=labels, chunks=(max(1, min(len(labels), 65536)),), fletcher32=True)
-    crash_point("labels-written")
     return f"{out.name}{SEGMENTS_SUFFIX}/{name}"
