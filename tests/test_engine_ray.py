@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import socket
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -134,10 +133,10 @@ def test_unreachable_cluster_is_one_line_at_once(setup, tmp_path, monkeypatch):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    t0 = time.perf_counter()
+    # Ray's own ray.init retries for minutes: the address must be refused before Ray is asked at all.
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init was called for an unreachable address"))
     with pytest.raises(SjeaError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}"):
         _embed_with_ray(folder, tmp_path / "x.h5", address=f"127.0.0.1:{port}", run=run)
-    assert time.perf_counter() - t0 < 30  # Ray alone retries for minutes
     with pytest.raises(SjeaError, match="HOST:PORT"):
         _embed_with_ray(folder, tmp_path / "x.h5", address="headnode", run=run)
 
