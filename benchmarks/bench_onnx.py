@@ -85,8 +85,8 @@ def main() -> None:
 
     import onnxruntime as ort
 
-    from exports.onnx import export_levels
-    from exports.runtime import CUDA, OnnxModel, cpu_threads, session_options
+    from sjea_tools.exports.onnx import export_levels
+    from sjea_tools.exports.runtime import CUDA, OnnxModel, cpu_threads, session_options
     from sjea_tools.data import load_dataset, normalize_pixels
 
     threads = args.threads or cpu_threads()

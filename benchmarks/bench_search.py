@@ -280,7 +280,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     work = args.work.resolve()
     commit = args.commit or (git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", "--",
-                                                                               "sjea_tools", "exports") else ""))
+                                                                               "sjea_tools", "exports", "trainers") else ""))
     codes: dict[str, Path | None] = {args.label: None}
     commits = {args.label: commit}
     if args.baseline:

@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from docblock import write_block  # noqa: E402
 from sjea_tools.config import resolve_config  # noqa: E402
 from sjea_tools.data import augment as A  # noqa: E402
-from trainers.distributed import DistInfo  # noqa: E402
-from trainers.trainer import build_training, train_step  # noqa: E402
+from sjea_tools.trainers.distributed import DistInfo  # noqa: E402
+from sjea_tools.trainers.trainer import build_training, train_step  # noqa: E402
 
 BEGIN, END = "<!-- bench_step:begin -->", "<!-- bench_step:end -->"
 

@@ -5,7 +5,7 @@
     baseline     : per-image torchvision augmentation in DataLoader workers, fp32,
                    default memory format (the usual PyTorch recipe)
 
-Both run the real `trainers.trainer.train` on real Fashion-MNIST; images/s comes from the
+Both run the real `sjea_tools.trainers.trainer.train` on real Fashion-MNIST; images/s comes from the
 trainer's own metrics (images per second of wall time between log rows, first row dropped).
 
     python benchmarks/bench_train.py [--device cpu|cuda] [--steps 40] [--batch-size 256]
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from sjea_tools.config import resolve_config
-from trainers.trainer import train
+from sjea_tools.trainers.trainer import train
 
 
 def measure(device: str, steps: int, batch: int, fast: bool, workers: int, preset: str, levels: int,

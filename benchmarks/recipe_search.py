@@ -128,7 +128,7 @@ def run_trial(name: str, sets: list[str], with_probe: bool) -> dict:
 
     from sjea_tools.config import resolve_config
     from sjea_tools.runs import load_model
-    from trainers.trainer import train
+    from sjea_tools.trainers.trainer import train
 
     overrides = dict(s.split("=", 1) for s in sets)
     cfg = resolve_config("tiny", overrides={"train.device": "cpu", **overrides})
@@ -162,8 +162,8 @@ def run_curve(name: str, sets: list[str], epochs: float, at: list[float]) -> lis
     import torch
 
     from sjea_tools.config import resolve_config
-    from trainers.distributed import DistInfo
-    from trainers.trainer import batch_source, build_training, load_training_data, step_batches, train_step, \
+    from sjea_tools.trainers.distributed import DistInfo
+    from sjea_tools.trainers.trainer import batch_source, build_training, load_training_data, step_batches, train_step, \
         two_views_on_device
 
     overrides = dict(s.split("=", 1) for s in sets)

@@ -73,7 +73,7 @@ def model_configs(common: dict, level1: list[str]) -> dict:
 
 def train_if_needed(cfg, run_dir: Path, retrain: bool) -> float | None:
     """Train (or resume, or skip if done); returns the training wall time in seconds when trained now."""
-    from trainers.trainer import train
+    from sjea_tools.trainers.trainer import train
 
     if (run_dir / "model.pt").is_file() and not retrain:
         return None

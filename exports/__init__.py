@@ -1,14 +1,14 @@
 """ONNX export of stack levels, verification against PyTorch, and ONNX Runtime sessions.
 
-    import exports
-    report = exports.export_run("runs/tiny", level="all")     # files + verification numbers
-    m = exports.OnnxModel(report["files"][-1]["path"])        # provider, metadata, .run(batch)
+    import sjea_tools.exports
+    report = sjea_tools.exports.export_run("runs/tiny", level="all")     # files + verification numbers
+    m = sjea_tools.exports.OnnxModel(report["files"][-1]["path"])        # provider, metadata, .run(batch)
 
 Modules: onnx (build a graph, metadata, export_run), verify (parity against PyTorch on real
 images), runtime (ONNX Runtime sessions: provider choice, fast options, IO binding).
 
-Names are imported on first use: running a graph (exports.runtime) must not import torch,
-which building one (exports.onnx) needs.
+Names are imported on first use: running a graph (sjea_tools.exports.runtime) must not import torch,
+which building one (sjea_tools.exports.onnx) needs.
 """
 
 from __future__ import annotations

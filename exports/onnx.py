@@ -1,6 +1,6 @@
 """Export levels of a stacked model to ONNX: one graph, one output per level, metadata inside.
 
-    from exports.onnx import export_levels
+    from sjea_tools.exports.onnx import export_levels
     export_levels(model, "all_levels.onnx", levels=[0, 1, 2])     # Y[0..2] in one pass
 
 The graph takes a float32 NCHW batch preprocessed exactly as `sjea_tools.data.normalize_pixels`

@@ -1,7 +1,7 @@
 """An exported sjea graph in an ONNX Runtime session (`OnnxModel`), and the choice of that session:
 the cached optimised graph, else CUDA when it really starts, else the CPU.
 
-    from exports.runtime import OnnxModel
+    from sjea_tools.exports.runtime import OnnxModel
     m = OnnxModel("runs/tiny/onnx/all_levels.onnx")      # CUDA if it really works, else CPU
     ys = m.run(batch)                                     # float32 NCHW -> one array per level
 

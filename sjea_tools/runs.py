@@ -2,7 +2,7 @@
 
     runs/<name>/config.json        the resolved RunConfig
     runs/<name>/metrics.jsonl      one JSON object per logged step / epoch
-    runs/<name>/checkpoints/last.pt  full resume state (trainers.checkpoint)
+    runs/<name>/checkpoints/last.pt  full resume state (sjea_tools.trainers.checkpoint)
     runs/<name>/model.pt           the final weights with their config
     runs/<name>/skipped.jsonl      image files training skipped, with the reason (one JSON per line)
     runs/<name>/summary.json       what the finished run did: images, skipped, steps, time, final losses

@@ -10,6 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("sjea_tools", "trainers", "exports")
+# trainers/ and exports/ install as sjea_tools.trainers and sjea_tools.exports (pyproject's package-dir)
+IMPORT_PREFIX = {"trainers": "sjea_tools.trainers", "exports": "sjea_tools.exports"}
 
 # Lower layers never import higher ones. A module's layer is that of its longest matching prefix.
 LAYERS = {
@@ -21,7 +23,7 @@ LAYERS = {
     # 1: models, data, run folders
     "sjea_tools.models": 1, "sjea_tools.data": 1, "sjea_tools.runs": 1,
     # 2: training and export, built on the model
-    "trainers": 2, "exports": 2,
+    "sjea_tools.trainers": 2, "sjea_tools.exports": 2,
     # 3: everything that works on stores and results
     "sjea_tools.store": 3, "sjea_tools.index": 3, "sjea_tools.clusters": 3, "sjea_tools.embed": 3,
     "sjea_tools.search": 3, "sjea_tools.evaluation": 3, "sjea_tools.plots": 3, "sjea_tools.grid": 3,
@@ -37,6 +39,7 @@ def module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
+    parts[0] = IMPORT_PREFIX.get(parts[0], parts[0])
     return ".".join(parts)
 
 
@@ -113,3 +116,31 @@ def test_rich_and_typer_live_only_under_cli():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             offenders += [f"{module_name(p)} imports {n}" for n in names if n.split(".")[0] in ("rich", "typer")]
     assert not offenders, "\n".join(offenders)
+
+
+def test_every_package_folder_is_installed_under_sjea_tools():
+    """pyproject lists the packages (mapped folders are invisible to find()): a new package folder
+    missing from the list would be left out of the wheel; and nothing installs a top-level
+    `trainers` or `exports`."""
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {module_name(p) for p in sources() if p.name == "__init__.py"}
+    assert set(setup["packages"]) == folders
+    assert all(name.startswith("sjea_tools") for name in setup["packages"])
+    assert setup["package-dir"] == {v: k for k, v in IMPORT_PREFIX.items()}
+
+
+def test_trainers_and_exports_are_not_top_level_import_names(tmp_path):
+    """Outside the checkout, only sjea_tools is importable: `import exports` in a user's environment
+    finds their own package, never ours."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = ("import importlib.util as u; import sjea_tools.trainers.optim, sjea_tools.exports.runtime; "
+            "print(u.find_spec('trainers'), u.find_spec('exports'))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["None", "None"]

@@ -205,7 +205,7 @@ def test_l2_normalize_is_exact_and_keeps_zero_rows():
 
 
 def test_onnx_backend_matches_torch_within_the_export_tolerance(tmp_path, fmnist_test, run_dir):
-    from exports.verify import FP32
+    from sjea_tools.exports.verify import FP32
 
     folder = write_fmnist_folder(tmp_path / "imgs", fmnist_test, 24)
     (folder / "Bag" / "bad.png").write_bytes(b"garbage")

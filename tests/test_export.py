@@ -16,9 +16,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from exports.onnx import asks_for_all, export_run, plan_files, read_metadata
-from exports.runtime import OnnxModel, provider_name
-from exports.verify import FP16, FP32, max_abs_diff, min_cosine, verify_onnx, within
+from sjea_tools.exports.onnx import asks_for_all, export_run, plan_files, read_metadata
+from sjea_tools.exports.runtime import OnnxModel, provider_name
+from sjea_tools.exports.verify import FP16, FP32, max_abs_diff, min_cosine, verify_onnx, within
 from sjea_tools import load_model
 from sjea_tools.cli import app
 from sjea_tools.data import normalize_pixels
@@ -309,7 +309,7 @@ def test_several_levels_one_file_each_with_the_umask_mode_and_progress(exported_
 def test_preprocess_spec_in_the_metadata_and_from_older_files(exported_mlp2, tmp_path):
     import onnx
 
-    from exports.onnx import set_metadata
+    from sjea_tools.exports.onnx import set_metadata
     from sjea_tools.spec import PreprocessSpec
 
     run, _ = exported_mlp2

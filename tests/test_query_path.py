@@ -136,7 +136,7 @@ def run_plain_client(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("with_preprocessing", [False, True])
 def test_plain_client_from_the_readme_gives_the_stored_rows(mixed, tmp_path, with_preprocessing):
-    from exports.onnx import export_run
+    from sjea_tools.exports.onnx import export_run
 
     run, images, store, names = mixed
     report = export_run(run, level="all", out=tmp_path / "onnx", with_preprocessing=with_preprocessing)
@@ -191,9 +191,9 @@ def test_optimised_graph_cache_gives_the_same_vectors_and_passes_over_a_bad_file
     hex digits only, in $SJEA_ORT_CACHE) and gives the vectors of an uncached session; an
     unreadable cached file, or another model's graph under this name, is passed over silently and
     replaced; with the cache off nothing is written."""
-    import exports.graph_cache as graph_cache
-    import exports.runtime as runtime
-    from exports.runtime import OnnxModel
+    import sjea_tools.exports.graph_cache as graph_cache
+    import sjea_tools.exports.runtime as runtime
+    from sjea_tools.exports.runtime import OnnxModel
 
     from sjea_tools.embed.backends import ONNX_CACHE_DIR, cache_name
     from sjea_tools.runs import model_file, model_id
@@ -267,7 +267,7 @@ def flip_weight_bytes(src: Path, dst: Path, count: int = 2000) -> None:
 
 
 def test_a_tampered_onnx_cannot_add_rows_to_a_genuine_store(mixed, tmp_path):
-    from exports.onnx import export_run
+    from sjea_tools.exports.onnx import export_run
 
     run, images, store, names = mixed
     export_run(run, level="all", out=tmp_path / "onnx")
@@ -293,8 +293,8 @@ def test_a_tampered_onnx_cannot_add_rows_to_a_genuine_store(mixed, tmp_path):
 
 
 def test_the_genuine_file_keeps_the_checkpoint_identity_and_a_changed_cache_is_re_exported(mixed, tmp_path):
-    from exports.onnx import export_run
-    from exports.runtime import OnnxModel, content_model_id, graph_sha256
+    from sjea_tools.exports.onnx import export_run
+    from sjea_tools.exports.runtime import OnnxModel, content_model_id, graph_sha256
 
     from sjea_tools.embed import Embedder
     from sjea_tools.embed.backends import ONNX_CACHE_DIR, cache_name

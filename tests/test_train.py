@@ -129,7 +129,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
 
 # Pauses `sjea train` right after the metrics row of step {step} is written.
 METRICS_PAUSE = """
-from trainers import trainer
+from sjea_tools.trainers import trainer
 
 write = trainer.MetricsLog.write
 
@@ -160,7 +160,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     sjea_tools.load_model(run)
 
 
-# The trainer's own set-up and step (trainers.trainer.build_training / train_step) under torchrun,
+# The trainer's own set-up and step (sjea_tools.trainers.trainer.build_training / train_step) under torchrun,
 # fed fixed views so that a single process can repeat the same training.
 DDP_WORKER = textwrap.dedent(
     """
@@ -168,8 +168,8 @@ DDP_WORKER = textwrap.dedent(
     import numpy as np
     import torch
     from sjea_tools.config import RunConfig
-    from trainers.distributed import cleanup_distributed, process_device, setup_distributed
-    from trainers.trainer import build_training, train_step
+    from sjea_tools.trainers.distributed import cleanup_distributed, process_device, setup_distributed
+    from sjea_tools.trainers.trainer import build_training, train_step
 
     torch.set_num_threads(1)
     folder = sys.argv[1]
@@ -193,7 +193,7 @@ def test_torchrun_ranks_hold_the_weights_of_one_process_on_the_whole_batch(tmp_p
     from sjea_tools.data.augment import two_views
     from sjea_tools.losses import stacked_vicreg_loss
     from sjea_tools.models import build_model
-    from trainers.optim import build_optimizer
+    from sjea_tools.trainers.optim import build_optimizer
 
     steps, local = 2, 16
     # LARS (momentum SGD with a per-layer trust ratio) at a constant lr: its update is linear in the

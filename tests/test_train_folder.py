@@ -104,7 +104,7 @@ def test_folder_smaller_than_a_batch_is_one_line(tmp_path, photos):
 
 
 def test_a_failed_start_does_not_block_the_rerun(tmp_path, photos, monkeypatch):
-    import trainers.trainer as trainer
+    import sjea_tools.trainers.trainer as trainer
 
     real = trainer.build_training
     monkeypatch.setattr(trainer, "build_training", lambda *a, **k: (_ for _ in ()).throw(MemoryError("no room")))
@@ -173,7 +173,7 @@ def test_collapse_warns_only_when_two_checks_in_a_row_flag_it():
 
 
 def test_summary_reports_collapse_at_the_end_only_when_it_persists(tmp_path):
-    from trainers.trainer import run_summary
+    from sjea_tools.trainers.trainer import run_summary
 
     def epoch(e, flagged):
         return {"kind": "epoch", "epoch": e, "step": e, "collapsed_levels": flagged,

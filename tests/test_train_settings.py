@@ -16,7 +16,7 @@ from test_train import SMALL, run_cli, steps_logged  # the CLI helpers of the tr
 
 
 def test_resume_uses_the_runs_device_and_seed_from_the_start(tmp_path, monkeypatch):
-    import trainers.trainer as trainer
+    import sjea_tools.trainers.trainer as trainer
 
     first = run_cli(["train", *SMALL, "--device", "cpu", "--seed", "7", "--epochs", "1", "--max-steps", "3",
                      "--out", "runs/r", "--set", "train.checkpoint_every=1"], tmp_path)
@@ -56,7 +56,7 @@ def test_max_steps_stops_early_without_shortening_the_schedule(tmp_path):
 
 
 def test_nan_message_names_an_action_that_works(tmp_path, monkeypatch):
-    import trainers.trainer as trainer
+    import sjea_tools.trainers.trainer as trainer
 
     real_loss = trainer.stacked_vicreg_loss
 
@@ -79,7 +79,7 @@ def test_nan_message_names_an_action_that_works(tmp_path, monkeypatch):
 
 
 def test_official_vicreg_lars_setting():
-    from trainers.optim import LARS, build_optimizer, peak_lr
+    from sjea_tools.trainers.optim import LARS, build_optimizer, peak_lr
 
     cfg = resolve_config("vicreg-official", overrides={"train.batch_size": 512})
     o = cfg.optim

@@ -1,4 +1,4 @@
-"""`sjea export`: levels of a run -> verified ONNX files (exports.onnx.export_run)."""
+"""`sjea export`: levels of a run -> verified ONNX files (sjea_tools.exports.onnx.export_run)."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def export(
     """Export level K (or several, or all levels) of a run to ONNX and verify each file against PyTorch on real
     images. Exits 1 when parity fails (fp32: max abs diff > 1e-4 or cosine < 0.99999); nothing is
     written then."""
-    from exports.onnx import VerificationError, export_run
+    from sjea_tools.exports.onnx import VerificationError, export_run
 
     try:
         with rich_progress(quiet) as progress:

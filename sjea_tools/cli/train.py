@@ -1,4 +1,4 @@
-"""`sjea train`: options -> RunConfig -> trainers.trainer.train."""
+"""`sjea train`: options -> RunConfig -> sjea_tools.trainers.trainer.train."""
 
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def train(
         if given:
             raise SjeaError(f"--resume continues {resume} with its saved settings; drop {', '.join(given)} "
                             "(or start a new run with --out).")
-        from trainers.trainer import train as run_training
+        from sjea_tools.trainers.trainer import train as run_training
 
         cfg = resolve_config(preset)  # replaced by the run's saved config
         run_dir = _train_with_progress(run_training, cfg, quiet, json_out, out_dir=resume, resume=True)
@@ -121,7 +121,7 @@ def train(
         cfg = resolve_config(preset, config, overrides)
         cfg, facts, images = _resolve_for_data(cfg, _fixed_keys(preset, config, named, sets), dry_run)
         # torch is imported only now: a refused configuration answers without that wait.
-        from trainers.trainer import describe, train as run_training
+        from sjea_tools.trainers.trainer import describe, train as run_training
 
         if dry_run:
             summary = describe(cfg, facts, images)
@@ -215,7 +215,7 @@ class _StepMetrics(ProgressColumn):
         return Text(self.text)
 
     def log(self, row: dict) -> None:
-        """trainers.trainer's metrics callback: step rows update the text, epoch rows may warn."""
+        """sjea_tools.trainers.trainer's metrics callback: step rows update the text, epoch rows may warn."""
         if row["kind"] == "step":
             self.text = f"{_losses(row)}  {row['images_per_s']:.0f} img/s"
         else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from exports.runtime import ModelIdentityError
+from sjea_tools.exports.runtime import ModelIdentityError
 
 from ..devices import resolve_device
 from ..errors import SjeaError
@@ -83,7 +83,7 @@ class Embedder:
         (a changed file is refused), and must equal `model_id` when one is expected."""
         if not path.is_file():
             raise SjeaError(f"ONNX file {path} does not exist; export one with 'sjea export'.")
-        from exports.runtime import OnnxModel
+        from sjea_tools.exports.runtime import OnnxModel
 
         om = OnnxModel(str(path), provider="cuda" if device.startswith("cuda") else "cpu")
         if model_id is not None and om.model_id != model_id:
@@ -196,7 +196,7 @@ def _export_run_onnx(run_dir: Path, path: Path) -> Path:
     """Export every level of the run's model to `path`, its ONNX cache (once per checkpoint).
 
     Written atomically (sjea_tools.io): concurrent ranks may all export; the last rename wins whole."""
-    from exports.onnx import export_levels
+    from sjea_tools.exports.onnx import export_levels
 
     from .. import runs
 
