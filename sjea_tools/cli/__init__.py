@@ -167,7 +167,7 @@ _app = typer.Typer(
 # Each command lives in the module named after it and registers itself on `app` when imported; the
 # order here is the order of `sjea --help`.
 COMMAND_MODULES = ("train", "export", "images", "data", "embed", "merge", "index", "clusters", "search",
-                   "serve", "verify", "compact", "eval", "evaluate", "plot")
+                   "serve", "verify", "compact", "eval", "evaluate", "plot", "duplicates")
 _imported: set[str] = set()
 _registering = False
 
