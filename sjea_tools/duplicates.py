@@ -8,8 +8,8 @@ Pure part (arrays in, arrays out): `pairs_above`, `connected_groups`.
 Store part: `find_duplicates(store)` reads one level with the store reader and names the files.
 
 Cost: the pairs are found exactly (faiss.IndexFlatIP.range_search of every row against all rows,
-QUERY_CHUNK queries at a time), so time grows as n² x dim while memory stays at the vectors plus
-one chunk's pairs. Measured on the project's shared 2-core machine: 20,000 rows x 128 dims in 11 s,
+QUERY_CHUNK queries at a time), so time grows as n² x dim while memory stays at the vectors, one
+chunk's range-search result and the pairs found (at most MAX_PAIRS, about 400 MB). Measured on the project's shared 2-core machine: 20,000 rows x 128 dims in 11 s,
 so about 4.5 minutes for 100,000 rows and hours for 1,000,000 (n² grows 2,500 times).
 """
 
@@ -31,6 +31,9 @@ from .progress import ProgressFn, report
 DEFAULT_THRESHOLD = 0.99
 # Queries per range search: the pairs one chunk returns are all that is held besides the vectors.
 QUERY_CHUNK = 4096
+# More pairs than this means the threshold joins similar images, not copies (and the pairs would
+# fill memory): refused with a fix instead.
+MAX_PAIRS = 20_000_000
 KEEP_RULE = "the most pixels, then the largest file, then the first path in sorted order"
 
 
@@ -68,6 +71,9 @@ def pairs_above(x: np.ndarray, threshold: float, chunk: int = QUERY_CHUNK,
         found_i.append(rows[keep])
         found_j.append(ids[keep].astype(np.int64))
         found_s.append(scores[keep])
+        if sum(len(f) for f in found_i) > MAX_PAIRS:
+            raise SjeaError(f"more than {MAX_PAIRS:,} pairs score >= {threshold}: at that threshold the groups would "
+                            f"join similar images, not copies; raise --threshold (default {DEFAULT_THRESHOLD}).")
         report(progress, "comparing rows", min(len(x), start + chunk), len(x))
     if not found_i:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
@@ -142,7 +148,7 @@ def find_duplicates(store_path, level: int | str = 0, threshold: float | None = 
 CSV of write_list) and `grid` (draw_groups' PNG), an existing one replaced only with `overwrite`.
 
     Cost (exact all-pairs search, the module docstring): n² x dim multiply-adds, minutes for
-    100,000 rows on 2 cores; memory is the level's vectors (n x dim x 4 bytes) plus one chunk's pairs."""
+    100,000 rows on 2 cores; memory is the level's vectors (n x dim x 4 bytes) plus the pairs."""
     from .levels import parse_levels
     from .store import open_store
 

@@ -51,6 +51,16 @@ def test_chunked_queries_find_the_same_pairs_as_one_chunk():
     assert set(zip(whole[0].tolist(), whole[1].tolist())) >= {(k, 40 + k) for k in range(10)}
 
 
+def test_a_threshold_that_pairs_everything_is_refused_before_filling_memory(monkeypatch):
+    import sjea_tools.duplicates as dups
+
+    monkeypatch.setattr(dups, "MAX_PAIRS", 10)
+    x = np.ones((8, 4), np.float32)  # 28 pairs at any threshold
+    with pytest.raises(SjeaError, match="raise --threshold"):
+        dups.pairs_above(x, 0.5, chunk=3)
+    assert len(dups.pairs_above(x[:5], 0.5)[0]) == 10  # exactly the limit is allowed
+
+
 def test_union_find_joins_chains_transitively_and_drops_singletons():
     i = np.array([4, 0, 1, 6])
     j = np.array([5, 1, 2, 7])
