@@ -27,8 +27,9 @@ from .progress import ProgressFn, report
 # 50-90, 2x down- and up-sized copies, <= 5 % border crops of real photos and Fashion-MNIST images)
 # in docs/benchmarks.md, block "bench_duplicates". Scores are raw cosines of the stored vectors
 # today; if their scale changes (centred scores, another default model), re-measure with
-# benchmarks/bench_duplicates.py and put its chosen value here.
-DEFAULT_THRESHOLD = 0.99
+# benchmarks/bench_duplicates.py and put its chosen value here. Measured with a short run (188
+# steps): F1 0.50 there, below the >= 0.9 the issue asks; re-measure with the default run.
+DEFAULT_THRESHOLD = 0.999
 # Queries per range search: the pairs one chunk returns are all that is held besides the vectors.
 QUERY_CHUNK = 4096
 # More pairs than this means the threshold joins similar images, not copies (and the pairs would
