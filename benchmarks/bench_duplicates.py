@@ -241,6 +241,14 @@ def at(curve: list[dict], t: float) -> dict:
     return next(r for r in curve if r["threshold"] == t)
 
 
+def bar(r: dict) -> str:
+    """The issue's bar, stated from the numbers: precision and recall >= 0.9 on re-encodes and resizes."""
+    p, rec = r["precision_no_crops"], r["recall_no_crops"]
+    verdict = "met" if min(p, rec) >= 0.9 else "NOT met"
+    return (f"Re-encodes and 2x resizes at the default: precision {p:.3f}, recall {rec:.3f}; the bar of >= 0.9 "
+            f"for both is {verdict} with this run.")
+
+
 def block(data: dict) -> str:
     first, chosen = data["seeds"][0], data["chosen"]
     c = first["counts"]
@@ -253,7 +261,7 @@ def block(data: dict) -> str:
              "pairs. A pair is found when both files land in the same `sjea duplicates` group.", "",
              f"**Default threshold: {chosen}** (`DEFAULT_THRESHOLD` in sjea_tools/duplicates.py): the highest F1 "
              "at level 0 on this folder. Scores are raw cosines; if their scale changes, re-measure with this "
-             "script.", ""]
+             "script.", "", bar(at(first["curves"]["level 0"], chosen)), ""]
     medians = ", ".join(f"{k} {v}" for k, v in first["distinct_median"].items())
     lines += [f"Median cosine of two different originals (raw scores): {medians}.", ""]
     for name, curve in first["curves"].items():
