@@ -4,7 +4,7 @@
 
 The folder (made from a seed, no downloads): distinct originals are crops of the real photos
 bundled with scikit-image (skimage.data; each crop overlaps any other crop of its photo by IoU
-< 0.3) and real Fashion-MNIST test images (/usr/share/datasets/fashion-mnist); for 60 % of the
+< 0.3, and near-blank patches, pixel std < 25, are left out) and real Fashion-MNIST test images (/usr/share/datasets/fashion-mnist); for 60 % of the
 originals, two copies of different kinds: a JPEG re-encode at quality 50-90, the image 2x smaller,
 the image 2x larger (Lanczos), a crop trimming 1-5 % of each border. All files are shuffled under
 neutral names in one folder. Ground truth: a file and its copies are all copies of each other;
@@ -51,6 +51,7 @@ KINDS = ("jpeg", "half", "double", "crop")
 THRESHOLDS = (0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.985, 0.99, 0.993, 0.995, 0.997, 0.998, 0.999,
               0.9995, 0.9999)
 PIXEL_SIDE = 32
+MIN_STD = 25.0  # pixel standard deviation (0-255) below which a crop is a near-blank patch
 
 
 # --- the folder ---------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ def iou(a, b) -> float:
 
 
 def distinct_crops(img: np.ndarray, count: int, rng) -> list[np.ndarray]:
-    """Up to `count` crops of 25-60 % of the short side, pairwise IoU < 0.3."""
+    """Up to `count` crops of 25-60 % of the short side, pairwise IoU < 0.3, none near-blank."""
     h, w = img.shape[:2]
     boxes: list[tuple[int, int, int, int]] = []
     for _ in range(4000):
@@ -84,7 +85,9 @@ def distinct_crops(img: np.ndarray, count: int, rng) -> list[np.ndarray]:
         bw, bh = side, int(np.clip(side * rng.uniform(0.75, 1.33), 16, h))
         x0, y0 = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
         box = (x0, y0, x0 + bw, y0 + bh)
-        if all(iou(box, b) < 0.3 for b in boxes):
+        crop = img[box[1]:box[3], box[0]:box[2]]
+        # a near-blank patch (moon's sky, a page's margin) is no distinct photo: two of them are copies to any eye
+        if crop.std() >= MIN_STD and all(iou(box, b) < 0.3 for b in boxes):
             boxes.append(box)
     return [img[b[1]:b[3], b[0]:b[2]] for b in boxes]
 
