@@ -52,8 +52,8 @@ _app = typer.Typer(
 
 # Each command lives in the module named after it and registers itself on `app` when imported; the
 # order here is the order of `sjea --help`.
-COMMAND_MODULES = ("train", "export", "images", "embed", "merge", "index", "clusters", "search", "serve", "verify",
-                   "compact", "eval", "plot")
+COMMAND_MODULES = ("train", "export", "images", "embed", "merge", "index", "clusters", "search", "duplicates",
+                   "serve", "verify", "compact", "eval", "plot")
 _imported: set[str] = set()
 _registering = False
 

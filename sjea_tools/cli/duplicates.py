@@ -1,0 +1,58 @@
+"""`sjea duplicates`: near-duplicate groups of a store, a file to keep in each, never deleting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import app
+from .common import console, handle_errors, json_option, literal, markup_safe, print_json, quiet_option, rich_progress
+
+_SHOWN = 20  # groups printed; --json and --list hold them all
+
+
+@app.command()
+@handle_errors
+def duplicates(
+    store: Path = typer.Argument(..., help="The .h5 store written by 'sjea embed'."),
+    level: str = typer.Option("0", "--level", help="The level whose cosine decides (one level of the store)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Cosine at or above which two files are "
+                                              "copies, in (0, 1] \\[default: measured on real copies, see "
+                                              "docs/benchmarks.md]."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="Also draw the groups (the largest 40) into this PNG."),
+    keep_list: Optional[Path] = typer.Option(None, "--list", help="Also write a CSV: group, path, action "
+                                             "(keep/remove), score (cosine to the kept file)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --grid or --list file."),
+    quiet: bool = quiet_option(),
+    as_json: bool = json_option("the groups"),
+) -> None:
+    """Find groups of near-duplicate images in STORE (re-encodes, resizes, small crops). In each group
+    one file is suggested to keep (the most pixels, then the largest file); nothing is deleted."""
+    from ..duplicates import find_duplicates
+
+    with rich_progress(quiet or as_json) as progress:
+        result = find_duplicates(store, level, threshold, grid=grid, keep_list=keep_list, overwrite=overwrite,
+                                 progress=progress)
+    if as_json:
+        print_json(result)
+        return
+    print_groups(result)
+
+
+def print_groups(result: dict) -> None:
+    groups = result["groups"]
+    console.print(f"{markup_safe(result['store'])}: {len(groups)} group(s) of near-duplicates among {result['rows']:,} "
+                  f"rows (level {result['level']}, cosine >= {result['threshold']}); {result['to_remove']} file(s) "
+                  "could be removed. Nothing was deleted.", highlight=False)
+    for g in groups[:_SHOWN]:
+        console.print(f"[bold]group {g['group']}[/] ({g['size']} files)", highlight=False)
+        for m in g["members"]:
+            line = literal(f"  {'keep  ' if m['action'] == 'keep' else 'remove'} {m['score']:.4f}  {m['path']}")
+            console.print(line, highlight=False)
+    if len(groups) > _SHOWN:
+        console.print(f"... {len(groups) - _SHOWN} more group(s): see --json or --list", highlight=False)
+    for key, what in (("list", "keep/remove list"), ("grid", "picture")):
+        if key in result:
+            console.print(f"wrote the {what} {markup_safe(result[key])}", highlight=False)
