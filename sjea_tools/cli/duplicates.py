@@ -8,9 +8,10 @@ from typing import Optional
 import typer
 
 from . import app
-from .common import console, handle_errors, json_option, literal, markup_safe, print_json, quiet_option, rich_progress
+from .common import console, handle_errors, number_check, json_option, literal, markup_safe, print_json, quiet_option, rich_progress
 
 _SHOWN = 20  # groups printed; --json and --list hold them all
+_THRESHOLD = number_check(above=0, maximum=1, rule="a number above 0 and at most 1")
 
 
 @app.command()
@@ -18,7 +19,7 @@ _SHOWN = 20  # groups printed; --json and --list hold them all
 def duplicates(
     store: Path = typer.Argument(..., help="The .h5 store written by 'sjea embed'."),
     level: str = typer.Option("0", "--level", help="The level whose cosine decides (one level of the store)."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Cosine at or above which two files are "
+    threshold: Optional[float] = typer.Option(None, "--threshold", callback=_THRESHOLD, help="Cosine at or above which two files are "
                                               "copies, in (0, 1] \\[default: measured on real copies, see "
                                               "docs/benchmarks.md]."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Also draw the groups (the largest 40) into this PNG."),
