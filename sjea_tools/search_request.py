@@ -30,9 +30,18 @@ class SearchRequest:
     probes: int = 1
     within: str | None = None  # None: search.DEFAULT_WITHIN
     min_score: float | None = None
+    where: tuple[str, ...] = ()  # "folder=F", "label=NAME", "path=GLOB" (filters.RowFilter), ANDed
+    exclude_same_folder: bool = False
+
+    def row_filter(self):
+        """The filters.RowFilter of `where` and `exclude_same_folder` (bad syntax: SjeaError)."""
+        from .filters import RowFilter
+
+        return RowFilter.parse(self.where, self.exclude_same_folder)
 
     def __post_init__(self) -> None:
         # frozen: the given forms are normalised once, here
         object.__setattr__(self, "queries", tuple(str(q) for q in self.queries or ()))
         object.__setattr__(self, "ids", tuple(self.ids or ()))
+        object.__setattr__(self, "where", tuple(str(w) for w in self.where or ()))
         object.__setattr__(self, "level", self.level or None)

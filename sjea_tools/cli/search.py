@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -35,10 +37,22 @@ def search(
     min_score: Optional[float] = typer.Option(None, "--min-score", callback=any_finite, help="Leave out hits "
                                               "scoring below this cosine (-1 to 1; ranges in docs/search.md)."),
     factor: Optional[float] = typer.Option(None, "--factor", hidden=True, help="Removed (the old funnel)."),
+    where: Optional[List[str]] = typer.Option(None, "--where", help="Only hits where folder=F (F and below), "
+                                              "label=NAME or path=GLOB (fnmatch on the stored path); "
+                                              "repeatable, all must hold."),
+    exclude_same_folder: bool = typer.Option(False, "--exclude-same-folder", help="Leave out hits in the "
+                                             "query's own folder."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="What stdout shows: table, json, jsonl or csv (one "
+                                      "line per hit) \\[default: table]."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the results to FILE: .csv, .jsonl (one "
+                                       "line per hit) or .json."),
+    copy_to: Optional[Path] = typer.Option(None, "--copy-to", help="Copy the hit files into this folder (one "
+                                           "sub-folder per query when several); never over an existing file."),
+    link: bool = typer.Option(False, "--link", help="With --copy-to: symbolic links instead of copies."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Also write a PNG: the query and its neighbours, one "
                                         "row per level and one for the hierarchical result."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Let --grid replace an existing file."),
-    as_json: bool = json_option("the results"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Let --grid and --out replace an existing file."),
+    as_json: bool = json_option("the results (= --format json)"),
 ) -> None:
     """Find the stored images nearest to QUERY images (or --id N), at each level or hierarchically."""
     from ..errors import SjeaError
@@ -46,6 +60,8 @@ def search(
     if factor is not None:
         raise SjeaError("--factor is gone: hierarchical search now answers from the query's coarse cluster; "
                         "widen it with --probes N.")
+    fmt = output_format(fmt, as_json)
+    out_fmt = check_outputs(out, overwrite, copy_to, link)
     level = level or None  # typer gives [] when --level is absent
     if grid is not None:
         from ..grid import check_grid_target
@@ -53,20 +69,86 @@ def search(
         check_grid_target(grid, store, queries or [], overwrite)
         if mode is None and level is None:
             mode = "both"  # the grid shows a row per level and the hierarchical row
-    res = run_search(SearchRequest(store, tuple(queries or ()), tuple(ids or ()), k=k, mode=mode, level=level,
-                                   order=order, probes=probes, within=within, min_score=min_score))
+    request = SearchRequest(store, tuple(queries or ()), tuple(ids or ()), k=k, mode=mode, level=level,
+                            order=order, probes=probes, within=within, min_score=min_score,
+                            where=tuple(where or ()), exclude_same_folder=exclude_same_folder)
+    request.row_filter()  # bad --where syntax: refused before the store is opened
+    res = run_search(request)
     if grid is not None:
         from ..grid import search_grid
 
         search_grid(res, grid)
-    if as_json:
+    written = write_outputs(res, out, out_fmt, copy_to, link)
+    show(res, fmt)
+    # where the outputs went: on stdout after a table, on stderr when stdout is machine-readable
+    said = console if fmt == "table" else err_console
+    for line in ([f"grid written to {grid}"] if grid is not None else []) + written:
+        said.print(markup_safe(line), highlight=False)
+
+
+FORMATS = ("table", "json", "jsonl", "csv")
+OUT_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".json": "json"}
+
+
+def output_format(fmt: str | None, as_json: bool) -> str:
+    from ..errors import SjeaError
+
+    if fmt is not None and fmt not in FORMATS:
+        raise SjeaError(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'.")
+    if as_json and fmt not in (None, "json"):
+        raise SjeaError(f"--json is --format json; pass one of them, not --json with --format {fmt}.")
+    return "json" if as_json else fmt or "table"
+
+
+def check_outputs(out: Path | None, overwrite: bool, copy_to: Path | None, link: bool) -> str | None:
+    """The --out file's format (None without --out); refused before searching when it cannot be written."""
+    from ..errors import SjeaError
+
+    if link and copy_to is None:
+        raise SjeaError("--link makes --copy-to write symbolic links; pass --copy-to DIR too.")
+    if copy_to is not None and copy_to.exists() and not copy_to.is_dir():
+        raise SjeaError(f"--copy-to {copy_to} is a file; pass a folder (it is created if missing).")
+    if out is None:
+        return None
+    out_fmt = OUT_SUFFIXES.get(out.suffix.lower())
+    if out_fmt is None:
+        raise SjeaError(f"--out {out}: name a .csv, .jsonl or .json file (the suffix picks the format).")
+    if out.is_dir() or (out.exists() and not overwrite):
+        raise SjeaError(f"--out {out} already exists; choose another name or pass --overwrite.")
+    if out.suffix.lower() in (".h5", ".hdf5"):
+        raise SjeaError(f"--out {out} would replace a store; choose another name.")
+    return out_fmt
+
+
+def write_outputs(res: dict, out: Path | None, out_fmt: str | None, copy_to: Path | None, link: bool) -> list[str]:
+    """--out and --copy-to written; a line saying where each went."""
+    from ..io import atomic_write_text
+    from ..search_export import copy_hits, hit_rows, rows_text
+
+    lines = []
+    if out is not None:
+        atomic_write_text(out, json.dumps(res, indent=2, default=str) + "\n" if out_fmt == "json"
+                          else rows_text(hit_rows(res), out_fmt))
+        lines.append(f"results written to {out}")
+    if copy_to is not None:
+        placed = copy_hits(res, copy_to, link)
+        lines.append(f"{len(placed)} hit file(s) {'linked' if link else 'copied'} into {copy_to}")
+    return lines
+
+
+def show(res: dict, fmt: str) -> None:
+    from ..search_export import hit_rows, rows_text
+
+    if fmt == "json":
         print_json(res)
+        return
+    if fmt in ("csv", "jsonl"):
+        sys.stdout.write(rows_text(hit_rows(res), fmt))
+        sys.stdout.flush()
         return
     for note in res["notes"]:
         err_console.print(f"note: {markup_safe(note)}", highlight=False)
     print_tables(res)
-    if grid is not None:
-        console.print(f"grid written to {markup_safe(grid)}", highlight=False)
 
 
 def run_search(request: SearchRequest) -> dict:
@@ -76,7 +158,8 @@ def run_search(request: SearchRequest) -> dict:
 
     r = request
     return search_store(r.store, queries=list(r.queries), ids=list(r.ids), k=r.k, mode=r.mode, level=r.level,
-                        order=r.order, probes=r.probes, within=r.within or DEFAULT_WITHIN, min_score=r.min_score)
+                        order=r.order, probes=r.probes, within=r.within or DEFAULT_WITHIN, min_score=r.min_score,
+                        row_filter=r.row_filter())
 
 
 def group_name(levels: list[int], nodes: list[int]) -> str:

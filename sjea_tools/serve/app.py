@@ -131,9 +131,14 @@ def search_options(param):
                 within: Within = param("score", description="hierarchical: rank inside the gate by score, or "
                                        "sub-cluster by sub-cluster (groups)."),
                 min_score: Optional[float] = param(None, description="Leave out hits scoring below this "
-                                                   "(cosine -1..1; ranks are kept).")) -> dict:
+                                                   "(cosine -1..1; ranks are kept)."),
+                where: Optional[List[str]] = param(None, description="Only hits where folder=F, label=NAME or "
+                                                   "path=GLOB (repeat: all must hold)."),
+                exclude_same_folder: bool = param(False, description="Leave out hits in the query's own "
+                                                  "folder.")) -> dict:
         return {"k": k, "mode": mode, "level": level or None, "order": order or None, "probes": probes,
-                "within": within, "min_score": min_score}
+                "within": within, "min_score": min_score, "where": tuple(where or ()),
+                "exclude_same_folder": exclude_same_folder}
 
     return options
 

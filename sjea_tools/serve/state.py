@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import SjeaError
 from ..index import SIDECAR, index_dir, open_indexes
+from ..filters import RowFilter
 from ..search import (DEFAULT_MODE, DEFAULT_WITHIN, hierarchy_tree, query_vectors, resolve_request,
                       search_open_store)
 from ..store import open_store
@@ -70,12 +71,14 @@ class LoadedStore:
 
     # --- search -----------------------------------------------------------------------------------
     def search(self, ids=(), files=(), k: int = 10, mode: str | None = None, level=None, order=None,
-               probes: int = 1, within: str = DEFAULT_WITHIN, min_score: float | None = None) -> dict:
+               probes: int = 1, within: str = DEFAULT_WITHIN, min_score: float | None = None, where=(),
+               exclude_same_folder: bool = False) -> dict:
         """What `search_store` returns (the fields of `sjea search --json`), through the same
         search.search_open_store on the loaded indexes and tree; each result also carries the
         query's cluster path when the store has a tree."""
         mode, used, wanted = resolve_request(k, mode, level, order, self.levels, probes, within, min_score,
                                              self.cosine)
+        row_filter = RowFilter.parse(where, exclude_same_folder)
         if files and self.embedder is None:
             raise SjeaError(f"searching by image needs the store's model, which did not load: {self.embedder_error}")
         with open_store(self.path) as store:
@@ -83,7 +86,7 @@ class LoadedStore:
             labels, qv = self._query_vectors(store, ids, files)
             res = search_open_store(store, self.path, labels, qv, indexes=self.indexes, tree=tree, paths=self.paths,
                                     k=k, mode=mode, used=used, probes=probes, within=within, min_score=min_score,
-                                    notes=[])
+                                    notes=[], row_filter=row_filter)
         self._add_cluster_paths(res["results"], [self.indexes.prepare(v) for v in qv])
         res["root"] = str(self.root)
         return res
