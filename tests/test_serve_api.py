@@ -98,7 +98,10 @@ def test_search_by_a_list_of_ids_finds_each_first(client, store):
         assert r["query_file"] == str(store["images"] / store["paths"][i])
 
 
-def test_uploaded_image_finds_its_own_file_first_at_every_level(client, store):
+def test_uploaded_image_finds_its_own_file_first_at_every_level(client, store, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this test's own temp folder: other workers upload too
     rel = store["paths"][42]
     data = (store["images"] / rel).read_bytes()
     res = client.post("/api/search/image", files={"file": ("mine.png", data, "image/png")},
@@ -109,7 +112,7 @@ def test_uploaded_image_finds_its_own_file_first_at_every_level(client, store):
         assert r["per_level"][lv][0]["path"] == rel and r["per_level"][lv][0]["score"] >= 0.999
     assert r["hierarchical"][0]["path"] == rel
     assert r["cluster_path"] == client.get("/api/items/42").json()["cluster_path"]
-    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("sjea-serve-*"))  # the upload's temp file is gone
+    assert not list(tmp_path.glob("sjea-serve-*"))  # the upload's temp file is gone
 
 
 def test_min_score_leaves_out_lower_hits(client):
