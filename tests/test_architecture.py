@@ -144,3 +144,31 @@ def test_trainers_and_exports_are_not_top_level_import_names(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["None", "None"]
+
+
+MAX_MODULE_LINES = 500  # a module longer than this holds more than one concept (docs/architecture.md)
+
+
+def test_no_module_is_over_500_lines():
+    long = [f"{p.relative_to(ROOT)}: {n} lines" for p in sources()
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES]
+    assert not long, "\n".join(long)
+
+
+def test_no_private_module_of_a_dependency_is_imported():
+    """`typer._click`, `torch._dynamo`, `from faiss import _swigfaiss`...: private parts change without
+    notice between versions; the project uses public names only (its own modules aside)."""
+    own = {p.split(".")[0] for p in PACKAGES} | {"sjea_tools"}
+    offenders = []
+    for p in [*sources(), *(ROOT / "tests").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]:
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            offenders += [f"{p.relative_to(ROOT)}: {n}" for n in names
+                          if n.split(".")[0] not in own and any(part.startswith("_") and not part.startswith("__")
+                                                               for part in n.split("."))]
+    assert not offenders, "\n".join(offenders)
