@@ -32,5 +32,7 @@ PY="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, pinned: the version this project is tested with (CUDA build on Linux x86-64).
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install -q -e ".[dev]"
+# setuptools' "Editable installation" notice (a wall of asterisks on every editable install of a
+# flat layout) says nothing actionable here; only that one message is silenced.
+PYTHONWARNINGS="ignore:Editable installation" .venv/bin/python -m pip install -q -e ".[dev]"
 echo "installed: $(.venv/bin/sjea --version) in $(pwd)/.venv"

@@ -19,7 +19,7 @@ pytest.importorskip("fastapi")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e .[dev])")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 from sjea_tools.serve import serve_in_thread  # noqa: E402
 
@@ -110,6 +110,8 @@ def test_upload_click_and_cluster_tree_in_a_real_browser(browser, served, screen
     d.get(served["url"])
     wait(d).until(EC.text_to_be_present_in_element((By.ID, "store-info"), f"{N} rows"))
     assert d.find_element(By.ID, "error").is_displayed() is False
+    # The page starts in `sjea search`'s default mode (per-level); this test wants every column.
+    Select(d.find_element(By.ID, "mode")).select_by_value("both")
 
     # Upload a real Fashion-MNIST image: rank 1 is the same file in every column.
     rel = served["paths"][123]

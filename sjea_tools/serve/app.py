@@ -7,13 +7,16 @@ in parallel on the one LoadedStore (FAISS and NumPy release the GIL). Every erro
 
 from __future__ import annotations
 
+import os
 import re
+import warnings
 from pathlib import Path
 from typing import List, Literal, Optional
+from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -48,6 +51,7 @@ def create_app(store, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: i
     _add_search_routes(app, holder, max_upload_bytes, max_pixels)
     _add_item_routes(app, holder, max_pixels)
     _add_page(app)
+    _add_photo_routes(app, holder)
     return app
 
 
@@ -212,3 +216,78 @@ def _add_page(app: FastAPI) -> None:
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+# --- photos: originals, browsing every row, cluster names --------------------------------------------
+
+# What a browser is told each stored format is; any other file is not served as an original.
+MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "BMP": "image/bmp",
+               "TIFF": "image/tiff", "WEBP": "image/webp"}
+MAX_BROWSE = 500
+
+
+def original_response(path: Path, item_id: int) -> StreamingResponse:
+    """The stored file as it is, streamed from one open handle (checked to be an image from that
+    same handle, so a file swapped after the check is never what is sent)."""
+    from PIL import Image
+
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        raise Missing(f"the image file of item {item_id} is no longer in the store's image root.") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's bomb warning: only the header is read here
+            with Image.open(handle, formats=tuple(MEDIA_TYPES)) as img:
+                kind = img.format
+        size = os.fstat(handle.fileno()).st_size
+        handle.seek(0)
+    except Exception:  # noqa: BLE001 - any failure to read a header means "not an image"
+        handle.close()
+        raise BadImage(f"the file of item {item_id} is not an image it can serve "
+                       f"({', '.join(MEDIA_TYPES).lower()}).") from None
+
+    def chunks():
+        with handle:
+            while block := handle.read(1 << 20):
+                yield block
+
+    name = quote(path.name)
+    return StreamingResponse(chunks(), media_type=MEDIA_TYPES.get(kind, "application/octet-stream"),
+                             headers={"Content-Length": str(size), "X-Content-Type-Options": "nosniff",
+                                      "Content-Disposition": f"inline; filename*=UTF-8''{name}",
+                                      "Cache-Control": "max-age=60"})
+
+
+def _add_photo_routes(app: FastAPI, holder: StoreHolder) -> None:
+    names_cache: dict = {}
+
+    @app.get("/api/items/{item_id}/original", summary="An item's original file, full size", tags=["items"],
+             response_class=Response, responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}})
+    def original(item_id: str) -> StreamingResponse:
+        """The stored photo as it is on disk: only rows of the store, inside its image root, image files only."""
+        loaded = holder.current()
+        i = loaded.check_id(item_id)
+        return original_response(item_file(loaded.root, loaded.paths[i], i), i)
+
+    @app.get("/api/items", summary="Every stored row, a page at a time", tags=["items"])
+    def items(offset: int = Query(0, ge=0, description="First row of the page."),
+              limit: int = Query(60, ge=1, le=MAX_BROWSE, description="Rows per page.")) -> dict:
+        """Rows offset..offset+limit in store order: each item's id, path, label, cluster path and thumbnail."""
+        loaded = holder.current()
+        rows = range(offset, min(offset + limit, loaded.n))
+        return {"total": loaded.n, "offset": offset,
+                "items": [{**loaded.item(i), "original": f"/api/items/{i}/original"} for i in rows]}
+
+    @app.get("/api/clusters/names", summary="Each cluster named by its majority folder", tags=["clusters"])
+    def cluster_names() -> dict:
+        """Per depth, per cluster id: the first sub-folder most of its rows come from, how many of them
+        do (count) and its size, e.g. {"name": "cat", "count": 12, "size": 14}."""
+        from .tree import cluster_names as names
+
+        loaded = holder.current()
+        key = (id(loaded), loaded.fingerprint)
+        if key not in names_cache:
+            names_cache.clear()  # one store version at a time
+            names_cache[key] = names(loaded.tree, loaded.tree_note, loaded.paths)
+        return names_cache[key]

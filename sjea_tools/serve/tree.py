@@ -54,3 +54,29 @@ def cluster_node(tree: dict | None, note: str | None, depth: int, node: int, off
     return {**node_summary(tree, depth, node), "parent": None if parent < 0 else parent, "path": path,
             "sub_clusters": sorted((node_summary(tree, depth + 1, int(j)) for j in kids), key=lambda r: -r["size"]),
             "members": [int(r) for r in members[offset:offset + limit]], "offset": offset, "total": len(members)}
+
+
+TOP_LEVEL = "(top level)"
+
+
+def top_folder(rel: str) -> str:
+    """The first sub-folder of a stored path: what folder labels use as the class (a loose file at
+    the root has none)."""
+    head, sep, _ = rel.replace("\\", "/").partition("/")
+    return head if sep else TOP_LEVEL
+
+
+def cluster_names(tree: dict | None, note: str | None, paths: list[str]) -> dict:
+    """Each node named by the folder most of its rows come from: {"depths": [[{"name", "count",
+    "size"} per node] per depth]}, e.g. "cat" with count 12 of size 14."""
+    tree = check_tree(tree, note)
+    folders, codes = np.unique([top_folder(p) for p in paths], return_inverse=True)
+    depths = []
+    for d in range(tree["assign"].shape[1]):
+        nodes = len(tree[f"size_{d}"])
+        counts = np.bincount(tree["assign"][:, d] * len(folders) + codes,
+                             minlength=nodes * len(folders)).reshape(nodes, len(folders))
+        best = counts.argmax(axis=1)
+        depths.append([{"name": str(folders[b]), "count": int(counts[i, b]), "size": int(counts[i].sum())}
+                       for i, b in enumerate(best)])
+    return {"depths": depths}

@@ -3,7 +3,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { info: null, last: null, node: null, memberOffset: 0 };
+const state = { info: null, last: null, node: null, memberOffset: 0, names: null, browseOffset: 0 };
+const BROWSE_PAGE = 60;
 
 function el(tag, cls, text) {
   const e = document.createElement(tag);
@@ -96,7 +97,9 @@ function render(res, queryImage) {
   const r = res.results[0];
   $("query").hidden = false;
   $("query-thumb").src = queryImage;
-  $("query-label").textContent = r.query;
+  $("query-label").textContent = queryName(r, res.root);
+  $("query-original").hidden = r.query_id === null || r.query_id === undefined;
+  $("query-original").onclick = () => openViewer(r.query_id);
   const treeLevels = res.order || (state.info && state.info.tree_levels) || res.levels;
   $("query-cluster").textContent = r.cluster_path
     ? "cluster path " + r.cluster_path.map((c, i) => `L${treeLevels[i] ?? i}:${c}`).join(" › ") : "";
@@ -111,6 +114,14 @@ function render(res, queryImage) {
                       r.query_id, true, res.levels, treeLevels));
   }
   box.dataset.query = r.query;
+}
+
+// A stored query is shown by its file (relative to the store's image root), with its id.
+function queryName(r, root) {
+  if (r.query_id === null || r.query_id === undefined || !r.query_file) return r.query;
+  const prefix = root ? root.replace(/\/+$/, "") + "/" : "";
+  const rel = prefix && r.query_file.startsWith(prefix) ? r.query_file.slice(prefix.length) : r.query_file;
+  return `${rel}  (id:${r.query_id})`;
 }
 
 function column(title, sub, hits, queryId, hierarchical, levels, treeLevels) {
@@ -139,6 +150,11 @@ function hitRow(hit, queryId, hierarchical, levels, treeLevels) {
   if (hit.group) {
     meta.append(el("div", "scores", "cluster " + hit.group.map((c, i) => `L${treeLevels[i] ?? i}:${c}`).join(" › ")));
   }
+  const full = el("button", "link", "full size");
+  full.type = "button";
+  full.title = "the original photo, full size";
+  full.addEventListener("click", (e) => { e.stopPropagation(); openViewer(hit.id, hit.path); });
+  meta.append(full);
   row.append(meta);
   row.addEventListener("click", () => searchId(hit.id));
   return row;
@@ -146,10 +162,17 @@ function hitRow(hit, queryId, hierarchical, levels, treeLevels) {
 
 // --- cluster tree ---------------------------------------------------------------------------------
 
+// "cat (12 of 14)": the folder most of the cluster's rows come from.
+function clusterName(depth, id) {
+  const n = state.names && state.names.depths[depth] && state.names.depths[depth][id];
+  return n ? `${n.name} (${n.count} of ${n.size})` : `cluster ${id}`;
+}
+
 async function openClusters() {
   showView("clusters");
   showError("");
   try {
+    if (!state.names) state.names = await api("/api/clusters/names");
     const tree = await api("/api/clusters");
     state.node = null;
     $("crumbs").replaceChildren(el("span", "", `Level-${tree.levels[0]} clusters (${tree.clusters.length})`));
@@ -171,8 +194,10 @@ function renderClusters(nodes) {
     card.dataset.node = n.id;
     const thumbs = el("div", "thumbs");
     for (const id of n.examples.slice(0, 3)) thumbs.append(thumb(id, 64));
-    card.append(thumbs, el("div", "title", `L${n.level} cluster ${n.id}`),
-                el("div", "muted", `${n.size} items` + (n.children ? `, ${n.children} sub-clusters` : "")));
+    card.dataset.name = clusterName(n.depth, n.id);
+    card.append(thumbs, el("div", "title", card.dataset.name),
+                el("div", "muted", `L${n.level} cluster ${n.id}` + (n.children ? `, ${n.children} sub-clusters` : "")),
+                el("div", "muted", `${n.size} items`));
     card.addEventListener("click", () => openNode(n.depth, n.id));
     box.append(card);
   }
@@ -191,7 +216,7 @@ async function openNode(depth, node) {
     n.path.forEach((id, d) => {
       crumbs.append(" › ");
       const lv = state.info && state.info.tree_levels ? state.info.tree_levels[d] : d;
-      const a = el("a", "", `L${lv} cluster ${id}`);
+      const a = el("a", "", `L${lv} ${clusterName(d, id)}`);
       a.addEventListener("click", () => openNode(d, id));
       crumbs.append(a);
     });
@@ -229,11 +254,67 @@ async function moreMembers() {
   }
 }
 
+// --- full-size view and browsing every row ----------------------------------------------------------
+
+async function openViewer(id, name) {
+  const dialog = $("viewer");
+  const url = `/api/items/${id}/original`;
+  dialog.dataset.id = id;
+  $("viewer-size").textContent = "";
+  $("viewer-img").onload = (e) => { $("viewer-size").textContent = `${e.target.naturalWidth} × ${e.target.naturalHeight} px`; };
+  $("viewer-img").src = url;
+  $("viewer-link").href = url;
+  $("viewer-name").textContent = name || `item ${id}`;
+  if (!dialog.open) dialog.showModal();
+  if (!name) {
+    try {
+      $("viewer-name").textContent = (await api(`/api/items/${id}`)).path;
+    } catch (e) { /* the id is already shown */ }
+  }
+}
+
+async function openBrowse(offset = state.browseOffset) {
+  showView("browse");
+  showError("");
+  try {
+    const page = await api(`/api/items?offset=${offset}&limit=${BROWSE_PAGE}`);
+    state.browseOffset = page.offset;
+    const box = $("browse");
+    box.replaceChildren();
+    for (const item of page.items) {
+      const tile = el("div", "member tile");
+      tile.dataset.id = item.id;
+      tile.dataset.path = item.path;
+      tile.title = `${item.path}: click for full size`;
+      tile.append(thumb(item.id, 128), el("div", "name", item.path));
+      tile.addEventListener("click", () => openViewer(item.id, item.path));
+      box.append(tile);
+    }
+    const last = page.offset + page.items.length;
+    $("browse-range").textContent = `${page.offset + 1}–${last} of ${page.total.toLocaleString()}`;
+    $("browse-prev").disabled = page.offset === 0;
+    $("browse-next").disabled = last >= page.total;
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
 function showView(name) {
-  $("search-view").hidden = name !== "search";
-  $("clusters-view").hidden = name !== "clusters";
-  $("tab-search").classList.toggle("active", name === "search");
-  $("tab-clusters").classList.toggle("active", name === "clusters");
+  for (const v of ["search", "clusters", "browse"]) {
+    $(`${v}-view`).hidden = name !== v;
+    $(`tab-${v}`).classList.toggle("active", name === v);
+  }
+}
+
+// Options that do not apply to the chosen mode are greyed out (their help says which mode they belong to).
+function syncMode() {
+  const mode = $("mode").value;
+  for (const label of document.querySelectorAll(".options .hier")) {
+    label.classList.toggle("off", mode === "per-level");
+  }
+  for (const label of document.querySelectorAll(".options .per-level")) {
+    label.classList.toggle("off", mode !== "per-level");
+  }
 }
 
 // --- wiring ---------------------------------------------------------------------------------------
@@ -258,6 +339,13 @@ async function start() {
   $("tab-search").addEventListener("click", () => showView("search"));
   $("tab-clusters").addEventListener("click", openClusters);
   $("more-members").addEventListener("click", moreMembers);
+  $("tab-browse").addEventListener("click", () => openBrowse());
+  $("browse-prev").addEventListener("click", () => openBrowse(Math.max(0, state.browseOffset - BROWSE_PAGE)));
+  $("browse-next").addEventListener("click", () => openBrowse(state.browseOffset + BROWSE_PAGE));
+  $("viewer-close").addEventListener("click", () => $("viewer").close());
+  $("viewer").addEventListener("click", (e) => { if (e.target === $("viewer")) $("viewer").close(); });
+  $("viewer-search").addEventListener("click", () => { $("viewer").close(); searchId($("viewer").dataset.id); });
+  $("mode").addEventListener("change", syncMode);
   window.addEventListener("popstate", () => {
     const id = new URLSearchParams(location.search).get("id");
     if (id !== null) searchId(id, false);
@@ -268,7 +356,9 @@ async function start() {
     $("store-info").textContent = `${info.store.split("/").pop()}: ${info.n.toLocaleString()} rows, levels ` +
       `${info.levels.join(", ")}, ${Object.values(info.index_kinds).join("/")} index` +
       (info.image_search ? "" : " (image search unavailable: " + info.image_search_error + ")");
-    if (info.levels.length < 2) $("mode").value = "per-level";
+    // The same default as `sjea search` (the server says which).
+    $("mode").value = info.levels.length < 2 ? "per-level" : (info.default_mode || "per-level");
+    syncMode();
     $("tab-clusters").disabled = !info.cluster_tree;
     if (!info.cluster_tree) $("tab-clusters").title = info.cluster_note || "no cluster tree";
   } catch (e) {
