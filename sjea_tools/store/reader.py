@@ -137,7 +137,7 @@ class Store:
 
         with self.reading("its layout"):
             check_sources(self._f, self.path, self.segments)
-        check_segment_files(self.path, self.segments, _open_h5)
+        check_segment_files(self.path, self.segments, _open_h5, StoreDamagedError)
 
     @contextmanager
     def reading(self, what: str):

@@ -64,19 +64,18 @@ def _foreign(path: Path | None, what: str, why: str) -> str:
             "backup).")
 
 
-def check_segment_files(path: Path, segments: list[dict] | None, open_h5) -> None:
+def check_segment_files(path: Path, segments: list[dict] | None, open_h5, error=SjeaError) -> None:
     """Each segment file the store names exists beside it and is the one recorded: its
     `fingerprint` attribute and its row count (attributes and shapes, never rows), and it holds no
-    external or virtual data of its own. Labels files carry their segment's fingerprint too."""
-    from .reader import StoreDamagedError
-
+    external or virtual data of its own. Labels files carry their segment's fingerprint too.
+    `error`: the class raised (the reader's StoreDamagedError)."""
     for g in segments or []:
         for name, kind in ((g["file"], "segment"), (g.get("labels"), "labels")):
             if not name:
                 continue
             where = path.parent / name
             if not where.is_file():
-                raise StoreDamagedError(
+                raise error(
                     f"{path} is incomplete: its segment file {where} is missing (a store of several segments is "
                     f"this file and the folder {Path(name).parent}/ beside it: move or copy them together, "
                     "keeping their names), or restore it from a backup.")
@@ -84,7 +83,7 @@ def check_segment_files(path: Path, segments: list[dict] | None, open_h5) -> Non
                 found = _segment_identity(part, kind)
                 check_sources(part, where, None)
             if found != (str(g["fingerprint"]), int(g["rows"])) and found[0] is not None:
-                raise StoreDamagedError(
+                raise error(
                     f"{where} is not the one the store recorded as its {kind} file (fingerprint {str(found[0])[:12]}, "
                     f"{found[1]} rows; recorded {str(g['fingerprint'])[:12]}, {g['rows']} rows): it was replaced, "
                     f"maybe by another store's; put the right file back (the store is {path}), or embed again into a new file.")
