@@ -95,7 +95,7 @@ def _assert_clean_layout(out: Path):
     assert not partial_path(out).exists()
     with open_store(out) as s:
         named = {Path(n).name for g in s.segments or [] for n in (g["file"], g.get("labels")) if n}
-    on_disk = {p.name for p in segments_dir(out).iterdir()} if segments_dir(out).exists() else set()
+    on_disk = ({p.name for p in segments_dir(out).iterdir()} - {segments.OWNER_FILE}) if segments_dir(out).exists() else set()
     assert on_disk == named
 
 

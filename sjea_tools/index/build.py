@@ -16,8 +16,8 @@ from .growth import grow_level, plan_level
 from .level_file import build_level_file
 from .load import prepare
 from .recall import RECALL_SAMPLE
-from .sidecar import (INDEX_FORMAT, SIDECAR, StoredPaths, index_dir, read_sidecar_or_none, remove_unused_files,
-                      rows_record, stale_rows)
+from .sidecar import (INDEX_FORMAT, SIDECAR, StoredPaths, digests, foreign_file, index_dir, read_sidecar_or_none,
+                      remove_unused_files, rows_record, stale_rows)
 
 
 def build_indexes(store_path: str | Path, kind: str = "auto", memory_budget=None, params: dict | None = None,
@@ -63,21 +63,49 @@ def _index_all_levels(store_path: Path, old: dict | None, request: dict,
         if store.n == 0:
             raise SjeaError(f"{store_path} holds no embeddings yet; run sjea embed first.")
         paths = StoredPaths(store)  # read only where the store's history cannot answer, or for a build
-        problem = "no index yet" if old is None else stale_rows(store, old, paths)
+        problem = "no index yet" if old is None else (stale_rows(store, old, paths) or foreign_parts(store, old))
         entries = {str(level): _index_level(store, level, dim, old, problem, request, build_id, progress)
                    for level, dim in zip(store.levels, store.dims)}
+        for entry in entries.values():  # what binds each file to this sidecar (load.py checks it)
+            if entry["action"] != "up to date" or not entry.get("digests"):
+                entry["digests"] = digests(index_dir(store_path), entry)
         built = any(e["action"] in ("built", "rebuilt") for e in entries.values())
         sidecar = {"format": INDEX_FORMAT, "store": store_path.name, "model_id": store.model_id, "n": store.n,
-                   "store_fingerprint": store.fingerprint, "metric": request["metric"], "levels": entries,
+                   "store_fingerprint": store.fingerprint, "store_id": store.store_id, "metric": request["metric"], "levels": entries,
                    "memory_budget": request["budget"], "sample": request["sample"],
                    "rows": rows_record(store, paths() if built or paths.read else None),
                    "faiss_version": faiss.__version__,
                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if old is not None and all(e["action"] == "up to date" for e in entries.values()):
         # Nothing to add; only a rewrite of the same rows (a new fingerprint) needs a new sidecar.
-        if old.get("store_fingerprint") == sidecar["store_fingerprint"]:
+        if old.get("store_fingerprint") == sidecar["store_fingerprint"] and old.get("store_id") == store.store_id \
+                and all(e.get("digests") == old["levels"][lv].get("digests") for lv, e in entries.items()):
             return {**old, "levels": entries}, False
     return sidecar, True
+
+
+def finite_rows(store, level: int, rows):
+    """The rows, or one line naming the first NaN/infinite one (an index would rank it at random)."""
+    import numpy as np
+
+    bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+    if len(bad):
+        raise SjeaError(f"{store.path} level {level} row {bad[0]} holds NaN or infinity ({len(bad)} such rows); "
+                        f"run 'sjea verify {store.path}', then embed the images again into a new file.")
+    return rows
+
+
+def foreign_parts(store, old: dict) -> str | None:
+    """Why the existing index files are not this store's (another store's sidecar, a file replaced
+    or swapped since it was built), or None."""
+    if old.get("store_id") not in (None, store.store_id):
+        return "the index in the folder was built for another store (its store id differs)"
+    folder = index_dir(store.path)
+    for level in store.levels:
+        name = str(level) in old.get("levels", {}) and foreign_file(folder, old, level)
+        if name:
+            return f"{name} is not the file this index was built with (replaced or swapped)"
+    return None
 
 
 def _index_level(store, level: int, dim: int, old: dict | None, problem: str | None, request: dict, build_id: str,
@@ -93,7 +121,7 @@ def _index_level(store, level: int, dim: int, old: dict | None, problem: str | N
             return entry
         action = "rebuilt"
     spec = wanted_spec(store.n, dim, request)
-    vectors = prepare(store.read_embeddings(level), request["metric"])
+    vectors = prepare(finite_rows(store, level, store.read_embeddings(level)), request["metric"])
     forced = any(request["params"].get(p) is not None for p in ("nprobe", "ef_search"))
     entry = build_level_file(vectors, spec, path, sample=request["sample"], tune=request["tune"] and not forced,
                              progress=progress, task=f"level {level} {spec['kind']}")

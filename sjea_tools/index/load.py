@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import SjeaError
 from ..vectors import exact_rerank, l2_normalize, merge_top_k
-from .sidecar import check_sidecar, index_dir, read_sidecar, store_of
+from .sidecar import check_sidecar, foreign_file, foreign_message, index_dir, read_sidecar, store_of
 
 # Files larger than this are memory-mapped on load rather than read into memory.
 MMAP_MIN_BYTES = 256 << 20
@@ -49,17 +49,21 @@ def load_indexes(store_path: str | Path, model_id: str, n: int, levels, mmap: bo
 
 def _load_levels(store_path, sidecar: dict | None, model_id: str, n: int, levels, mmap: bool | None,
                  fingerprint: str | None) -> dict:
-    if fingerprint is None:
-        from ..store import open_store
+    from ..store import open_store
 
-        with open_store(store_path) as s:
-            fingerprint = s.fingerprint
-    sidecar = check_sidecar(store_path, sidecar, model_id, n, levels, fingerprint)
+    with open_store(store_path) as s:
+        fingerprint, store_id = fingerprint or s.fingerprint, s.store_id
+    sidecar = check_sidecar(store_path, sidecar, model_id, n, levels, fingerprint, store_id)
     folder = index_dir(store_path)
     out = {}
     for level in levels:
         entry = sidecar["levels"][str(level)]
-        index = read_faiss(existing(folder / entry["file"], store_path), mmap)
+        existing(folder / entry["file"], store_path)
+        foreign = foreign_file(folder, sidecar, level)
+        if foreign:
+            raise SjeaError(foreign_message(store_path, folder, foreign))
+        index = read_faiss(folder / entry["file"], mmap)
+        check_dim(index, entry, folder, store_path)
         set_search_params(index, entry["search_params"])
         if entry.get("parts"):
             index = PartedIndex(index, [read_faiss(existing(folder / part["file"], store_path), mmap=False)
@@ -76,6 +80,13 @@ def existing(path: Path, store_path) -> Path:
     if not path.is_file():
         raise SjeaError(f"{path} is missing; rebuild the index with: sjea index {store_path}")
     return path
+
+
+def check_dim(index, entry: dict, folder: Path, store_path) -> None:
+    """An index of another width (the other level's file in this one's place) is refused, not searched."""
+    if entry.get("dim") is not None and int(index.d) != int(entry["dim"]):
+        raise SjeaError(f"{folder / entry['file']} holds {index.d}-wide vectors, the sidecar records "
+                        f"{entry['dim']} for this level; rebuild the index with: sjea index {store_path} --rebuild")
 
 
 def check_parts(index: "PartedIndex", entry: dict, folder: Path, store_path) -> None:

@@ -59,7 +59,7 @@ def read_sidecar_or_none(store_path: str | Path) -> dict | None:
 
 
 def check_sidecar(store_path: str | Path, sidecar: dict | None, model_id: str, n: int, levels,
-                  fingerprint: str | None = None) -> dict:
+                  fingerprint: str | None = None, store_id: str | None = None) -> dict:
     """Refuse an index that does not describe the store as it is now; the message gives the fix.
     Every store write records a new fingerprint and the sidecar the one it was built from, so a
     store rewritten with the same model and row count is still caught."""
@@ -71,6 +71,10 @@ def check_sidecar(store_path: str | Path, sidecar: dict | None, model_id: str, n
     if sidecar["model_id"] != model_id:
         raise SjeaError(f"the index of {store_path} was built for another model "
                         f"({sidecar['model_id'][:12]}, store has {model_id[:12]}); {fix}")
+    if store_id is not None and sidecar.get("store_id") not in (None, store_id):
+        raise SjeaError(f"the index in {index_dir(store_path)} belongs to another store (store id "
+                        f"{str(sidecar.get('store_id'))[:12]}, {store_path} has {store_id[:12]}); rebuild it with: "
+                        f"sjea index {store_path} --rebuild")
     if fingerprint is not None and sidecar.get("store_fingerprint") != fingerprint:
         raise SjeaError(f"the index of {store_path} is stale: it was built from an earlier version of the store "
                         f"(rewritten since); {fix}")
@@ -92,11 +96,55 @@ def index_is_current(store_path: str | Path) -> bool:
         return False
     with open_store(store_path) as s:
         try:
-            check_sidecar(store_path, sidecar, s.model_id, s.n, s.levels, s.fingerprint)
+            check_sidecar(store_path, sidecar, s.model_id, s.n, s.levels, s.fingerprint, s.store_id)
         except SjeaError:
             return False
     folder = index_dir(store_path)
-    return all((folder / f).is_file() for e in sidecar["levels"].values() for f in level_files(e))
+    return (all((folder / f).is_file() for e in sidecar["levels"].values() for f in level_files(e))
+            and not any(foreign_file(folder, sidecar, int(lv)) for lv in sidecar["levels"]))
+
+
+# A file's digest reads its first and last DIGEST_SPAN bytes (and its size): cheap at any size, and
+# another index of the same shape (another store's rows, the other level) differs in them.
+DIGEST_SPAN = 1 << 20
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's size, first and last DIGEST_SPAN bytes (the whole file when smaller)."""
+    import hashlib
+
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode() + b"\0")
+    with open(path, "rb") as f:
+        h.update(f.read(DIGEST_SPAN))
+        if size > DIGEST_SPAN:
+            f.seek(max(DIGEST_SPAN, size - DIGEST_SPAN))
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def digests(folder: Path, entry: dict) -> dict:
+    """{file name: digest} of a level's index files, as its sidecar entry records them."""
+    return {name: file_digest(folder / name) for name in level_files(entry)}
+
+
+def foreign_file(folder: Path, sidecar: dict, level: int) -> str | None:
+    """The first index file of `level` that is not the one its sidecar recorded (replaced, swapped
+    with the other level's or another store's), or None; entries written before digests: None."""
+    entry = sidecar["levels"][str(level)]
+    recorded = entry.get("digests")
+    if not recorded:
+        return None
+    for name in level_files(entry):
+        path = folder / name
+        if path.is_file() and recorded.get(name) != file_digest(path):
+            return name
+    return None
+
+
+def foreign_message(store_path, folder: Path, name: str) -> str:
+    return (f"{folder / name} is not the index file built for {store_path} (replaced, or swapped with another "
+            f"level's or another store's); rebuild the index with: sjea index {store_path} --rebuild")
 
 
 def level_files(entry: dict) -> list[str]:

@@ -105,6 +105,8 @@ class Store:
             raise SjeaError(f"{self.path} is a folder, not an embedding store; pass the .h5 file 'sjea embed' wrote.")
         if not self.path.is_file():
             raise SjeaError(f"store {self.path} does not exist; create it with 'sjea embed IMAGES {self.path}'.")
+        if mode != "r":
+            _own_copy(self.path)
         self._f = _open_h5(self.path, "r+" if mode == "a" else mode)
         try:
             with self.reading("its attributes"):
@@ -128,14 +130,14 @@ class Store:
             raise
 
     def _check_segments(self) -> None:
-        """Every segment file exists: HDF5 reads a missing source of a virtual dataset as its fill
-        value (NaN rows, empty names), never an error, so a store without one is refused here."""
-        for name in [n for seg in self.segments or [] for n in (seg["file"], seg.get("labels")) if n]:
-            if not (self.path.parent / name).is_file():
-                raise StoreDamagedError(
-                    f"{self.path} is incomplete: its segment file {self.path.parent / name} is missing (a store "
-                    f"of several segments is this file and the folder {Path(name).parent}/ beside it: move or copy "
-                    "them together, keeping their names), or restore it from a backup.")
+        """The store reads only its own file and the segment files it names, each the one recorded
+        (store.sources): HDF5 reads a missing source of a virtual dataset as its fill value (NaN rows,
+        empty names) and an external one from any path, never an error, so such a store is refused here."""
+        from .sources import check_segment_files, check_sources
+
+        with self.reading("its layout"):
+            check_sources(self._f, self.path, self.segments)
+        check_segment_files(self.path, self.segments, _open_h5, StoreDamagedError)
 
     @contextmanager
     def reading(self, what: str):
@@ -194,6 +196,12 @@ class Store:
     def fingerprint(self) -> str | None:
         """Changes with every write of the store (None for stores written before it was recorded)."""
         return self.attrs.get("fingerprint")
+
+    @property
+    def store_id(self) -> str | None:
+        """Names the store across its versions (kept by --update, compaction and a rewrite at the same
+        name; new for a merge); its segments folder records it (None: written before it was)."""
+        return self.attrs.get("store_id")
 
     @property
     def segments(self) -> list[dict] | None:
@@ -336,6 +344,18 @@ def _open_h5(path: Path, mode: str):
         first = text.splitlines()[0] if text else type(e).__name__
         raise SjeaError(f"{path} is not a readable HDF5 store ({first}); if it was a store, it is damaged: "
                         "restore it from a backup or embed the images again into a new file.") from None
+
+
+def _own_copy(path: Path) -> None:
+    """A file with other hard links (a shard that `sjea merge` linked as a segment of another store)
+    is copied to a file of its own before it is written: segments are immutable."""
+    if path.stat().st_nlink > 1:
+        import shutil
+
+        from ..io import atomic_path
+
+        with atomic_path(path) as tmp:
+            shutil.copyfile(path, tmp)
 
 
 def open_store(path: str | Path, mode: str = "r") -> Store:

@@ -31,19 +31,21 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SjeaError
-from ..io import atomic_path, fsync_dir, remove_stale_temp_files
+from ..io import atomic_path, atomic_write_text, fsync_dir, remove_stale_temp_files
 from ..progress import ProgressFn, report
 from .guard import StoreBusyError, disk_faults, writer_lock
-from .reader import FORMAT, Store, h5py_module, open_store, strings_sha256
-from .writer import LIBVER, RowBlocks, labels_of, new_fingerprint, write_store, write_text_dataset
+from .reader import FORMAT, RESERVED_GROUPS, Store, h5py_module, open_store, strings_sha256
+from .sources import SEGMENTS_SUFFIX
+from .writer import LIBVER, RowBlocks, existing_store_id, labels_of, new_fingerprint, write_store, write_text_dataset
 
-SEGMENTS_SUFFIX = ".segments"
+# In each segments folder: the id of the store it serves (docs/store-format.md, "Store id").
+OWNER_FILE = ".store-id"
 # Virtual datasets need the HDF5 1.10 file format (h5dump and h5py of HDF5 >= 1.10 read it).
 TOP_LIBVER = ("v110", "v110")
 # After an --update that leaves more segments than this, the newest small ones are compacted.
 AUTO_COMPACT_SEGMENTS = 32
 # Root attributes a top-level file writes itself (never copied from another store's attributes).
-OWN_ATTRS = ("segments", "history_fingerprints", "history_rows", "fingerprint", "format", "normalized")
+OWN_ATTRS = ("segments", "history_fingerprints", "history_rows", "fingerprint", "format", "normalized", "store_id")
 
 
 def segments_dir(out: str | Path) -> Path:
@@ -72,6 +74,8 @@ def append_segment(out: str | Path, attrs: dict, new_paths: list[str], rows: Row
 def _append(out: Path, attrs: dict, new_paths: list[str], rows: RowBlocks, failures: list[tuple[str, str]],
             progress: ProgressFn | None) -> list[dict]:
     with open_store(out) as base:
+        store_id = base.store_id or new_fingerprint()
+        claim_folder(out, store_id)
         segs = base.segments or [_link_segment(out, out, 0, base)]
         paths, failed, history = base.paths + new_paths, base.failed + failures, base.history
         old_names = _class_names(base)
@@ -79,9 +83,9 @@ def _append(out: Path, attrs: dict, new_paths: list[str], rows: RowBlocks, failu
     names = _union_of_classes([old_names, labels_of(new_paths)[1] if new_paths else []])
     name, fingerprint = _new_segment_name(len(segs)), new_fingerprint()
     write_store(segments_dir(out) / name, attrs, [rows], failures, progress=progress, task="writing",
-                total=len(new_paths), fingerprint=fingerprint, label_names=names)
+                total=len(new_paths), fingerprint=fingerprint, label_names=names, store_id=store_id)
     segs.append(_entry(out, name, len(new_paths), len(failures), fingerprint))
-    _publish(out, attrs, segs, paths, failed, names, history, keep_labels=old_names == names)
+    _publish(out, attrs, segs, paths, failed, names, history, store_id, keep_labels=old_names == names)
     remove_orphans(out)
     return segs
 
@@ -93,10 +97,12 @@ def add_stores(out: str | Path, attrs: dict, inputs: list[str | Path], progress:
     the writer lock. progress(task, rows added, total rows) per store."""
     out = Path(out)
     remove_orphans(out)
+    store_id = existing_store_id(out) or new_fingerprint()
+    claim_folder(out, store_id)
     with _orphans_removed_on_error(out):
         segs, paths, failed, classes = _link_stores(out, inputs, progress, task)
         _check_unique(paths, out)
-        _publish(out, attrs, segs, paths, failed, _union_of_classes(classes), [])
+        _publish(out, attrs, segs, paths, failed, _union_of_classes(classes), [], store_id)
         remove_orphans(out)
     return out
 
@@ -154,12 +160,14 @@ def compact_store(out: str | Path, progress: ProgressFn | None = None) -> dict:
     with writer_lock(out), disk_faults(f"the compacted store {out}"):
         remove_stale_temp_files(out)
         with open_store(out) as s:
-            segs, n, failed = s.segments, s.n, s.failed
+            segs, n, failed, store_id = s.segments, s.n, s.failed, s.store_id
             if segs:
                 attrs = {k: v for k, v in s.attrs.items() if k not in ("segments", "fingerprint", "format")}
                 write_store(out, attrs, [s.iter_rows()], failed, progress=progress, task="compacting", total=n,
                             fingerprint=s.fingerprint, keep_groups=s.derived_groups())
         removed = remove_orphans(out)
+        for folder in {(out.parent / g["file"]).parent for g in segs or []} - {segments_dir(out)}:
+            removed += _remove_unused(folder, store_id, set())  # a store renamed since its last write
     return {"out": str(out), "status": "compacted" if segs else "already one file", "segments": len(segs or [1]),
             "rows": n, "failed": len(failed), "removed_files": removed}
 
@@ -173,11 +181,12 @@ def compact_tail(out: Path, start: int) -> None:
         first_failed = sum(int(g["failed"]) for g in segs[:start])
         paths, failed, names, fingerprint = s.paths, s.failed, s.label_names, s.fingerprint
         attrs = {k: v for k, v in s.attrs.items() if k not in OWN_ATTRS}
-        name, seg_print = _new_segment_name(start), new_fingerprint()
+        name, seg_print, store_id = _new_segment_name(start), new_fingerprint(), s.store_id or new_fingerprint()
+        claim_folder(out, store_id)
         write_store(segments_dir(out) / name, attrs, [s.iter_rows(first=first)], failed[first_failed:],
-                    total=len(paths) - first, fingerprint=seg_print, label_names=names)
+                    total=len(paths) - first, fingerprint=seg_print, label_names=names, store_id=store_id)
     segs = segs[:start] + [_entry(out, name, len(paths) - first, len(failed) - first_failed, seg_print)]
-    _publish(out, attrs, segs, paths, failed, names, history, fingerprint=fingerprint, keep_labels=True)
+    _publish(out, attrs, segs, paths, failed, names, history, store_id, fingerprint=fingerprint, keep_labels=True)
     remove_orphans(out)
 
 
@@ -193,8 +202,9 @@ def tail_start(segs: list[dict]) -> int:
 
 def remove_orphans(out: str | Path) -> int:
     """Delete the files in OUT.h5.segments/ that the store at OUT does not name (what a killed
-    update, merge or compaction left); nothing when OUT cannot be read (never guess). Returns
-    how many were removed."""
+    update, merge or compaction left); nothing when OUT cannot be read (never guess), and nothing
+    of a folder that serves another store (OUT renamed with `mv`, a new store written under the
+    old name: the folder's owner file says so). Returns how many were removed."""
     out = Path(out)
     folder = segments_dir(out)
     if not folder.is_dir():
@@ -202,15 +212,84 @@ def remove_orphans(out: str | Path) -> int:
     keep = _named_files(out)
     if keep is None:
         return 0
+    return _remove_unused(folder, existing_store_id(out), keep, named_by_store=bool(keep))
+
+
+def _remove_unused(folder: Path, store_id: str | None, keep: set[str], named_by_store: bool = False) -> int:
+    """Delete the files of `folder` outside `keep` (and the folder when nothing is kept), only when
+    the folder serves the store `store_id` (or, written before owner files, the store naming files
+    in it), and never a file another store beside it names."""
+    if not folder.is_dir():
+        return 0
+    owner = folder_owner(folder)
+    if not (owner == store_id if owner is not None else named_by_store or store_id is None):
+        return 0
+    doomed = [p for p in folder.iterdir() if p.name not in keep and p.name != OWNER_FILE
+              and (p.is_file() or p.is_symlink())]
+    if doomed:  # read the neighbours only when something would go
+        keep = keep | _named_by_neighbours(folder)
     removed = 0
-    for p in folder.iterdir():
-        if p.name not in keep and (p.is_file() or p.is_symlink()):
+    for p in doomed:
+        if p.name not in keep:
             p.unlink()
             removed += 1
     if not keep:
         shutil.rmtree(folder, ignore_errors=True)
-    fsync_dir(out.parent)
+    fsync_dir(folder.parent)
     return removed
+
+
+def folder_owner(folder: Path) -> str | None:
+    """The store id a segments folder records (None: no owner file, written before there were)."""
+    try:
+        return (folder / OWNER_FILE).read_text().strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def claim_folder(out: Path, store_id: str) -> None:
+    """Make OUT.h5.segments/ the folder of the store `store_id`, or refuse (one line, nothing
+    written) when it serves another store: OUT was renamed with `mv` and its top-level file, under
+    its new name, still reads from this folder."""
+    folder = segments_dir(out)
+    if not folder.is_dir():
+        folder.mkdir()
+        fsync_dir(folder.parent)
+    owner = folder_owner(folder)
+    if owner == store_id:
+        return
+    users = [p for p in _neighbours(folder) if p.resolve() != out.resolve()
+             and ((owner and existing_store_id(p) == owner) or _named_by_neighbours(folder, [p]))]
+    if not users:  # a killed run's, or written before owner files: adopted
+        atomic_write_text(folder / OWNER_FILE, store_id + "\n")
+        return
+    user = users[0]
+    raise SjeaError(f"{folder} holds the segments of another store, {user} (renamed from {out.name}?), not of "
+                    f"{out}: writing here would lose its rows. Run 'sjea compact {user}' first (then it needs no "
+                    f"folder), or write {out.name} under another name.")
+
+
+def _neighbours(folder: Path) -> list[Path]:
+    return [p for p in folder.parent.glob("*.h5") if p.is_file()]
+
+
+def _named_by_neighbours(folder: Path, stores: list[Path] | None = None) -> set[str]:
+    """Names in `folder` that any store file beside it (or of `stores`) names (a store renamed with
+    `mv` keeps reading its segments under the old folder name): never orphans, whoever's folder."""
+    names: set[str] = set()
+    for p in _neighbours(folder) if stores is None else stores:
+        try:
+            with h5py_module().File(p, "r") as f:
+                text = f.attrs.get("segments")
+        except (OSError, KeyError, ValueError):
+            continue
+        try:
+            segs = json.loads(text) if text else []
+        except (TypeError, ValueError):
+            continue
+        names |= {Path(n).name for g in segs for n in (g.get("file"), g.get("labels"))
+                  if n and Path(n).parent.name == folder.name}
+    return names
 
 
 # --- segments ---------------------------------------------------------------------------------
@@ -233,7 +312,6 @@ def _link_segment(out: Path, source: Path, index: int, store: Store) -> dict:
         raise SjeaError(f"{source} is itself a store of several segments; compact it first "
                         f"(sjea compact {source}), then merge.")
     folder = segments_dir(out)
-    _make_folder(folder)
     name = _new_segment_name(index)
     try:
         os.link(source, folder / name)
@@ -242,12 +320,6 @@ def _link_segment(out: Path, source: Path, index: int, store: Store) -> dict:
             shutil.copyfile(source, tmp)
     fsync_dir(folder)
     return _entry(out, name, store.n, len(store.failed), store.fingerprint or new_fingerprint())
-
-
-def _make_folder(folder: Path) -> None:
-    if not folder.is_dir():
-        folder.mkdir()
-        fsync_dir(folder.parent)
 
 
 def _named_files(out: Path) -> set[str] | None:
@@ -273,7 +345,7 @@ def _check_unique(paths: list[str], out: Path) -> None:
 # --- the top-level file -----------------------------------------------------------------------
 
 def _publish(out: Path, attrs: dict, segs: list[dict], paths: list[str], failed: list[tuple[str, str]],
-             names: list[str] | None, history: list[tuple[str, int]], fingerprint: str | None = None,
+             names: list[str] | None, history: list[tuple[str, int]], store_id: str, fingerprint: str | None = None,
              keep_labels: bool = False) -> None:
     """Write the top-level file naming `segs` (whose rows are `paths`, `failed`) and rename it
     over `out`. history: the earlier versions whose rows these begin with (Store.history)."""
@@ -288,6 +360,7 @@ def _publish(out: Path, attrs: dict, segs: list[dict], paths: list[str], failed:
             if names is not None:
                 write_text_dataset(f, "label_names", names)
             _root_attrs(f, attrs, segs, fingerprint, history)
+            f.attrs["store_id"] = store_id
 
 
 def _virtual_layout(f, attrs: dict, segs: list[dict], paths: list[str], failed: list[tuple[str, str]],
@@ -357,4 +430,5 @@ def _write_labels_file(out: Path, seg: dict, labels: np.ndarray) -> str:
     name = f"{Path(seg['file']).stem}.labels-{uuid.uuid4().hex[:8]}.h5"
     with atomic_path(segments_dir(out) / name) as tmp, h5py_module().File(tmp, "w", libver=LIBVER) as f:
         f.create_dataset("labels", data=labels, chunks=(max(1, min(len(labels), 65536)),), fletcher32=True)
+        f.attrs["segment_fingerprint"] = seg["fingerprint"]  # binds it to its segment (store.sources)
     return f"{out.name}{SEGMENTS_SUFFIX}/{name}"

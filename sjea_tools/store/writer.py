@@ -33,15 +33,18 @@ RowBlocks = Iterable[tuple[list[str], dict]]
 def write_store(out: str | Path, attrs: dict, row_sources: Iterable[RowBlocks], failures: list[tuple[str, str]],
                 progress: ProgressFn | None = None, task: str = "writing", total: int | None = None, *,
                 fingerprint: str | None = None, label_names: list[str] | None = None,
-                keep_groups: list | None = None) -> Path:
+                keep_groups: list | None = None, store_id: str | None = None) -> Path:
     """Write a complete store from blocks of rows (stores, journals) to a temporary file beside
     `out`, then rename it over `out`: a store on disk is always complete, and gets the mode the
     user's umask asks for. progress(task, rows written, total) after every block.
     fingerprint: keep this one (a rewrite of the same rows, `sjea compact`) instead of a new one;
     label_names: index labels into these class names (a segment of a larger store) instead of the
-    sorted classes of these rows alone; keep_groups: open h5py groups (a cluster tree) copied in."""
+    sorted classes of these rows alone; keep_groups: open h5py groups (a cluster tree) copied in;
+    store_id: the id of the store these rows belong to (default: the one in attrs, else that of the
+    store this write replaces at `out`, else a new one: docs/store-format.md, "Store id")."""
     h5py = h5py_module()
     out = Path(out)
+    store_id = store_id or attrs.get("store_id") or existing_store_id(out) or new_fingerprint()
     if total is not None:
         check_free_space(out, attrs, total)
     with atomic_path(out) as tmp, h5py.File(tmp, "w", libver=LIBVER) as f:
@@ -58,6 +61,7 @@ def write_store(out: str | Path, attrs: dict, row_sources: Iterable[RowBlocks], 
         # A small integer, not numpy's bool: h5py writes bools as an HDF5 enum PyTables cannot read.
         f.attrs["normalized"] = np.uint8(bool(attrs.get("normalized")))
         f.attrs["fingerprint"] = fingerprint or new_fingerprint()
+        f.attrs["store_id"] = store_id
         f.attrs["format"] = FORMAT
         for group in keep_groups or []:
             group.file.copy(group, f, name=group.name.lstrip("/"))
@@ -66,6 +70,19 @@ def write_store(out: str | Path, attrs: dict, row_sources: Iterable[RowBlocks], 
 
 def new_fingerprint() -> str:
     return uuid.uuid4().hex
+
+
+def existing_store_id(out: Path) -> str | None:
+    """The store id of the store at `out` (which a rewrite at the same name keeps), or None when
+    there is none, it is no store, or it was written before store ids were recorded."""
+    if not out.is_file():
+        return None
+    try:
+        with h5py_module().File(out, "r") as f:
+            value = f.attrs.get("store_id")
+    except (OSError, KeyError, ValueError):
+        return None
+    return value.decode() if isinstance(value, bytes) else (str(value) if value is not None else None)
 
 
 def chunk_rows(dim: int, dtype: np.dtype) -> int:
