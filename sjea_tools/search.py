@@ -23,7 +23,7 @@ from .filters import RowFilter, parent_folder
 from .index import open_indexes
 from .levels import parse_levels
 from .hierarchy import WITHIN
-from .vectors import best_k, exact_scores, exact_top_k, l2_normalize
+from .vectors import exact_scores, l2_normalize
 
 MODES = ("per-level", "hierarchical", "both")
 # Chosen by benchmarks/bench_hierarchical.py (docs/search.md): the mode and ordering that measured best.
@@ -32,11 +32,6 @@ MODES = ("per-level", "hierarchical", "both")
 DEFAULT_MODE = "per-level"
 DEFAULT_WITHIN = "score"
 STORE_SUFFIXES = (".h5", ".hdf5")
-# Filtered search, measured on 100,000 x 256 rows, 2 cores, k=10, one query: FAISS's own selector
-# (flat 2-34 ms at any share) beat asking for more and dropping (50-940 ms, widening when the
-# query's neighbours lie outside the filter); on HNSW the selector needs efSearch ~ 1/share and
-# took 4.4 s at 0.1 % allowed, where reading those rows and searching them exactly took 11-230 ms.
-EXACT_SHARE = 0.01
 
 
 def check_order(order, levels: int | list[int]) -> list[int] | None:
@@ -264,7 +259,11 @@ def query_vectors(store, path: Path, ids, queries, embedder=None) -> tuple[list[
         if not 0 <= int(i) < n:
             raise SjeaError(f"--id {i} is out of range: the store has rows 0..{n - 1}.")
         for j, lv in enumerate(levels):
-            per_level[j].append(store.read_embeddings(lv, [int(i)]))
+            row = store.read_embeddings(lv, [int(i)])
+            if not np.isfinite(row).all():
+                raise SjeaError(f"row {int(i)} of {path} holds non-finite values at level {lv}: the store is "
+                                f"damaged; 'sjea verify {path}' lists such rows; re-embed its images.")
+            per_level[j].append(row)
         labels.append({"query": f"id:{int(i)}", "query_id": int(i),
                        "query_file": str(Path(store.root) / store.paths[int(i)])})
     files = expand_queries(queries)
@@ -305,8 +304,10 @@ class Searcher:
         for lv in used:
             hit_scores, hit_ids = self.level_top_k(lv, k, masks)
             for r, hid, hsc in zip(out, hit_ids, hit_scores):
+                # a non-finite stored row (a damaged store: sjea verify says which) is never a hit
+                keep = [(h, s) for h, s in zip(hid, hsc) if h >= 0 and np.isfinite(s)]
                 r[str(lv)] = [{"rank": i + 1, "id": int(h), "path": self.paths[h], "score": float(s)}
-                              for i, (h, s) in enumerate(zip(hid, hsc)) if h >= 0]
+                              for i, (h, s) in enumerate(keep)]
         return out
 
     def level_top_k(self, lv: int, k: int, masks: list[np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -320,7 +321,7 @@ class Searcher:
         scores = np.full((len(self.qv[j]), k), -np.inf, np.float32)
         ids = np.full((len(self.qv[j]), k), -1, np.int64)
         for mask, qs in mask_groups(masks):
-            scores[qs], ids[qs] = filtered_search(self.indexes, lv, self.qv[j][qs], k, rows_of, mask)
+            scores[qs], ids[qs] = self.indexes.search(lv, self.qv[j][qs], k, rows_of, mask=mask)
         return scores, ids
 
     def hierarchical(self, tree: dict, tree_levels: list[int], k: int, probes: int, within: str,
@@ -387,83 +388,6 @@ def mask_groups(masks: list[np.ndarray]) -> list[tuple[np.ndarray, list[int]]]:
     for qi, m in enumerate(masks):
         groups.setdefault(id(m), (m, []))[1].append(qi)
     return list(groups.values())
-
-
-def filtered_search(indexes, level: int, queries: np.ndarray, k: int, get_rows,
-                    mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, ids) (q, k) of the top k among the rows `mask` allows, -inf / -1 padded, exact scores.
-
-    FAISS searches only the allowed rows (an IDSelectorBitmap in the search parameters: flat, IVF
-    and HNSW honour it), k x the level's rerank candidates re-scored from the stored vectors
-    get_rows(sorted rows) gives. An approximate index visits more to find allowed rows (efSearch,
-    nprobe raised by 1 / share); a query it still leaves short is searched exactly over the allowed
-    rows, so a flat index (the default up to 50,000 rows) is exact and the others never come up short.
-    An approximate index with under EXACT_SHARE of its rows allowed is not asked at all: the
-    allowed rows are searched exactly."""
-    allowed = np.flatnonzero(mask)
-    nq, want = len(queries), min(k, len(allowed))
-    if want == 0:
-        return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
-    entry = indexes.sidecar["levels"][str(level)]
-    if entry.get("kind") != "flat" and len(allowed) < EXACT_SHARE * len(mask):
-        return exact_among(queries, allowed, get_rows, k)
-    candidates = selected_candidates(indexes.loaded[level], queries, k * max(1, entry.get("rerank", 1)), mask)
-    scores, ids = best_k(*padded(exact_scores(queries, candidates, get_rows), candidates, k), k)
-    short = np.flatnonzero((ids >= 0).sum(1) < want)
-    if len(short):
-        scores[short], ids[short] = exact_among(queries[short], allowed, get_rows, k)
-    return scores, ids
-
-
-def padded(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    if ids.shape[1] >= k:
-        return scores, ids
-    extra = k - ids.shape[1]
-    return (np.concatenate([scores, np.full((len(ids), extra), -np.inf, np.float32)], 1),
-            np.concatenate([ids, np.full((len(ids), extra), -1, np.int64)], 1))
-
-
-def selected_candidates(index, queries: np.ndarray, m: int, mask: np.ndarray) -> np.ndarray:
-    """Ids (q, <=m) FAISS proposes among the allowed rows, over a level's base and delta parts."""
-    parts = [(index.base, 0), *index.parts] if hasattr(index, "parts") else [(index, 0)]
-    share = max(float(mask.mean()), 1e-6)
-    x = np.ascontiguousarray(queries, dtype=np.float32)
-    found = []
-    for part, first in parts:
-        sub = np.ascontiguousarray(mask[first:first + part.ntotal])
-        if not sub.any():
-            continue
-        bitmap = np.packbits(sub, bitorder="little")  # bit i of byte i // 8: FAISS's bitmap order
-        _, ids = part.search(x, min(m, int(sub.sum())), params=selector_params(part, sub, bitmap, m, share))
-        found.append(np.where(ids >= 0, ids + first, -1))
-    return np.concatenate(found, 1) if found else np.full((len(x), 1), -1, np.int64)
-
-
-def selector_params(part, sub: np.ndarray, bitmap: np.ndarray, m: int, share: float):
-    """FAISS search parameters that keep only `sub`'s rows, the visit widened by 1 / share."""
-    import faiss
-
-    sel = faiss.IDSelectorBitmap(len(sub), faiss.swig_ptr(bitmap))
-    sel.bitmap_owner = bitmap  # the selector reads the array: keep it alive as long as it
-    if hasattr(part, "hnsw"):
-        ef = min(int(part.ntotal), int(np.ceil(max(part.hnsw.efSearch, m) / share)))
-        params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(ef, m))
-    else:
-        ivf = faiss.try_extract_index_ivf(part)
-        params = (faiss.SearchParametersIVF(sel=sel, nprobe=min(ivf.nlist, int(np.ceil(ivf.nprobe / share))))
-                  if ivf is not None else faiss.SearchParameters(sel=sel))
-    params.sel_owner = sel
-    return params
-
-
-def exact_among(queries: np.ndarray, rows: np.ndarray, get_rows, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top k over the given rows only, padded to k."""
-    scores, pos = exact_top_k(queries, get_rows(rows), k)
-    out_s = np.full((len(queries), k), -np.inf, np.float32)
-    out_i = np.full((len(queries), k), -1, np.int64)
-    out_s[:, :scores.shape[1]] = np.where(pos >= 0, scores, -np.inf)
-    out_i[:, :pos.shape[1]] = np.where(pos >= 0, rows[np.maximum(pos, 0)], -1)
-    return out_s, out_i
 
 
 def filtered_tree(tree: dict, mask: np.ndarray) -> dict:

@@ -279,3 +279,21 @@ def test_the_documented_plain_faiss_snippet_reads_a_grown_index(env, tmp_path):
     got = scope["search"](q, 5)
     assert np.array_equal(got[1], want[1]) and np.allclose(got[0], want[0], atol=1e-6)
     assert got[1][0, 0] == 41 and isinstance(scope["indexes"][0], faiss.Index)
+
+
+def test_a_nan_row_is_never_a_query_nor_a_hit(env, tmp_path):
+    """Item 10, the search side: `--id` of a damaged row is one line (was an empty list, rc 0), and a
+    damaged row is never ranked among the hits of other queries (was third, score nan)."""
+    from sjea_tools.pipeline import index_store
+    from sjea_tools.search import search_store
+
+    s = tmp_path / "s.h5"
+    shutil.copy(env["base"], s)
+    index_store(s, kind="flat")
+    victim = search_store(s, ids=[0], k=10, level=0)["results"][0]["per_level"]["0"][1]["id"]
+    with h5py.File(s, "r+") as f:
+        f["level_0/embeddings"][victim] = np.nan
+    with pytest.raises(SjeaError, match=rf"row {victim} of .* non-finite values at level 0.*sjea verify"):
+        search_store(s, ids=[victim], k=5, level=0)
+    hits = search_store(s, ids=[0], k=10, level=0)["results"][0]["per_level"]["0"]
+    assert len(hits) == 9 and all(h["id"] != victim and np.isfinite(h["score"]) for h in hits)

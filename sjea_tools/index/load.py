@@ -9,6 +9,7 @@ import numpy as np
 
 from ..errors import SjeaError
 from ..vectors import exact_rerank, l2_normalize, merge_top_k
+from .filtered import filtered_search
 from .sidecar import check_sidecar, foreign_file, foreign_message, index_dir, read_sidecar, store_of
 
 # Files larger than this are memory-mapped on load rather than read into memory.
@@ -160,11 +161,15 @@ class Indexes:
     def prepare(self, vectors: np.ndarray) -> np.ndarray:
         return prepare(vectors, self.metric)
 
-    def search(self, level: int, queries: np.ndarray, k: int, get_rows) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, level: int, queries: np.ndarray, k: int, get_rows,
+               mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) (q, k) of prepared queries in a loaded level: the index proposes k x its
         rerank candidates (PQ_RERANK where it holds compressed codes), re-scored exactly from the
-        stored vectors get_rows(sorted ids) gives (prepared), so no reported score is approximate."""
-        index = self.loaded[level]
-        rerank = max(1, self.sidecar["levels"][str(level)].get("rerank", 1))
+        stored vectors get_rows(sorted ids) gives (prepared), so no reported score is approximate.
+        mask: the (n,) rows the queries may return (filtered.filtered_search), -inf / -1 padded."""
+        index, entry = self.loaded[level], self.sidecar["levels"][str(level)]
+        if mask is not None:
+            return filtered_search(index, entry, queries, k, get_rows, mask)
+        rerank = max(1, entry.get("rerank", 1))
         _, candidates = index.search(np.ascontiguousarray(queries, dtype=np.float32), min(index.ntotal, k * rerank))
         return exact_rerank(queries, candidates, get_rows, k)
