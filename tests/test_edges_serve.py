@@ -224,3 +224,67 @@ def test_16_concurrent_7000x7000_uploads_stay_under_1gb_extra_rss(store, tmp_pat
     assert ok == 16
     assert size < 20 << 20
     assert (peak_kb - base_kb) * 1024 < 1 << 30
+
+
+# --- crafted stores: declared shapes checked before reading ---------------------------------------------
+
+CLI_RSS = r"""
+import resource, sys
+from sjea_tools.cli import main
+try:
+    main()
+except SystemExit as e:
+    code = e.code
+print(f"maxrss_kb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss} code={code}", file=sys.stderr)
+"""
+
+
+def crafted_copy(store, tmp_path, edit) -> Path:
+    import h5py
+
+    out = tmp_path / "emb.h5"
+    shutil.copy(store["out"], out)
+    shutil.copytree(store["out"].with_name("emb.h5.index"), tmp_path / "emb.h5.index")
+    with h5py.File(out, "r+") as f:
+        edit(f, h5py)
+    return out
+
+
+def huge_paths(f, h5py):
+    sha = f["paths"].attrs.get("sha256")
+    del f["paths"]
+    ds = f.create_dataset("paths", shape=(10**9,), maxshape=(None,), chunks=(65536,), dtype=h5py.string_dtype())
+    if sha is not None:
+        ds.attrs["sha256"] = sha
+
+
+def wide_embeddings(f, h5py):
+    n = f["level_0/embeddings"].shape[0]
+    del f["level_0/embeddings"]
+    f["level_0"].create_dataset("embeddings", data=np.ones((n, 100), np.float32))
+
+
+@pytest.mark.parametrize("edit", [huge_paths, wide_embeddings])
+def test_a_crafted_store_is_one_line_and_no_big_allocation(store, tmp_path, edit):
+    out = crafted_copy(store, tmp_path, edit)
+    assert out.stat().st_size < 50 << 20
+    def search(path):
+        proc = subprocess.run([sys.executable, "-c", CLI_RSS, "search", "--store", str(path), "--id", "1", "--json"],
+                              capture_output=True, text=True, timeout=300)
+        stats = re.search(r"maxrss_kb=(\d+) code=(\S+)", proc.stderr)
+        assert stats, proc.stderr[-2000:]
+        return proc.stderr, int(stats.group(1)), stats.group(2)
+
+    _, genuine_kb, genuine_code = search(store["out"])
+    err, kb, code = search(out)
+    assert genuine_code in ("0", "None") and code not in ("0", "None"), err[-2000:]
+    assert "Traceback" not in err and "AssertionError" not in err and ("damaged" in err or "stale" in err)
+    assert kb - genuine_kb < 256 << 10  # KiB: the /paths read alone asked for 7.45 GiB
+    with TestClient(create_app(out)) as c:
+        for url in ("/api/search?id=1&k=3&mode=per-level", "/api/search?id=1&k=3"):
+            assert re.search("damaged|stale", one_error(c.get(url), 409))  # was an AssertionError: 500
+        assert c.get("/api/items/1").status_code != 500
+    from sjea_tools.store import StoreDamagedError, open_store
+
+    with open_store(out) as s, pytest.raises(StoreDamagedError, match="declares shape|has shape"):
+        s.paths if edit is huge_paths else s.read_embeddings(0)
