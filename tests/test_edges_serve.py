@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -74,9 +75,20 @@ def test_head_is_answered_like_get(client, url):
     assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"]
 
 
-def test_post_search_without_a_body_is_the_documented_405(client):
-    assert "POST" in one_error(client.post("/api/search"), 405)
-    assert "| 405 | wrong method (`GET /api/search/image`, `POST /api/search`)" in (ROOT / "docs/serve.md").read_text()
+def test_post_search_without_a_body_is_the_documented_405(client, store):
+    assert "POST" in one_error(client.post("/api/search"), 405)  # httpx sends Content-Length: 0
+    url, stop = serve_in_thread(store["out"])
+    host = url.split("/")[2]
+    try:  # as `curl -X POST` sends it: no Content-Length, no body
+        with socket.create_connection(tuple(host.rsplit(":", 1)), timeout=30) as sock:
+            sock.sendall(f"POST /api/search HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+    finally:
+        stop()
+    assert reply.startswith(b"HTTP/1.1 405"), reply[:200]
+    assert "`POST /api/search`, with or without a body" in (ROOT / "docs/serve.md").read_text()
 
 
 # --- the Host header (DNS rebinding) -----------------------------------------------------------------------
