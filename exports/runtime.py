@@ -19,8 +19,8 @@ from sjea_tools.errors import SjeaError
 from sjea_tools.spec import PreprocessSpec
 
 from .graph_cache import cached_session, content_key
-from .onnx_meta import (ModelIdentityError, content_hashes, content_model_id, graph_sha256, parse_metadata,
-                        preprocess_spec, verified_model_id)
+from .onnx_meta import (ModelIdentityError, check_model_contents, content_hashes, content_model_id, graph_sha256,
+                        parse_metadata, preprocess_spec, verified_model_id)
 from .session import CPU, CUDA, cpu_threads, provider_name, session_options, try_session
 
 # Names callers import from here (their homes are the modules above).
@@ -108,6 +108,10 @@ class OnnxModel:
         # The bytes hashed are the bytes loaded: the file cannot change between check and use.
         data = self.path.read_bytes()
         try:
+            check_model_contents(data, self.path)
+        except ValueError as e:  # what cannot be walked is not loaded: nothing may hide from the check
+            raise SjeaError(f"{self.path} is not a readable ONNX file ({e}); export it again with 'sjea export'.") from None
+        try:
             graph_hash, descriptive_hash = content_hashes(data)
             key = content_key(graph_hash, descriptive_hash)
         except ValueError:  # not protobuf: ONNX Runtime says why below
@@ -125,11 +129,21 @@ class OnnxModel:
         self.output_names: list[str] = [o.name for o in self.session.get_outputs()]
         self.levels: list[int] = [int(k) for k in self.metadata["levels"]]
         self.dims: list[int] = [int(d) for d in self.metadata["dims"]]
+        self._check_outputs()
         self.model_id: str = verified_model_id(data, self.metadata, self.path, graph_hash)
         self.output: str = str(self.metadata.get("output", "representation"))
         # uint8 NHWC pixels when normalisation is inside the graph, else float32 NCHW.
         self.takes_pixels: bool = self.metadata.get("preprocessing") == "normalize"
         self.input_dtype = np.uint8 if self.takes_pixels else np.float32
+
+    def _check_outputs(self) -> None:
+        """The graph declares the (N, dim) outputs its metadata promises: nothing else is run."""
+        shapes = [o.shape for o in self.session.get_outputs()]
+        wrong = len(shapes) != len(self.dims) or any(
+            len(s) != 2 or (isinstance(s[1], int) and s[1] != d) for s, d in zip(shapes, self.dims))
+        if wrong:
+            raise SjeaError(f"{self.path} declares outputs of shapes {shapes}, not the (N, dim) rows of dims "
+                            f"{self.dims} its metadata records; export it again with 'sjea export'.")
 
     def __repr__(self) -> str:
         return f"OnnxModel({str(self.path)!r}, provider={self.provider!r}, levels={self.levels})"
@@ -146,6 +160,16 @@ class OnnxModel:
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         """One array (N, dim) per level, in `self.levels` order."""
         batch = self._check(batch)
+        try:
+            return self._run(batch)
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own Fail/RuntimeException types
+            if isinstance(e, SjeaError):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SjeaError(f"ONNX Runtime could not run {self.path.name} on a batch of {len(batch)}: "
+                            f"{first[:300]}; export the model again with 'sjea export'.") from None
+
+    def _run(self, batch: np.ndarray) -> list[np.ndarray]:
         if self.provider == CPU:
             return self.session.run(self.output_names, {self.input_name: batch})
         # On a GPU: copy the input once, leave outputs on the device until all are done, then

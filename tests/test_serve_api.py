@@ -336,19 +336,23 @@ def test_sjea_serve_command_serves_and_explains_its_options(store, tmp_path):
     from sjea_tools.cli import app
 
     out = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).output
-    for option in ("--host", "--port", "--run", "--onnx", "--max-upload-mb", "--max-megapixels", "--log-level"):
+    for option in ("--host", "--port", "--run", "--onnx", "--max-upload-mb", "--max-megapixels", "--log-level",
+                   "--allow-host"):
         assert option in out
     bad = CliRunner().invoke(app, ["serve", str(tmp_path / "missing.h5")])
     assert bad.exit_code == 2 and "does not exist" in bad.output
     env = {**os.environ, "COLUMNS": "200"}
     proc = subprocess.Popen([sys.executable, "-c", "from sjea_tools.cli import main; main()", "serve",
-                             str(store["out"]), "--port", "0"], stderr=subprocess.PIPE, text=True, env=env)
+                             str(store["out"]), "--port", "0", "--allow-host", "photos.lan"], stderr=subprocess.PIPE,
+                            text=True, env=env)
     try:
         line = proc.stderr.readline()
         url = re.search(r"http://127\.0\.0\.1:\d+/", line).group(0)
         import httpx
 
         assert httpx.get(url + "api/info", timeout=30).json()["n"] == N
+        assert httpx.get(url + "api/info", headers={"host": "photos.lan"}, timeout=30).status_code == 200
+        assert httpx.get(url + "api/info", headers={"host": "rebound.example"}, timeout=30).status_code == 400
     finally:
         proc.terminate()
         proc.wait(10)

@@ -30,6 +30,9 @@ def serve(
     max_megapixels: float = typer.Option(50.0, "--max-megapixels", callback=positive_float,
                                          help="Largest image accepted (uploads and thumbnails), in millions of "
                                               "pixels, read from the header before decoding: bombs get HTTP 400."),
+    allow_host: Optional[list[str]] = typer.Option(None, "--allow-host", help="Also answer requests for this host "
+                                                   "name (repeatable; e.g. the name users type with --host 0.0.0.0). "
+                                                   "Others get HTTP 400 (DNS rebinding)."),
     log_level: str = typer.Option("warning", "--log-level", help=f"Server log detail: {', '.join(LOG_LEVELS)} "
                                   "(info logs every request)."),
 ) -> None:
@@ -49,7 +52,9 @@ def serve(
                           highlight=False)
         if host not in ("127.0.0.1", "localhost", "::1"):
             err_console.print(f"note: listening on {markup_safe(host)}: anyone who can reach this machine can "
-                              "search the store and see its images (there is no login).", highlight=False)
+                              "search the store and see its images (there is no login); it answers host names given "
+                              "with --allow-host.", highlight=False)
 
     run_server(store, host=host, port=port, run=run, onnx=onnx, max_upload_bytes=int(max_upload_mb * 2**20),
-               max_pixels=int(max_megapixels * 1e6), log_level=log_level, on_ready=ready)
+               max_pixels=int(max_megapixels * 1e6), log_level=log_level, on_ready=ready,
+               allow_hosts=allow_host or ())

@@ -150,21 +150,23 @@ class Embedder:
             return [np.zeros((0, d), np.float32) for d in self.dims]
         return self.embed_pixels(np.stack([model_pixels(im, self.preprocess) for im in images]))
 
-    def embed_files(self, paths, batch_size: int = 256) -> list[np.ndarray]:
+    def embed_files(self, paths, batch_size: int = 256, display_names=None) -> list[np.ndarray]:
         """Image files -> one float32 (n, dim) array per level: the rows `sjea embed` stores for
-        them (same decoder, preprocess and model). A file that cannot be read is a one-line error."""
+        them (same decoder, preprocess and model). A file that cannot be read is a one-line error,
+        naming it by its entry in `display_names` when given (a server's upload, not its temp path)."""
         from ..data.images import describe_error
         from ..data.preprocess import file_pixels
 
         paths = [Path(p) for p in paths]
+        names = list(display_names) if display_names is not None else [str(p) for p in paths]
         parts: list[list[np.ndarray]] = [[] for _ in self.levels]
         for start in range(0, len(paths), max(1, batch_size)):
             pixels = []
-            for p in paths[start:start + batch_size]:
+            for p, name in zip(paths[start:start + batch_size], names[start:start + batch_size]):
                 try:
-                    pixels.append(file_pixels(p, self.preprocess))
+                    pixels.append(file_pixels(p, self.preprocess, display_name=name))
                 except Exception as e:  # noqa: BLE001 - every decoder raises its own types
-                    raise SjeaError(f"{p} is not a readable image ({describe_error(e)}); pass image files "
+                    raise SjeaError(f"{name} is not a readable image ({describe_error(e)}); pass image files "
                                     "(jpg, png, ...) or a folder of images.") from None
             for part, y in zip(parts, self.embed_pixels(np.stack(pixels))):
                 part.append(y)

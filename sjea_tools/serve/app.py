@@ -11,7 +11,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import List, Literal, Optional
+from typing import List, Literal, Optional, Sequence
 from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
@@ -21,6 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import SjeaError
+from ..store import StoreDamagedError
 from .media import (MAX_PIXELS, MAX_UPLOAD_BYTES, THUMB_SIZES, BadImage, Forbidden, Missing, TooLarge, item_file,
                     read_limited, thumbnail_png, upload_file)
 from .state import StaleStore, StoreHolder, UnknownItem
@@ -32,15 +33,18 @@ MAX_IDS = 100
 MAX_MEMBERS = 500
 # Room for the multipart envelope around an upload of exactly the byte limit.
 MULTIPART_SLACK = 64 << 10
+# A store damaged on disk (a segment deleted while serving) is the server's state, not a bad request.
 STATUS = ((UnknownItem, 404), (Missing, 404), (NoTree, 404), (Forbidden, 403), (TooLarge, 413), (StaleStore, 409),
-          (BadImage, 400), (SjeaError, 400))
+          (StoreDamagedError, 409), (BadImage, 400), (SjeaError, 400))
 Mode = Literal["per-level", "hierarchical", "both"]
 Within = Literal["score", "groups"]
 
 
 def create_app(store, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS,
-               run=None, onnx=None) -> FastAPI:
-    """The app serving one store (a path, or a StoreHolder to share one): page at /, API under /api."""
+               run=None, onnx=None, allowed_hosts: Optional[Sequence[str]] = None) -> FastAPI:
+    """The app serving one store (a path, or a StoreHolder to share one): page at /, API under /api.
+    allowed_hosts: the Host header values answered (`allowed_host_values`); None answers any (an app
+    mounted elsewhere, or a TestClient): `sjea serve` always passes them."""
     holder = store if isinstance(store, StoreHolder) else StoreHolder(store, run=run, onnx=onnx)
     app = FastAPI(title="sjea serve", version="1",
                   description=f"Search the S-JEA embedding store {holder.path.name} by image, by stored id or "
@@ -48,6 +52,9 @@ def create_app(store, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: i
     app.state.holder, app.state.max_pixels = holder, max_pixels
     _add_error_handlers(app)
     app.add_middleware(UploadLimit, max_body=max_upload_bytes + MULTIPART_SLACK)
+    app.add_middleware(HeadAsGet)
+    if allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=allowed_hosts)
     _add_search_routes(app, holder, max_upload_bytes, max_pixels)
     _add_item_routes(app, holder, max_pixels)
     _add_page(app)
@@ -99,7 +106,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 class UploadLimit:
     """Refuses a request body over the limit from its Content-Length before any of it is read, and a
-    body without one (chunked) on POST: the multipart parser would spool any size to disk."""
+    body without one (chunked) on POST: the multipart parser would spool any size to disk. A
+    request with neither header has no body (HTTP/1.1) and goes to its route."""
 
     def __init__(self, app, max_body: int):
         self.app, self.max_body = app, max_body
@@ -108,7 +116,9 @@ class UploadLimit:
         if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
             headers = dict(scope["headers"])
             length = headers.get(b"content-length")
-            if length is None or not length.isdigit():
+            if length is None and b"transfer-encoding" not in headers:
+                return await self.app(scope, receive, send)  # no body at all: the route answers (405, 422)
+            if length is None or not re.fullmatch(rb"[0-9]{1,15}", length):
                 return await error(411, "send the upload with a Content-Length header (browsers and curl do)")(
                     scope, receive, send)
             if int(length) > self.max_body:
@@ -116,6 +126,54 @@ class UploadLimit:
                 return await error(413, f"the upload is larger than the limit of {limit:g} MiB; "
                                         "send a smaller image.")(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+def allowed_host_values(host: str, port: int, extra: Sequence[str] = ()) -> list[str]:
+    """The Host headers a server bound to host:port answers: the bound address and the loopback
+    names with the port (a DNS-rebinding page sends its own name), plus the names the user allowed
+    (`extra`: a name alone matches it with any port)."""
+    names = {f"[{host}]" if ":" in host else host, "localhost", "127.0.0.1", "[::1]"}
+    bare = sorted(names) if port == 80 else []  # browsers leave the default port out
+    return sorted(f"{n}:{port}" for n in names) + bare + [h.strip().lower() for h in extra if h.strip()]
+
+
+def host_name(host: str) -> str:
+    """'name:port' -> 'name'; '[::1]:80' -> '[::1]'."""
+    return host.split("]")[0] + "]" if host.startswith("[") else host.split(":")[0]
+
+
+class HostCheck:
+    """Answers only requests whose Host header is one of `allowed` ('name:port', or a name alone
+    for any port); others get 400: a loopback server is not reachable through DNS rebinding."""
+
+    def __init__(self, app, allowed: Sequence[str]):
+        self.app, self.allowed = app, {h.lower() for h in allowed}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+            if host not in self.allowed and host_name(host) not in self.allowed:
+                return await error(400, f"this server does not answer for host '{host[:100]}'; open it at the "
+                                        "address it printed, or start it with --allow-host NAME")(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class HeadAsGet:
+    """HEAD is answered as GET without the body (FastAPI routes answer only the methods declared)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def headers_only(message):
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 # --- search ----------------------------------------------------------------------------------------
@@ -166,12 +224,24 @@ def _add_search_routes(app: FastAPI, holder: StoreHolder, max_upload_bytes: int,
         """The neighbours of an uploaded image, embedded with the store's own model and preprocessing."""
         data = read_limited(file.file, max_upload_bytes)
         loaded = holder.current()
-        with upload_file(data, max_pixels) as path:
-            res = loaded.search(files=[str(path)], **opts)
         name = Path(file.filename or "image").name[:200]
+        with upload_file(data, max_pixels) as path:
+            try:
+                res = loaded.search(files=[str(path)], **opts)
+            except SjeaError as e:  # the client named its file; the server's temp path is not its business
+                e.args = (str(e).replace(str(path), f"upload:{name}").replace(path.name, name),)
+                raise
         for r in res["results"]:
             r["query"], r["query_file"] = f"upload:{name}", None
         return res
+
+
+def row_id(loaded, text: str) -> int:
+    """A row number written in ASCII digits only ("²", Arabic-Indic or fullwidth digits are not
+    ids, though str.isdigit accepts them), else 404."""
+    if not re.fullmatch(r"[0-9]{1,12}", text):
+        raise UnknownItem(f"item ids are row numbers 0..{loaded.n - 1}, not '{text[:80]}'.")
+    return loaded.check_id(text)
 
 
 # --- items, clusters, info ----------------------------------------------------------------------
@@ -187,14 +257,14 @@ def _add_item_routes(app: FastAPI, holder: StoreHolder, max_pixels: int) -> None
     def item(item_id: str) -> dict:
         """Path (relative to the store's image root), class label, cluster path, thumbnail URL."""
         loaded = holder.current()
-        return loaded.item(loaded.check_id(item_id))
+        return loaded.item(row_id(loaded, item_id))
 
     @app.get("/api/items/{item_id}/thumbnail", summary="An item's thumbnail (PNG)", tags=["items"],
              response_class=Response, responses={200: {"content": {"image/png": {}}}})
     def thumbnail(item_id: str, size: int = Query(128, ge=THUMB_SIZES[0], le=THUMB_SIZES[1])) -> Response:
         """At most size x size pixels; only files that are rows of the store, inside its image root."""
         loaded = holder.current()
-        i = loaded.check_id(item_id)
+        i = row_id(loaded, item_id)
         png = thumbnail_png(item_file(loaded.root, loaded.paths[i], i), size, max_pixels)
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=60"})
 

@@ -26,17 +26,25 @@ def bind(host: str, port: int) -> socket.socket:
 
 def make_server(store, host: str = "127.0.0.1", port: int = 8000, run=None, onnx=None,
                 max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS,
-                log_level: str = "warning"):
+                log_level: str = "warning", allow_hosts=()):
     """(uvicorn server, bound socket, URL). The store is loaded first, so a store that cannot be
-    served (no index, stale index) is one error line before anything listens."""
+    served (no index, stale index, a --run/--onnx model that does not load) is one error line
+    before anything listens. Only requests whose Host header names the bound address, a loopback
+    name (with the port) or one of `allow_hosts` are answered."""
     import uvicorn
 
-    from .app import create_app
+    from ..embed.runner import release_freed_buffers_promptly
+    from .app import allowed_host_values, create_app
 
+    release_freed_buffers_promptly()  # a freed upload's buffers go back to the OS, not to the heap
     holder = StoreHolder(store, run=run, onnx=onnx)
-    holder.current()
-    app = create_app(holder, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels)
+    loaded = holder.current()
+    if holder.source and loaded.embedder is None:  # the model asked for: never serve without it
+        raise SjeaError(f"cannot serve with {'--run' if run else '--onnx'} {run or onnx}: "
+                        f"{loaded.embedder_error}")
     sock = bind(host, port)
+    app = create_app(holder, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels,
+                     allowed_hosts=allowed_host_values(host, sock.getsockname()[1], allow_hosts))
     config = uvicorn.Config(app, log_level=log_level, access_log=log_level in ("info", "debug", "trace"),
                             timeout_graceful_shutdown=5)
     host_shown = f"[{host}]" if ":" in host else host
@@ -45,9 +53,10 @@ def make_server(store, host: str = "127.0.0.1", port: int = 8000, run=None, onnx
 
 def serve(store, host: str = "127.0.0.1", port: int = 8000, run=None, onnx=None,
           max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS, log_level: str = "warning",
-          on_ready=None) -> None:
+          on_ready=None, allow_hosts=()) -> None:
     """Serve the search page and API for `store` until interrupted; on_ready(url) once it listens."""
-    server, sock, url = make_server(store, host, port, run, onnx, max_upload_bytes, max_pixels, log_level)
+    server, sock, url = make_server(store, host, port, run, onnx, max_upload_bytes, max_pixels, log_level,
+                                    allow_hosts)
     if on_ready is not None:
         on_ready(url)
     server.run(sockets=[sock])

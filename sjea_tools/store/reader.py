@@ -81,6 +81,22 @@ def damaged_message(path: Path, what: str, detail: str = "") -> str:
             "from a backup or embed the images again into a new file ('sjea verify' checks a whole store).")
 
 
+def check_declared_size(path: Path, ds, what: str) -> None:
+    """Refuse a dataset that declares more elements than its bytes hold, before it is read: HDF5
+    reads unwritten chunks (and unmapped parts of a virtual dataset) as fill values, so a file of
+    a few KB could declare 10^9 rows and have a full read allocate gigabytes. sjea stores never
+    compress (checksums and shuffle do not shrink data); other filters get a 64:1 allowance."""
+    if ds.is_virtual:
+        covered = sum(m.vspace.get_select_npoints() for m in ds.virtual_sources())
+        short = covered < ds.size
+    else:
+        plist = ds.id.get_create_plist()
+        shrinks = any(plist.get_filter(i)[0] not in (2, 3) for i in range(plist.get_nfilters()))  # shuffle, fletcher32
+        short = ds.size * ds.id.get_type().get_size() > ds.id.get_storage_size() * (64 if shrinks else 1)
+    if short:
+        raise StoreDamagedError(damaged_message(path, f"{what} declares shape {ds.shape}, more than the file's bytes hold"))
+
+
 def h5py_module():
     import h5py
 
@@ -256,6 +272,7 @@ class Store:
         """A whole string dataset, checked against its sha256 attribute when it has one."""
         with self.reading(f"/{name}"):
             ds = self._f[name]
+            check_declared_size(self.path, ds, f"/{name}")
             values = [decode(v) for v in ds[:]]
             expected = decode(ds.attrs.get("sha256"))
         if expected is not None and strings_sha256(values) != expected:
@@ -269,7 +286,12 @@ class Store:
             raise SjeaError(f"{self.path} holds levels {self.levels}, not level {level}.")
         with self.reading(f"/{name}"):
             ds = self._f[name]
+            if ds.ndim != 2 or ds.shape != (self.n, self.dims[self.levels.index(level)]):
+                raise StoreDamagedError(damaged_message(self.path, f"/{name} has shape {ds.shape}, not the "
+                                                        f"(rows, dim) = ({self.n}, {self.dims[self.levels.index(level)]}) "
+                                                        "its attributes record"))
             if rows is None:
+                check_declared_size(self.path, ds, f"/{name}")
                 return ds[...].astype(np.float32, copy=False)
             rows = np.asarray(rows, dtype=np.int64)
             if rows.size == 0:
