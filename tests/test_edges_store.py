@@ -297,3 +297,19 @@ def test_a_nan_row_is_never_a_query_nor_a_hit(env, tmp_path):
         search_store(s, ids=[victim], k=5, level=0)
     hits = search_store(s, ids=[0], k=10, level=0)["results"][0]["per_level"]["0"]
     assert len(hits) == 9 and all(h["id"] != victim and np.isfinite(h["score"]) for h in hits)
+
+
+def test_sjea_serve_answers_409_for_a_foreign_segment_or_index_file(pair, tmp_path):
+    """The files on disk are in a state the server cannot answer from: 409 with one message, as
+    docs/serve.md documents for a store changed under the server (was 400, a client error)."""
+    from fastapi.testclient import TestClient
+
+    from sjea_tools.serve import create_app
+
+    p, q = pair
+    s = _swap_copy(p, tmp_path)
+    mine, theirs = read_sidecar(s)["levels"]["0"]["file"], read_sidecar(q)["levels"]["0"]["file"]
+    shutil.copy(index_dir(q) / theirs, index_dir(s) / mine)
+    with TestClient(create_app(s)) as c:
+        res = c.get("/api/search", params={"id": 0, "level": 0})
+    assert res.status_code == 409 and "is not the index file" in res.json()["error"], res.text

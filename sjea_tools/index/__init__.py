@@ -22,10 +22,10 @@ from .growth import DELTA_MAX_PARTS, DELTA_MAX_ROWS, DELTA_MAX_SHARE
 from .level_file import build_index, save_level
 from .load import Indexes, PartedIndex, load_indexes, open_indexes, read_faiss, set_search_params
 from .recall import RECALL_SAMPLE, TARGET_RECALL, recall_at_k, recall_probe, tune_and_measure
-from .sidecar import (ANSWER_KEYS, INDEX_FORMAT, PROBE_KEYS, SIDECAR, index_dir, index_is_current, level_files,
+from .sidecar import (ANSWER_KEYS, ForeignIndexError, INDEX_FORMAT, PROBE_KEYS, SIDECAR, index_dir, index_is_current, level_files,
                       read_probe, read_sidecar)
 
-__all__ = ["ANSWER_KEYS", "DEFAULT_MEMORY_BUDGET", "DELTA_MAX_PARTS", "DELTA_MAX_ROWS", "DELTA_MAX_SHARE",
+__all__ = ["ANSWER_KEYS", "ForeignIndexError", "DEFAULT_MEMORY_BUDGET", "DELTA_MAX_PARTS", "DELTA_MAX_ROWS", "DELTA_MAX_SHARE",
            "FLAT_MAX_ROWS", "HNSW_M", "HNSW_MAX_ROWS", "INDEX_FORMAT", "Indexes", "KINDS", "METRICS", "PQ_RERANK",
            "PROBE_KEYS", "PartedIndex", "RECALL_SAMPLE", "SIDECAR", "TARGET_RECALL",
            "build_index", "build_indexes", "choose_index", "explicit_spec", "factory_string", "index_dir",

@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import SjeaError
 from ..vectors import exact_rerank, l2_normalize, merge_top_k
 from .filtered import filtered_search
-from .sidecar import check_sidecar, foreign_file, foreign_message, index_dir, read_sidecar, store_of
+from .sidecar import ForeignIndexError, check_sidecar, foreign_file, foreign_message, index_dir, read_sidecar, store_of
 
 # Files larger than this are memory-mapped on load rather than read into memory.
 MMAP_MIN_BYTES = 256 << 20
@@ -62,7 +62,7 @@ def _load_levels(store_path, sidecar: dict | None, model_id: str, n: int, levels
         existing(folder / entry["file"], store_path)
         foreign = foreign_file(folder, sidecar, level)
         if foreign:
-            raise SjeaError(foreign_message(store_path, folder, foreign))
+            raise ForeignIndexError(foreign_message(store_path, folder, foreign))
         index = read_faiss(folder / entry["file"], mmap)
         check_dim(index, entry, folder, store_path)
         set_search_params(index, entry["search_params"])
@@ -71,7 +71,7 @@ def _load_levels(store_path, sidecar: dict | None, model_id: str, n: int, levels
                                         for part in entry["parts"]])
             check_parts(index, entry, folder, store_path)
         if index.ntotal != n:
-            raise SjeaError(f"{folder / entry['file']} holds {index.ntotal} vectors, the store {n}; rebuild with: "
+            raise ForeignIndexError(f"{folder / entry['file']} holds {index.ntotal} vectors, the store {n}; rebuild with: "
                             f"sjea index {store_path}")
         out[level] = index
     return out
@@ -86,7 +86,7 @@ def existing(path: Path, store_path) -> Path:
 def check_dim(index, entry: dict, folder: Path, store_path) -> None:
     """An index of another width (the other level's file in this one's place) is refused, not searched."""
     if entry.get("dim") is not None and int(index.d) != int(entry["dim"]):
-        raise SjeaError(f"{folder / entry['file']} holds {index.d}-wide vectors, the sidecar records "
+        raise ForeignIndexError(f"{folder / entry['file']} holds {index.d}-wide vectors, the sidecar records "
                         f"{entry['dim']} for this level; rebuild the index with: sjea index {store_path} --rebuild")
 
 
@@ -94,7 +94,7 @@ def check_parts(index: "PartedIndex", entry: dict, folder: Path, store_path) -> 
     """Refuse parts whose rows are not the ones the sidecar records (the ids would be off)."""
     for (part, first), record in zip(index.parts, entry["parts"]):
         if first != record["first_row"] or part.ntotal != record["rows"]:
-            raise SjeaError(f"{folder / record['file']} holds rows {first:,}+{part.ntotal:,}, the sidecar records "
+            raise ForeignIndexError(f"{folder / record['file']} holds rows {first:,}+{part.ntotal:,}, the sidecar records "
                             f"{record['first_row']:,}+{record['rows']:,}; rebuild with: sjea index {store_path}")
 
 

@@ -58,6 +58,11 @@ def read_sidecar_or_none(store_path: str | Path) -> dict | None:
         return None
 
 
+class ForeignIndexError(SjeaError):
+    """An index file or folder that is not the one built for the store as it is now (another
+    store's, another level's, replaced): a state of the files on disk, answered 409 by sjea serve."""
+
+
 def check_sidecar(store_path: str | Path, sidecar: dict | None, model_id: str, n: int, levels,
                   fingerprint: str | None = None, store_id: str | None = None) -> dict:
     """Refuse an index that does not describe the store as it is now; the message gives the fix.
@@ -72,7 +77,7 @@ def check_sidecar(store_path: str | Path, sidecar: dict | None, model_id: str, n
         raise SjeaError(f"the index of {store_path} was built for another model "
                         f"({sidecar['model_id'][:12]}, store has {model_id[:12]}); {fix}")
     if store_id is not None and sidecar.get("store_id") not in (None, store_id):
-        raise SjeaError(f"the index in {index_dir(store_path)} belongs to another store (store id "
+        raise ForeignIndexError(f"the index in {index_dir(store_path)} belongs to another store (store id "
                         f"{str(sidecar.get('store_id'))[:12]}, {store_path} has {store_id[:12]}); rebuild it with: "
                         f"sjea index {store_path} --rebuild")
     if fingerprint is not None and sidecar.get("store_fingerprint") != fingerprint:

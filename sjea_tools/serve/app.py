@@ -21,7 +21,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import SjeaError
+from ..index import ForeignIndexError
 from ..store import StoreDamagedError
+from ..store.sources import ForeignSourceError
 from .media import (MAX_PIXELS, MAX_UPLOAD_BYTES, THUMB_SIZES, BadImage, Forbidden, Missing, TooLarge, item_file,
                     read_limited, thumbnail_png, upload_file)
 from .state import StaleStore, StoreHolder, UnknownItem
@@ -35,7 +37,8 @@ MAX_MEMBERS = 500
 MULTIPART_SLACK = 64 << 10
 # A store damaged on disk (a segment deleted while serving) is the server's state, not a bad request.
 STATUS = ((UnknownItem, 404), (Missing, 404), (NoTree, 404), (Forbidden, 403), (TooLarge, 413), (StaleStore, 409),
-          (StoreDamagedError, 409), (BadImage, 400), (SjeaError, 400))
+          (StoreDamagedError, 409), (ForeignSourceError, 409), (ForeignIndexError, 409), (BadImage, 400),
+          (SjeaError, 400))
 Mode = Literal["per-level", "hierarchical", "both"]
 Within = Literal["score", "groups"]
 
