@@ -14,6 +14,8 @@ from pathlib import Path
 
 from ..errors import SjeaError
 from ..store import Journal, StoreBusyError, check_same_identity, open_store, partial_path
+from ..store.removal import read_file_stats, stat_files
+from ..store.writer import labels_of
 
 
 @dataclass
@@ -26,26 +28,54 @@ class Plan:
     base: Path | None = None
     todo: list[str] = field(default_factory=list)
     resumed: int = 0  # images (rows and failures) the resumed journal already holds
+    stats: dict = field(default_factory=dict)  # path -> (size, mtime_ns) of every wanted file, taken before reading
+    sync: "Sync | None" = None  # --update: what changed in the folder since the store was written
 
     @property
     def total(self) -> int:
         return len(self.todo) + self.resumed
 
 
-def plan_run(out: Path, attrs: dict, wanted: list[str], update: bool, overwrite: bool) -> Plan:
-    """The Plan for embedding the images `wanted` into `out` with store attributes `attrs`."""
+@dataclass
+class Sync:
+    """An --update against its folder: rows of changed files and of vanished ones (unless
+    --keep-missing) are removed, failures of vanished files dropped; `relabel`: the store lost its
+    labels (loose files, before they had a class) and gets them back."""
+
+    changed: set[str]
+    vanished: set[str]
+    vanished_failed: set[str]
+    kept_missing: int
+    label_names: list[str] | None
+    relabel: bool
+    old_stats: dict
+
+    @property
+    def drop(self) -> set[str]:
+        return self.changed | self.vanished
+
+    @property
+    def needed(self) -> bool:
+        return bool(self.changed or self.vanished or self.vanished_failed or self.relabel)
+
+
+def plan_run(out: Path, attrs: dict, wanted: list[str], update: bool, overwrite: bool, root: Path | None = None,
+             keep_missing: bool = False) -> Plan:
+    """The Plan for embedding the images `wanted` (under `root`) into `out` with store attributes `attrs`."""
+    stats = stat_files(root, wanted) if root is not None else {}
     journal = Journal.open_existing(partial_path(out))
     journal, base, finished = _against_existing_store(out, journal, attrs, wanted, update, overwrite)
     if finished:
-        return Plan("complete")
+        return Plan("complete", stats=stats)
     mode = "overwrite" if overwrite else ("update" if base is not None else "new")
     done: set[str] = set()
-    base_rows = 0
+    base_rows, sync = 0, None
     if base is not None:
         with open_store(base) as s:
-            base_rows = s.n
-            done.update(s.paths)
-            done.update(p for p, _ in s.failed)
+            sync = _sync(s, wanted, stats, keep_missing)
+            base_rows = s.n - len(sync.drop)
+            done.update(p for p in s.paths if p not in sync.drop)
+            done.update(p for p, _ in s.failed if p not in sync.vanished_failed)
     if journal is not None:
         journal = _resumable(journal, attrs, mode, base_rows, overwrite)
     resumed = 0
@@ -56,10 +86,27 @@ def plan_run(out: Path, attrs: dict, wanted: list[str], update: bool, overwrite:
         done.update(journal.paths())
         done.update(p for p, _ in journal.failures())
     todo = [p for p in wanted if p not in done]
-    if not todo and base is not None and resumed == 0:
+    if not todo and base is not None and resumed == 0 and not sync.needed:
         journal.remove()  # --update with nothing new: the store is already up to date
-        return Plan("up to date")
-    return Plan("run", journal, base, todo, resumed)
+        return Plan("up to date", stats=stats, sync=sync)
+    return Plan("run", journal, base, todo, resumed, stats, sync)
+
+
+def _sync(s, wanted: list[str], stats: dict, keep_missing: bool) -> Sync:
+    """What changed in the folder since the store `s` was written. A row whose file's size or
+    modification time differs from the one recorded is changed; a store written before they were
+    recorded has none: its rows count as unchanged (the update records them, so the next sees)."""
+    present = set(wanted)
+    old = read_file_stats(s) or {}
+    changed = {p for p in s.paths if p in present and p in old and old[p] != stats.get(p)}
+    missing = {p for p in s.paths if p not in present}
+    missing_failed = {p for p, _ in s.failed if p not in present}
+    vanished, vanished_failed = (set(), set()) if keep_missing else (missing, missing_failed)
+    stored = set(s.paths)
+    live = [p for p in s.paths if p not in vanished] + [p for p in wanted if p not in stored]
+    names = labels_of(live)[1] if live else None
+    return Sync(changed, vanished, vanished_failed, len(missing) if keep_missing else 0, names,
+                s.label_names is None and names is not None and s.n > 0, old)
 
 
 def _against_existing_store(out: Path, journal: Journal | None, attrs: dict, wanted: list[str], update: bool,
@@ -77,7 +124,7 @@ def _against_existing_store(out: Path, journal: Journal | None, attrs: dict, wan
                 return None, None, True
         if overwrite:
             return journal, None, False
-        check_same_identity(attrs, s.attrs, str(out), "pass --overwrite to replace it, or write to another file.")
+        check_same_identity(attrs, s.attrs, str(out), _other_model_fix(s, update))
         if (s.attrs.get("shard") or None) != attrs["shard"]:
             raise SjeaError(f"{out} holds shard {s.attrs.get('shard') or 'all'}, this run is shard "
                             f"{attrs['shard'] or 'all'}; write to another file or pass --overwrite.")
@@ -87,6 +134,17 @@ def _against_existing_store(out: Path, journal: Journal | None, attrs: dict, wan
             raise SjeaError(f"{out} already exists; pass --update to add new images, --overwrite to "
                             "replace it, or write to another file.")
     return journal, out, False
+
+
+def _other_model_fix(s, update: bool) -> str:
+    """How to go on when this run's model or settings differ from the store's: never replace a
+    store that its own model can update."""
+    own = f"its own model ({s.attrs.get('model_source', '?')})"
+    if update:
+        return (f"--update without --run/--onnx uses {own}; to embed with this model, write a new file "
+                "(--overwrite would replace the store and every row in it).")
+    return (f"add to it with --update (without --run/--onnx: {own}), or write this model's store to a new file "
+            "(--overwrite would replace the store and every row in it).")
 
 
 def _same_command_done(s, attrs: dict, wanted: list[str]) -> bool:
