@@ -60,6 +60,7 @@ def test_update_after_deletes_changes_and_adds_equals_a_fresh_embed(tmp_path, ma
     embed_and_index(root, fresh, run=run, **OPTS)
 
     assert (summary["changed"], summary["removed"], summary["removed_failed"]) == (1, 2, 1)
+    assert all("rows were removed" in e["status"] for e in summary["index"]["levels"].values())
     got, want = _rows(out), _rows(fresh)
     assert got["model_id"] == want["model_id"]
     assert sorted(got["paths"]) == sorted(want["paths"])

@@ -174,16 +174,17 @@ def _readable_store(out: Path, overwrite: bool):
 def _resumable(journal: Journal, attrs: dict, mode: str, base_rows: int, overwrite: bool) -> Journal | None:
     """The journal if it belongs to this same command; with --overwrite a foreign one is dropped."""
     where = f"the unfinished run in {journal.folder}"
+    # An update's store stays: dropping the journal is the way out, never replacing the store.
+    drop = (f"delete {journal.folder} to drop it" if mode == "update" else "pass --overwrite to start over")
     try:
         check_same_identity(attrs, journal.meta["attrs"], where,
-                            "run the same command again to resume it, or pass --overwrite to start over.")
+                            f"run the same command again to resume it, or {drop}.")
         if (journal.meta["attrs"].get("shard") or None) != attrs["shard"]:
             raise SjeaError(f"{where} is shard {journal.meta['attrs'].get('shard')}; "
-                            "run the same command again, or pass --overwrite to start over.")
+                            f"run the same command again, or {drop}.")
         if journal.meta.get("mode") != mode or journal.meta.get("base_rows") != base_rows:
             raise SjeaError(f"{where} was started as '{journal.meta.get('mode')}' on a store of "
-                            f"{journal.meta.get('base_rows')} rows; run that command again, or pass --overwrite "
-                            "to start over.")
+                            f"{journal.meta.get('base_rows')} rows; run that command again, or {drop}.")
     except SjeaError:
         if not overwrite:
             raise

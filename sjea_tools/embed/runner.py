@@ -167,6 +167,10 @@ def _finish(out: Path, attrs: dict, plan: Plan) -> None:
             rewrite_rows(out, plan.sync.drop, plan.sync.vanished_failed,
                          plan.sync.label_names if plan.sync.relabel else None, {"updated": now})
         if journal.rows or journal.failed:
+            with open_store(out) as s:
+                removed_from = s.attrs.get("rows_removed_from")
+            if removed_from is not None:  # index.growth reads it: an index of an earlier version is rebuilt
+                final_attrs["rows_removed_from"] = removed_from
             append_segment(out, final_attrs, journal.paths(), journal.iter_rows(), journal.failures())
     journal.remove()
 

@@ -37,6 +37,8 @@ def rewrite_rows(out: str | Path, drop: set[str], drop_failed: set[str], label_n
         segs = [dict(g) for g in s.segments] if s.segments else [_link_segment(out, out, 0, s)]
         paths, failed, names = s.paths, s.failed, s.label_names
         attrs = {k: v for k, v in s.attrs.items() if k not in OWN_ATTRS}
+        # Every earlier version's row numbers are void now: an index of one is rebuilt, not grown.
+        attrs["rows_removed_from"] = [p for p, _ in s.history]
     keep = np.asarray([p not in drop for p in paths], dtype=bool)
     keep_failed = np.asarray([p not in drop_failed for p, _ in failed], dtype=bool)
     if paths and not keep.any():
