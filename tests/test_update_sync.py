@@ -126,6 +126,12 @@ def test_a_store_without_labels_regains_them_and_loose_files_keep_them(tmp_path,
     labels = _rows(out)["labels"]
     assert summary["labels_restored"] and labels["cats/c.png"] == "cats"
     assert {labels[f"{i}{Path(p).suffix}"] for i, p in enumerate(folder["images"][:4])} == {ROOT_LABEL}
+    (flat / "aaa").mkdir()  # a class that sorts first: every earlier row's class number moves
+    shutil.copyfile(root / folder["images"][7], flat / "aaa" / "a.png")
+    embed_and_index(flat, out, update=True, index=False, **OPTS)
+    fresh = tmp_path / "fresh.h5"
+    embed_and_index(flat, fresh, run=run, index=False, **OPTS)
+    assert _rows(out)["labels"] == _rows(fresh)["labels"] and verify_store(out)["ok"]
 
 
 def test_update_with_another_model_says_whose_store_it_is_without_advising_overwrite_as_the_fix(tmp_path, make_run):

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import SjeaError
 from .reader import h5py_module, open_store
+from .writer import write_text_dataset
 from .segments import OWN_ATTRS, _link_segment, _publish, _write_labels_file, remove_orphans
 
 STATS_GROUP = "file_stats"  # /file_stats/size, /file_stats/mtime_ns: per row, of the file embedded
@@ -96,6 +97,8 @@ def _label_every_segment(out: Path, segs: list[dict], names: list[str]) -> None:
             own = [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v for v in f["paths"][:]]
         g["labels"] = _write_labels_file(out, g, np.asarray([index.get(path_class(p), -1) for p in own],
                                                              dtype=np.int64))
+        with h5py_module().File(out.parent / g["labels"], "r+") as f:  # new, not yet named by the store
+            write_text_dataset(f, "label_names", names)  # what a later renumbering reads
 
 
 # --- what the store knows of its files ----------------------------------------------------------

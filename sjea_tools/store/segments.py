@@ -378,8 +378,10 @@ def _label_sources(out: Path, segs: list[dict], names: list[str], keep: bool) ->
         if not int(g["rows"]) or (keep and g.get("labels")):
             continue
         with h5py_module().File(out.parent / g["file"], "r") as f:
+            given_later = "label_names" not in f and g.get("labels")  # by store.removal, names beside them
+        with h5py_module().File(out.parent / (g["labels"] if given_later else g["file"]), "r") as f:
             own = [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v for v in f["label_names"][:]]
-            if own == names[:len(own)]:
+            if own == names[:len(own)] and not given_later:
                 g["labels"] = None
             else:
                 renumber = np.asarray([index[c] for c in own], dtype=np.int64)
