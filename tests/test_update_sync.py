@@ -149,3 +149,34 @@ def test_update_with_another_model_says_whose_store_it_is_without_advising_overw
 def test_keep_missing_needs_update(tmp_path):
     with pytest.raises(SjeaError, match="--keep-missing applies to --update"):
         embed_and_index(tmp_path, tmp_path / "x.h5", keep_missing=True)
+
+
+def test_removed_rows_vanish_for_plain_h5py_and_survive_compaction(tmp_path):
+    import h5py
+
+    from sjea_tools.store import append_segment, compact_store, write_store
+    from sjea_tools.store.removal import rewrite_rows
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 8)).astype(np.float32)
+    paths = [f"c{i % 3}/{i:03d}.png" for i in range(50)]
+    attrs = {"model_id": "m", "model_source": "/m", "backend": "onnx", "levels": [0], "dims": [8], "image_size": 8,
+             "mean": [0.5] * 3, "std": [0.25] * 3, "normalized": False, "dtype": "float32", "root": "/r",
+             "input": "/r", "scan_count": 50, "created": "2026-01-01T00:00:00+0000"}
+    out = tmp_path / "s.h5"
+    write_store(out, attrs, [[(paths[:30], {0: x[:30]})]], [("c0/bad.png", "OSError: truncated")], total=30)
+    append_segment(out, attrs, paths[30:], [(paths[30:], {0: x[30:]})], [])
+    drop = {paths[i] for i in (0, 1, 2, 17, 29, 30, 49)}
+    assert rewrite_rows(out, drop, {"c0/bad.png"}, None) == 43
+    keep = [i for i in range(50) if paths[i] not in drop]
+    with h5py.File(out, "r") as f:  # no sjea: the virtual datasets show the live rows only
+        assert list(f["paths"].asstr()[:]) == [paths[i] for i in keep]
+        np.testing.assert_array_equal(f["level_0/embeddings"][:], x[keep])
+        assert f["failed/paths"].shape == (0,)
+    with open_store(out) as s:
+        assert [s.label_names[i] for i in s.labels] == [paths[i].split("/")[0] for i in keep]
+    assert verify_store(out)["ok"]
+    compact_store(out)
+    with open_store(out) as s:
+        assert s.paths == [paths[i] for i in keep] and not s.segments
+        np.testing.assert_array_equal(s.read_embeddings(0), x[keep])
