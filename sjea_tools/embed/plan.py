@@ -5,6 +5,10 @@ and so is a store this same command wrote that holds every wanted image; an exis
 replaced (--overwrite), extended (--update) or refused; a journal is resumed
 only when it belongs to this same command (same model, settings, shard, mode and base store),
 otherwise refused, or dropped with --overwrite.
+
+An --update follows the folder (Sync): files whose size or modification time differ from those the
+store recorded (/file_stats) are embedded again, rows of files gone from the folder are removed
+(unless --keep-missing), and the journal counts the base rows that stay.
 """
 
 from __future__ import annotations
