@@ -44,6 +44,7 @@ def _change_folder(root: Path, images: list[str]) -> dict:
     shutil.copyfile(root / images[3], root / "cat" / "new.jpg")
     shutil.copyfile(root / images[2], root / "loose-a.jpg")
     shutil.copyfile(root / images[9], root / "loose-b.png")
+    shutil.copyfile(root / images[10], root / "rocket/notes.png")  # a broken file repaired: embedded now
     return {"gone": gone, "changed": changed}
 
 
@@ -59,7 +60,8 @@ def test_update_after_deletes_changes_and_adds_equals_a_fresh_embed(tmp_path, ma
     summary = embed_and_index(root, out, update=True, **OPTS)  # no --run: the store's own model
     embed_and_index(root, fresh, run=run, **OPTS)
 
-    assert (summary["changed"], summary["removed"], summary["removed_failed"]) == (1, 2, 1)
+    assert (summary["changed"], summary["removed"], summary["removed_failed"], summary["failures_retried"]) == (1, 2, 1, 1)
+    assert "rocket/notes.png" in _rows(out)["paths"]
     assert all("rows were removed" in e["status"] for e in summary["index"]["levels"].values())
     got, want = _rows(out), _rows(fresh)
     assert got["model_id"] == want["model_id"]

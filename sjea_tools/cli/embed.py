@@ -132,9 +132,10 @@ def print_summary(summary: dict) -> None:
     console.print(f"{summary['status']}: {plain(summary['out'])}: {summary['rows']:,} rows ({summary['added']:,} added, "
                   f"{summary['failed']:,} failed{rate}{where}, {summary['backend']} on {summary['device']}, levels "
                   f"{summary['levels']})", highlight=False, markup=False, soft_wrap=True)
-    if summary.get("changed") or summary.get("removed") or summary.get("kept_missing") or summary.get("labels_restored"):
+    if any(summary.get(k) for k in ("changed", "removed", "kept_missing", "failures_retried", "labels_restored")):
         console.print(f"folder changes: {summary['changed']:,} changed file(s) re-embedded, {summary['removed']:,} "
-                      f"row(s) of vanished files removed, {summary['kept_missing']:,} kept (--keep-missing)"
+                      f"row(s) of vanished files removed, {summary['kept_missing']:,} kept (--keep-missing), "
+                      f"{summary['failures_retried']:,} changed failed file(s) tried again"
                       f"{', labels restored' if summary.get('labels_restored') else ''}", highlight=False,
                       markup=False, soft_wrap=True)
     if summary.get("shards"):

@@ -49,6 +49,7 @@ class Sync:
     changed: set[str]
     vanished: set[str]
     vanished_failed: set[str]
+    retried: set[str]  # failures whose file changed since: tried again
     kept_missing: int
     label_names: list[str] | None
     relabel: bool
@@ -59,8 +60,12 @@ class Sync:
         return self.changed | self.vanished
 
     @property
+    def drop_failed(self) -> set[str]:
+        return self.vanished_failed | self.retried
+
+    @property
     def needed(self) -> bool:
-        return bool(self.changed or self.vanished or self.vanished_failed or self.relabel)
+        return bool(self.drop or self.drop_failed or self.relabel)
 
 
 def plan_run(out: Path, attrs: dict, wanted: list[str], update: bool, overwrite: bool, root: Path | None = None,
@@ -79,7 +84,7 @@ def plan_run(out: Path, attrs: dict, wanted: list[str], update: bool, overwrite:
             sync = _sync(s, wanted, stats, keep_missing)
             base_rows = s.n - len(sync.drop)
             done.update(p for p in s.paths if p not in sync.drop)
-            done.update(p for p, _ in s.failed if p not in sync.vanished_failed)
+            done.update(p for p, _ in s.failed if p not in sync.drop_failed)
     if journal is not None:
         journal = _resumable(journal, attrs, mode, base_rows, overwrite)
     resumed = 0
@@ -103,13 +108,14 @@ def _sync(s, wanted: list[str], stats: dict, keep_missing: bool) -> Sync:
     present = set(wanted)
     old = read_file_stats(s) or {}
     changed = {p for p in s.paths if p in present and p in old and old[p] != stats.get(p)}
+    retried = {p for p, _ in s.failed if p in present and p in old and old[p] != stats.get(p)}
     missing = {p for p in s.paths if p not in present}
     missing_failed = {p for p, _ in s.failed if p not in present}
     vanished, vanished_failed = (set(), set()) if keep_missing else (missing, missing_failed)
     stored = set(s.paths)
     live = [p for p in s.paths if p not in vanished] + [p for p in wanted if p not in stored]
     names = labels_of(live)[1] if live else None
-    return Sync(changed, vanished, vanished_failed, len(missing) if keep_missing else 0, names,
+    return Sync(changed, vanished, vanished_failed, retried, len(missing) if keep_missing else 0, names,
                 s.label_names is None and names is not None and s.n > 0, old)
 
 

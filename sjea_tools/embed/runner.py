@@ -164,7 +164,7 @@ def _finish(out: Path, attrs: dict, plan: Plan) -> None:
         with open_store(plan.base) as base:
             final_attrs.update(created=base.attrs.get("created", now), updated=now)
         if plan.sync.needed:  # first: a changed file's new row must not meet its old one
-            rewrite_rows(out, plan.sync.drop, plan.sync.vanished_failed,
+            rewrite_rows(out, plan.sync.drop, plan.sync.drop_failed,
                          plan.sync.label_names if plan.sync.relabel else None, {"updated": now})
         if journal.rows or journal.failed:
             with open_store(out) as s:
@@ -212,6 +212,7 @@ def _summary(out: Path, rows: int, added: int, failed_now: int, failed_total: in
         changes = {"changed": len(sync.changed) if status == "written" else 0,
                    "removed": len(sync.vanished) if status == "written" else 0,
                    "removed_failed": len(sync.vanished_failed) if status == "written" else 0,
+                   "failures_retried": len(sync.retried) if status == "written" else 0,
                    "kept_missing": sync.kept_missing, "labels_restored": sync.relabel and status == "written"}
     return {"out": str(out), "status": status, "rows": rows, "added": added, **changes, "failed": failed_now,
             "failed_total": failed_total, "resumed_from": resumed, "seconds": round(seconds, 3),

@@ -116,18 +116,24 @@ def stat_files(root: Path, paths: list[str]) -> dict[str, tuple[int, int]]:
 
 
 def read_file_stats(store) -> dict[str, tuple[int, int]] | None:
-    """path -> (size, mtime_ns) recorded for each row; None for a store written before they were
-    recorded (or whose record no longer matches its rows)."""
+    """path -> (size, mtime_ns) recorded for each row and failure; None for a store written before
+    they were recorded (or whose record no longer matches its rows)."""
     got = store.read_group(STATS_GROUP)
     if got is None or len(got[0].get("size", ())) != store.n:
         return None
-    size, mtime = got[0]["size"], got[0]["mtime_ns"]
-    return {p: (int(a), int(b)) for p, a, b in zip(store.paths, size, mtime)}
+    a = got[0]
+    stats = {p: (int(x), int(y)) for p, x, y in zip(store.paths, a["size"], a["mtime_ns"])}
+    failed = [p for p, _ in store.failed]
+    if len(a.get("failed_size", ())) == len(failed):
+        stats.update({p: (int(x), int(y)) for p, x, y in zip(failed, a["failed_size"], a["failed_mtime_ns"])})
+    return stats
 
 
 def record_file_stats(out: str | Path, stats: dict[str, tuple[int, int]]) -> None:
-    """Write /file_stats for the store's rows in place, as the cluster tree is (derived data,
-    replaced whole; a compaction keeps it, an update writes it again). The caller holds the lock."""
+    """Write /file_stats for the store's rows and failures in place, as the cluster tree is (derived
+    data, replaced whole; a compaction keeps it, an update writes it again). The caller holds the lock."""
     with open_store(out, mode="a") as s:
         rows = np.asarray([stats.get(p, UNKNOWN) for p in s.paths], dtype=np.int64).reshape(-1, 2)
-        s.write_group(STATS_GROUP, {"size": rows[:, 0], "mtime_ns": rows[:, 1]})
+        failed = np.asarray([stats.get(p, UNKNOWN) for p, _ in s.failed], dtype=np.int64).reshape(-1, 2)
+        s.write_group(STATS_GROUP, {"size": rows[:, 0], "mtime_ns": rows[:, 1], "failed_size": failed[:, 0],
+                                    "failed_mtime_ns": failed[:, 1]})
