@@ -345,10 +345,11 @@ def path_class(rel_path: str) -> str:
     return parts[0] if len(parts) >= 2 else ROOT_LABEL
 
 
-def folder_labels(rel_paths: list[str]) -> tuple[np.ndarray | None, list[str] | None]:
-    """Class = first sub-folder; files at the top level get ROOT_LABEL when some file sits in a
-    sub-folder; no labels when none does (a flat folder has no classes)."""
-    if not any(len(Path(p).parts) >= 2 for p in rel_paths):
+def folder_labels(rel_paths: list[str], root_label: bool = False) -> tuple[np.ndarray | None, list[str] | None]:
+    """Class = first sub-folder, when every image sits in one; else no labels. With root_label
+    (a store's labels), files at the top level get ROOT_LABEL where some file sits in a sub-folder."""
+    nested = [len(Path(p).parts) >= 2 for p in rel_paths]
+    if not any(nested) or not (root_label or all(nested)):
         return None, None
     first = [path_class(p) for p in rel_paths]
     class_names = sorted(set(first))
