@@ -52,7 +52,14 @@ def child(images: str, store: str, run: str) -> None:
 
     before = _write_bytes()
     t0 = time.perf_counter()
-    summary = embed_and_index(images, store, run=run, backend="torch", workers=1, update=True, index=False)
+    from dataclasses import fields
+
+    from sjea_tools.embed import EmbedRequest
+
+    # The synthetic store's copies have no files: keep their rows (an --update now removes rows of
+    # vanished files); the baseline's code predates the option.
+    keep = {"keep_missing": True} if "keep_missing" in {f.name for f in fields(EmbedRequest)} else {}
+    summary = embed_and_index(images, store, run=run, backend="torch", workers=1, update=True, index=False, **keep)
     t1 = time.perf_counter()
     sidecar = index_store(store, clusters=False)
     t2 = time.perf_counter()

@@ -284,7 +284,7 @@ def query_embedder(store, path: Path, embedder=None):
     if emb.model_id != store.model_id:
         raise SjeaError(f"the query model ({emb.model_id[:12]}) is not the model that wrote {path} "
                         f"({store.model_id[:12]}); search with the store's own model, or re-embed the "
-                        f"images with this one: sjea embed IMAGES {path} --overwrite")
+                        "images with this one into a new file: sjea embed IMAGES NEW.h5 --run RUN")
     missing = [lv for lv in store.levels if lv not in emb.levels]
     if missing:
         raise SjeaError(f"the query model lacks level(s) {missing} of {path}; use the model that wrote it.")

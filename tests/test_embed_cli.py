@@ -119,3 +119,28 @@ def test_merge_refuses_non_shards_in_one_line(env, tmp_path):
     res = CliRunner().invoke(app, ["merge", str(tmp_path / "m.h5")])
     _one_line_error(res, "sjea merge out-*.h5 out.h5")
     assert not (tmp_path / "m.h5").exists()
+
+
+def test_update_follows_the_folder_and_says_what_changed(env, tmp_path):
+    import shutil
+
+    _, run, other, folder, _, _ = env
+    mine = tmp_path / "imgs"
+    shutil.copytree(folder, mine)
+    out = tmp_path / "u.h5"
+    base = ["embed", str(mine), str(out), "--backend", "torch", "--workers", "0", "--no-index"]
+    assert CliRunner().invoke(app, [*base, "--run", str(run)]).exit_code == 0
+    files = sorted(p for p in mine.rglob("*.png"))
+    files[0].unlink()
+    shutil.copyfile(files[1], mine / "loose.png")  # a loose file: labels kept, "(root)" for it
+    res = CliRunner().invoke(app, [*base, "--update"])  # no --run: the store's own model
+    assert res.exit_code == 0, res.output
+    assert "1 row(s) of vanished files removed" in res.output and "20 rows" in res.output
+    with open_store(out) as s:
+        assert s.label_names is not None and "(root)" in s.label_names
+    res = CliRunner().invoke(app, [*base, "--update", "--json"])
+    assert json.loads(res.stdout)["status"] == "up to date"
+    res = CliRunner().invoke(app, [*base, "--update", "--run", str(other)])
+    _one_line_error(res, "written by another model")
+    assert "without --run/--onnx" in res.output and "new file" in res.output
+    _one_line_error(CliRunner().invoke(app, [*base, "--keep-missing"]), "--keep-missing applies to --update")

@@ -66,7 +66,11 @@ def embed(
                                         "for several machines or GPUs; combine with 'sjea merge'. Under torchrun "
                                         "(torchrun --nproc_per_node G --no-python sjea embed IMAGES OUT -r RUN) "
                                         "each rank embeds its own shard on its own GPU and rank 0 merges."),
-    update: bool = typer.Option(False, "--update", help="Add the images not yet in an existing OUT (same model)."),
+    update: bool = typer.Option(False, "--update", help="Bring an existing OUT up to date with the folder, with "
+                                "the store's own model: add new images, re-embed changed ones (size or time), "
+                                "remove rows of files gone from it."),
+    keep_missing: bool = typer.Option(False, "--keep-missing", help="With --update: keep the rows of files that "
+                                      "are gone from the folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (it stays intact until the "
                                    "new one is complete)."),
     commit_every: float = typer.Option(2.0, "--commit-every", help="Seconds between durable checkpoints of "
@@ -109,7 +113,8 @@ def embed(
         raise SjeaError("give the levels once, with --level (--levels is its old spelling).")
     request = EmbedRequest(images, out, run=run, onnx=onnx, levels=level or levels_old, batch_size=batch_size,
                            workers=workers, device=device, backend=backend, dtype=dtype, normalize=normalize,
-                           shard=shard, update=update, overwrite=overwrite, commit_every_s=commit_every,
+                           shard=shard, update=update, keep_missing=keep_missing,
+                           overwrite=overwrite, commit_every_s=commit_every,
                            follow_symlinks=follow_symlinks, allow_outside=allow_outside, index=not no_index,
                            engine=engine, ray=RayOptions(partitions, ray_address, ray_cpus, ray_gpus))
     with rich_progress(quiet or json_out, RateColumn()) as progress:
@@ -127,6 +132,12 @@ def print_summary(summary: dict) -> None:
     console.print(f"{summary['status']}: {plain(summary['out'])}: {summary['rows']:,} rows ({summary['added']:,} added, "
                   f"{summary['failed']:,} failed{rate}{where}, {summary['backend']} on {summary['device']}, levels "
                   f"{summary['levels']})", highlight=False, markup=False, soft_wrap=True)
+    if any(summary.get(k) for k in ("changed", "removed", "kept_missing", "failures_retried", "labels_restored")):
+        console.print(f"folder changes: {summary['changed']:,} changed file(s) re-embedded, {summary['removed']:,} "
+                      f"row(s) of vanished files removed, {summary['kept_missing']:,} kept (--keep-missing), "
+                      f"{summary['failures_retried']:,} changed failed file(s) tried again"
+                      f"{', labels restored' if summary.get('labels_restored') else ''}", highlight=False,
+                      markup=False, soft_wrap=True)
     if summary.get("shards"):
         console.print(f"shard stores: {plain(summary['shards'][0])} ... {plain(Path(summary['shards'][-1]).name)}",
                       highlight=False, markup=False, soft_wrap=True)

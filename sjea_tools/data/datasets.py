@@ -334,14 +334,27 @@ def load_image_folder(root: str | Path) -> ImageData:
                      class_names=class_names)
 
 
-def folder_labels(rel_paths: list[str]) -> tuple[np.ndarray | None, list[str] | None]:
-    """Class = first sub-folder, when every image sits in one; else no labels."""
-    parts = [Path(p).parts for p in rel_paths]
-    if not parts or any(len(p) < 2 for p in parts):
+# The class of a file at the folder's top level (in no class folder): a few loose files must not
+# take the labels of every other row away. Parentheses: no folder name sorts or reads as it by chance.
+ROOT_LABEL = "(root)"
+
+
+def path_class(rel_path: str) -> str:
+    """The class of a file: its first folder below the root, ROOT_LABEL at the top level."""
+    parts = Path(rel_path).parts
+    return parts[0] if len(parts) >= 2 else ROOT_LABEL
+
+
+def folder_labels(rel_paths: list[str], root_label: bool = False) -> tuple[np.ndarray | None, list[str] | None]:
+    """Class = first sub-folder, when every image sits in one; else no labels. With root_label
+    (a store's labels), files at the top level get ROOT_LABEL where some file sits in a sub-folder."""
+    nested = [len(Path(p).parts) >= 2 for p in rel_paths]
+    if not any(nested) or not (root_label or all(nested)):
         return None, None
-    class_names = sorted({p[0] for p in parts})
+    first = [path_class(p) for p in rel_paths]
+    class_names = sorted(set(first))
     index = {c: i for i, c in enumerate(class_names)}
-    return np.asarray([index[p[0]] for p in parts], dtype=np.int64), class_names
+    return np.asarray([index[c] for c in first], dtype=np.int64), class_names
 
 
 def load_dataset(name: str, data_dir: str | None = None, split: str = "train") -> ImageData:

@@ -114,7 +114,8 @@ class Embedder:
                               normalize=store.normalized)
         if emb.model_id != store.model_id:
             raise SjeaError(f"the model at {src} has changed since {store.path} was written (model id "
-                            f"{emb.model_id[:12]} != {store.model_id[:12]}); re-embed with 'sjea embed --overwrite'.")
+                            f"{emb.model_id[:12]} != {store.model_id[:12]}); embed the images into a new file "
+                            "with the model you mean (--run or --onnx).")
         return emb
 
     # --- embedding ----------------------------------------------------------------------------

@@ -5,6 +5,10 @@ and so is a store this same command wrote that holds every wanted image; an exis
 replaced (--overwrite), extended (--update) or refused; a journal is resumed
 only when it belongs to this same command (same model, settings, shard, mode and base store),
 otherwise refused, or dropped with --overwrite.
+
+An --update follows the folder (Sync): files whose size or modification time differ from those the
+store recorded (/file_stats) are embedded again, rows of files gone from the folder are removed
+(unless --keep-missing), and the journal counts the base rows that stay.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from pathlib import Path
 
 from ..errors import SjeaError
 from ..store import Journal, StoreBusyError, check_same_identity, open_store, partial_path
+from ..store.removal import read_file_stats, stat_files
+from ..store.writer import labels_of
 
 
 @dataclass
@@ -26,26 +32,59 @@ class Plan:
     base: Path | None = None
     todo: list[str] = field(default_factory=list)
     resumed: int = 0  # images (rows and failures) the resumed journal already holds
+    stats: dict = field(default_factory=dict)  # path -> (size, mtime_ns) of every wanted file, taken before reading
+    sync: "Sync | None" = None  # --update: what changed in the folder since the store was written
 
     @property
     def total(self) -> int:
         return len(self.todo) + self.resumed
 
 
-def plan_run(out: Path, attrs: dict, wanted: list[str], update: bool, overwrite: bool) -> Plan:
-    """The Plan for embedding the images `wanted` into `out` with store attributes `attrs`."""
+@dataclass
+class Sync:
+    """An --update against its folder: rows of changed files and of vanished ones (unless
+    --keep-missing) are removed, failures of vanished files dropped; `relabel`: the store lost its
+    labels (loose files, before they had a class) and gets them back."""
+
+    changed: set[str]
+    vanished: set[str]
+    vanished_failed: set[str]
+    retried: set[str]  # failures whose file changed since: tried again
+    kept_missing: int
+    label_names: list[str] | None
+    relabel: bool
+    old_stats: dict
+
+    @property
+    def drop(self) -> set[str]:
+        return self.changed | self.vanished
+
+    @property
+    def drop_failed(self) -> set[str]:
+        return self.vanished_failed | self.retried
+
+    @property
+    def needed(self) -> bool:
+        return bool(self.drop or self.drop_failed or self.relabel)
+
+
+def plan_run(out: Path, attrs: dict, wanted: list[str], update: bool, overwrite: bool, root: Path | None = None,
+             keep_missing: bool = False) -> Plan:
+    """The Plan for embedding the images `wanted` (under `root`) into `out` with store attributes `attrs`."""
+    stats = stat_files(root, wanted) if root is not None else {}
     journal = Journal.open_existing(partial_path(out))
     journal, base, finished = _against_existing_store(out, journal, attrs, wanted, update, overwrite)
     if finished:
-        return Plan("complete")
+        return Plan("complete", stats=stats)
     mode = "overwrite" if overwrite else ("update" if base is not None else "new")
     done: set[str] = set()
-    base_rows = 0
+    base_rows, sync = 0, None
     if base is not None:
         with open_store(base) as s:
-            base_rows = s.n
-            done.update(s.paths)
-            done.update(p for p, _ in s.failed)
+            sync = _sync(s, wanted, stats, keep_missing)
+            base_rows = s.n - len(sync.drop)
+            done.update(p for p in s.paths if p not in sync.drop)
+            done.update(p for p, _ in s.failed if p not in sync.drop_failed)
     if journal is not None:
         journal = _resumable(journal, attrs, mode, base_rows, overwrite)
     resumed = 0
@@ -56,10 +95,28 @@ def plan_run(out: Path, attrs: dict, wanted: list[str], update: bool, overwrite:
         done.update(journal.paths())
         done.update(p for p, _ in journal.failures())
     todo = [p for p in wanted if p not in done]
-    if not todo and base is not None and resumed == 0:
+    if not todo and base is not None and resumed == 0 and not sync.needed:
         journal.remove()  # --update with nothing new: the store is already up to date
-        return Plan("up to date")
-    return Plan("run", journal, base, todo, resumed)
+        return Plan("up to date", stats=stats, sync=sync)
+    return Plan("run", journal, base, todo, resumed, stats, sync)
+
+
+def _sync(s, wanted: list[str], stats: dict, keep_missing: bool) -> Sync:
+    """What changed in the folder since the store `s` was written. A row whose file's size or
+    modification time differs from the one recorded is changed; a store written before they were
+    recorded has none: its rows count as unchanged (the update records them, so the next sees)."""
+    present = set(wanted)
+    old = read_file_stats(s) or {}
+    changed = {p for p in s.paths if p in present and p in old and old[p] != stats.get(p)}
+    retried = {p for p, _ in s.failed if p in present and p in old and old[p] != stats.get(p)}
+    missing = {p for p in s.paths if p not in present}
+    missing_failed = {p for p, _ in s.failed if p not in present}
+    vanished, vanished_failed = (set(), set()) if keep_missing else (missing, missing_failed)
+    stored = set(s.paths)
+    live = [p for p in s.paths if p not in vanished] + [p for p in wanted if p not in stored]
+    names = labels_of(live)[1] if live else None
+    return Sync(changed, vanished, vanished_failed, retried, len(missing) if keep_missing else 0, names,
+                s.label_names is None and names is not None and s.n > 0, old)
 
 
 def _against_existing_store(out: Path, journal: Journal | None, attrs: dict, wanted: list[str], update: bool,
@@ -77,7 +134,7 @@ def _against_existing_store(out: Path, journal: Journal | None, attrs: dict, wan
                 return None, None, True
         if overwrite:
             return journal, None, False
-        check_same_identity(attrs, s.attrs, str(out), "pass --overwrite to replace it, or write to another file.")
+        check_same_identity(attrs, s.attrs, str(out), _other_model_fix(s, update))
         if (s.attrs.get("shard") or None) != attrs["shard"]:
             raise SjeaError(f"{out} holds shard {s.attrs.get('shard') or 'all'}, this run is shard "
                             f"{attrs['shard'] or 'all'}; write to another file or pass --overwrite.")
@@ -87,6 +144,17 @@ def _against_existing_store(out: Path, journal: Journal | None, attrs: dict, wan
             raise SjeaError(f"{out} already exists; pass --update to add new images, --overwrite to "
                             "replace it, or write to another file.")
     return journal, out, False
+
+
+def _other_model_fix(s, update: bool) -> str:
+    """How to go on when this run's model or settings differ from the store's: never replace a
+    store that its own model can update."""
+    own = f"its own model ({s.attrs.get('model_source', '?')})"
+    if update:
+        return (f"--update without --run/--onnx uses {own}; to embed with this model, write a new file "
+                "(--overwrite would replace the store and every row in it).")
+    return (f"add to it with --update (without --run/--onnx: {own}), or write this model's store to a new file "
+            "(--overwrite would replace the store and every row in it).")
 
 
 def _same_command_done(s, attrs: dict, wanted: list[str]) -> bool:
@@ -116,16 +184,17 @@ def _readable_store(out: Path, overwrite: bool):
 def _resumable(journal: Journal, attrs: dict, mode: str, base_rows: int, overwrite: bool) -> Journal | None:
     """The journal if it belongs to this same command; with --overwrite a foreign one is dropped."""
     where = f"the unfinished run in {journal.folder}"
+    # An update's store stays: dropping the journal is the way out, never replacing the store.
+    drop = (f"delete {journal.folder} to drop it" if mode == "update" else "pass --overwrite to start over")
     try:
         check_same_identity(attrs, journal.meta["attrs"], where,
-                            "run the same command again to resume it, or pass --overwrite to start over.")
+                            f"run the same command again to resume it, or {drop}.")
         if (journal.meta["attrs"].get("shard") or None) != attrs["shard"]:
             raise SjeaError(f"{where} is shard {journal.meta['attrs'].get('shard')}; "
-                            "run the same command again, or pass --overwrite to start over.")
+                            f"run the same command again, or {drop}.")
         if journal.meta.get("mode") != mode or journal.meta.get("base_rows") != base_rows:
             raise SjeaError(f"{where} was started as '{journal.meta.get('mode')}' on a store of "
-                            f"{journal.meta.get('base_rows')} rows; run that command again, or pass --overwrite "
-                            "to start over.")
+                            f"{journal.meta.get('base_rows')} rows; run that command again, or {drop}.")
     except SjeaError:
         if not overwrite:
             raise

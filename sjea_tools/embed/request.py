@@ -61,6 +61,7 @@ class EmbedRequest:
     normalize: bool = True
     shard: tuple[int, int] | None = None  # "I/N" or (I, N) given, (I, N) kept
     update: bool = False
+    keep_missing: bool = False  # --update keeps the rows of files gone from the folder
     overwrite: bool = False
     commit_every_s: float = COMMIT_EVERY_S
     follow_symlinks: bool = False
@@ -88,7 +89,11 @@ class EmbedRequest:
             raise SjeaError(f"--commit-every must be a finite number of seconds >= 0 (got {self.commit_every_s}); 0 "
                             "commits after every batch.")
         if self.update and self.overwrite:
-            raise SjeaError("pass --update (add new images) or --overwrite (replace the store), not both.")
+            raise SjeaError("pass --update (bring the store up to date with the folder) or --overwrite (replace the "
+                            "store), not both.")
+        if self.keep_missing and not self.update:
+            raise SjeaError("--keep-missing applies to --update (keep the rows of files gone from the folder); add "
+                            "--update or leave it out.")
 
     def _check_engine(self) -> None:
         if self.engine not in ENGINES:

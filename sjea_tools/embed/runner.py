@@ -19,6 +19,7 @@ from ..progress import ProgressFn, report
 from ..store import (append_segment, disk_faults, format_shard, open_store, partial_path, remove_orphans,
                      shard_slice, write_store, writer_lock)
 from ..store.guard import require_held
+from ..store.removal import record_file_stats, rewrite_rows
 from .backends import Embedder
 from .plan import Plan, plan_run
 from .reader import decoded_batches, default_workers
@@ -59,25 +60,45 @@ def embed_held(request: EmbedRequest, progress: ProgressFn | None = None, embedd
     workers = _checked_target(out, r.workers)
     _check_not_an_input(out, r.images, r.run, r.onnx)
     root, scanned, refused = find_images(r.images, follow_symlinks=r.follow_symlinks, allow_outside=r.allow_outside)
-    emb = embedder or Embedder.from_source(run=r.run, onnx=r.onnx, backend=r.backend, device=r.device,
-                                           levels=r.levels, normalize=r.normalize)
+    emb = embedder or _model(r)
     attrs = {**emb.store_attrs(), "dtype": r.dtype, "root": str(root), "input": str(r.images.resolve()),
              "scan_count": len(scanned), "shard": format_shard(r.shard)}
     with disk_faults(f"{out} or its unfinished run {partial_path(out)}"):
         remove_stale_temp_files(out)  # a killed final write's temporary file
-        plan = plan_run(out, attrs, scanned[shard_slice(len(scanned), r.shard)], r.update, r.overwrite)
+        plan = plan_run(out, attrs, scanned[shard_slice(len(scanned), r.shard)], r.update, r.overwrite, root=root,
+                        keep_missing=r.keep_missing)
         if plan.status != "run":
             remove_orphans(out)  # segment files of an update killed after its last rename
+            if plan.sync is not None and not plan.sync.old_stats:
+                _record_stats(out, plan)  # a store written before sizes and times were recorded
             with open_store(out) as s:
-                return _summary(out, s.n, 0, 0, len(s.failed), 0, t0, emb, status=plan.status)
+                return _summary(out, s.n, 0, 0, len(s.failed), 0, t0, emb, status=plan.status, sync=plan.sync)
         try:
             _stream(plan, root, emb, r.batch_size, workers, r.commit_every_s, progress, refused)
             added, failed_now = plan.journal.rows, plan.journal.failed
             _finish(out, attrs, plan)
         finally:
             plan.journal.close()  # after a failure the last commit stands; the next run resumes from it
+        _record_stats(out, plan)
     with open_store(out) as s:
-        return _summary(out, s.n, added, failed_now, len(s.failed), plan.resumed, t0, emb, status="written")
+        return _summary(out, s.n, added, failed_now, len(s.failed), plan.resumed, t0, emb, status="written",
+                        sync=plan.sync)
+
+
+def _model(r: EmbedRequest) -> Embedder:
+    """The request's model; for --update without --run/--onnx the model that wrote the store
+    (never runs/LATEST, which a later training moves)."""
+    if r.update and r.run is None and r.onnx is None and r.out.is_file():
+        with open_store(r.out) as s:
+            return Embedder.for_store(s, backend=r.backend, device=r.device)
+    return Embedder.from_source(run=r.run, onnx=r.onnx, backend=r.backend, device=r.device, levels=r.levels,
+                                normalize=r.normalize)
+
+
+def _record_stats(out: Path, plan: Plan) -> None:
+    """Size and time of each row's file as found before it was read (kept missing rows: as recorded)."""
+    old = plan.sync.old_stats if plan.sync is not None else {}
+    record_file_stats(out, {**old, **plan.stats})
 
 
 def _checked_target(out: Path, workers: int | None) -> int:
@@ -142,7 +163,15 @@ def _finish(out: Path, attrs: dict, plan: Plan) -> None:
     else:  # --update: only the new rows are written, as a new segment of the store (store.segments)
         with open_store(plan.base) as base:
             final_attrs.update(created=base.attrs.get("created", now), updated=now)
-        append_segment(out, final_attrs, journal.paths(), journal.iter_rows(), journal.failures())
+        if plan.sync.needed:  # first: a changed file's new row must not meet its old one
+            rewrite_rows(out, plan.sync.drop, plan.sync.drop_failed,
+                         plan.sync.label_names if plan.sync.relabel else None, {"updated": now})
+        if journal.rows or journal.failed:
+            with open_store(out) as s:
+                removed_from = s.attrs.get("rows_removed_from")
+            if removed_from is not None:  # index.growth reads it: an index of an earlier version is rebuilt
+                final_attrs["rows_removed_from"] = removed_from
+            append_segment(out, final_attrs, journal.paths(), journal.iter_rows(), journal.failures())
     journal.remove()
 
 
@@ -175,10 +204,17 @@ def release_freed_buffers_promptly() -> None:
 
 
 def _summary(out: Path, rows: int, added: int, failed_now: int, failed_total: int, resumed: int, t0: float,
-             emb: Embedder, status: str) -> dict:
+             emb: Embedder, status: str, sync=None) -> dict:
     seconds = time.perf_counter() - t0
     processed = added + failed_now - resumed
-    return {"out": str(out), "status": status, "rows": rows, "added": added, "failed": failed_now,
+    changes = {}
+    if sync is not None:  # --update: changed files re-embedded (counted in added), vanished ones removed
+        changes = {"changed": len(sync.changed) if status == "written" else 0,
+                   "removed": len(sync.vanished) if status == "written" else 0,
+                   "removed_failed": len(sync.vanished_failed) if status == "written" else 0,
+                   "failures_retried": len(sync.retried) if status == "written" else 0,
+                   "kept_missing": sync.kept_missing, "labels_restored": sync.relabel and status == "written"}
+    return {"out": str(out), "status": status, "rows": rows, "added": added, **changes, "failed": failed_now,
             "failed_total": failed_total, "resumed_from": resumed, "seconds": round(seconds, 3),
             "images_per_s": round(max(processed, 0) / seconds, 1) if seconds > 0 else None,
             "backend": emb.backend, "device": emb.device, "levels": emb.levels, "model_id": emb.model_id}

@@ -12,7 +12,7 @@ from ..io import atomic_write_text
 from ..progress import ProgressFn
 from ..store import disk_faults, open_store
 from .choose import check_build_options, parse_memory, wanted_spec
-from .growth import grow_level, plan_level
+from .growth import grow_level, plan_level, rows_removed
 from .level_file import build_level_file
 from .load import prepare
 from .recall import RECALL_SAMPLE
@@ -63,7 +63,8 @@ def _index_all_levels(store_path: Path, old: dict | None, request: dict,
         if store.n == 0:
             raise SjeaError(f"{store_path} holds no embeddings yet; run sjea embed first.")
         paths = StoredPaths(store)  # read only where the store's history cannot answer, or for a build
-        problem = "no index yet" if old is None else (stale_rows(store, old, paths) or foreign_parts(store, old))
+        problem = "no index yet" if old is None else (rows_removed(store, old) or stale_rows(store, old, paths)
+                                                      or foreign_parts(store, old))
         entries = {str(level): _index_level(store, level, dim, old, problem, request, build_id, progress)
                    for level, dim in zip(store.levels, store.dims)}
         for entry in entries.values():  # what binds each file to this sidecar (load.py checks it)

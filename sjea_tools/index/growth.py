@@ -55,6 +55,16 @@ def plan_level(n: int, dim: int, level: int, old: dict | None, problem: str | No
     return ("up to date", "") if n == old["n"] else ("grow", "")
 
 
+def rows_removed(store, old: dict) -> str | None:
+    """Why an index cannot grow after rows were removed from the store since it was built
+    (store.removal): the row numbers after each removed row moved down, and FAISS ids are row
+    numbers, so every level is rebuilt (measured in benchmarks/bench_removal.py). None otherwise."""
+    removed_from = store.attrs.get("rows_removed_from")
+    if removed_from is None or old.get("store_fingerprint") not in set(np.atleast_1d(removed_from).tolist()):
+        return None
+    return "rows were removed from the store since it was indexed (the rows after them moved)"
+
+
 def settings_differ(n: int, dim: int, entry: dict, old: dict, request: dict) -> str | None:
     """How the settings asked differ from those the existing index was built with, or None."""
     if request["metric"] != old.get("metric"):

@@ -80,7 +80,8 @@ def _append(out: Path, attrs: dict, new_paths: list[str], rows: RowBlocks, failu
         paths, failed, history = base.paths + new_paths, base.failed + failures, base.history
         old_names = _class_names(base)
     _check_unique(paths, out)
-    names = _union_of_classes([old_names, labels_of(new_paths)[1] if new_paths else []])
+    # Classes of all rows: new loose files alone have none, beside class folders they are ROOT_LABEL.
+    names = _union_of_classes([old_names, labels_of(paths)[1] if new_paths else []])
     name, fingerprint = _new_segment_name(len(segs)), new_fingerprint()
     write_store(segments_dir(out) / name, attrs, [rows], failures, progress=progress, task="writing",
                 total=len(new_paths), fingerprint=fingerprint, label_names=names, store_id=store_id)
@@ -177,8 +178,8 @@ def compact_tail(out: Path, start: int) -> None:
     --update); the rows, their order and the fingerprint stay, the earlier segments are kept."""
     with open_store(out) as s:
         segs, history = s.segments, s.history
-        first = sum(int(g["rows"]) for g in segs[:start])
-        first_failed = sum(int(g["failed"]) for g in segs[:start])
+        first = sum(live_count(int(g["rows"]), g.get("live")) for g in segs[:start])
+        first_failed = sum(live_count(int(g["failed"]), g.get("failed_live")) for g in segs[:start])
         paths, failed, names, fingerprint = s.paths, s.failed, s.label_names, s.fingerprint
         attrs = {k: v for k, v in s.attrs.items() if k not in OWN_ATTRS}
         name, seg_print, store_id = _new_segment_name(start), new_fingerprint(), s.store_id or new_fingerprint()
@@ -366,34 +367,43 @@ def _publish(out: Path, attrs: dict, segs: list[dict], paths: list[str], failed:
 def _virtual_layout(f, attrs: dict, segs: list[dict], paths: list[str], failed: list[tuple[str, str]],
                     with_labels: bool) -> None:
     text = h5py_module().string_dtype("utf-8")
-    rows = [(g["file"], int(g["rows"])) for g in segs]
-    ds = _virtual(f, "paths", [(file, "paths", n) for file, n in rows], (), text, None)
+    rows = [(g["file"], int(g["rows"]), g.get("live")) for g in segs]
+    ds = _virtual(f, "paths", [(file, "paths", n, live) for file, n, live in rows], (), text, None)
     ds.attrs["sha256"] = strings_sha256(paths)
     dtype = np.dtype(attrs["dtype"])
     for k, d in zip((int(k) for k in attrs["levels"]), (int(d) for d in attrs["dims"])):
         # NaN where a source cannot be read (HDF5 does not fail): `sjea verify` finds it.
-        ds = _virtual(f, f"level_{k}/embeddings", [(file, f"level_{k}/embeddings", n) for file, n in rows], (d,),
-                      dtype, np.nan)
+        ds = _virtual(f, f"level_{k}/embeddings", [(file, f"level_{k}/embeddings", n, live) for file, n, live in rows],
+                      (d,), dtype, np.nan)
         ds.attrs["level"] = k
     if with_labels:
-        _virtual(f, "labels", [(g.get("labels") or g["file"], "labels", int(g["rows"])) for g in segs], (),
-                 np.int64, -1)
+        _virtual(f, "labels", [(g.get("labels") or g["file"], "labels", int(g["rows"]), g.get("live")) for g in segs],
+                 (), np.int64, -1)
     f.create_group("failed")
     for key, values in (("paths", [p for p, _ in failed]), ("errors", [e for _, e in failed])):
-        ds = _virtual(f, f"failed/{key}", [(g["file"], f"failed/{key}", int(g["failed"])) for g in segs], (), text,
-                      None)
+        ds = _virtual(f, f"failed/{key}", [(g["file"], f"failed/{key}", int(g["failed"]), g.get("failed_live"))
+                                           for g in segs], (), text, None)
         ds.attrs["sha256"] = strings_sha256(values)
 
 
-def _virtual(f, name: str, sources: list[tuple[str, str, int]], tail: tuple, dtype, fill):
-    """A virtual dataset: the datasets `sources` (file, dataset, rows) one after another."""
+def live_count(n: int, live: list | None) -> int:
+    """Rows of a segment the store shows: its `n` rows, or those of its live ranges (store.removal)."""
+    return n if live is None else sum(int(b) - int(a) for a, b in live)
+
+
+def _virtual(f, name: str, sources: list[tuple[str, str, int, list | None]], tail: tuple, dtype, fill):
+    """A virtual dataset: the datasets `sources` (file, dataset, rows, live ranges or None for all)
+    one after another; a segment with rows removed is mapped range by range (store.removal)."""
     h5py = h5py_module()
-    layout = h5py.VirtualLayout(shape=(sum(n for _, _, n in sources), *tail), dtype=dtype)
+    layout = h5py.VirtualLayout(shape=(sum(live_count(n, live) for _, _, n, live in sources), *tail), dtype=dtype)
     at = 0
-    for file, dataset, n in sources:
-        if n:
-            layout[at:at + n] = h5py.VirtualSource(file, dataset, shape=(n, *tail), dtype=dtype)
-            at += n
+    for file, dataset, n, live in sources:
+        if not n:
+            continue
+        source = h5py.VirtualSource(file, dataset, shape=(n, *tail), dtype=dtype)
+        for a, b in ([(0, n)] if live is None else live):
+            layout[at:at + b - a] = source[a:b]
+            at += b - a
     return f.create_virtual_dataset(name, layout, fillvalue=fill)
 
 
@@ -418,8 +428,10 @@ def _label_sources(out: Path, segs: list[dict], names: list[str], keep: bool) ->
         if not int(g["rows"]) or (keep and g.get("labels")):
             continue
         with h5py_module().File(out.parent / g["file"], "r") as f:
+            given_later = "label_names" not in f and g.get("labels")  # by store.removal, names beside them
+        with h5py_module().File(out.parent / (g["labels"] if given_later else g["file"]), "r") as f:
             own = [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v for v in f["label_names"][:]]
-            if own == names[:len(own)]:
+            if own == names[:len(own)] and not given_later:
                 g["labels"] = None
             else:
                 renumber = np.asarray([index[c] for c in own], dtype=np.int64)

@@ -147,14 +147,18 @@ def write_text_dataset(group, name: str, values: list[str]) -> None:
 
 
 def labels_of(paths: list[str], label_names: list[str] | None = None):
-    """(labels, class names) of rows (data.datasets.folder_labels), or indexed into `label_names`
-    (which must hold every class of these rows)."""
+    """(labels, class names) of rows (data.datasets.folder_labels; files at the top level: ROOT_LABEL),
+    or indexed into `label_names` (which must hold every class of these rows)."""
     # Imported here: sjea_tools.data imports torch, which readers of a store never need.
-    from ..data.datasets import folder_labels
+    from ..data.datasets import ROOT_LABEL, folder_labels
 
-    labels, names = folder_labels(paths)
-    if labels is None or label_names is None:
+    labels, names = folder_labels(paths, root_label=True)
+    if label_names is None:
         return labels, names
+    if labels is None:  # only loose files: ROOT_LABEL, where the store's classes have it
+        if ROOT_LABEL not in label_names:
+            return None, None
+        labels, names = np.zeros(len(paths), dtype=np.int64), [ROOT_LABEL]
     index = {c: i for i, c in enumerate(label_names)}
     return np.asarray([index[names[i]] for i in labels], dtype=np.int64), list(label_names)
 
