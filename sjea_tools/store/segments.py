@@ -34,7 +34,7 @@ from ..errors import SjeaError
 from ..io import atomic_path, atomic_write_text, fsync_dir, remove_stale_temp_files
 from ..progress import ProgressFn, report
 from .guard import StoreBusyError, disk_faults, writer_lock
-from .reader import FORMAT, RESERVED_GROUPS, Store, h5py_module, open_store, strings_sha256
+from .reader import FORMAT, Store, h5py_module, open_store, strings_sha256
 from .sources import SEGMENTS_SUFFIX
 from .writer import LIBVER, RowBlocks, existing_store_id, labels_of, new_fingerprint, write_store, write_text_dataset
 
