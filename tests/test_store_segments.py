@@ -105,11 +105,11 @@ def _assert_clean_layout(out: Path):
 KILL_POINTS = {
     "update-linked": ("write_store", "before"),  # the old file linked as a segment, the new one not written
     "update-segment": ("write_store", "after"),  # the new segment whole, no top-level file names it
-    "labels-written": ("_write_labels_file", "after"),  # renumbered labels beside a segment
+    "labels-written": ("write_labels_file", "after"),  # renumbered labels beside a segment
     "top-written": ("atomic_path", "before-rename"),  # the new top-level file written, not renamed over OUT
-    "update-published": ("_publish", "after"),
-    "merge-linked": ("_link_segment", "after"),
-    "merge-published": ("_publish", "after"),
+    "update-published": ("publish", "after"),
+    "merge-linked": ("link_segment", "after"),
+    "merge-published": ("publish", "after"),
     "compact-written": ("write_store", "after"),
 }
 

@@ -21,7 +21,8 @@ import numpy as np
 from ..errors import SjeaError
 from .reader import h5py_module, open_store
 from .writer import write_text_dataset
-from .segments import OWN_ATTRS, _link_segment, _publish, _write_labels_file, remove_orphans
+from .segments import OWN_ATTRS, claim_folder, link_segment, publish, remove_orphans, write_labels_file
+from .writer import new_fingerprint
 
 STATS_GROUP = "file_stats"  # /file_stats/size, /file_stats/mtime_ns: per row, of the file embedded
 UNKNOWN = (-1, -1)
@@ -35,7 +36,9 @@ def rewrite_rows(out: str | Path, drop: set[str], drop_failed: set[str], label_n
     out = Path(out)
     remove_orphans(out)
     with open_store(out) as s:
-        segs = [dict(g) for g in s.segments] if s.segments else [_link_segment(out, out, 0, s)]
+        store_id = s.store_id or new_fingerprint()
+        claim_folder(out, store_id)
+        segs = [dict(g) for g in s.segments] if s.segments else [link_segment(out, out, 0, s)]
         paths, failed, names = s.paths, s.failed, s.label_names
         attrs = {k: v for k, v in s.attrs.items() if k not in OWN_ATTRS}
         # Every earlier version's row numbers are void now: an index of one is rebuilt, not grown.
@@ -52,7 +55,8 @@ def rewrite_rows(out: str | Path, drop: set[str], drop_failed: set[str], label_n
         _label_every_segment(out, segs, label_names)
         names = label_names
     attrs.update(extra_attrs or {})
-    _publish(out, attrs, segs, live, [f for f, k in zip(failed, keep_failed) if k], names, [], keep_labels=True)
+    publish(out, attrs, segs, live, [f for f, k in zip(failed, keep_failed) if k], names, [], store_id,
+            keep_labels=True)
     remove_orphans(out)
     return len(live)
 
@@ -95,7 +99,7 @@ def _label_every_segment(out: Path, segs: list[dict], names: list[str]) -> None:
             continue
         with h5py_module().File(out.parent / g["file"], "r") as f:
             own = [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v for v in f["paths"][:]]
-        g["labels"] = _write_labels_file(out, g, np.asarray([index.get(path_class(p), -1) for p in own],
+        g["labels"] = write_labels_file(out, g, np.asarray([index.get(path_class(p), -1) for p in own],
                                                              dtype=np.int64))
         with h5py_module().File(out.parent / g["labels"], "r+") as f:  # new, not yet named by the store
             write_text_dataset(f, "label_names", names)  # what a later renumbering reads

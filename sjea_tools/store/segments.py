@@ -76,7 +76,7 @@ def _append(out: Path, attrs: dict, new_paths: list[str], rows: RowBlocks, failu
     with open_store(out) as base:
         store_id = base.store_id or new_fingerprint()
         claim_folder(out, store_id)
-        segs = base.segments or [_link_segment(out, out, 0, base)]
+        segs = base.segments or [link_segment(out, out, 0, base)]
         paths, failed, history = base.paths + new_paths, base.failed + failures, base.history
         old_names = _class_names(base)
     _check_unique(paths, out)
@@ -86,7 +86,7 @@ def _append(out: Path, attrs: dict, new_paths: list[str], rows: RowBlocks, failu
     write_store(segments_dir(out) / name, attrs, [rows], failures, progress=progress, task="writing",
                 total=len(new_paths), fingerprint=fingerprint, label_names=names, store_id=store_id)
     segs.append(_entry(out, name, len(new_paths), len(failures), fingerprint))
-    _publish(out, attrs, segs, paths, failed, names, history, store_id, keep_labels=old_names == names)
+    publish(out, attrs, segs, paths, failed, names, history, store_id, keep_labels=old_names == names)
     remove_orphans(out)
     return segs
 
@@ -103,7 +103,7 @@ def add_stores(out: str | Path, attrs: dict, inputs: list[str | Path], progress:
     with _orphans_removed_on_error(out):
         segs, paths, failed, classes = _link_stores(out, inputs, progress, task)
         _check_unique(paths, out)
-        _publish(out, attrs, segs, paths, failed, _union_of_classes(classes), [], store_id)
+        publish(out, attrs, segs, paths, failed, _union_of_classes(classes), [], store_id)
         remove_orphans(out)
     return out
 
@@ -115,7 +115,7 @@ def _link_stores(out: Path, inputs: list[str | Path], progress: ProgressFn | Non
         total = sum(s.n for s in stores)
         segs, paths, failed, classes = [], [], [], []
         for i, s in enumerate(stores):
-            segs.append(_link_segment(out, s.path, i, s))
+            segs.append(link_segment(out, s.path, i, s))
             paths += s.paths
             failed += s.failed
             classes.append(_class_names(s))
@@ -187,7 +187,7 @@ def compact_tail(out: Path, start: int) -> None:
         write_store(segments_dir(out) / name, attrs, [s.iter_rows(first=first)], failed[first_failed:],
                     total=len(paths) - first, fingerprint=seg_print, label_names=names, store_id=store_id)
     segs = segs[:start] + [_entry(out, name, len(paths) - first, len(failed) - first_failed, seg_print)]
-    _publish(out, attrs, segs, paths, failed, names, history, store_id, fingerprint=fingerprint, keep_labels=True)
+    publish(out, attrs, segs, paths, failed, names, history, store_id, fingerprint=fingerprint, keep_labels=True)
     remove_orphans(out)
 
 
@@ -306,7 +306,7 @@ def _entry(out: Path, name: str, rows: int, failed: int, fingerprint: str, label
             "fingerprint": str(fingerprint), "labels": labels}
 
 
-def _link_segment(out: Path, source: Path, index: int, store: Store) -> dict:
+def link_segment(out: Path, source: Path, index: int, store: Store) -> dict:
     """The single-file store `source` as a new segment of `out`, hard-linked (its bytes are not
     copied; a later replacement of `source` by rename leaves the segment as it was)."""
     if store.segments:
@@ -345,7 +345,7 @@ def _check_unique(paths: list[str], out: Path) -> None:
 
 # --- the top-level file -----------------------------------------------------------------------
 
-def _publish(out: Path, attrs: dict, segs: list[dict], paths: list[str], failed: list[tuple[str, str]],
+def publish(out: Path, attrs: dict, segs: list[dict], paths: list[str], failed: list[tuple[str, str]],
              names: list[str] | None, history: list[tuple[str, int]], store_id: str, fingerprint: str | None = None,
              keep_labels: bool = False) -> None:
     """Write the top-level file naming `segs` (whose rows are `paths`, `failed`) and rename it
@@ -435,10 +435,10 @@ def _label_sources(out: Path, segs: list[dict], names: list[str], keep: bool) ->
                 g["labels"] = None
             else:
                 renumber = np.asarray([index[c] for c in own], dtype=np.int64)
-                g["labels"] = _write_labels_file(out, g, renumber[f["labels"][:]])
+                g["labels"] = write_labels_file(out, g, renumber[f["labels"][:]])
 
 
-def _write_labels_file(out: Path, seg: dict, labels: np.ndarray) -> str:
+def write_labels_file(out: Path, seg: dict, labels: np.ndarray) -> str:
     name = f"{Path(seg['file']).stem}.labels-{uuid.uuid4().hex[:8]}.h5"
     with atomic_path(segments_dir(out) / name) as tmp, h5py_module().File(tmp, "w", libver=LIBVER) as f:
         f.create_dataset("labels", data=labels, chunks=(max(1, min(len(labels), 65536)),), fletcher32=True)
