@@ -92,6 +92,9 @@ def test_eval_store_matches_numpy_knn_on_the_stored_embeddings(tmp_path, make_ru
             assert abs(row["knn_top1"] - expected) <= 0.1
             # the folder's class names are Fashion-MNIST's, so the coarse grouping applies
             assert "coarse" in row["hierarchy"]
+            m = row["hierarchy"]["measures"]  # the bank is smaller than 100 rows per query list: H-AP at its size
+            assert m["h_ap_depth"] == min(100, out["n_train"]) and 0 <= m["h_ap"] <= 100
+            assert m["avg_distance_at_k"]["1"] == pytest.approx(m["mistake_severity"] * m["top1_error"] / 100, abs=1e-3)
 
 
 def test_eval_of_unlabelled_images_needs_a_store(tmp_path, make_run, fmnist_test):
