@@ -12,6 +12,10 @@ seeded) and --queries test images (the queries), every level. Then, on the same 
     score in the gate and grouped by sub-cluster, and the same with the levels the other way up;
     coarse (5 groups) and fine (10 classes) precision@10 and mAP@10, and the fraction of queries
     whose top 10 (as a set) differs from each single level's top 10;
+  - the hierarchy-aware measures of every mode (`evaluation.hierarchy_measures`, tree: fine class <
+    coarse group < root): H-AP@100 (HAPPIER: same class 1, same group 0.5), mistake severity of the
+    top-1 mistakes and the average tree distance of the top 1, 5, 10 and 20, from one list of the
+    first 100 hits per query (searched separately from the top 10 above, which grouping reorders);
   - scores: cosine of the raw representations and cosine after subtracting the bank's mean
     (a fixed per-model vector): precision@10, the median score of a random pair, of a query's
     top-1 neighbour of the same class, and of its 10th neighbour.
@@ -33,10 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sjea_tools.clusters import build_tree, coarse_order, default_sizes, kmeans  # noqa: E402
+from sjea_tools.evaluation.hierarchy_measures import H_AP_DEPTH, TOP_K_DISTANCE, hierarchy_measures  # noqa: E402
 from sjea_tools.hierarchy import gated_search  # noqa: E402
 from sjea_tools.vectors import cosine_top_k, l2_normalize  # noqa: E402
 
 K = 10
+DEPTH = max(H_AP_DEPTH, max(TOP_K_DISTANCE))  # hits per query for the hierarchy measures
 BEGIN, END = "<!-- hierarchical:begin (written by benchmarks/bench_hierarchical.py) -->", "<!-- hierarchical:end -->"
 
 
@@ -87,6 +93,13 @@ def measure(ids: np.ndarray, f: dict, per_level: dict | None = None) -> dict:
     return out
 
 
+def tree_measures(ids: np.ndarray, f: dict) -> dict:
+    """H-AP, mistake severity and average tree distance of the top k from one (q, DEPTH) list."""
+    m = hierarchy_measures(ids, f["bank_labels"], f["query_labels"], f["fine_to_coarse"])
+    return {"h_ap": m["h_ap"], "severity": m["mistake_severity"], "top1_error": m["top1_error"],
+            **{f"dist{k}": v for k, v in m["avg_distance_at_k"].items()}}
+
+
 def purity(assign: np.ndarray, labels: np.ndarray) -> float:
     """Share of rows whose cluster's majority label is their own."""
     agree = sum(np.bincount(labels[assign == c]).max() for c in np.unique(assign))
@@ -109,15 +122,17 @@ def bench_run(run: str, args) -> dict:
         purities[lv] = {"coarse": purity(a, coarse_labels), "fine": purity(a, f["bank_labels"])}
     row = {"run": str(run), "model_id": f["model_id"][:12], "bank": n, "queries": len(qv[0]), "sizes": sizes,
            "agreement": dict(zip(levels, agreement)), "purity": purities, "coarse": levels[order[0]], "methods": {}}
-    per_level = {lv: cosine_top_k(qv[i], bank[i], K)[1] for i, lv in enumerate(levels)}
+    deep = {lv: cosine_top_k(qv[i], bank[i], DEPTH)[1] for i, lv in enumerate(levels)}
+    per_level = {lv: ids[:, :K] for lv, ids in deep.items()}
     for lv, ids in per_level.items():
-        row["methods"][f"level {lv}"] = measure(ids, f, per_level)
+        row["methods"][f"level {lv}"] = {**measure(ids, f, per_level), **tree_measures(deep[lv], f)}
     for label, o in (("measured", order), ("reversed", order[::-1])):
         tree = build_tree([bank[i] for i in o], sizes, seed=args.seed)
         for within in ("score", "groups"):
             res = gated_search([qv[i] for i in o], lambda rows, j=o[-1]: bank[j][rows], tree, K, within=within)
             name = f"hier. {'>'.join(str(levels[i]) for i in o)} ({within}{', reversed' if label == 'reversed' else ''})"
-            row["methods"][name] = {**measure(res["ids"], f, per_level),
+            hits = gated_search([qv[i] for i in o], lambda rows, j=o[-1]: bank[j][rows], tree, DEPTH, within=within)
+            row["methods"][name] = {**measure(res["ids"], f, per_level), **tree_measures(hits["ids"], f),
                                     "gate_rows": int(np.median(res["gate_rows"]))}
     row["scores"] = score_spread(bank, qv, f, levels)
     row["seconds"] = round(time.perf_counter() - t0, 1)
@@ -166,12 +181,34 @@ def tables(rows: list[dict], command: str, note: str | None = None) -> str:
             lines.append(f"| {name} | {m['coarse_p10']:.2f} | {m['coarse_map10']:.2f} | {m['fine_p10']:.2f} | "
                          f"{m['fine_map10']:.2f} | " + " | ".join(f"{m[c]:.1f}%" for c in diff_cols)
                          + f" | {m.get('gate_rows', r['bank']):,} |")
-        lines += ["", verdict(r), "", "Scores: raw cosine against cosine after centring by the bank's mean (medians):", "",
+        lines += ["", verdict(r), "", hierarchy_table(r), "", "Scores: raw cosine against cosine after centring by the bank's mean (medians):", "",
                   "| level, score | fine P@10 | random pair | top-1 same class | 10th neighbour |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {name} | {s['fine_p10']:.2f} | {s['random_pair']:.3f} | {s['top1_same_class']:.3f} | {s['top10']:.3f} |"
                   for name, s in r["scores"].items()]
         lines += ["", score_verdict(r), ""]
     return "\n".join(lines)
+
+
+def hierarchy_table(r: dict) -> str:
+    """The hierarchy-aware measures of every mode, one row each (lower distance and severity is better)."""
+    ks = "/".join(str(k) for k in TOP_K_DISTANCE)
+    lines = [f"Hierarchy-aware measures (first {DEPTH} hits per query; tree: fine class < coarse group < root, "
+             "distance 0 same class, 1 same group, 2 other group; H-AP relevance 1 same class, 0.5 same group; a gate "
+             f"holding fewer than {DEPTH} rows pads the list, and a missing hit counts as distance 2, relevance 0):", "",
+             f"| mode | H-AP@{H_AP_DEPTH} | mistake severity | top-1 error | "
+             + " | ".join(f"distance top {k}" for k in TOP_K_DISTANCE) + " |",
+             "|---|" + "---:|" * (3 + len(TOP_K_DISTANCE))]
+    for name, m in r["methods"].items():
+        dists = " | ".join(_fmt(m[f"dist{k}"], 3) for k in TOP_K_DISTANCE)
+        lines.append(f"| {name} | {_fmt(m['h_ap'], 2)} | {_fmt(m['severity'], 3)} | {m['top1_error']:.2f} | {dists} |")
+    best = max((m["h_ap"] or 0, name) for name, m in r["methods"].items())
+    lines += ["", f"Best H-AP@{H_AP_DEPTH}: **{best[1]}** ({best[0]:.2f}); average distance of the top {ks} is "
+              "lower-is-better."]
+    return "\n".join(lines)
+
+
+def _fmt(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 MEASURES = {"coarse_p10": "coarse P@10", "coarse_map10": "coarse mAP@10", "fine_p10": "fine P@10",

@@ -44,12 +44,15 @@ def pixel_baseline_features(train_data, test_data) -> dict[str, tuple[np.ndarray
     return {"raw pixels": (tr, te), "centred pixels": centre(tr, te)}
 
 
-def baseline_results(train_data, test_data, train_feats, test_feats, levels, knn_accuracy, probe) -> dict:
-    """The pixel rows under the model's own protocol (k-NN as is and centred, the same cheap probe),
-    and the model's levels under the centred k-NN as well, so every number has its floor beside it.
+def baseline_results(train_data, test_data, train_feats, test_feats, levels, knn_accuracy, probe,
+                     hierarchy=None) -> dict:
+    """The pixel rows under the model's own protocol (k-NN as is and centred, the same cheap probe,
+    and the hierarchy measures when the labels have coarse groups), and the model's levels under the
+    centred k-NN as well, so every number has its floor beside it.
 
-    `knn_accuracy(bank, bank_labels, queries, query_labels)` and `probe(train_x, train_y, test_x, test_y)`
-    are the evaluation's own functions (passed in: this module stays free of project imports)."""
+    `knn_accuracy(bank, bank_labels, queries, query_labels)`, `probe(train_x, train_y, test_x, test_y)`
+    and `hierarchy(bank, bank_labels, queries, query_labels)` (or None) are the evaluation's own
+    functions (passed in: this module stays free of project imports)."""
     ytr, yte = np.asarray(train_data.labels), np.asarray(test_data.labels)
     model = []
     for level, ftr, fte in zip(levels, train_feats, test_feats):
@@ -68,4 +71,6 @@ def baseline_results(train_data, test_data, train_feats, test_feats, levels, knn
         scores = probe(tr, ytr, te, yte)
         pixels.append({"features": name, "dim": int(tr.shape[1]), "knn_top1": knn, "knn_top1_centred": centred_knn,
                        "linear_top1": scores["top1"], "linear_top5": scores["top5"]})
+        if hierarchy is not None:
+            pixels[-1]["hierarchy"] = hierarchy(tr, ytr, te, yte)
     return {"model": model, "pixels": pixels}

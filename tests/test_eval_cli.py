@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from sjea_tools.cli import app
@@ -36,7 +37,19 @@ def test_eval_prints_a_row_per_level_and_writes_eval_json(tmp_path, make_run):
     for row in saved["levels"]:
         cells = [c.strip() for c in next(r for r in table_rows if r.split("│")[1].strip() == str(row["level"])).split("│")]
         assert cells[3] == f"{row['linear_top1']:.2f}" and cells[5] == f"{row['knn_top1']:.2f}"
+        measures = row["hierarchy"]["measures"]  # H-AP and mistake severity close the row
+        assert cells[-3:-1] == [f"{measures['h_ap']:.2f}", f"{measures['mistake_severity']:.3f}"]
     assert "hierarchical search" in result.stdout
+    # every floor carries the same measures, under the same protocol, in the JSON and the floors' table
+    for floor in saved["baselines"]["pixels"]:
+        m = floor["hierarchy"]
+        assert set(m) == {"top1_error", "mistakes", "mistake_severity", "avg_distance_at_k", "h_ap", "h_ap_depth"}
+        assert set(m["avg_distance_at_k"]) == {"1", "5", "10", "20"}
+        # the distance at k = 1 is the mistakes' severity times the error rate
+        assert m["avg_distance_at_k"]["1"] == pytest.approx(m["mistake_severity"] * m["top1_error"] / 100, abs=1e-3)
+        line = next(r for r in table_rows if r.split("│")[1].strip() == floor["features"])
+        assert [c.strip() for c in line.split("│")][-3:-1] == [f"{m['h_ap']:.2f}", f"{m['mistake_severity']:.3f}"]
+    assert {"tree", "h_ap_relevance", "h_ap_depth", "distance_k"} <= set(saved["hierarchy_measures"])
     assert saved["n_train"] == 300 and saved["n_test"] == 100 and saved["dataset"] == "fashion-mnist"
 
 
@@ -79,6 +92,9 @@ def test_eval_store_matches_numpy_knn_on_the_stored_embeddings(tmp_path, make_ru
             assert abs(row["knn_top1"] - expected) <= 0.1
             # the folder's class names are Fashion-MNIST's, so the coarse grouping applies
             assert "coarse" in row["hierarchy"]
+            m = row["hierarchy"]["measures"]  # the bank is smaller than 100 rows per query list: H-AP at its size
+            assert m["h_ap_depth"] == min(100, out["n_train"]) and 0 <= m["h_ap"] <= 100
+            assert m["avg_distance_at_k"]["1"] == pytest.approx(m["mistake_severity"] * m["top1_error"] / 100, abs=1e-3)
 
 
 def test_eval_of_unlabelled_images_needs_a_store(tmp_path, make_run, fmnist_test):

@@ -87,13 +87,31 @@ def test_evaluate_run_matches_an_independent_numpy_knn(tmp_path, make_run):
                                       feats["test_labels"])
         assert abs(row["knn_top1"] - expected) <= 0.1
         assert 0 <= row["linear_top1"] <= row["linear_top5"] <= 100
-        assert set(row["hierarchy"]) == {"coarse", "fine"}  # Fashion-MNIST has the coarse grouping
+        assert set(row["hierarchy"]) == {"coarse", "fine", "measures"}  # Fashion-MNIST has the coarse grouping
+        # the hierarchy measures from a plain numpy ranking (cosine, best first) of the saved features
+        ids = numpy_ranking(feats[f"train_level{k}"], feats[f"test_level{k}"], ev.H_AP_DEPTH)
+        expected_measures = ev.hierarchy_measures(ids, feats["train_labels"], feats["test_labels"], coarse_of)
+        # tolerance: float32 FAISS and float64 numpy may swap two near-equal neighbours
+        got = row["hierarchy"]["measures"]
+        assert got["avg_distance_at_k"] == pytest.approx(expected_measures.pop("avg_distance_at_k"), abs=0.01)
+        assert {key: got[key] for key in expected_measures} == pytest.approx(expected_measures, abs=0.1)
         # the coarse k-NN against the plain numpy one on Fashion-MNIST's grouping (data/datasets.py)
         coarse_expected = numpy_knn_accuracy(feats[f"train_level{k}"], coarse_of[feats["train_labels"]],
                                              feats[f"test_level{k}"], coarse_of[feats["test_labels"]])
         assert abs(row["hierarchy"]["coarse"]["knn_top1"] - coarse_expected) <= 0.1
     orders = [r["order"] for r in result["hierarchical_search"]]
     assert orders == [[0, 1], [1, 0]]
+    for r in result["hierarchical_search"]:
+        assert set(r["measures"]["avg_distance_at_k"]) == {"1", "5", "10", "20"}
+        assert 0 <= r["measures"]["h_ap"] <= 100 and r["measures"]["h_ap_depth"] == ev.H_AP_DEPTH
+    assert result["hierarchy_measures"]["h_ap_depth"] == ev.H_AP_DEPTH
+
+
+def numpy_ranking(bank, queries, depth):
+    """Each query's `depth` nearest bank rows by cosine, best first, in plain numpy."""
+    bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    return np.argsort(-(queries @ bank.T), axis=1, kind="stable")[:, :depth]
 
 
 @pytest.mark.parametrize("levels,needle", [([], "needs at least 1 level"), ([0, 0], "repeats a level"),

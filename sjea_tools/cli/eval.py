@@ -16,6 +16,20 @@ def _pct(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _num(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+HIERARCHY_COLUMNS = ("H-AP", "mistake severity")
+
+
+def hierarchy_cells(measures: dict | None) -> list[str]:
+    """H-AP (percent) and mistake severity (tree distance, 1-2) of one row; '-' where not measured."""
+    if not measures:
+        return ["-", "-"]
+    return [_num(measures["h_ap"]), _num(measures["mistake_severity"], 3)]
+
+
 def eval_tables(result: dict):
     """The per-level table (labels), the hierarchical-search table when there is one, the pixel
     floors, and a store's label-free table."""
@@ -35,25 +49,29 @@ def labelled_tables(result: dict):
     table = Table(title=title)
     for col in ("level", "dim", "probe top-1", "probe top-5", "k-NN top-1", "RankMe", "mean std"):
         table.add_column(col, justify="right")
+    measured = hier and "measures" in result["levels"][0]["hierarchy"]
     if hier:
-        for col in ("coarse k-NN", "coarse P@10", "fine P@10"):
+        for col in ("coarse k-NN", "coarse P@10", "fine P@10") + (HIERARCHY_COLUMNS if measured else ()):
             table.add_column(col, justify="right")
+    if measured:
+        table.caption = hierarchy_caption(result)
     for row in result["levels"]:
         cells = [str(row["level"]), str(row["dim"]), _pct(row["linear_top1"]), _pct(row["linear_top5"]),
                  _pct(row["knn_top1"]), f"{row['effective_rank']:.1f}", f"{row['mean_std']:.4f}"]
         if hier:
             h = row["hierarchy"]
             cells += [_pct(h["coarse"]["knn_top1"]), _pct(h["coarse"]["precision_at_10"]), _pct(h["fine"]["precision_at_10"])]
+            cells += hierarchy_cells(h.get("measures")) if measured else []
         table.add_row(*cells)
     tables = [table]
     if result.get("hierarchical_search"):
         search = Table(title="hierarchical search (hits from the query's cluster at the first level, ranked by the last)")
-        for col in ("order", "coarse k-NN", "coarse P@10", "fine k-NN", "fine P@10"):
+        for col in ("order", "coarse k-NN", "coarse P@10", "fine k-NN", "fine P@10") + HIERARCHY_COLUMNS:
             search.add_column(col, justify="right")
         for row in result["hierarchical_search"]:
             search.add_row(" -> ".join(map(str, row["order"])), _pct(row["coarse"]["knn_top1"]),
                            _pct(row["coarse"]["precision_at_10"]), _pct(row["fine"]["knn_top1"]),
-                           _pct(row["fine"]["precision_at_10"]))
+                           _pct(row["fine"]["precision_at_10"]), *hierarchy_cells(row.get("measures")))
         tables.append(search)
     if result.get("baselines"):
         tables.append(baseline_table(result))
@@ -70,16 +88,28 @@ def baseline_table(result: dict):
                f"{result['settings']['probe_epochs']} epochs, no augmentation (not the standard augmented "
                "100-epoch probe)." + (f" {b['note']}." if b.get("note") else ""))
     table = Table(title="beside the floors (same protocol)", caption=caption)
-    for col in ("features", "dim", "k-NN top-1", "k-NN centred", "probe top-1"):
+    measured = any("hierarchy" in row for row in b["pixels"])
+    for col in ("features", "dim", "k-NN top-1", "k-NN centred", "probe top-1") + (HIERARCHY_COLUMNS if measured else ()):
         table.add_column(col, justify="right")
     centred = {row["level"]: row["knn_top1_centred"] for row in b["model"]}
     for row in result["levels"]:
+        extra = hierarchy_cells(row.get("hierarchy", {}).get("measures")) if measured else []
         table.add_row(f"level {row['level']} ({result.get('weights', 'stored')})", str(row["dim"]),
-                      _pct(row["knn_top1"]), _pct(centred.get(row["level"])), _pct(row["linear_top1"]))
+                      _pct(row["knn_top1"]), _pct(centred.get(row["level"])), _pct(row["linear_top1"]), *extra)
     for row in b["pixels"]:
+        extra = hierarchy_cells(row.get("hierarchy")) if measured else []
         table.add_row(row["features"], str(row["dim"]), _pct(row["knn_top1"]), _pct(row["knn_top1_centred"]),
-                      _pct(row["linear_top1"]))
+                      _pct(row["linear_top1"]), *extra)
     return table
+
+
+def hierarchy_caption(result: dict) -> str:
+    """What H-AP and mistake severity mean (the rest of the hierarchy measures are in --json)."""
+    s = result.get("hierarchy_measures", {})
+    return (f"H-AP@{s.get('h_ap_depth', '?')} (HAPPIER): relevance 1 same class, 0.5 same coarse group, 0 else; "
+            "100 = every list ideal. Mistake severity (Making Better Mistakes): mean tree distance of the top-1 "
+            "neighbour over the top-1 mistakes, 1 = same coarse group, 2 = another group. Average distance of the "
+            "top 1/5/10/20 in --json.")
 
 
 def label_free_tables(free: dict):

@@ -24,11 +24,16 @@ from ..errors import SjeaError
 from ..levels import parse_levels
 from ..progress import Counter, ProgressFn
 from ..workers import end_with_this_process
+from .hierarchy_measures import H_AP_DEPTH, TOP_K_DISTANCE, TREE, hierarchy_measures
 
 EVAL_FILE = "eval.json"
 KNN_K = 200
 KNN_TEMPERATURE = 0.1
 PRECISION_K = 10
+HIERARCHY_SETTINGS = {"tree": TREE, "h_ap_relevance": "same class 1, same coarse group 0.5, else 0",
+                      "h_ap_depth": H_AP_DEPTH, "distance_k": list(TOP_K_DISTANCE),
+                      "mistake_severity": "mean tree distance of the top-1 neighbour's class over the top-1 mistakes",
+                      "sources": "Bertinetto et al., Making Better Mistakes, CVPR 2020; Ramzi et al., HAPPIER, ECCV 2022"}
 
 
 # --- pure metric functions ------------------------------------------------------------------------
@@ -173,43 +178,64 @@ def evaluate_features(train_feats: Sequence[np.ndarray], train_labels: np.ndarra
         fine_to_coarse = coarse[0]
         label_sets = {"coarse": (fine_to_coarse[train_labels], fine_to_coarse[test_labels]), **label_sets}
     per_level = []
+    depth = neighbour_depth(k)
     for level, ftr, fte in zip(levels, train_feats, test_feats):
         probe = linear_probe(ftr, train_labels, fte, test_labels, epochs=probe_epochs, lr=probe_lr, seed=seed)
-        sims, ids = cosine_top_k(fte, ftr, max(k, PRECISION_K))
+        sims, ids = cosine_top_k(fte, ftr, depth)
         row = {"level": int(level), "dim": int(ftr.shape[1]),
                "linear_top1": probe["top1"], "linear_top5": probe["top5"],
                "knn_top1": knn_accuracy_from_neighbours(ids[:, :k], sims[:, :k], train_labels, test_labels, temperature),
                **collapse_stats(fte)}
         if coarse is not None:
-            row["hierarchy"] = {name: retrieval_scores(ids, sims, ytr, yte, k, temperature)
-                                for name, (ytr, yte) in label_sets.items()}
+            row["hierarchy"] = {**{name: retrieval_scores(ids, sims, ytr, yte, k, temperature)
+                                   for name, (ytr, yte) in label_sets.items()},
+                                "measures": hierarchy_measures(ids, train_labels, test_labels, coarse[0])}
         per_level.append(row)
     result = {"levels": per_level}
     if coarse is not None:
         result["coarse_names"] = coarse[1]
+        result["hierarchy_measures"] = HIERARCHY_SETTINGS
         if len(levels) > 1:
-            result["hierarchical_search"] = hierarchical_scores(train_feats, test_feats, levels, label_sets, k, temperature)
+            result["hierarchical_search"] = hierarchical_scores(train_feats, test_feats, levels, label_sets, k, temperature,
+                                                                coarse[0])
     return result
 
 
-def hierarchical_scores(train_feats, test_feats, levels, label_sets, k, temperature) -> list[dict]:
+def hierarchical_scores(train_feats, test_feats, levels, label_sets, k, temperature, fine_to_coarse) -> list[dict]:
     """The same retrieval scores through `search.hierarchical_search`, both ways up the stack.
 
     Cluster-gated (sjea_tools.hierarchy): hits come from the query's cluster at the first level of
     `order` and are ranked by the last; the vote weights are the similarities at that last level.
+    Each order also gets the hierarchy measures (hierarchy_measures.py) of its hits.
     """
     from ..search import hierarchical_search
 
     positions = list(range(len(levels)))
     bases = list(train_feats)
-    depth = max(k, PRECISION_K)
+    depth = neighbour_depth(k)
+    train_fine, test_fine = label_sets["fine"]
     out = []
     for order in (positions, positions[::-1]):
         scores, ids = hierarchical_search(list(test_feats), bases, k=depth, order=order)  # chunked inside
         sims = scores[:, :, order[-1]]
         out.append({"order": [int(levels[i]) for i in order],
-                    **{name: retrieval_scores(ids, sims, ytr, yte, k, temperature) for name, (ytr, yte) in label_sets.items()}})
+                    **{name: retrieval_scores(ids, sims, ytr, yte, k, temperature) for name, (ytr, yte) in label_sets.items()},
+                    "measures": hierarchy_measures(ids, train_fine, test_fine, fine_to_coarse)})
     return out
+
+
+def neighbour_depth(k: int) -> int:
+    """How many neighbours one search returns: enough for the k-NN, precision@10 and the hierarchy measures."""
+    return max(k, PRECISION_K, H_AP_DEPTH, max(TOP_K_DISTANCE))
+
+
+def features_hierarchy(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, query_labels: np.ndarray,
+                       fine_to_coarse: np.ndarray) -> dict:
+    """The hierarchy measures of one feature map (cosine neighbours), e.g. a pixel floor."""
+    from ..vectors import cosine_top_k
+
+    _, ids = cosine_top_k(queries, bank, max(H_AP_DEPTH, max(TOP_K_DISTANCE)))
+    return hierarchy_measures(ids, bank_labels, query_labels, fine_to_coarse)
 
 
 # --- features of a model ------------------------------------------------------------------------------
@@ -341,7 +367,11 @@ def evaluate_run(run=None, dataset: str | None = None, data_dir: str | None = No
         from ..baselines import baseline_results
 
         probe = lambda a, b, c, d: linear_probe(a, b, c, d, epochs=probe_epochs, lr=probe_lr, seed=seed)  # noqa: E731
-        result["baselines"] = baseline_results(train, test, train_feats, test_feats, levels, knn_accuracy, probe)
+        coarse = coarse_of(train)
+        hierarchy = None if coarse is None else (
+            lambda a, b, c, d: features_hierarchy(a, b, c, d, coarse[0]))  # noqa: E731
+        result["baselines"] = baseline_results(train, test, train_feats, test_feats, levels, knn_accuracy, probe,
+                                               hierarchy)
     result = {
         "source": "run", "run": str(Path(run_dir).resolve()), "model_id": source_id,
         "weights": "random-init" if random_init else "trained", "dataset": dataset, "class_names": train.class_names,
