@@ -20,9 +20,8 @@ import numpy as np
 
 from ..errors import SjeaError
 from .reader import h5py_module, open_store
-from .writer import write_text_dataset
 from .segments import OWN_ATTRS, claim_folder, link_segment, publish, remove_orphans, write_labels_file
-from .writer import new_fingerprint
+from .writer import new_fingerprint, write_text_dataset
 
 STATS_GROUP = "file_stats"  # /file_stats/size, /file_stats/mtime_ns: per row, of the file embedded
 UNKNOWN = (-1, -1)
