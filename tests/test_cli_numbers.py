@@ -93,7 +93,7 @@ def test_good_numbers_pass_the_same_checks(args):
 
 
 @pytest.mark.parametrize("args,want", [
-    (["search", "--bogus"], "error: No such option: --bogus (see 'sjea search --help')"),
+    (["search", "--zzzz"], "error: No such option: --zzzz (see 'sjea search --help')"),
     (["serch"], "error: No such command 'serch'. Did you mean 'search', 'serve'? (see 'sjea --help')"),
     (["index"], "error: Missing argument 'store'. (see 'sjea index --help')"),
 ])

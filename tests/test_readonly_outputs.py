@@ -180,4 +180,5 @@ def test_train_on_a_full_disk_is_one_line_and_leaves_no_temp_file(mounts):
                                  "--batch-size", "64", "--workers", "0", "--quiet"])
     assert_one_line(result, "no space left on the device")
     assert temp_files(full) == []
-    assert json.loads((full / "t" / "config.json").read_text())["train"]["max_steps"] == 1
+    # A start that failed before its first checkpoint leaves nothing that would refuse the rerun.
+    assert not (full / "t").exists() or not any((full / "t").iterdir())

@@ -32,7 +32,7 @@ from sjea_tools.metrics import effective_rank, mean_std
 from sjea_tools.workers import end_with_this_process
 from sjea_tools.models import build_model
 from sjea_tools.progress import ProgressFn, report
-from sjea_tools.io import atomic_write_text
+from sjea_tools.io import atomic_write_text, writing_error
 from sjea_tools.runs import (CHECKPOINT_FILE, CONFIG_FILE, DEFAULT_RUNS_DIR, METRICS_FILE, SKIPPED_FILE, SUMMARY_FILE,
                              discard_failed_start, prepare_run_dir, read_metrics, save_model, set_latest,
                              truncate_metrics)
@@ -401,9 +401,14 @@ def _train(cfg, state, out_dir, resume, overwrite, runs_dir: Path, info: DistInf
             if info.is_main:
                 truncate_metrics(run_dir, start_step)
         run_steps(t, data, run_dir, start_step, steps_per_epoch, progress, log)
-    except BaseException:
+    except BaseException as e:
+        # Judged before the discard frees the disk: torch reports a full disk as a RuntimeError
+        # without errno, recognised by the free space left where the run writes.
+        disk = writing_error(e, run_dir) if isinstance(e, (OSError, RuntimeError)) else None
         if info.is_main and not resume:
             discard_failed_start(run_dir)  # only when no checkpoint was written: the rerun is not refused
+        if disk is not None:
+            raise disk from None
         raise
     if info.is_main:
         save_model(run_dir, t.model, cfg)
