@@ -42,7 +42,8 @@ def test_broken_files_are_skipped_listed_and_the_config_is_resolved(tmp_path, ph
     # Off a terminal (CliRunner is not one), progress comes as plain lines, the last step included.
     assert "decoding: 27/27" in result.output and "step 3/3" in result.output
     assert (tmp_path / "mine" / "LATEST").read_text() == "my own notes\n"
-    assert Path((tmp_path / "runs" / "LATEST").read_text().strip()) == run.resolve()
+    # --out outside runs/: no pointer written anywhere, the note says to pass --run
+    assert not (tmp_path / "runs").exists() and "pass --run" in result.output
 
 
 def test_dry_run_shows_the_recipe_chosen_from_the_folder(tmp_path, photos):

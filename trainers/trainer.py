@@ -413,7 +413,10 @@ def _train(cfg, state, out_dir, resume, overwrite, runs_dir: Path, info: DistInf
     if info.is_main:
         save_model(run_dir, t.model, cfg)
         summary = run_summary(run_dir, len(data), skipped, t.stop_step, steps_per_epoch, time.perf_counter() - started)
-        summary["latest_updated"] = set_latest(run_dir, runs_dir)
+        # Only a run inside the runs root moves its pointer: `--out elsewhere/run` writes nothing in
+        # the working directory's runs/ (None: not asked; False: a user's file there was left alone).
+        inside = Path(run_dir).resolve().is_relative_to(Path(runs_dir).resolve())
+        summary["latest_updated"] = set_latest(run_dir, runs_dir) if inside else None
         atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     barrier(info)
     return run_dir

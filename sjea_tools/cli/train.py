@@ -318,8 +318,11 @@ def _print_summary(run_dir: Path, summary: dict | None) -> None:
             from ..data.recipe import too_short_warning
 
             err_console.print(f"[yellow]warning:[/] {too_short_warning(summary['steps'])}")
-        if not summary.get("latest_updated", True):
+        if summary.get("latest_updated") is False:
             err_console.print("note: runs/LATEST was left as it is: it is not a pointer sjea wrote; pass --run "
+                              f"{markup_safe(run_dir)} to later commands.")
+        elif summary.get("latest_updated") is None:
+            err_console.print(f"note: the run is outside runs/, so runs/LATEST was not moved; pass --run "
                               f"{markup_safe(run_dir)} to later commands.")
     console.print(f"model: {markup_safe(run_dir / MODEL_FILE)}; metrics: {markup_safe(run_dir / METRICS_FILE)}",
                   highlight=False)
