@@ -124,7 +124,7 @@ def test_query_model_other_than_the_stores_is_refused(store, tmp_path):
     (["--id", "0", "--order", "0,5"], "level 5 does not exist; levels here: 0, 1"),
     (["--id", "0", "--min-score", "2"], "--min-score must be a cosine from -1 to 1"),
     (["--id", "0", "--min-score", "nan"], "--min-score must be"),
-    (["--id", "0", "--factor", "nan"], "--factor is gone"),
+    (["--id", "0", "--factor", "nan"], "No such option: --factor"),
     (["--id", "0", "--probes", "0"], "--probes must be"),
     (["--id", "0", "--within", "sideways"], "--within must be one of"),
     (["--id", "999"], "out of range"),

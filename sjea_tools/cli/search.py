@@ -36,7 +36,6 @@ def search(
                                "(fine-level cosine) or groups (sub-cluster by sub-cluster, the query's own first)."),
     min_score: Optional[float] = typer.Option(None, "--min-score", callback=any_finite, help="Leave out hits "
                                               "scoring below this cosine (-1 to 1; ranges in docs/search.md)."),
-    factor: Optional[float] = typer.Option(None, "--factor", hidden=True, help="Removed (the old funnel)."),
     where: Optional[List[str]] = typer.Option(None, "--where", help="Only hits where folder=F (F and below), "
                                               "label=NAME or path=GLOB (fnmatch on the stored path); "
                                               "repeatable, all must hold."),
@@ -55,11 +54,6 @@ def search(
     as_json: bool = json_option("the results (= --format json)"),
 ) -> None:
     """Find the stored images nearest to QUERY images (or --id N), at each level or hierarchically."""
-    from ..errors import SjeaError
-
-    if factor is not None:
-        raise SjeaError("--factor is gone: hierarchical search now answers from the query's coarse cluster; "
-                        "widen it with --probes N.")
     fmt = output_format(fmt, as_json)
     out_fmt = check_outputs(out, overwrite, copy_to, link)
     level = level or None  # typer gives [] when --level is absent
