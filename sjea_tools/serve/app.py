@@ -157,7 +157,8 @@ def _add_search_routes(app: FastAPI, holder: StoreHolder, max_upload_bytes: int,
             raise BadImage(f"at most {MAX_IDS} ids per request, not {len(id)}.")
         loaded = holder.current()
         ids = [loaded.check_id(i) for i in id]
-        return loaded.search(ids=ids, **opts)
+        # a Response skips FastAPI's validation and encoding of the result (~0.2 ms of GIL per request)
+        return JSONResponse(loaded.search(ids=ids, **opts))
 
     @app.post("/api/search/image", summary="Search by an uploaded image", tags=["search"])
     def search_image(file: UploadFile = File(..., description=f"An image (jpg, png, ...) up to "
@@ -171,7 +172,7 @@ def _add_search_routes(app: FastAPI, holder: StoreHolder, max_upload_bytes: int,
         name = Path(file.filename or "image").name[:200]
         for r in res["results"]:
             r["query"], r["query_file"] = f"upload:{name}", None
-        return res
+        return JSONResponse(res)
 
 
 # --- items, clusters, info ----------------------------------------------------------------------
