@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import List, Literal, Optional
 from urllib.parse import quote
@@ -160,18 +161,23 @@ def _add_search_routes(app: FastAPI, holder: StoreHolder, max_upload_bytes: int,
         # a Response skips FastAPI's validation and encoding of the result (~0.2 ms of GIL per request)
         return JSONResponse(loaded.search(ids=ids, **opts))
 
-    @app.post("/api/search/image", summary="Search by an uploaded image", tags=["search"])
-    def search_image(file: UploadFile = File(..., description=f"An image (jpg, png, ...) up to "
-                                             f"{max_upload_bytes / 2**20:g} MiB and {max_pixels:,} pixels."),
+    @app.post("/api/search/image", summary="Search by uploaded images", tags=["search"])
+    def search_image(file: List[UploadFile] = File(..., description=f"An image (jpg, png, ...) up to "
+                                                   f"{max_upload_bytes / 2**20:g} MiB and {max_pixels:,} pixels; "
+                                                   f"repeat for several (at most {MAX_IDS}, the size limit is "
+                                                   "for them all)."),
                      opts: dict = Depends(search_options(Form))) -> dict:
-        """The neighbours of an uploaded image, embedded with the store's own model and preprocessing."""
-        data = read_limited(file.file, max_upload_bytes)
+        """The neighbours of uploaded images, embedded with the store's own model and preprocessing,
+        in one batch: a result per image, in upload order."""
+        if len(file) > MAX_IDS:
+            raise BadImage(f"at most {MAX_IDS} images per request, not {len(file)}.")
+        data = [read_limited(f.file, max_upload_bytes) for f in file]
         loaded = holder.current()
-        with upload_file(data, max_pixels) as path:
-            res = loaded.search(files=[str(path)], **opts)
-        name = Path(file.filename or "image").name[:200]
-        for r in res["results"]:
-            r["query"], r["query_file"] = f"upload:{name}", None
+        with ExitStack() as stack:
+            paths = [str(stack.enter_context(upload_file(d, max_pixels))) for d in data]
+            res = loaded.search(files=paths, **opts)
+        for r, f in zip(res["results"], file, strict=True):
+            r["query"], r["query_file"] = f"upload:{Path(f.filename or 'image').name[:200]}", None
         return JSONResponse(res)
 
 
