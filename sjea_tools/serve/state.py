@@ -34,7 +34,7 @@ from ..store import open_store
 
 # Stored vectors up to this many bytes (all levels) are held in memory; a larger store's are
 # memory-mapped from a cache file beside its index (the OS pages in what searches touch).
-VECTORS_IN_MEMORY_MAX = 4 << 30
+VECTORS_IN_MEMORY_MAX = 1 << 30
 CACHE_PREFIX = "vectors-"
 
 
