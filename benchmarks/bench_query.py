@@ -146,8 +146,7 @@ def measure_rows(rows: int, args) -> dict:
 
 
 def render(res: dict, command: str, commit: str) -> str:
-    lines = [BEGIN, "## One query in the server's loaded store, beside FAISS alone (`benchmarks/bench_query.py`)", "",
-             f"In-process, no HTTP: `sjea serve`'s own `LoadedStore` (stored vectors held in memory, the indexes "
+    lines = [BEGIN, f"In-process, no HTTP: `sjea serve`'s own `LoadedStore` (stored vectors held in memory, the indexes "
              f"loaded once), k={res['k']}, on the Fashion-MNIST stores of bench_serve.py (model: run "
              f"{res['run']}). The floor is the raw FAISS search of the same query row, the same k, at every "
              f"level a per-level search visits (the index alone); each query's floor and searches alternate. "
@@ -193,7 +192,8 @@ def render(res: dict, command: str, commit: str) -> str:
 def write_docs(block: str) -> None:
     from docblock import write_block
 
-    write_block(DOCS, BEGIN, END, block, "## Query cost")
+    write_block(DOCS, BEGIN, END, block, "## One query in the server's loaded store, beside FAISS alone "
+                                         "(`benchmarks/bench_query.py`)")
 
 
 def main() -> None:

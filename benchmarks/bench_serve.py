@@ -260,8 +260,8 @@ def render(res: dict, command: str, commit: str) -> str:
         BEGIN,
         f"**sjea serve under load** ({res['rows']:,}-row store of real Fashion-MNIST images and flipped copies, "
         f"model: run {res.get('run', '?')}, index per level "
-        f"{', '.join(f'{lv}: {kind}' for lv, kind in res['index_kinds'].items())}, k={res['k']}, default mode; one request in {res['upload_every']} uploads a "
-        f"stored PNG, the rest search by id; {res['cpus']} CPU cores shared by server, clients and other work; "
+        f"{', '.join(f'{lv}: {kind}' for lv, kind in res['index_kinds'].items())}, k={res['k']}, default mode; "
+        f"{mix_text(res['upload_every'])}; {res['cpus']} CPU cores shared by server, clients and other work; "
         f"commit {commit}):",
         "",
         "| what | concurrency | requests | per s | by id p50 / p99 ms | by upload p50 / p99 ms |",
@@ -274,13 +274,19 @@ def render(res: dict, command: str, commit: str) -> str:
         f"start, {rss['after_10s_mb']} MB after 10 s, {rss['end_mb']} MB in the last 10 s (max {rss['max_mb']} MB; "
         f"{rss['growth_after_warmup_pct']:+}% after warm-up).",
         *([f"CPU per HTTP request: server {s['cpu']['server_ms_per_request']} ms, the {res['clients']} client threads "
-           f"{s['cpu']['clients_ms_per_request']} ms (one process each, on the same cores). Load average "
+           f"{s['cpu']['clients_ms_per_request']} ms (server and clients a process each, on the same cores). Load average "
            f"{res['load_before']} before, {res['load_after']} after (1, 5, 15 min)."] if "cpu" in s else []),
         "",
         f"Command: `{command}`",
         f"<!-- bench_serve:data {json.dumps(res, sort_keys=True)} -->",
         END,
     ])
+
+
+def mix_text(upload_every: int) -> str:
+    if not upload_every:
+        return "every request searches by a random stored id"
+    return f"one request in {upload_every} uploads a stored PNG, the rest search by id"
 
 
 def write_docs(block: str) -> None:
