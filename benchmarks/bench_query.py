@@ -13,7 +13,11 @@ with the vectors memory-mapped (StoreHolder(in_memory_max=0)). On the largest st
 `sjea search FOLDER --store STORE --json` on --folder-images stored PNGs against `sjea embed` of
 the same folder (each a fresh process) and the raw FAISS search of those queries in one call.
 
-    python benchmarks/bench_query.py --run RUN [--work DIR] [--rows 3000,100000] [--queries 300] [--write-docs]
+With --synthetic-rows 1000000 it also serves a store of that many random unit vectors (the
+largest store's model and dims, a flat index) and states the server's RSS: memory, not speed.
+
+    python benchmarks/bench_query.py --run RUN [--work DIR] [--rows 3000,100000] [--queries 300] \\
+        [--synthetic-rows 1000000] [--write-docs]
 """
 
 from __future__ import annotations
@@ -114,6 +118,59 @@ def folder_search(store: Path, run: Path, images: list[Path], work: Path, k: int
             "ratio": round((embed_s + faiss_s) / search_s, 2)}
 
 
+def synthetic_store(like: Path, out: Path, rows: int) -> Path:
+    """A store of `rows` random unit vectors with `like`'s attributes (no image files behind them),
+    indexed flat without a cluster tree: what the server's memory does at that size, not its speed."""
+    from sjea_tools.store import open_store
+    from sjea_tools.store.writer import write_store
+
+    if out.is_file() and (out.with_name(out.name + ".index") / "index.json").is_file():
+        return out
+    with open_store(like) as s:
+        attrs = {k: v for k, v in s.attrs.items() if k not in ("fingerprint", "store_id", "format")}
+        levels, dims = s.levels, s.dims
+    rng = np.random.default_rng(0)
+
+    def blocks():
+        for start in range(0, rows, 16384):
+            m = min(16384, rows - start)
+            vecs = {lv: rng.standard_normal((m, d), dtype=np.float32) for lv, d in zip(levels, dims)}
+            yield ([f"syn/{i // 1000:04d}/{i:07d}.png" for i in range(start, start + m)],
+                   {lv: v / np.linalg.norm(v, axis=1, keepdims=True) for lv, v in vecs.items()})
+
+    write_store(out, attrs, [blocks()], [], total=rows)
+    subprocess.run([*CLI, "index", str(out), "--kind", "flat", "--no-clusters", "-q"], check=True)
+    return out
+
+
+def served_memory(store: Path, requests: int) -> dict:
+    """`sjea serve` of the store in its own process: RSS (anonymous and file-backed) after start and
+    after `requests` searches by id, and its peak (VmHWM)."""
+    import httpx
+
+    from bench_serve import start_server
+
+    def status(pid: int) -> dict:
+        keys = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
+        return {line.split(":")[0]: round(int(line.split()[1]) / 1024, 1)
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(keys)}
+
+    t = time.perf_counter()
+    proc, url = start_server(store)
+    try:
+        started = {"start_s": round(time.perf_counter() - t, 1), **status(proc.pid)}
+        rng, lat = np.random.default_rng(0), []
+        with httpx.Client(base_url=url, timeout=300) as h:
+            n = int(h.get("/api/info").json()["n"])
+            for i in rng.integers(0, n, requests):
+                lat.append(timed(lambda: h.get("/api/search", params={"id": int(i), "k": 10}).raise_for_status()))
+        return {"rows": n, "after_start": started, "after_searches": status(proc.pid), "searches": requests,
+                "by_id_p50_ms": round(float(np.median(lat)) * 1e3, 1)}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -185,6 +242,16 @@ def render(res: dict, command: str, commit: str) -> str:
                          f"of the same folder {f['embed_s']} s, + the raw FAISS search of those {f['images']:,} "
                          f"queries {f['faiss_s']} s: {f['embed_plus_faiss_per_s']} images/s; search / (embed + "
                          f"FAISS) rate = {f['ratio']}.")
+    m = res.get("synthetic")
+    if m:
+        a, b = m["after_start"], m["after_searches"]
+        lines.append(f"`sjea serve` of {m['rows']:,} rows of synthetic random vectors (the 100,000-row store's "
+                     f"model and dims, a flat index, no cluster tree; memory only, not speed): started in "
+                     f"{a['start_s']} s (writing the memory-mapped vector cache), RSS {a['VmRSS']} MB "
+                     f"({a['RssAnon']} MB anonymous); after {m['searches']} searches by id {b['VmRSS']} MB, of "
+                     f"which {b['RssAnon']} MB anonymous and {b['RssFile']} MB mapped files (the page cache of "
+                     f"the index and vectors, which the OS can drop); peak {b['VmHWM']} MB. A flat search of "
+                     f"1M rows: {m['by_id_p50_ms']} ms p50 by id (auto picks IVF at this size).")
     lines += ["", f"Command: `{command}`", f"<!-- bench_query:data {json.dumps(res, sort_keys=True)} -->", END]
     return "\n".join(lines)
 
@@ -205,6 +272,8 @@ def main() -> None:
     ap.add_argument("--uploads", type=int, default=30)
     ap.add_argument("--folder-images", type=int, default=1000, help="sjea search FOLDER on the largest store (0: skip)")
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--synthetic-rows", type=int, default=0, help="also serve a store of this many random vectors "
+                    "(flat index) and state the server's RSS (e.g. 1000000; 0: skip)")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
     args.rows = [int(r) for r in args.rows.split(",")]
@@ -212,8 +281,13 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     load_before = [round(v, 2) for v in os.getloadavg()]
     results = [measure_rows(rows, args) for rows in args.rows]
+    synthetic = None
+    if args.synthetic_rows:
+        like = build_store(args.work / f"r{max(args.rows)}", args.run, max(args.rows))[0]
+        store = synthetic_store(like, args.work / f"synthetic{args.synthetic_rows}.h5", args.synthetic_rows)
+        synthetic = served_memory(store, 30)
     trained = (args.run / "metrics.jsonl").is_file()
-    res = {"k": args.k, "run": f"{args.run.name} ({'trained' if trained else 'untrained weights: speed does not depend on them'})",
+    res = {"synthetic": synthetic, "k": args.k, "run": f"{args.run.name} ({'trained' if trained else 'untrained weights: speed does not depend on them'})",
            "cpus": os.cpu_count(), "python": platform.python_version(), "load_before": load_before,
            "load_after": [round(v, 2) for v in os.getloadavg()],
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "results": results}
