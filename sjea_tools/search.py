@@ -229,7 +229,8 @@ def search_open_store(store, path: Path, labels: list[dict], qv: list[np.ndarray
 class StoredRows:
     """get_rows(j, sorted rows) of search_open_store read from an open store: a few rows are read
     as asked (h5py fancy reads, ~ms each), but once one read asks for FULL_READ_SHARE of a
-    level (a batch of many queries) the whole level is read once and kept for the call."""
+    level (a batch of many queries) the whole level is read once (one contiguous read) and kept
+    for the call; only the rows asked for are prepared (normalising all of 100,000 x 768 took 0.8 s)."""
 
     FULL_READ_SHARE = 1 / 16
 
@@ -237,13 +238,12 @@ class StoredRows:
         self.store, self.indexes, self.whole = store, indexes, {}
 
     def __call__(self, j: int, rows: np.ndarray) -> np.ndarray:
-        if j in self.whole:
-            return self.whole[j][rows]
-        level = self.store.levels[j]
-        if len(rows) < self.FULL_READ_SHARE * self.store.n:
-            return self.indexes.prepare(self.store.read_embeddings(level, rows))
-        self.whole[j] = self.indexes.prepare(self.store.read_embeddings(level))
-        return self.whole[j][rows]
+        if j not in self.whole:
+            level = self.store.levels[j]
+            if len(rows) < self.FULL_READ_SHARE * self.store.n:
+                return self.indexes.prepare(self.store.read_embeddings(level, rows))
+            self.whole[j] = self.store.read_embeddings(level)
+        return self.indexes.prepare(self.whole[j][rows])
 
 
 def keep_above(hits: list[dict], min_score: float | None) -> list[dict]:
