@@ -119,6 +119,12 @@ class Requests:
         return "id", self.rng.randrange(self.n)
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (/proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def load_test(url: str, pid: int, mix: dict, clients: int, seconds: float, k: int) -> dict:
     import httpx
 
@@ -154,13 +160,16 @@ def load_test(url: str, pid: int, mix: dict, clients: int, seconds: float, k: in
             time.sleep(1.0)
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)] + [threading.Thread(target=sample)]
-    t0 = time.perf_counter()
+    t0, server0, clients0 = time.perf_counter(), cpu_s(pid), time.process_time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return {**summary(lat, wall), "failed": len(failures), "failures": failures[:5], "rss": rss}
+    done = max(1, len(lat["id"]) + len(lat["image"]))
+    cpu = {"server_ms_per_request": round((cpu_s(pid) - server0) / done * 1e3, 2),
+           "clients_ms_per_request": round((time.process_time() - clients0) / done * 1e3, 2)}
+    return {**summary(lat, wall), "failed": len(failures), "failures": failures[:5], "rss": rss, "cpu": cpu}
 
 
 def library_test(store: Path, mix: dict, seconds: float, k: int, loaded=None) -> dict:
@@ -217,6 +226,7 @@ def measure(args) -> dict:
         n, paths, root = s.n, s.paths, Path(s.root)
     mix = {"n": n, "root": root, "paths": paths, "upload_every": args.upload_every}
     proc, url = start_server(store)
+    load_before = [round(v, 2) for v in os.getloadavg()]
     try:
         served = load_test(url, proc.pid, mix, args.clients, args.seconds, args.k)
     finally:
@@ -233,6 +243,7 @@ def measure(args) -> dict:
             "clients": args.clients, "k": args.k, "upload_every": args.upload_every,
             "index_kinds": loaded.info()["index_kinds"], "store_build_s": round(build_s, 1), "served": served,
             "rss": rss_flat(rss), "library_search_store": direct, "library_loaded_store": direct_loaded,
+            "load_before": load_before, "load_after": [round(v, 2) for v in os.getloadavg()],
             "cpus": os.cpu_count(), "python": platform.python_version()}
 
 
@@ -249,8 +260,8 @@ def render(res: dict, command: str, commit: str) -> str:
         BEGIN,
         f"**sjea serve under load** ({res['rows']:,}-row store of real Fashion-MNIST images and flipped copies, "
         f"model: run {res.get('run', '?')}, index per level "
-        f"{', '.join(f'{lv}: {kind}' for lv, kind in res['index_kinds'].items())}, k={res['k']}, default mode; one request in {res['upload_every']} uploads a "
-        f"stored PNG, the rest search by id; {res['cpus']} CPU cores shared by server, clients and other work; "
+        f"{', '.join(f'{lv}: {kind}' for lv, kind in res['index_kinds'].items())}, k={res['k']}, default mode; "
+        f"{mix_text(res['upload_every'])}; {res['cpus']} CPU cores shared by server, clients and other work; "
         f"commit {commit}):",
         "",
         "| what | concurrency | requests | per s | by id p50 / p99 ms | by upload p50 / p99 ms |",
@@ -262,11 +273,20 @@ def render(res: dict, command: str, commit: str) -> str:
         f"Failed requests: {s['failed']} of {s['requests'] + s['failed']:,}. Server RSS: {rss['start_mb']} MB at "
         f"start, {rss['after_10s_mb']} MB after 10 s, {rss['end_mb']} MB in the last 10 s (max {rss['max_mb']} MB; "
         f"{rss['growth_after_warmup_pct']:+}% after warm-up).",
+        *([f"CPU per HTTP request: server {s['cpu']['server_ms_per_request']} ms, the {res['clients']} client threads "
+           f"{s['cpu']['clients_ms_per_request']} ms (server and clients a process each, on the same cores). Load average "
+           f"{res['load_before']} before, {res['load_after']} after (1, 5, 15 min)."] if "cpu" in s else []),
         "",
         f"Command: `{command}`",
         f"<!-- bench_serve:data {json.dumps(res, sort_keys=True)} -->",
         END,
     ])
+
+
+def mix_text(upload_every: int) -> str:
+    if not upload_every:
+        return "every request searches by a random stored id"
+    return f"one request in {upload_every} uploads a stored PNG, the rest search by id"
 
 
 def write_docs(block: str) -> None:

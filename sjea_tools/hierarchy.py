@@ -76,7 +76,9 @@ def gated_search(queries: list[np.ndarray], get_rows, tree: dict, k: int, probes
     for g in sorted(set(gate)):  # queries sharing a gate read its rows once
         qs = [i for i in range(nq) if gate[i] == g]
         rows = np.sort(np.concatenate([rows_sorted[starts[c]:starts[c + 1]] for c in g]))
-        sims = q_last[qs] @ get_rows(rows).T
+        # einsum, not queries @ rows.T: BLAS's threads on a busy machine made that product of one query
+        # with a 3,348 x 512 gate take 6-8 ms, einsum (one thread) 0.6 ms (measured, 2 cores, load 4)
+        sims = np.einsum("qd,nd->qn", q_last[qs], get_rows(rows))
         for j, qi in enumerate(qs):
             top = rank_in_gate(sims[j], assign[rows], path[qi], tree, queries, qi, within)[:k]
             ids[qi, :len(top)] = rows[top]

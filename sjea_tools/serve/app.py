@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import List, Literal, Optional, Sequence
 from urllib.parse import quote
@@ -218,25 +219,35 @@ def _add_search_routes(app: FastAPI, holder: StoreHolder, max_upload_bytes: int,
             raise BadImage(f"at most {MAX_IDS} ids per request, not {len(id)}.")
         loaded = holder.current()
         ids = [loaded.check_id(i) for i in id]
-        return loaded.search(ids=ids, **opts)
+        # a Response skips FastAPI's validation and encoding of the result (~0.2 ms of GIL per request)
+        return JSONResponse(loaded.search(ids=ids, **opts))
 
-    @app.post("/api/search/image", summary="Search by an uploaded image", tags=["search"])
-    def search_image(file: UploadFile = File(..., description=f"An image (jpg, png, ...) up to "
-                                             f"{max_upload_bytes / 2**20:g} MiB and {max_pixels:,} pixels."),
+    @app.post("/api/search/image", summary="Search by uploaded images", tags=["search"])
+    def search_image(file: List[UploadFile] = File(..., description=f"An image (jpg, png, ...) up to "
+                                                   f"{max_upload_bytes / 2**20:g} MiB and {max_pixels:,} pixels; "
+                                                   f"repeat for several (at most {MAX_IDS}, the size limit is "
+                                                   "for them all)."),
                      opts: dict = Depends(search_options(Form))) -> dict:
-        """The neighbours of an uploaded image, embedded with the store's own model and preprocessing."""
-        data = read_limited(file.file, max_upload_bytes)
+        """The neighbours of uploaded images, embedded with the store's own model and preprocessing,
+        in one batch: a result per image, in upload order."""
+        if len(file) > MAX_IDS:
+            raise BadImage(f"at most {MAX_IDS} images per request, not {len(file)}.")
+        data = [read_limited(f.file, max_upload_bytes) for f in file]
         loaded = holder.current()
-        name = Path(file.filename or "image").name[:200]
-        with upload_file(data, max_pixels) as path:
+        names = [Path(f.filename or "image").name[:200] for f in file]
+        with ExitStack() as stack:
+            paths = [stack.enter_context(upload_file(d, max_pixels)) for d in data]
             try:
-                res = loaded.search(files=[str(path)], **opts)
-            except SjeaError as e:  # the client named its file; the server's temp path is not its business
-                e.args = (str(e).replace(str(path), f"upload:{name}").replace(path.name, name),)
+                res = loaded.search(files=[str(p) for p in paths], **opts)
+            except SjeaError as e:  # the client named its files; the server's temp paths are not its business
+                text = str(e)
+                for p, name in zip(paths, names):
+                    text = text.replace(str(p), f"upload:{name}").replace(p.name, name)
+                e.args = (text,)
                 raise
-        for r in res["results"]:
+        for r, name in zip(res["results"], names, strict=True):
             r["query"], r["query_file"] = f"upload:{name}", None
-        return res
+        return JSONResponse(res)
 
 
 def row_id(loaded, text: str) -> int:
