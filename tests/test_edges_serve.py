@@ -129,7 +129,10 @@ def test_serve_run_with_an_unreadable_checkpoint_refuses_to_start(store, tmp_pat
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "--run" in proc.stderr
 
 
-def test_a_segment_deleted_while_serving_is_409(store, tmp_path, fmnist_test):
+def test_a_segment_deleted_while_serving_keeps_answering_the_loaded_version(store, tmp_path, fmnist_test):
+    """The server holds each store version's vectors, paths and indexes in memory (docs/serve.md):
+    a segment file deleted under it changes nothing it answers from; the next load of the store
+    (a new version on disk) is refused with 409 by the store's own checks."""
     from conftest import write_fmnist_folder
     from sjea_tools.pipeline import embed_and_index
 
@@ -142,11 +145,13 @@ def test_a_segment_deleted_while_serving_is_409(store, tmp_path, fmnist_test):
     segments = sorted(out.with_name(out.name + ".segments").iterdir())
     assert segments
     with TestClient(create_app(out)) as c:
-        assert c.get("/api/search", params={"id": N + 5, "k": 2, "mode": "per-level"}).status_code == 200
+        before = c.get("/api/search", params={"id": N + 5, "k": 2, "mode": "per-level"}).json()
         for seg in segments:
             seg.unlink()
-        for url in (f"/api/search?id={N + 5}&k=2&mode=per-level", "/api/search?id=1&k=2"):
-            one_error(c.get(url), 409)
+        after = c.get("/api/search", params={"id": N + 5, "k": 2, "mode": "per-level"})
+        assert after.status_code == 200 and after.json()["results"] == before["results"]
+    with TestClient(create_app(out)) as c:  # a fresh load reads the files: refused, one message
+        one_error(c.get("/api/search?id=1&k=2"), 409)
 
 
 # --- upload messages -----------------------------------------------------------------------------------

@@ -279,17 +279,23 @@ class Store:
             raise StoreDamagedError(damaged_message(self.path, f"/{name} does not match its checksum"))
         return values
 
+    def embeddings_dataset(self, level: int):
+        """Level `level`'s embeddings dataset, refused unless it has the (rows, dim) the attributes record."""
+        name = f"level_{level}/embeddings"
+        ds = self._f[name]
+        if ds.ndim != 2 or ds.shape != (self.n, self.dims[self.levels.index(level)]):
+            raise StoreDamagedError(damaged_message(self.path, f"/{name} has shape {ds.shape}, not the "
+                                                    f"(rows, dim) = ({self.n}, {self.dims[self.levels.index(level)]}) "
+                                                    "its attributes record"))
+        return ds
+
     def read_embeddings(self, level: int, rows=None) -> np.ndarray:
         """Embeddings of one level as float32, all rows or the rows given (any order)."""
         name = f"level_{level}/embeddings"
         if name not in self._f:
             raise SjeaError(f"{self.path} holds levels {self.levels}, not level {level}.")
         with self.reading(f"/{name}"):
-            ds = self._f[name]
-            if ds.ndim != 2 or ds.shape != (self.n, self.dims[self.levels.index(level)]):
-                raise StoreDamagedError(damaged_message(self.path, f"/{name} has shape {ds.shape}, not the "
-                                                        f"(rows, dim) = ({self.n}, {self.dims[self.levels.index(level)]}) "
-                                                        "its attributes record"))
+            ds = self.embeddings_dataset(level)
             if rows is None:
                 check_declared_size(self.path, ds, f"/{name}")
                 return ds[...].astype(np.float32, copy=False)
@@ -312,7 +318,7 @@ class Store:
             stop = min(last, start + chunk)
             with self.reading(f"rows {start}-{stop}"):
                 paths = [decode(p) for p in self._f["paths"][start:stop]]
-                block = {k: self._f[f"level_{k}/embeddings"][start:stop] for k in self.levels}
+                block = {k: self.embeddings_dataset(k)[start:stop] for k in self.levels}
             yield paths, block
 
     # --- derived groups (clusters, ...) --------------------------------------------------------
