@@ -26,6 +26,8 @@ from sjea_tools.errors import SjeaError  # noqa: E402
 from sjea_tools.serve import create_app, serve_in_thread  # noqa: E402
 from sjea_tools.serve.app import allowed_host_values  # noqa: E402
 
+from test_serve_api import one_error  # noqa: E402  (the one check of a 4xx body)
+
 N = 60
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,13 +45,6 @@ def client(store):
         yield c
 
 
-def one_error(r, status: int) -> str:
-    assert r.status_code == status, (r.status_code, r.text)
-    body = r.json()
-    assert list(body) == ["error"], body
-    msg = body["error"]
-    assert isinstance(msg, str) and msg and "\n" not in msg and "Traceback" not in msg
-    return msg
 
 
 # --- ids ------------------------------------------------------------------------------------------------
