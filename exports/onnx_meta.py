@@ -64,23 +64,9 @@ def graph_sha256(data: bytes) -> str:
 def content_hashes(data: bytes) -> tuple[str, str]:
     """(graph_sha256, sha256 of the descriptive fields) in one pass: together they name the whole
     file's content (the key of its optimised graph, `content_key`)."""
-    h, rest, pos, view = hashlib.sha256(), hashlib.sha256(), 0, memoryview(data)
-    while pos < len(data):
-        start = pos
-        key, pos = _varint(data, pos)
-        wire = key & 7
-        if wire == 0:
-            _, pos = _varint(data, pos)
-        elif wire == 2:
-            length, pos = _varint(data, pos)
-            pos += length
-        elif wire in (1, 5):
-            pos += 8 if wire == 1 else 4
-        else:
-            raise ValueError(f"unexpected protobuf wire type {wire}")
-        if pos > len(data):
-            raise ValueError("truncated field")
-        (rest if key >> 3 in DESCRIPTIVE_FIELDS else h).update(view[start:pos])
+    h, rest, view = hashlib.sha256(), hashlib.sha256(), memoryview(data)
+    for num, _, _, start, end in _field_spans(view):
+        (rest if num in DESCRIPTIVE_FIELDS else h).update(view[start:end])
     return h.hexdigest(), rest.hexdigest()
 
 
@@ -133,10 +119,12 @@ MAX_CONSTANT_ELEMENTS = 1 << 24
 _MAX_DEPTH = 64  # nested subgraphs; deeper is not a model, it is a stack bomb
 
 
-def _fields(buf):
-    """(field number, wire type, value) of one protobuf message: ints, or memoryviews of length-delimited fields."""
+def _field_spans(buf):
+    """(field number, wire type, value, start, end) of each field of one protobuf message: values are
+    ints, or memoryviews of length-delimited fields; [start, end) spans the whole field with its key."""
     pos, n = 0, len(buf)
     while pos < n:
+        start = pos
         key, pos = _varint(buf, pos)
         wire = key & 7
         if wire == 0:
@@ -151,7 +139,13 @@ def _fields(buf):
             raise ValueError(f"unexpected protobuf wire type {wire}")
         if pos > n:
             raise ValueError("truncated field")
-        yield key >> 3, wire, value
+        yield key >> 3, wire, value, start, pos
+
+
+def _fields(buf):
+    """(field number, wire type, value) of one protobuf message."""
+    for num, wire, value, _, _ in _field_spans(buf):
+        yield num, wire, value
 
 
 def _int64s(tensor) -> list[int] | None:

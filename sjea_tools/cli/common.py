@@ -6,7 +6,7 @@ import functools
 import json
 import math
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
@@ -179,6 +179,31 @@ def quiet_option():
 def json_option(what: str = "the result"):
     """The --json option every command shares: machine-readable output on stdout, nothing else there."""
     return typer.Option(False, "--json", help=f"Print {what} as JSON on stdout.")
+
+
+def run_option(what: str = "Run folder (default: the latest run, runs/LATEST)."):
+    """--run/-r: the run folder whose model a command uses."""
+    return typer.Option(None, "--run", "-r", help=what)
+
+
+def overwrite_option(what: str):
+    """--overwrite: without it no command replaces a file it did not write in this call."""
+    return typer.Option(False, "--overwrite", help=what)
+
+
+def device_option(default: Optional[str], what: str):
+    """--device: where the model runs."""
+    return typer.Option(default, "--device", help=what)
+
+
+def data_dir_option(what: str = "Folder holding the dataset's files."):
+    """--data-dir: local dataset files (nothing is downloaded at run time)."""
+    return typer.Option(None, "--data-dir", help=what)
+
+
+def grid_option(what: str):
+    """--grid: a PNG picture of what the command found."""
+    return typer.Option(None, "--grid", help=what)
 
 
 def no_index_option():

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from . import app
-from .common import console, handle_errors, number_check, json_option, literal, markup_safe, print_json, quiet_option, rich_progress
+from .common import grid_option, overwrite_option, console, handle_errors, number_check, json_option, literal, markup_safe, print_json, quiet_option, rich_progress
 
 _SHOWN = 20  # groups printed; --json and --list hold them all
 _THRESHOLD = number_check(above=0, maximum=1, rule="a number above 0 and at most 1")
@@ -22,10 +22,10 @@ def duplicates(
     threshold: Optional[float] = typer.Option(None, "--threshold", callback=_THRESHOLD, help="Cosine at or above which two files are "
                                               "copies, in (0, 1] \\[default: measured on real copies, see "
                                               "docs/benchmarks.md]."),
-    grid: Optional[Path] = typer.Option(None, "--grid", help="Also draw the groups (the largest 40) into this PNG."),
+    grid: Optional[Path] = grid_option("Also draw the groups (the largest 40) into this PNG."),
     keep_list: Optional[Path] = typer.Option(None, "--list", help="Also write a CSV: group, path, action "
                                              "(keep/remove), score (cosine to the kept file)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --grid or --list file."),
+    overwrite: bool = overwrite_option("Replace an existing --grid or --list file."),
     quiet: bool = quiet_option(),
     as_json: bool = json_option("the groups"),
 ) -> None:

@@ -11,7 +11,7 @@ from rich.progress import ProgressColumn
 from rich.text import Text
 
 from . import app
-from .common import (no_index_option, quiet_option, json_option, console, handle_errors, non_negative_float, non_negative_int, plain, positive_float,
+from .common import (run_option, overwrite_option, device_option, no_index_option, quiet_option, json_option, console, handle_errors, non_negative_float, non_negative_int, plain, positive_float,
                      positive_int, print_json, rich_progress)
 
 EMBED_TASK = "embedding"  # sjea_tools.embed.runner.PROGRESS_TASK, the task this column rates
@@ -44,7 +44,7 @@ def embed(
                                   "file's folder)."),
     out: Path = typer.Argument(..., help="HDF5 store to write, e.g. photos.h5. An interrupted run of the same "
                                "command resumes from OUT.h5.partial/."),
-    run: Optional[Path] = typer.Option(None, "--run", "-r", help="Run folder of the model (default: the latest "
+    run: Optional[Path] = run_option("Run folder of the model (default: the latest "
                                        "run, runs/LATEST)."),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="Use an exported ONNX file instead of a run folder "
                                         "(no checkpoint needed)."),
@@ -56,7 +56,7 @@ def embed(
                                    callback=positive_int),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Decoding processes (default: CPU cores, "
                                           "at most 8); 0 decodes in the main process.", callback=non_negative_int),
-    device: str = typer.Option("auto", "--device", help="auto (GPU if one is visible), cpu, cuda or cuda:N."),
+    device: str = device_option("auto", "auto (GPU if one is visible), cpu, cuda or cuda:N."),
     backend: str = typer.Option("auto", "--backend", help="auto (ONNX Runtime on CPU, PyTorch on GPU: the faster "
                                 "one, measured), torch or onnx. A run is exported to ONNX on the fly and cached."),
     dtype: str = typer.Option("float32", "--dtype", help="Storage type of embeddings: float32 or float16."),
@@ -71,7 +71,7 @@ def embed(
                                 "remove rows of files gone from it."),
     keep_missing: bool = typer.Option(False, "--keep-missing", help="With --update: keep the rows of files that "
                                       "are gone from the folder."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (it stays intact until the "
+    overwrite: bool = overwrite_option("Replace an existing OUT (it stays intact until the "
                                    "new one is complete)."),
     commit_every: float = typer.Option(2.0, "--commit-every", help="Seconds between durable checkpoints of "
                                        "the partial run (the most work a kill or power cut can cost); 0: after "

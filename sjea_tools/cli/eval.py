@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from . import app
-from .common import (quiet_option, json_option, console, err_console, handle_errors, markup_safe, non_negative_int, positive_float,
+from .common import (run_option, device_option, data_dir_option, quiet_option, json_option, console, err_console, handle_errors, markup_safe, non_negative_int, positive_float,
                      positive_int, print_json, rich_progress)
 
 
@@ -152,10 +152,10 @@ def eval_command(
     store: Optional[Path] = typer.Argument(None, help="An HDF5 store (from 'sjea embed'): label-free measures on a sample "
                                            "of its own images beside random init and pixels; with folder labels "
                                            "also the probe and k-NN of its stored embeddings."),
-    run: Optional[str] = typer.Option(None, "--run", help="Run folder to evaluate (default: the latest run)."),
+    run: Optional[str] = run_option("Run folder to evaluate (default: the latest run)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="fashion-mnist, cifar10, cifar100, stl10, or an "
                                           "image folder with class sub-folders (default: the run's dataset)."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder holding the dataset's files."),
+    data_dir: Optional[str] = data_dir_option("Folder holding the dataset's files."),
     max_train: Optional[int] = typer.Option(None, "--max-train", callback=positive_int, help="Use N random training images (k-NN bank "
                                             "and probe training set); default all."),
     max_test: Optional[int] = typer.Option(None, "--max-test", callback=positive_int, help="Use N random test images (queries); default all."),
@@ -178,7 +178,7 @@ def eval_command(
     baselines: Optional[bool] = typer.Option(None, "--baselines/--no-baselines", show_default=False,
                                              help="Also score pixels (and, for a STORE, the architecture at random "
                                              "init) under the same protocol [default: --baselines]."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    device: str = device_option("cpu", "cpu, cuda or cuda:N."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the JSON here instead of beside the run or store."),
     as_json: bool = json_option("the result"),
     quiet: bool = quiet_option(),

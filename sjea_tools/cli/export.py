@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from . import app
-from .common import console, err_console, handle_errors, literal, markup_safe, positive_int, print_json, rich_progress, quiet_option
+from .common import json_option, run_option, overwrite_option, console, err_console, handle_errors, literal, markup_safe, positive_int, print_json, rich_progress, quiet_option
 
 
 def _print_report(report: dict, to_stderr: bool = False) -> None:
@@ -44,7 +44,7 @@ def export(
     level: str = typer.Option("all", "--level", "-l", help="Levels to export: 'all' (one file per level plus "
                               "all_levels.onnx computing every level in one pass), a level K, or levels "
                               "like 0,1 (one file each)."),
-    run: Optional[Path] = typer.Option(None, "--run", "-r", help="Run folder (default: the latest run, "
+    run: Optional[Path] = run_option("Run folder (default: the latest run, "
                                        "runs/LATEST)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the .onnx files (default: RUN/onnx)."),
     output: str = typer.Option("representation", "--output", help="What each level gives: representation "
@@ -52,18 +52,17 @@ def export(
     with_preprocessing: bool = typer.Option(False, "--with-preprocessing", help="Put normalisation inside the "
                                             "graph: it then takes uint8 RGB pixels (N, H, W, 3) at the model's "
                                             "size (resizing stays with the client)."),
+    overwrite: bool = overwrite_option("Replace existing .onnx files."),
     fp16: bool = typer.Option(False, "--fp16", help="Half-precision graph (float32 in and out); verified with "
                               "max abs diff <= 1e-2 x max|Y| and cosine >= 0.999."),
-    provider: Optional[str] = typer.Option(None, "--provider", help="ONNX Runtime provider for verification: "
-                                           "cpu, cuda or tensorrt (default: cuda when it really starts, else cpu)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Folder of images to verify on (default: the "
                                           "run's dataset, test split)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing .onnx files."),
+    quiet: bool = quiet_option(),
+    provider: Optional[str] = typer.Option(None, "--provider", help="ONNX Runtime provider for verification: "
+                                           "cpu, cuda or tensorrt (default: cuda when it really starts, else cpu)."),
     opset: int = typer.Option(18, "--opset", callback=positive_int, help="ONNX opset (17 or newer; 17 uses the TorchScript exporter, "
                               "for ONNX Runtime older than 1.14)."),
-    quiet: bool = quiet_option(),
-    json_out: bool = typer.Option(False, "--json", help="Print the report (files, metadata, parity numbers) as "
-                                  "JSON on stdout."),
+    json_out: bool = json_option("the report (files, metadata, parity numbers)"),
 ) -> None:
     """Export level K (or several, or all levels) of a run to ONNX and verify each file against PyTorch on real
     images. Exits 1 when parity fails (fp32: max abs diff > 1e-4 or cosine < 0.99999); nothing is

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from . import app
-from .common import json_option, console, handle_errors, markup_safe, positive_int, print_json
+from .common import data_dir_option, json_option, console, handle_errors, markup_safe, positive_int, print_json
 
 
 @app.command()
@@ -19,7 +19,7 @@ def images(
     split: str = typer.Option("test", "--split", help="train or test."),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", callback=positive_int, help="Write the first N images only."),
     fmt: str = typer.Option("png", "--format", help="png, jpg, webp or bmp."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local dataset files."),
+    data_dir: Optional[Path] = data_dir_option("Local dataset files."),
     json_out: bool = json_option("the summary"),
 ) -> None:
     """Write a dataset's images as files in class sub-folders (existing files are kept)."""

@@ -9,7 +9,7 @@ from typing import List
 import typer
 
 from . import app
-from .common import no_index_option, console, handle_errors, plain, print_json, rich_progress, quiet_option, json_option
+from .common import overwrite_option, no_index_option, console, handle_errors, plain, print_json, rich_progress, quiet_option, json_option
 from .embed import print_index_line
 
 
@@ -18,7 +18,7 @@ from .embed import print_index_line
 def merge(
     paths: List[Path] = typer.Argument(..., help="The shard stores written with --shard I/N, then the output "
                                        "store last: sjea merge out-*.h5 out.h5."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file (without it, only "
+    overwrite: bool = overwrite_option("Replace an existing output file (without it, only "
                                    "this same merge's earlier result is replaced)."),
     no_index: bool = no_index_option(),
     quiet: bool = quiet_option(),

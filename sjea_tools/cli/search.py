@@ -11,7 +11,7 @@ import typer
 
 from . import app
 from ..search_request import SearchRequest
-from .common import (json_option, any_finite, non_negative_int, console, err_console, handle_errors, literal, markup_safe, positive_int,
+from .common import (grid_option, overwrite_option, json_option, any_finite, non_negative_int, console, err_console, handle_errors, literal, markup_safe, positive_int,
                      print_json)
 
 
@@ -45,12 +45,12 @@ def search(
                                       "line per hit) \\[default: table]."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the results to FILE: .csv, .jsonl (one "
                                        "line per hit) or .json."),
+    overwrite: bool = overwrite_option("Let --grid and --out replace an existing file."),
     copy_to: Optional[Path] = typer.Option(None, "--copy-to", help="Copy the hit files into this folder (one "
                                            "sub-folder per query when several); never over an existing file."),
     link: bool = typer.Option(False, "--link", help="With --copy-to: symbolic links instead of copies."),
-    grid: Optional[Path] = typer.Option(None, "--grid", help="Also write a PNG: the query and its neighbours, one "
+    grid: Optional[Path] = grid_option("Also write a PNG: the query and its neighbours, one "
                                         "row per level and one for the hierarchical result."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Let --grid and --out replace an existing file."),
     as_json: bool = json_option("the results (= --format json)"),
 ) -> None:
     """Find the stored images nearest to QUERY images (or --id N), at each level or hierarchically."""

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from . import app
-from .common import err_console, handle_errors, markup_safe, number_check, positive_float
+from .common import run_option, err_console, handle_errors, markup_safe, number_check, positive_float
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -21,7 +21,7 @@ def serve(
                              "machine; 0.0.0.0 exposes the page and API, which have no login, to your network."),
     port: int = typer.Option(8000, "--port", "-p", callback=number_check(0, 65535, rule="a port from 0 to 65535"),
                              help="TCP port (0 picks a free one; the URL is printed)."),
-    run: Optional[Path] = typer.Option(None, "--run", help="Embed uploaded images with this run folder's model "
+    run: Optional[Path] = run_option("Embed uploaded images with this run folder's model "
                                        "(default: the model that wrote the store); its model id must match the store's."),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="Embed uploaded images with this exported ONNX file "
                                         "instead; its model id must match the store's."),

@@ -12,7 +12,7 @@ from rich.progress import ProgressColumn
 from rich.text import Text
 
 from . import app
-from .common import (quiet_option, json_option, console, err_console, handle_errors, markup_safe, non_negative_float, non_negative_int,
+from .common import (overwrite_option, device_option, data_dir_option, quiet_option, json_option, console, err_console, handle_errors, markup_safe, non_negative_float, non_negative_int,
                      positive_float, positive_int, print_json, rich_progress)
 
 PRESET_HELP = ("Named preset: tiny (CPU default, Fashion-MNIST), cifar10-paper, stl10-paper, vicreg-official "
@@ -42,10 +42,10 @@ def train(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder to write \\[default: runs/<preset>]."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its last "
                                           "checkpoint (its saved config is used)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+    overwrite: bool = overwrite_option("Replace an existing run folder."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="fashion-mnist, cifar10, cifar100, stl10, or a "
                                           "path to an image folder (class = first sub-folder)."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local dataset files (Fashion-MNIST: the four "
+    data_dir: Optional[Path] = data_dir_option("Local dataset files (Fashion-MNIST: the four "
                                             "IDX .gz files; CIFAR/STL: the extracted official archive)."),
     limit: Optional[int] = typer.Option(None, "--limit", callback=positive_int, help="Train on the first N images only."),
     image_size: Optional[int] = typer.Option(None, "--image-size", callback=positive_int, help="Input size in pixels \\[default: the "
@@ -72,7 +72,7 @@ def train(
     cov_coeff: Optional[str] = typer.Option(None, "--cov-coeff", help="Covariance coefficient(s), e.g. 1,0.1."),
     level_weights: Optional[str] = typer.Option(None, "--level-weights", help="Per-level loss weights lambda_k."),
     workers: Optional[int] = typer.Option(None, "--workers", callback=non_negative_int, help="Data-loading worker processes."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    device: Optional[str] = device_option(None, "auto, cpu, cuda or cuda:N."),
     precision: Optional[str] = typer.Option(None, "--precision", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, "
                                             "fp16."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
