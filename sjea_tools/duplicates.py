@@ -1,16 +1,26 @@
-"""Near-duplicate groups of a store: every pair of rows whose cosine at one level is >= a threshold,
-joined into groups (connected components), each with one file to keep and the rest to review.
+"""Near-duplicate groups of a store in two stages: candidate pairs whose cosine at one level is >=
+a threshold, then a pixel check of each candidate (the two files decoded at VERIFY_SIDE x
+VERIFY_SIDE grey, standardised, correlation >= a pixel threshold); the pairs that pass are joined
+into groups (connected components), each with one file to keep and the rest to review.
+
+Why two stages: the embedding is trained to be invariant to crops and colour changes, so distinct
+crops of one photo score like copies (level 0 alone: F1 0.67 on real copies); pixels alone miss
+what resizing and re-encoding change. Candidates from the embedding, decided by pixels, is the
+measured best (docs/benchmarks.md, block "bench_duplicates").
 
 Nothing here deletes or moves a file: the result is a list a user (or `sjea duplicates --list`)
 acts on.
 
-Pure part (arrays in, arrays out): `pairs_above`, `connected_groups`.
-Store part: `find_duplicates(store)` reads one level with the store reader and names the files.
+Pure part (arrays in, arrays out): `pairs_above`, `standardised`, `pair_correlations`,
+`connected_groups`. Store part: `find_duplicates(store)` reads one level with the store reader,
+decodes the files of candidate pairs only, and names the files.
 
-Cost: the pairs are found exactly (faiss.IndexFlatIP.range_search of every row against all rows,
-QUERY_CHUNK queries at a time), so time grows as n² x dim while memory stays at the vectors, one
-chunk's range-search result and the pairs found (at most MAX_PAIRS, about 400 MB). Measured on the project's shared 2-core machine: 20,000 rows x 128 dims in 11 s,
-so about 4.5 minutes for 100,000 rows and hours for 1,000,000 (n² grows 2,500 times).
+Cost: the candidates are found exactly (faiss.IndexFlatIP.range_search of every row against all
+rows, QUERY_CHUNK queries at a time), so time grows as n² x dim while memory stays at the vectors,
+one chunk's range-search result and the pairs found (at most MAX_PAIRS, about 400 MB). Measured on
+the project's shared 2-core machine: 20,000 rows x 128 dims in 11 s, so about 4.5 minutes for
+100,000 rows and hours for 1,000,000 (n² grows 2,500 times). The pixel check decodes each file of
+a candidate pair once (JPEGs draft-decoded near VERIFY_SIDE).
 """
 
 from __future__ import annotations
@@ -22,17 +32,18 @@ import numpy as np
 from .errors import SjeaError
 from .progress import ProgressFn, report
 
-# The cosine at or above which two rows are reported as copies of each other. Measured, not
-# chosen: the threshold with the highest F1 of found vs true copy pairs (JPEG re-encodes at quality
-# 50-90, 2x down- and up-sized copies, <= 5 % border crops of real photos and Fashion-MNIST images)
-# in docs/benchmarks.md, block "bench_duplicates". Scores are raw cosines of the stored vectors
-# today; if their scale changes (centred scores, another default model), re-measure with
-# benchmarks/bench_duplicates.py and put its chosen value here. Measured with the default run (the
-# `sjea train` defaults): F1 0.67 (re-encodes and resizes: precision 0.70, recall 0.72), below the
-# >= 0.9 the tool aims for and below the pixel floor (centred 32 x 32 pixels: F1 0.79, precision
-# 0.92 / recall 0.90 without crops): the augmentation-invariant embedding puts distinct crops of
-# one photo close together. Until a verification stage is added, raise --threshold for precision.
-DEFAULT_THRESHOLD = 0.995
+# Both thresholds are measured, not chosen: the pair with the highest F1 of found vs true copy pairs
+# on a folder of real colour photos (crops of the photos bundled with scikit-image, with JPEG
+# re-encodes at quality 50-90, 2x down- and up-sized copies and <= 5 % border crops), written by
+# benchmarks/bench_duplicates.py into docs/benchmarks.md (block "bench_duplicates"), which also
+# gives Fashion-MNIST's numbers at these values. Scores are raw cosines of the stored vectors of the
+# default model; if their scale changes (centred scores, another default model), re-measure with
+# that script and put its chosen values here.
+DEFAULT_THRESHOLD = 0.97
+DEFAULT_PIXEL_THRESHOLD = 0.8
+# Side of the grey thumbnails the pixel check compares: 16, 32 and 64 were measured; 32 had the
+# best F1 on the photo folder (16 joins look-alikes, 64 misses re-encoded textures).
+VERIFY_SIDE = 32
 # Queries per range search: the pairs one chunk returns are all that is held besides the vectors.
 QUERY_CHUNK = 4096
 # More pairs than this means the threshold joins similar images, not copies (and the pairs would
@@ -41,10 +52,10 @@ MAX_PAIRS = 20_000_000
 KEEP_RULE = "the most pixels, then the largest file, then the first path in sorted order"
 
 
-def check_threshold(threshold: float) -> float:
+def check_threshold(threshold: float, option: str = "--threshold", default: float = DEFAULT_THRESHOLD) -> float:
     threshold = float(threshold)
     if not (0.0 < threshold <= 1.0):  # also refuses nan
-        raise SjeaError(f"--threshold must be a cosine in (0, 1], e.g. {DEFAULT_THRESHOLD} (got {threshold}).")
+        raise SjeaError(f"{option} must be a number in (0, 1], e.g. {default} (got {threshold}).")
     return threshold
 
 
@@ -84,6 +95,49 @@ def pairs_above(x: np.ndarray, threshold: float, chunk: int = QUERY_CHUNK,
     i, j, s = np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s)
     order = np.lexsort((j, i))
     return i[order], j[order], s[order]
+
+
+def standardised(x: np.ndarray) -> np.ndarray:
+    """Rows minus their mean, scaled to length 1 (a flat row stays zero, so it correlates with nothing):
+    the dot product of two such rows is their Pearson correlation."""
+    x = np.asarray(x, dtype=np.float32)
+    x = x - x.mean(axis=1, keepdims=True)
+    return unit_rows(x)
+
+
+def pair_correlations(signatures: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Correlation of the standardised rows i[k] and j[k] of `signatures`, for every k."""
+    return np.einsum("kd,kd->k", signatures[i], signatures[j])
+
+
+def pixel_signatures(files: list[Path], progress: ProgressFn | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(standardised VERIFY_SIDE² grey pixels per file, readable mask): the files are decoded the way
+    the model sees them (short side resized, centre cropped: data.preprocess.file_pixels); a file
+    that cannot be read gets a zero row and False."""
+    from .data.preprocess import file_pixels
+
+    rows = np.zeros((len(files), VERIFY_SIDE * VERIFY_SIDE), np.float32)
+    readable = np.zeros(len(files), bool)
+    for k, path in enumerate(files):
+        try:
+            rows[k] = file_pixels(path, VERIFY_SIDE).astype(np.float32).mean(axis=2).ravel()
+            readable[k] = True
+        except (OSError, ValueError, MemoryError):
+            pass
+        report(progress, "checking pixels", k + 1, len(files))
+    return standardised(rows), readable
+
+
+def verify_pairs(i: np.ndarray, j: np.ndarray, files: list[Path], pixel_threshold: float,
+                 progress: ProgressFn | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mask of the candidate pairs whose pixels correlate >= pixel_threshold, their correlations,
+    the number of candidate files that could not be read): only the files in some pair are decoded."""
+    rows, local = np.unique(np.concatenate([i, j]), return_inverse=True)
+    signatures, readable = pixel_signatures([files[r] for r in rows], progress)
+    li, lj = local[:len(i)], local[len(i):]
+    corr = pair_correlations(signatures, li, lj)
+    keep = readable[li] & readable[lj] & (corr >= np.float32(pixel_threshold))
+    return keep, corr, int((~readable).sum())
 
 
 def connected_groups(n: int, i: np.ndarray, j: np.ndarray) -> list[np.ndarray]:
@@ -144,37 +198,58 @@ def describe_groups(x: np.ndarray, groups: list[np.ndarray], paths: list[str], r
     return out
 
 
-def find_duplicates(store_path, level: int | str = 0, threshold: float | None = None, *, grid=None,
-                    keep_list=None, overwrite: bool = False, progress: ProgressFn | None = None) -> dict:
-    """Near-duplicate groups of a store at one level (all pairs with cosine >= threshold, default
-    DEFAULT_THRESHOLD, joined transitively). Each member's score is its cosine to the group's kept
-    file (KEEP_RULE); the others are removal candidates. Writes only what is asked: `keep_list` (the
-CSV of write_list) and `grid` (draw_groups' PNG), an existing one replaced only with `overwrite`.
+def find_duplicates(store_path, level: int | str = 0, threshold: float | None = None, *,
+                    pixel_threshold: float | None = None, verify: bool = True, grid=None, keep_list=None,
+                    overwrite: bool = False, progress: ProgressFn | None = None) -> dict:
+    """Near-duplicate groups of a store at one level: candidate pairs with cosine >= threshold
+    (default DEFAULT_THRESHOLD) whose files' pixels correlate >= pixel_threshold (default
+    DEFAULT_PIXEL_THRESHOLD; `verify=False` skips this check), joined transitively. Each member's
+    score is its cosine to the group's kept file (KEEP_RULE); the others are removal candidates.
+    Writes only what is asked: `keep_list` (the CSV of write_list) and `grid` (draw_groups' PNG), an
+    existing one replaced only with `overwrite`.
 
     Cost (exact all-pairs search, the module docstring): n² x dim multiply-adds, minutes for
     100,000 rows on 2 cores; memory is the level's vectors (n x dim x 4 bytes) plus the pairs."""
-    from .levels import parse_levels
-    from .store import open_store
-
     threshold = DEFAULT_THRESHOLD if threshold is None else check_threshold(threshold)
-    with open_store(store_path) as store:
-        level = parse_levels(level, store.levels, option="--level")
-        if len(level) != 1:
-            raise SjeaError(f"--level takes one level (levels here: {', '.join(map(str, store.levels))}).")
-        level = level[0]
-        x = unit_rows(store.read_embeddings(level))
-        paths, root = store.paths, Path(store.root)
+    pixel_threshold = (DEFAULT_PIXEL_THRESHOLD if pixel_threshold is None
+                       else check_threshold(pixel_threshold, "--pixel-threshold", DEFAULT_PIXEL_THRESHOLD))
+    level, x, paths, root = read_level(store_path, level)
     check_outputs(store_path, {"--grid": grid, "--list": keep_list}, overwrite)
     i, j, _ = pairs_above(x, threshold, progress=progress)
+    candidates, unreadable = len(i), 0
+    if verify and len(i):
+        keep, _, unreadable = verify_pairs(i, j, [root / p for p in paths], pixel_threshold, progress)
+        i, j = i[keep], j[keep]
     groups = describe_groups(x, connected_groups(len(x), i, j), paths, root)
-    result = {"store": str(store_path), "root": str(root), "level": level, "threshold": threshold, "rows": len(x),
-              "pairs": int(len(i)), "groups": groups, "to_remove": sum(g["size"] - 1 for g in groups),
-              "keep_rule": KEEP_RULE}
+    result = {"store": str(store_path), "root": str(root), "level": level, "threshold": threshold,
+              "pixel_threshold": pixel_threshold if verify else None, "rows": len(x), "candidates": candidates,
+              "unreadable": unreadable, "pairs": int(len(i)), "groups": groups,
+              "to_remove": sum(g["size"] - 1 for g in groups), "keep_rule": KEEP_RULE}
     if keep_list is not None:
         result["list"] = str(write_list(result, keep_list))
     if grid is not None:
         result["grid"] = str(draw_groups(result, grid))
     return result
+
+
+def read_level(store_path, level: int | str) -> tuple[int, np.ndarray, list[str], Path]:
+    """(level, unit rows of that level, stored paths, the store's image root)."""
+    from .levels import parse_levels
+    from .store import open_store
+
+    with open_store(store_path) as store:
+        levels = parse_levels(level, store.levels, option="--level")
+        if len(levels) != 1:
+            raise SjeaError(f"--level takes one level (levels here: {', '.join(map(str, store.levels))}).")
+        return levels[0], unit_rows(store.read_embeddings(levels[0])), store.paths, Path(store.root)
+
+
+def criteria(result: dict) -> str:
+    """How a result's pairs were decided, in words."""
+    text = f"level {result['level']} cosine >= {result['threshold']}"
+    if result.get("pixel_threshold") is not None:
+        text += f" and pixel correlation >= {result['pixel_threshold']}"
+    return text
 
 
 def keep_remove_rows(result: dict) -> list[tuple[int, str, str, float]]:
@@ -233,8 +308,7 @@ def draw_groups(result: dict, out, thumb: int | None = None) -> Path:
     canvas = Image.new("RGB", (label_w + cell_w * cols + PAD, CAPTION + PAD + max(1, len(groups)) * cell_h), "white")
     draw, f = ImageDraw.Draw(canvas), font(12)
     shown = f"{len(groups)} of {len(result['groups'])}" if len(result["groups"]) > len(groups) else f"{len(groups)}"
-    draw.text((PAD, 2), f"{shown} groups at cosine >= {result['threshold']} (level {result['level']}); "
-              "framed: keep", fill="black", font=f)
+    draw.text((PAD, 2), f"{shown} groups, {criteria(result)}; framed: keep", fill="black", font=f)
     root = Path(result["root"])
     for row, g in enumerate(groups):
         y = CAPTION + PAD + row * cell_h

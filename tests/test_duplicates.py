@@ -1,5 +1,6 @@
-"""`sjea duplicates`: pairs at a threshold (its edge exactly), union-find groups, the kept file, and
-the command on a store of real Fashion-MNIST images with real JPEG re-encodes and byte copies."""
+"""`sjea duplicates`: pairs at a threshold (its edge exactly), union-find groups, the kept file, the
+pixel check (correlations, unreadable files), and the command on stores of real Fashion-MNIST
+images and real colour photos with real JPEG re-encodes, resizes and byte copies."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from sjea_tools.cli import app
-from sjea_tools.duplicates import (DEFAULT_THRESHOLD, check_threshold, connected_groups, keep_index, pairs_above,
+from sjea_tools.duplicates import (DEFAULT_PIXEL_THRESHOLD, DEFAULT_THRESHOLD, check_threshold, connected_groups,
+                                   find_duplicates, keep_index, pair_correlations, pairs_above, standardised,
                                    unit_rows)
 from sjea_tools.errors import SjeaError
 
@@ -74,7 +76,7 @@ def test_union_find_joins_chains_transitively_and_drops_singletons():
 
 @pytest.mark.parametrize("bad", [0.0, -0.5, 1.0000001, 2.0, float("nan")])
 def test_threshold_outside_zero_one_is_refused(bad):
-    with pytest.raises(SjeaError, match=r"--threshold must be a cosine in \(0, 1\]"):
+    with pytest.raises(SjeaError, match=r"--threshold must be a number in \(0, 1\]"):
         check_threshold(bad)
     assert check_threshold(1.0) == 1.0 and 0 < DEFAULT_THRESHOLD <= 1
 
@@ -88,6 +90,21 @@ def test_the_kept_file_has_the_most_pixels_then_bytes_then_the_first_path():
 def test_unit_rows_leave_zero_rows_zero():
     x = unit_rows(np.array([[3, 4], [0, 0]], np.float32))
     np.testing.assert_allclose(x, [[0.6, 0.8], [0, 0]], atol=1e-7)
+
+
+def test_standardised_rows_give_pearson_correlations_and_a_flat_row_none():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(5, 64)).astype(np.float32) * rng.uniform(0.1, 10, size=(5, 1)).astype(np.float32) + 7
+    x[4] = 2.5  # a flat image
+    s = standardised(x)
+    i, j = np.array([0, 0, 1, 2]), np.array([1, 2, 3, 4])
+    got = pair_correlations(s, i, j)
+    want = [np.corrcoef(x[a], x[b])[0, 1] for a, b in zip(i[:3], j[:3])]
+    np.testing.assert_allclose(got[:3], want, atol=1e-5)
+    assert got[3] == 0.0
+    # a brightness and contrast change is the same picture to the check
+    np.testing.assert_allclose(pair_correlations(standardised(np.stack([x[0], 3 * x[0] - 40])), [0], [1]), [1.0],
+                               atol=1e-5)
 
 
 # --- the command on a real store ----------------------------------------------------------------
@@ -152,10 +169,12 @@ def brute_force_groups(store: Path, level: int, threshold: float) -> list[set[st
 
 def test_duplicates_json_matches_the_definition_and_groups_byte_copies(store_with_copies, tmp_path):
     out = store_with_copies["out"]
-    result = runner.invoke(app, ["duplicates", str(out), "--level", "1", "--threshold", "0.9999", "--json"])
+    result = runner.invoke(app, ["duplicates", str(out), "--level", "1", "--threshold", "0.9999", "--no-verify",
+                                 "--json"])
     assert result.exit_code == 0, result.output
     got = json.loads(result.stdout)
     assert got["level"] == 1 and got["threshold"] == 0.9999 and got["rows"] == 40 + 11
+    assert got["pixel_threshold"] is None and got["pairs"] == got["candidates"]
     groups = [{m["path"] for m in g["members"]} for g in got["groups"]]
     expected = brute_force_groups(out, 1, 0.9999)
     # float32 search and float64 matrix can differ on a pair scoring within 1e-6 of the threshold
@@ -203,7 +222,9 @@ def test_list_and_grid_are_written_and_nothing_is_deleted(store_with_copies, tmp
 def test_the_default_threshold_is_used_without_the_option(store_with_copies):
     result = runner.invoke(app, ["duplicates", str(store_with_copies["out"]), "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["threshold"] == DEFAULT_THRESHOLD
+    got = json.loads(result.stdout)
+    assert got["threshold"] == DEFAULT_THRESHOLD and got["pixel_threshold"] == DEFAULT_PIXEL_THRESHOLD
+    assert got["pairs"] <= got["candidates"] and got["unreadable"] == 0
 
 
 def one_line_error(result, *needles):
@@ -222,5 +243,62 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(store_with_copies, tmp_path):
     one_line_error(runner.invoke(app, ["duplicates", out, "--level", "0,1"]), "one level")
     one_line_error(runner.invoke(app, ["duplicates", out, "--threshold", "0"]), "above 0 and at most 1")
     one_line_error(runner.invoke(app, ["duplicates", out, "--threshold", "1.5"]), "above 0 and at most 1")
+    one_line_error(runner.invoke(app, ["duplicates", out, "--pixel-threshold", "-0.2"]), "above 0 and at most 1")
     one_line_error(runner.invoke(app, ["duplicates", out, "--list", out]), "the store itself")
     one_line_error(runner.invoke(app, ["duplicates", out, "--grid", str(tmp_path)]), "is a folder")
+
+
+# --- the pixel check on real colour photos ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def photo_store(tmp_path_factory):
+    """Four real photos (scikit-image's), a JPEG re-encode of one, a 2x smaller copy of another, and
+    two distinct crops of a third: the crops are what an augmentation-invariant embedding joins."""
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    from conftest import make_run
+    from sjea_tools.pipeline import embed_and_index
+
+    root = tmp_path_factory.mktemp("photo-dups")
+    images = root / "photos"
+    images.mkdir()
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        Image.fromarray(getattr(skimage_data, name)()).resize((240, 180), Image.LANCZOS).save(images / f"{name}.png")
+    Image.open(images / "astronaut.png").save(images / "astronaut-q60.jpg", quality=60)
+    Image.open(images / "coffee.png").resize((120, 90), Image.LANCZOS).save(images / "coffee-half.png")
+    chelsea = Image.open(images / "chelsea.png")
+    chelsea.crop((0, 0, 120, 120)).save(images / "chelsea-left.png")
+    chelsea.crop((120, 60, 240, 180)).save(images / "chelsea-right.png")
+    run = make_run(root / "runs" / "tiny", levels=1)
+    out = root / "photos.h5"
+    embed_and_index(images, out, run=run, backend="torch", workers=0, index=False)
+    return {"root": root, "images": images, "out": out}
+
+
+def group_names(result: dict) -> list[set[str]]:
+    return sorted(({m["path"] for m in g["members"]} for g in result["groups"]), key=sorted)
+
+
+def test_the_pixel_check_keeps_copies_and_drops_what_only_the_embedding_joins(photo_store):
+    # A threshold of 0.01 makes nearly every pair a candidate: what is grouped is the pixel check's call.
+    checked = find_duplicates(photo_store["out"], threshold=0.01)
+    assert group_names(checked) == [{"astronaut.png", "astronaut-q60.jpg"}, {"coffee-half.png", "coffee.png"}]
+    assert checked["candidates"] > checked["pairs"] == 2
+    for g in checked["groups"]:
+        assert g["members"][0]["action"] == "keep"
+        assert g["members"][0]["path"] in ("astronaut.png", "coffee.png")  # the most pixels
+    trusting = find_duplicates(photo_store["out"], threshold=0.01, verify=False)
+    assert trusting["pixel_threshold"] is None and trusting["pairs"] == trusting["candidates"] > 2
+
+
+def test_a_file_gone_since_embedding_leaves_its_pairs_out_and_is_counted(photo_store, tmp_path):
+    moved = photo_store["images"] / "coffee-half.png"
+    moved.rename(tmp_path / "moved.png")
+    try:
+        result = runner.invoke(app, ["duplicates", str(photo_store["out"]), "--threshold", "0.01"])
+        assert result.exit_code == 0, result.output
+        assert "1 file(s) of candidate pairs could not be read" in result.stdout
+        assert "1 group(s)" in result.stdout and "coffee" not in result.stdout
+    finally:
+        (tmp_path / "moved.png").rename(moved)
