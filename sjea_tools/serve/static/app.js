@@ -359,7 +359,7 @@ function dupGroup(g) {
     tile.dataset.action = m.action;
     tile.title = `${m.path}: click for full size`;
     tile.append(thumb(m.id, 128), el("div", "name", m.path),
-                el("div", "action", keep ? "keep" : `remove? (cosine ${m.score.toFixed(4)})`));
+                el("div", "action", keep ? "keep" : `remove? (cosine ${m.score})`));
     tile.addEventListener("click", () => openViewer(m.id, m.path));
     tiles.append(tile);
   }
