@@ -57,8 +57,7 @@ class DuplicatesCache:
     def __init__(self, holder: StoreHolder):
         self.holder = holder
         self._lock = threading.Lock()  # one search at a time: it uses every core for up to a minute
-        self._version = None
-        self._results: dict = {}
+        self._cached: tuple = (None, {})  # (store version, {(level, threshold): result}), swapped whole
 
     def get(self, level: str, threshold: float | None) -> dict:
         from ..duplicates import DEFAULT_THRESHOLD, check_threshold, find_duplicates
@@ -69,11 +68,15 @@ class DuplicatesCache:
         if len(wanted) != 1:
             raise SjeaError(f"--level takes one level (levels here: {', '.join(map(str, loaded.levels))}).")
         version, key = (id(loaded), loaded.fingerprint), (wanted[0], threshold)
+        hit = self._lookup(version, key)  # a cached answer never waits behind another search
+        if hit is not None:
+            return hit
         with self._lock:
-            if self._version != version:
-                self._version, self._results = version, {}
-            if key in self._results:
-                return self._results[key]
+            if self._cached[0] != version:
+                self._cached = (version, {})
+            results = self._cached[1]
+            if key in results:
+                return results[key]
             if loaded.n > MAX_DUPLICATE_ROWS:
                 raise TooManyRows(f"{loaded.n:,} rows are more than the page searches for duplicates "
                                   f"({MAX_DUPLICATE_ROWS:,}, about a minute); run: sjea duplicates {loaded.path} "
@@ -81,10 +84,14 @@ class DuplicatesCache:
             result = find_duplicates(loaded.path, level=wanted[0], threshold=threshold)
             # The search reads the file: kept only when it is still the version the ids belong to.
             if fingerprint(loaded.path) == loaded.fingerprint and result["rows"] == loaded.n:
-                if len(self._results) >= MAX_CACHED:
-                    self._results.pop(next(iter(self._results)))
-                self._results[key] = result
+                if len(results) >= MAX_CACHED:
+                    results.pop(next(iter(results)))
+                results[key] = result
             return result
+
+    def _lookup(self, version: tuple, key: tuple) -> dict | None:
+        cached_version, results = self._cached
+        return results.get(key) if cached_version == version else None
 
 
 def page_result(result: dict) -> dict:
