@@ -25,6 +25,7 @@ from ..errors import SjeaError
 from ..index import ForeignIndexError
 from ..store import StoreDamagedError
 from ..store.sources import ForeignSourceError
+from .duplicates_route import add_duplicates_routes
 from .media import (MAX_PIXELS, MAX_UPLOAD_BYTES, THUMB_SIZES, BadImage, Forbidden, Missing, TooLarge, item_file,
                     read_limited, thumbnail_png, upload_file)
 from .state import StaleStore, StoreHolder, UnknownItem
@@ -52,7 +53,8 @@ def create_app(store, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: i
     holder = store if isinstance(store, StoreHolder) else StoreHolder(store, run=run, onnx=onnx)
     app = FastAPI(title="sjea serve", version="1",
                   description=f"Search the S-JEA embedding store {holder.path.name} by image, by stored id or "
-                              "by a list of ids; browse its cluster tree. Errors are {\"error\": message}.")
+                              "by a list of ids; browse its cluster tree and its near-duplicate groups. "
+                              "Errors are {\"error\": message}.")
     app.state.holder, app.state.max_pixels = holder, max_pixels
     _add_error_handlers(app)
     app.add_middleware(UploadLimit, max_body=max_upload_bytes + MULTIPART_SLACK)
@@ -63,6 +65,7 @@ def create_app(store, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: i
     _add_item_routes(app, holder, max_pixels)
     _add_page(app)
     _add_photo_routes(app, holder)
+    add_duplicates_routes(app, holder)
     return app
 
 
@@ -74,7 +77,8 @@ def error(status: int, message: str) -> JSONResponse:
 
 def api_message(text: str) -> str:
     """The library's messages name CLI options (--k); the API's parameters have the bare names."""
-    return re.sub(r"--(k|mode|level|order|probes|within|id|min-score)\b", lambda m: m.group(1).replace("-", "_"), text)
+    return re.sub(r"--(k|mode|level|order|probes|within|id|min-score|threshold)\b",
+                  lambda m: m.group(1).replace("-", "_"), text)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

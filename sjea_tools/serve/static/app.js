@@ -3,8 +3,9 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { info: null, last: null, node: null, memberOffset: 0, names: null, browseOffset: 0 };
+const state = { info: null, last: null, node: null, memberOffset: 0, names: null, browseOffset: 0, dups: null };
 const BROWSE_PAGE = 60;
+const DUP_PAGE = 50; // groups drawn at a time: a large store can have thousands
 
 function el(tag, cls, text) {
   const e = document.createElement(tag);
@@ -299,8 +300,75 @@ async function openBrowse(offset = state.browseOffset) {
   }
 }
 
+// --- near-duplicate groups (read-only: the page never deletes a file) ------------------------------
+
+function dupParams() {
+  const p = new URLSearchParams();
+  p.set("level", $("dup-level").value.trim() || "0");
+  if ($("dup-threshold").value.trim()) p.set("threshold", $("dup-threshold").value.trim());
+  return p;
+}
+
+async function openDuplicates() {
+  showView("duplicates");
+  showError("");
+  const params = dupParams();
+  $("dup-groups").replaceChildren();
+  $("dup-more").hidden = true;
+  $("dup-csv").hidden = true;
+  $("dup-summary").textContent = "comparing every pair of rows… (about a minute for 50,000 rows)";
+  $("dup-groups").setAttribute("aria-busy", "true");
+  try {
+    const res = await api(`/api/duplicates?${params}`);
+    state.dups = { res, shown: 0 };
+    $("dup-rule").textContent = res.keep_rule;
+    const where = `at threshold ${res.threshold} (cosine, level ${res.level})`;
+    $("dup-summary").textContent = res.groups.length
+      ? `${res.groups.length.toLocaleString()} group(s) ${where}: ${res.to_remove.toLocaleString()} file(s) to ` +
+        `review among ${res.rows.toLocaleString()} rows.`
+      : `No duplicates ${where} among ${res.rows.toLocaleString()} rows; a lower threshold finds looser copies.`;
+    params.set("format", "csv");
+    $("dup-csv").href = `/api/duplicates?${params}`;
+    $("dup-csv").hidden = !res.groups.length;
+    moreGroups();
+  } catch (e) {
+    $("dup-summary").textContent = "";
+    showError(e.message);
+  } finally {
+    $("dup-groups").removeAttribute("aria-busy");
+  }
+}
+
+function moreGroups() {
+  const { res, shown } = state.dups;
+  for (const g of res.groups.slice(shown, shown + DUP_PAGE)) $("dup-groups").append(dupGroup(g));
+  state.dups.shown = Math.min(res.groups.length, shown + DUP_PAGE);
+  $("dup-more").hidden = state.dups.shown >= res.groups.length;
+}
+
+function dupGroup(g) {
+  const row = el("div", "dup-group");
+  row.dataset.group = g.group;
+  row.append(el("div", "dup-title", `group ${g.group}: ${g.size} files`));
+  const tiles = el("div", "members");
+  for (const m of g.members) {
+    const keep = m.action === "keep";
+    const tile = el("div", "member tile " + (keep ? "keep" : "remove"));
+    tile.dataset.id = m.id;
+    tile.dataset.path = m.path;
+    tile.dataset.action = m.action;
+    tile.title = `${m.path}: click for full size`;
+    tile.append(thumb(m.id, 128), el("div", "name", m.path),
+                el("div", "action", keep ? "keep" : `remove? (cosine ${m.score})`));
+    tile.addEventListener("click", () => openViewer(m.id, m.path));
+    tiles.append(tile);
+  }
+  row.append(tiles);
+  return row;
+}
+
 function showView(name) {
-  for (const v of ["search", "clusters", "browse"]) {
+  for (const v of ["search", "clusters", "browse", "duplicates"]) {
     $(`${v}-view`).hidden = name !== v;
     $(`tab-${v}`).classList.toggle("active", name === v);
   }
@@ -342,6 +410,9 @@ async function start() {
   $("tab-browse").addEventListener("click", () => openBrowse());
   $("browse-prev").addEventListener("click", () => openBrowse(Math.max(0, state.browseOffset - BROWSE_PAGE)));
   $("browse-next").addEventListener("click", () => openBrowse(state.browseOffset + BROWSE_PAGE));
+  $("tab-duplicates").addEventListener("click", openDuplicates);
+  $("dup-find").addEventListener("click", openDuplicates);
+  $("dup-more").addEventListener("click", moreGroups);
   $("viewer-close").addEventListener("click", () => $("viewer").close());
   $("viewer").addEventListener("click", (e) => { if (e.target === $("viewer")) $("viewer").close(); });
   $("viewer-search").addEventListener("click", () => { $("viewer").close(); searchId($("viewer").dataset.id); });
