@@ -10,6 +10,8 @@ import urllib.request
 
 import pytest
 
+from sjea_tools.duplicates import DEFAULT_THRESHOLD
+
 pytest.importorskip("fastapi")
 pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e .[dev])")
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -55,7 +57,7 @@ def test_duplicates_view_shows_the_kept_file_its_copies_and_opens_an_original(br
     assert shown[0]["action"] == "keep" and "keep" in shown[0]["element"].get_attribute("class")
     # the server's score as it is (6 decimals): 0.999983 is not rounded up to look identical
     assert [t["action"] for t in shown[1:]] == [f"remove? (cosine {s})" for s in scores(served["url"])[1:]]
-    assert d.find_element(By.ID, "dup-summary").text.startswith("1 group(s) at threshold 0.995")
+    assert d.find_element(By.ID, "dup-summary").text.startswith(f"1 group(s) at threshold {DEFAULT_THRESHOLD} (cosine, level 0, pixels confirmed at")
     wait(d).until(no_broken_images)
     saved_screenshot(d, screenshots / "serve-duplicates.png")
 
@@ -97,4 +99,4 @@ def test_no_duplicates_is_a_plain_message(browser, served):
     d.find_element(By.ID, "dup-threshold").send_keys("2")
     d.find_element(By.ID, "dup-find").click()
     wait(d).until(EC.visibility_of_element_located((By.ID, "error")))
-    assert d.find_element(By.ID, "error").text.startswith("threshold must be a cosine in (0, 1]")
+    assert d.find_element(By.ID, "error").text.startswith("threshold must be a number in (0, 1]")

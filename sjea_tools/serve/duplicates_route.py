@@ -101,7 +101,8 @@ def page_result(result: dict) -> dict:
                             "thumbnail": f"/api/items/{m['row']}/thumbnail",
                             "original": f"/api/items/{m['row']}/original"} for m in g["members"]]}
               for g in result["groups"]]
-    keys = ("level", "threshold", "rows", "pairs", "to_remove", "keep_rule")
+    keys = ("level", "threshold", "pixel_threshold", "rows", "candidates", "unreadable", "pairs", "to_remove",
+            "keep_rule")
     return {**{k: result[k] for k in keys}, "max_rows": MAX_DUPLICATE_ROWS, "groups": groups}
 
 

@@ -322,7 +322,8 @@ async function openDuplicates() {
     const res = await api(`/api/duplicates?${params}`);
     state.dups = { res, shown: 0 };
     $("dup-rule").textContent = res.keep_rule;
-    const where = `at threshold ${res.threshold} (cosine, level ${res.level})`;
+    const pixels = res.pixel_threshold === null ? "" : `, pixels confirmed at ${res.pixel_threshold}`;
+    const where = `at threshold ${res.threshold} (cosine, level ${res.level}${pixels})`;
     $("dup-summary").textContent = res.groups.length
       ? `${res.groups.length.toLocaleString()} group(s) ${where}: ${res.to_remove.toLocaleString()} file(s) to ` +
         `review among ${res.rows.toLocaleString()} rows.`
