@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from sjea_tools.cli import app
 from sjea_tools.duplicates import (DEFAULT_PIXEL_THRESHOLD, DEFAULT_THRESHOLD, check_threshold, connected_groups,
-                                   find_duplicates, keep_index, pair_correlations, pairs_above, standardised,
+                                   find_duplicates, keep_index, pair_correlations, pairs_above, standardised, star_groups,
                                    unit_rows)
 from sjea_tools.errors import SjeaError
 
@@ -90,6 +90,20 @@ def test_the_kept_file_has_the_most_pixels_then_bytes_then_the_first_path():
 def test_unit_rows_leave_zero_rows_zero():
     x = unit_rows(np.array([[3, 4], [0, 0]], np.float32))
     np.testing.assert_allclose(x, [[0.6, 0.8], [0, 0]], atol=1e-7)
+
+
+def test_star_groups_split_a_chain_of_look_alikes_at_the_kept_row():
+    # 0~1, 1~2, 2~3 (a chain) and 4~5~6 all pairwise; row 1 is the best to keep, then 3.
+    i, j = np.array([0, 1, 2, 4, 4, 5]), np.array([1, 2, 3, 5, 6, 6])
+    rank = {0: 5, 1: 0, 2: 4, 3: 1, 4: 2, 5: 3, 6: 6}.__getitem__
+    groups = [g.tolist() for g in star_groups(8, i, j, rank)]
+    assert groups == [[0, 1, 2], [4, 5, 6]]  # 3 pairs only with 2, which went to 1's group
+    assert [g.tolist() for g in connected_groups(8, i, j)] == [[0, 1, 2, 3], [4, 5, 6]]
+    # what is left of a component is grouped again: 2~3 without 1 in between
+    groups = [g.tolist() for g in star_groups(8, np.array([0, 2]), np.array([1, 3]), rank)]
+    assert groups == [[0, 1], [2, 3]]
+    rest = [g.tolist() for g in star_groups(8, np.array([0, 0, 2]), np.array([1, 2, 3]), {0: 0, 1: 1, 2: 2, 3: 3}.__getitem__)]
+    assert rest == [[0, 1, 2]]  # 3 is paired only with 2 and is left alone, not joined through it
 
 
 def test_standardised_rows_give_pearson_correlations_and_a_flat_row_none():
