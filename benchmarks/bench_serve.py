@@ -109,14 +109,31 @@ def rss_mb(pid: int) -> float:
 class Requests:
     """The request mix: mostly ids, every `upload_every`-th request an uploaded stored image."""
 
-    def __init__(self, n: int, root: Path, paths: list[str], upload_every: int, seed: int):
-        self.n, self.root, self.paths, self.upload_every = n, root, paths, upload_every
+    def __init__(self, n: int, root: Path, paths: list[str], upload_every: int, seed: int, camera: bytes | None = None):
+        self.n, self.root, self.paths, self.upload_every, self.camera = n, root, paths, upload_every, camera
         self.rng = random.Random(seed)
 
     def next(self, count: int) -> tuple[str, int | bytes]:
+        if self.camera is not None:
+            return "image", self.camera
         if self.upload_every and count % self.upload_every == 0:
             return "image", (self.root / self.paths[self.rng.randrange(self.n)]).read_bytes()
         return "id", self.rng.randrange(self.n)
+
+
+CAMERA_SIZE = (4032, 3024)  # a 12-megapixel phone camera's photo
+
+
+def camera_jpeg() -> bytes:
+    """A real photo (scikit-image's astronaut) at a camera's size, JPEG quality 90: what a user uploads."""
+    import io
+
+    import skimage.data
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()).resize(CAMERA_SIZE, Image.LANCZOS).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
 
 
 def cpu_s(pid: int) -> float:
@@ -144,7 +161,8 @@ def load_test(url: str, pid: int, mix: dict, clients: int, seconds: float, k: in
                 if kind == "id":
                     r = h.get("/api/search", params={"id": what, "k": k})
                 else:
-                    r = h.post("/api/search/image", files={"file": ("q.png", what, "image/png")}, data={"k": str(k)})
+                    name, kind_ = ("q.jpg", "image/jpeg") if what[:3] == b"\xff\xd8\xff" else ("q.png", "image/png")
+                    r = h.post("/api/search/image", files={"file": (name, what, kind_)}, data={"k": str(k)})
                 dt = time.perf_counter() - t
                 with lock:
                     if r.status_code == 200:
@@ -229,6 +247,12 @@ def measure(args) -> dict:
     load_before = [round(v, 2) for v in os.getloadavg()]
     try:
         served = load_test(url, proc.pid, mix, args.clients, args.seconds, args.k)
+        camera = None
+        if args.camera_seconds:
+            photo = camera_jpeg()
+            camera = load_test(url, proc.pid, {**mix, "camera": photo}, args.clients, args.camera_seconds, args.k)
+            camera.pop("rss")
+            camera["bytes"] = len(photo)
     finally:
         proc.terminate()
         proc.wait(30)
@@ -242,6 +266,7 @@ def measure(args) -> dict:
     return {"rows": n, "run": f"{args.run.name} ({'trained' if trained else 'untrained weights: latency does not depend on them'})",
             "clients": args.clients, "k": args.k, "upload_every": args.upload_every,
             "index_kinds": loaded.info()["index_kinds"], "store_build_s": round(build_s, 1), "served": served,
+            "camera": camera,
             "rss": rss_flat(rss), "library_search_store": direct, "library_loaded_store": direct_loaded,
             "load_before": load_before, "load_after": [round(v, 2) for v in os.getloadavg()],
             "cpus": os.cpu_count(), "python": platform.python_version()}
@@ -267,6 +292,9 @@ def render(res: dict, command: str, commit: str) -> str:
         "| what | concurrency | requests | per s | by id p50 / p99 ms | by upload p50 / p99 ms |",
         "|---|---|---|---|---|---|",
         row("`sjea serve` over HTTP", s, f"{res['clients']} clients"),
+        *([row(f"`sjea serve` over HTTP, every request a {CAMERA_SIZE[0]} x {CAMERA_SIZE[1]} camera JPEG "
+               f"({res['camera']['bytes'] / 2**20:.1f} MiB)", res["camera"], f"{res['clients']} clients")]
+          if res.get("camera") else []),
         row("library: `search_store` per call (opens store + indexes)", d, "1, in-process"),
         row("library: the server's loaded store, no HTTP", dl, "1, in-process"),
         "",
@@ -276,11 +304,21 @@ def render(res: dict, command: str, commit: str) -> str:
         *([f"CPU per HTTP request: server {s['cpu']['server_ms_per_request']} ms, the {res['clients']} client threads "
            f"{s['cpu']['clients_ms_per_request']} ms (server and clients a process each, on the same cores). Load average "
            f"{res['load_before']} before, {res['load_after']} after (1, 5, 15 min)."] if "cpu" in s else []),
+        *([camera_bound(res["camera"], res["cpus"])] if res.get("camera") else []),
         "",
         f"Command: `{command}`",
         f"<!-- bench_serve:data {json.dumps(res, sort_keys=True)} -->",
         END,
     ])
+
+
+def camera_bound(c: dict, cpus: int) -> str:
+    """What bounds the camera uploads, from the numbers: the server's CPU per upload (receiving,
+    draft-decoding the JPEG, resizing, embedding) on the cores it has."""
+    ms = c["cpu"]["server_ms_per_request"]
+    return (f"Camera uploads: {c['per_s']} per s, failed {c['failed']}; the server spent {ms} ms of CPU per upload "
+            f"(the clients {c['cpu']['clients_ms_per_request']} ms), so {cpus} cores bound it at about "
+            f"{cpus * 1000 / ms:.0f} per s: the decode and embedding of each upload, not the search.")
 
 
 def mix_text(upload_every: int) -> str:
@@ -305,6 +343,8 @@ def main() -> None:
     ap.add_argument("--library-seconds", type=float, default=30)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--upload-every", type=int, default=10, help="every Nth request uploads an image (0: none)")
+    ap.add_argument("--camera-seconds", type=float, default=20, help="then every request uploads a camera JPEG "
+                    "for this long (0: skip)")
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--rewrite-docs", action="store_true", help="write the block again from WORK/result.json (the "
                     "last measurement) without measuring: docs/benchmarks.md has several writers")

@@ -14,6 +14,7 @@ more), so a reported score is never an approximation.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -169,9 +170,12 @@ def search_store(store_path=None, queries=(), ids=(), k: int = 10, mode: str | N
         mode, used, wanted = resolve_request(k, mode, level, order, store.levels, probes, within, min_score,
                                              indexes.cosine)
         tree = hierarchy_tree(store, path, wanted) if mode != "per-level" else None
-        if mode != "hierarchical":
-            indexes.load(store.model_id, store.n, used, mmap=mmap)
-        labels, qv = query_vectors(store, path, ids, queries, embedder)
+        with ThreadPoolExecutor(1) as pool:  # FAISS reads its files while the queries are embedded
+            loading = pool.submit(indexes.load, store.model_id, store.n, used, mmap=mmap) \
+                if mode != "hierarchical" else None
+            labels, qv = query_vectors(store, path, ids, queries, embedder)
+            if loading is not None:
+                loading.result()
         return search_open_store(store, path, labels, qv, indexes=indexes, tree=tree,
                                  paths=store.paths, k=k, mode=mode, used=used, probes=probes, within=within,
                                  min_score=min_score, notes=[note] if note else [], row_filter=row_filter)

