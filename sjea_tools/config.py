@@ -123,6 +123,11 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between checkpoints (and at every epoch end)
     log_every: int = 10  # steps between metric rows
     max_steps: int | None = None  # stop early after this many steps (the lr schedule still spans all epochs)
+    # `sjea train --from`: levels 0..frozen_levels-1 are copied from this run folder or torchvision
+    # ResNet state_dict file (its model file's sha256 beside it) and stay fixed while the rest train.
+    from_path: str | None = None
+    from_sha256: str | None = None
+    frozen_levels: int = 0
 
 
 @dataclass
@@ -391,6 +396,11 @@ RULES: list[tuple] = [
       for name, allowed in CHOICES.items()],
     *[(name, lambda v, cfg: len(v) in (1, cfg.model.levels),
        "{name}: give one value or one per level ({levels}), not {n}.") for name in LOSS_LISTS],
+    ("train.frozen_levels", lambda v, cfg: v == 0 or cfg.train.from_path,
+     "{name}: frozen levels need a source to copy them from: sjea train --from RUN_OR_FILE."),
+    ("train.frozen_levels", lambda v, cfg: 0 <= v < cfg.model.levels,
+     "--levels {levels} leaves nothing to train above the {v} frozen level(s) of the source; pass --levels "
+     "{v_next} or more."),
     ("model.backbone", lambda v, cfg: v in BACKBONE_NAMES,
      f"unknown backbone '{{v}}' (known: {', '.join(BACKBONE_NAMES)})."),
     *[(f"model.{name}", lambda v, cfg: _sizes(v) is not None,
@@ -416,7 +426,7 @@ def validate(cfg: RunConfig) -> RunConfig:
             if not ok(v, cfg):
                 n = len(v) if hasattr(v, "__len__") else 0
                 raise SjeaError(message.format(name=setting.split("[")[0], v=v, n=n, levels=cfg.model.levels,
-                                               dense=_dense_weights(cfg)))
+                                               dense=_dense_weights(cfg), v_next=cfg.train.frozen_levels + 1))
     return cfg
 
 

@@ -28,7 +28,6 @@ from sjea_tools.data.preprocess import normalize_pixels
 from sjea_tools.data.recipe import MIN_STEPS_TO_LEARN, FolderFacts, plan_steps, resolve_recipe
 from sjea_tools.errors import SjeaError
 from sjea_tools.losses import stacked_vicreg_loss
-from sjea_tools.metrics import effective_rank, mean_std
 from sjea_tools.workers import end_with_this_process
 from sjea_tools.models import build_model
 from sjea_tools.progress import ProgressFn, report
@@ -38,8 +37,10 @@ from sjea_tools.runs import (CHECKPOINT_FILE, CONFIG_FILE, DEFAULT_RUNS_DIR, MET
                              truncate_metrics)
 from sjea_tools.spec import PreprocessSpec
 
+from .collapse import collapse_warning, level_statistics
 from .checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
 from .distributed import DistInfo, barrier, cleanup_distributed, process_device, setup_distributed
+from .frozen import frozen_state, load_frozen
 from .optim import build_optimizer, lr_factor, peak_lr, set_lr
 
 
@@ -52,10 +53,12 @@ class TwoViewObjective(nn.Module):
         self.model, self.cfg = model, cfg
 
     def forward(self, v1: torch.Tensor, v2: torch.Tensor):
+        """The loss of the levels that train, and their terms (frozen levels have no loss)."""
+        f = self.model.frozen_levels
         _, z1 = self.model.forward_train(v1)
         _, z2 = self.model.forward_train(v2)
-        return stacked_vicreg_loss(z1, z2, self.cfg.per_level("sim_coeff"), self.cfg.per_level("std_coeff"),
-                                   self.cfg.per_level("cov_coeff"), self.cfg.per_level("level_weights"))
+        return stacked_vicreg_loss(z1[f:], z2[f:], *(self.cfg.per_level(name)[f:] for name in (
+            "sim_coeff", "std_coeff", "cov_coeff", "level_weights")))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -106,35 +109,6 @@ def batch_source(data, cfg: RunConfig, batches: list[np.ndarray], device: torch.
         yield item[0] if cfg.train.augment_on_device else tuple(item)
 
 
-@torch.no_grad()
-def level_statistics(model, probe: torch.Tensor, device: torch.device, batch: int = 256) -> list[dict]:
-    """Embedding std (of L2-normalised rows) and effective rank per level on fixed images."""
-    was_training = model.training
-    model.eval()
-    zs: list[list[torch.Tensor]] = [[] for _ in range(model.num_levels)]
-    for i in range(0, len(probe), batch):
-        for k, z in enumerate(model.forward_embeddings(probe[i:i + batch].to(device))):
-            zs[k].append(z.float().cpu())
-    model.train(was_training)
-    stats = []
-    for level in zs:
-        z = torch.cat(level)
-        stats.append({"std": mean_std(z), "effective_rank": effective_rank(z), "dim": z.shape[1]})
-    return stats
-
-
-def collapse_warning(stats: list[dict], previous: list[dict] | None) -> list[int]:
-    """Levels whose embeddings look collapsed: spread far below a healthy 1/sqrt(D), or effective
-    rank fallen to under half of the last epoch's."""
-    bad = []
-    for k, s in enumerate(stats):
-        low_spread = s["std"] < 0.2 / math.sqrt(s["dim"])
-        rank_drop = previous is not None and s["effective_rank"] < 0.5 * previous[k]["effective_rank"]
-        if low_spread or rank_drop:
-            bad.append(k)
-    return bad
-
-
 @dataclass
 class Training:
     """What one process trains with, built once by `build_training`."""
@@ -153,12 +127,17 @@ class Training:
     stop_step: int  # where training stops: total_steps, or train.max_steps when that is earlier
 
 
-def build_training(cfg: RunConfig, info: DistInfo, device: torch.device, steps_per_epoch: int) -> Training:
-    """The model, its (DDP-wrapped) objective, optimiser, precision and schedule for this process."""
+def build_training(cfg: RunConfig, info: DistInfo, device: torch.device, steps_per_epoch: int,
+                   frozen: dict | None = None) -> Training:
+    """The model (with `frozen`, the frozen levels' weights, copied in), its (DDP-wrapped)
+    objective, optimiser (of the levels that train), precision and schedule for this process."""
     total_steps = math.ceil(cfg.train.epochs * steps_per_epoch)  # the lr schedule spans all epochs
     # max_steps stops early without shortening the schedule (a quick look at the start of a real run).
     stop_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
     model = build_model(cfg).to(device)
+    if frozen is not None:
+        load_frozen(model, frozen)
+    model.freeze(cfg.train.frozen_levels)  # before DDP, which registers only parameters that train
     if cfg.train.channels_last:  # faster on CPU too (oneDNN): benchmarks/bench_step.py
         model = model.to(memory_format=torch.channels_last)
     objective: nn.Module = TwoViewObjective(model, cfg)
@@ -171,7 +150,7 @@ def build_training(cfg: RunConfig, info: DistInfo, device: torch.device, steps_p
     global_batch = cfg.train.batch_size * info.world_size
     amp_dtype = autocast_dtype(cfg.train.precision, device)
     return Training(cfg, info, device, model, torch.compile(objective) if cfg.train.compile else objective,
-                    build_optimizer(model.parameters(), cfg.optim, global_batch),
+                    build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim, global_batch),
                     torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None, amp_dtype,
                     peak_lr(cfg.optim, global_batch), round(cfg.optim.warmup_epochs * steps_per_epoch), total_steps,
                     stop_step)
@@ -258,8 +237,11 @@ def step_row(t: Training, step: int, steps_per_epoch: int, loss: torch.Tensor, t
                         "reload the same settings).", exit_code=1)
     return {"kind": "step", "step": step, "epoch": step / steps_per_epoch, "lr": t.optimizer.param_groups[0]["lr"],
             "images_per_s": images_per_s, "loss": loss_value,
-            "levels": [{name: float(value.detach()) for name, value in
-                        zip(("loss", "invariance", "variance", "covariance"), level)} for level in terms]}
+            "levels": [dict.fromkeys(TERMS) | {"frozen": True} for _ in range(t.model.frozen_levels)] + [
+                {name: float(value.detach()) for name, value in zip(TERMS, level)} for level in terms]}
+
+
+TERMS = ("loss", "invariance", "variance", "covariance")  # a frozen level's are null: never computed
 
 
 class CollapseMonitor:
@@ -382,6 +364,7 @@ def _train(cfg, state, out_dir, resume, overwrite, runs_dir: Path, info: DistInf
     torch.manual_seed(cfg.train.seed)
     # Data problems are found before anything is written, so a failed start leaves no run folder.
     cfg, data, steps_per_epoch, skipped = load_training_data(cfg, info, progress if info.is_main else None)
+    frozen = frozen_state(cfg) if cfg.train.frozen_levels and not resume else None  # resume: the checkpoint has them
     if resume:
         run_dir = Path(out_dir)
     else:
@@ -394,7 +377,7 @@ def _train(cfg, state, out_dir, resume, overwrite, runs_dir: Path, info: DistInf
             json.dumps({"path": p, "reason": r}) + "\n" for p, r in sorted(skipped.items())))
     try:
         barrier(info)
-        t = build_training(cfg, info, device, steps_per_epoch)
+        t = build_training(cfg, info, device, steps_per_epoch, frozen)
         start_step = 0
         if state is not None:
             start_step = restore_checkpoint(state, model=t.model, optimizer=t.optimizer, scaler=t.scaler)
@@ -452,7 +435,7 @@ def describe(cfg: RunConfig, facts: FolderFacts | None = None, images: int | Non
     counts = model.parameter_counts()
     out = {"config": cfg.to_dict(), "levels": [
         {"level": k, "encoder": c["encoder"], "projector": c["projector"], "representation_dim": model.level_dims[k],
-         "embedding_dim": model.embedding_dims[k]} for k, c in enumerate(counts)],
+         "embedding_dim": model.embedding_dims[k], "frozen": k < cfg.train.frozen_levels} for k, c in enumerate(counts)],
         "total_parameters": sum(c["encoder"] + c["projector"] for c in counts)}
     if facts is not None:
         out["data"] = {"files": facts.count, "colour_mode": facts.colour_mode,

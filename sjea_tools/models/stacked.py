@@ -2,9 +2,12 @@
 
 `forward_levels(images)` gives the representations Y[0..N-1] in one pass (what users embed);
 `forward_train(images)` also gives the embeddings Z[0..N-1] that the VICReg losses compare.
+`freeze(n)` fixes levels 0..n-1 (sjea train --from): they run forward only, in eval mode.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -43,6 +46,23 @@ class StackedModel(nn.Module, ReadsPreprocessSpec):
         self.projectors = nn.ModuleList(projectors)
         self.level_dims: list[int] = dims
         self.embedding_dims: list[int] = [p[-1].out_features for p in projectors]
+        self.frozen_levels = 0
+
+    def freeze(self, levels: int) -> None:
+        """Fix levels 0..levels-1: no gradients (so no optimiser state), BatchNorm statistics kept
+        (eval mode, whatever train() asks), forward under no_grad, and no Z (no loss) in training."""
+        self.frozen_levels = levels
+        for k in range(levels):
+            self.encoders[k].requires_grad_(False)
+            self.projectors[k].requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for k in range(self.frozen_levels):
+            self.encoders[k].eval()
+            self.projectors[k].eval()
+        return self
 
     @property
     def num_levels(self) -> int:
@@ -63,10 +83,12 @@ class StackedModel(nn.Module, ReadsPreprocessSpec):
         for k in range(upto):
             if k > 0 and self.cfg.model.stop_gradient:
                 x = x.detach()
-            y = self.encoders[k](x)
+            frozen = k < self.frozen_levels
+            with torch.no_grad() if frozen else contextlib.nullcontext():
+                y = self.encoders[k](x)
+                need_z = (self.training and not frozen) or use_embedding or k == upto - 1
+                z = self.projectors[k](y) if need_z else None
             ys.append(y)
-            need_z = self.training or use_embedding or k == upto - 1
-            z = self.projectors[k](y) if need_z else None
             zs.append(z)
             x = z if use_embedding else y
         return ys, zs

@@ -1,0 +1,209 @@
+"""`sjea train --from`: higher levels trained on a frozen run or a torchvision ResNet file, on real
+Fashion-MNIST; the new run works with embed, export and eval; bad sources are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from typer.testing import CliRunner
+
+from conftest import make_run, write_fmnist_folder
+from sjea_tools.cli import app
+from sjea_tools.io import sha256_file
+
+# Small but real: 256 Fashion-MNIST images, batches of 32, a handful of steps.
+SMALL = ["--limit", "256", "--batch-size", "32", "--workers", "0", "--quiet", "--set", "train.log_every=1"]
+
+
+def run_cli(args, cwd):
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(app, [str(a) for a in args])
+    finally:
+        os.chdir(old)
+
+
+def one_line_error(result, *needles) -> str:
+    assert result.exit_code != 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def model_state(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "model.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def level_keys(state: dict, k: int) -> list[str]:
+    return [key for key in state if key.startswith((f"encoders.{k}.", f"projectors.{k}."))]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 1-level source run and a 2-level run trained on it with --from (through the CLI)."""
+    base = tmp_path_factory.mktemp("from")
+    source = make_run(base / "runs" / "src", levels=1)
+    result = run_cli(["train", *SMALL, "--max-steps", "3", "--from", source, "--out", "runs/new"], base)
+    assert result.exit_code == 0, result.output
+    return base, source, base / "runs" / "new"
+
+
+def test_frozen_level_is_bit_identical_and_config_records_the_source(trained):
+    base, source, new = trained
+    before, after = model_state(source), model_state(new)
+    keys = level_keys(before, 0)
+    assert any("running_mean" in k for k in keys) and any("num_batches_tracked" in k for k in keys)
+    assert all(torch.equal(before[k], after[k]) for k in keys)  # weights and BatchNorm buffers
+    assert level_keys(after, 1)  # the new run's model holds every level
+    saved = json.loads((new / "config.json").read_text())["train"]
+    assert saved["from_path"] == str(source.resolve()) and saved["frozen_levels"] == 1
+    assert saved["from_sha256"] == sha256_file(source / "model.pt")
+    assert json.loads((new / "config.json").read_text())["model"]["levels"] == 2  # one level added
+
+
+def test_metrics_say_the_frozen_level_has_no_loss(trained):
+    _, _, new = trained
+    steps = [r for r in map(json.loads, (new / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        assert r["levels"][0] == {"frozen": True, "loss": None, "invariance": None, "variance": None,
+                                  "covariance": None}
+        assert math.isfinite(r["levels"][1]["loss"]) and r["loss"] == r["levels"][1]["loss"]
+
+
+def test_new_run_embeds_with_the_source_level0_vectors_and_exports_and_evals(trained, fmnist_test):
+    from sjea_tools.store import open_store
+
+    base, source, new = trained
+    folder = write_fmnist_folder(base / "imgs", fmnist_test, 24)
+    stores = {}
+    for name, run in (("src", source), ("new", new)):
+        out = base / f"{name}.h5"
+        result = run_cli(["embed", folder, out, "--run", run, "--backend", "torch", "--workers", "0", "--no-index"],
+                         base)
+        assert result.exit_code == 0, result.output
+        with open_store(out) as s:
+            stores[name] = (s.paths, s.read_embeddings(0), s.levels)
+    assert stores["new"][2] == [0, 1] and stores["src"][0] == stores["new"][0]
+    np.testing.assert_allclose(stores["new"][1], stores["src"][1], rtol=0, atol=1e-6)  # CPU float math
+    exported = run_cli(["export", "--run", new, "--level", "all", "--json", "--quiet"], base)
+    assert exported.exit_code == 0, exported.output
+    evaluated = run_cli(["eval", "--run", new, "--max-train", "200", "--max-test", "80", "--probe-epochs", "1",
+                         "--quiet"], base)
+    assert evaluated.exit_code == 0, evaluated.output
+    assert [row["level"] for row in json.loads((new / "eval.json").read_text())["levels"]] == [0, 1]
+
+
+def build(cfg):
+    from sjea_tools.trainers.distributed import DistInfo
+    from sjea_tools.trainers.frozen import frozen_state
+    from sjea_tools.trainers.trainer import build_training
+
+    return build_training(cfg, DistInfo(), torch.device("cpu"), steps_per_epoch=10, frozen=frozen_state(cfg))
+
+
+def test_two_level_source_trains_level_2_only_and_frozen_state_never_moves(tmp_path, fmnist_test):
+    from sjea_tools.config import resolve_config
+    from sjea_tools.data.preprocess import normalize_pixels
+    from sjea_tools.trainers.frozen import apply_source
+    from sjea_tools.trainers.trainer import train_step
+
+    source = make_run(tmp_path / "src", levels=2)
+    cfg = apply_source(resolve_config("tiny", overrides={"model.levels": 3, "train.batch_size": 16}), source,
+                       {"model.levels"})
+    assert (cfg.model.levels, cfg.train.frozen_levels) == (3, 2)
+    t = build(cfg)
+    trainable = {id(p) for k in (2,) for m in (t.model.encoders[k], t.model.projectors[k]) for p in m.parameters()}
+    in_optimizer = {id(p) for group in t.optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == trainable  # no frozen parameter, every level-2 one
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.model.train()
+    assert not any(t.model.encoders[k].training or t.model.projectors[k].training for k in (0, 1))
+    x = normalize_pixels(torch.from_numpy(fmnist_test.pixels[:16]), cfg.mean, cfg.std)
+    for step in range(2):
+        train_step(t, x, x.flip(-1), step)
+    after = t.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in level_keys(before, 0) + level_keys(before, 1))
+    assert not all(torch.equal(before[k], after[k]) for k in level_keys(before, 2))
+    assert not any(p.requires_grad for k in (0, 1) for p in t.model.encoders[k].parameters())
+
+
+def test_torchvision_checkpoint_fills_level_0(tmp_path):
+    torch.manual_seed(0)
+    file = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), file)
+    result = run_cli(["train", *SMALL, "--max-steps", "2", "--from", file, "--backbone", "resnet18",
+                      "--out", "runs/tv"], tmp_path)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "tv"
+    state, saved = model_state(run), torch.load(file, weights_only=True)
+    copied = {k: v for k, v in saved.items() if not k.startswith("fc.")}
+    assert all(torch.equal(state["encoders.0.net." + k], v) for k, v in copied.items())
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["stem"] == "standard" and cfg["train"]["frozen_levels"] == 1
+    assert cfg["train"]["from_sha256"] == sha256_file(file)
+
+
+def test_checkpoint_architecture_is_read_from_the_file_and_a_wrong_one_refused(tmp_path):
+    from sjea_tools.config import resolve_config
+    from sjea_tools.trainers.frozen import apply_source
+
+    file = tmp_path / "r34.pt"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), file)
+    assert apply_source(resolve_config("tiny"), file).model.backbone == "resnet34"  # tiny's convnet replaced
+    result = run_cli(["train", *SMALL, "--from", file, "--backbone", "resnet18", "--out", "runs/x"], tmp_path)
+    one_line_error(result, "resnet18", "--backbone resnet34")
+    assert not (tmp_path / "runs" / "x").exists()
+    other = tmp_path / "linear.pt"
+    torch.save(torch.nn.Linear(3, 2).state_dict(), other)
+    one_line_error(run_cli(["train", *SMALL, "--from", other, "--backbone", "resnet18"], tmp_path), "resnet18")
+
+
+def test_dry_run_shows_the_source(tmp_path):
+    source = make_run(tmp_path / "src", levels=1)
+    result = run_cli(["train", "--from", source, "--limit", "64", "--batch-size", "16", "--dry-run", "--json"],
+                     tmp_path)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["config"]["train"]["from_path"] == str(source.resolve())
+    assert [lv["frozen"] for lv in summary["levels"]] == [True, False]
+    assert not (tmp_path / "runs").exists()
+
+
+def bad_sources(tmp_path: Path) -> dict[str, tuple[list, tuple]]:
+    not_run = tmp_path / "notrun"
+    not_run.mkdir()
+    (not_run / "notes.txt").write_text("hi")
+    corrupt = tmp_path / "broken.pt"
+    corrupt.write_bytes(b"not a torch file at all")
+    two = make_run(tmp_path / "two", levels=2)
+    src = make_run(tmp_path / "one", levels=1)
+    return {
+        "missing": (["--from", tmp_path / "nope"], ("does not exist",)),
+        "not a run": (["--from", not_run], ("run folder",)),
+        "nothing to train": (["--from", two, "--levels", "2"], ("nothing to train", "--levels 3")),
+        "corrupt": (["--from", corrupt], ("broken.pt", "torch.save")),
+        "other suffix": (["--from", not_run / "notes.txt"], ("neither a run folder",)),
+        "image size": (["--from", src, "--image-size", "32"], ("--image-size 32", "28")),
+        "backbone": (["--from", src, "--backbone", "resnet18"], ("--backbone resnet18", "convnet-32")),
+    }
+
+
+def test_bad_sources_are_one_line_errors_that_leave_nothing(tmp_path):
+    for name, (args, needles) in bad_sources(tmp_path).items():
+        result = run_cli(["train", *SMALL, *args, "--out", "runs/x"], tmp_path)
+        one_line_error(result, *needles)
+        assert not (tmp_path / "runs" / "x").exists(), name
+    resumed = run_cli(["train", "--resume", tmp_path / "one", "--from", tmp_path / "one"], tmp_path)
+    one_line_error(resumed, "--from")
