@@ -8,6 +8,7 @@ statistics from training images) and the raw / centred pixel rows, under the sam
 
     python benchmarks/recipe_search.py trial NAME [--set section.key=value ...] [--probe]
     python benchmarks/recipe_search.py curve NAME --epochs E --at 1,2,4 [--set ...]   # k-NN during one schedule
+    python benchmarks/recipe_search.py level1 NAME --from RUN [--seed S] [--set ...]   # level 1 on RUN's frozen level 0
     python benchmarks/recipe_search.py floors                # pixel rows (once)
     python benchmarks/recipe_search.py report                # rewrite docs/recipe_search.md
 
@@ -151,6 +152,43 @@ def run_trial(name: str, sets: list[str], with_probe: bool) -> dict:
            "probe": probe(tr, te) if with_probe else None}
     random_init_floor(cfg, with_probe)
     _append(row)
+    return row
+
+
+def run_level1(name: str, source: Path, sets: list[str], seed: int) -> dict:
+    """Level 1 trained on the frozen levels of `source` (`sjea train --from`), with the trainer's own
+    `train()`; both levels scored with the full k-NN protocol. The source's level 0 is VICReg on the
+    same encoder, the floor level 1 has to reach."""
+    import torch
+
+    from sjea_tools.config import resolve_config
+    from sjea_tools.evaluation import extract_features
+    from sjea_tools.runs import load_model
+    from sjea_tools.trainers.frozen import apply_source
+    from sjea_tools.trainers.trainer import train
+
+    overrides = {"model.levels": "2", "train.seed": str(seed), **dict(s.split("=", 1) for s in sets)}
+    cfg = resolve_config("tiny", overrides={"train.device": "cpu", **overrides})
+    cfg = apply_source(cfg, source, set(overrides))
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        t0 = time.perf_counter()
+        train(cfg, out_dir=run_dir, runs_dir=Path(tmp))
+        wall = time.perf_counter() - t0
+        load_after = os.getloadavg()
+        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        steps = max(r["step"] for r in metrics if r["kind"] == "step")
+        model = load_model(run_dir)
+    train_split, test_split = splits()
+    tr, te = extract_features(model, train_split, [0, 1]), extract_features(model, test_split, [0, 1])
+    row = {"kind": "level1", "name": name, "source": str(source), "seed": seed, "sets": overrides,
+           "config": cfg.to_dict(), "wall_s": round(wall, 1), "steps": steps,
+           "load_before": [round(v, 2) for v in load_before], "load_after": [round(v, 2) for v in load_after],
+           "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M"), "code": _code_version(),
+           "level0": knn_pair(tr[0], te[0]), "level1": knn_pair(tr[1], te[1])}
+    _append(row)
+    print(json.dumps({k: row[k] for k in ("name", "seed", "wall_s", "level0", "level1")}), flush=True)
     return row
 
 
@@ -331,9 +369,45 @@ def report() -> str:
                      + (", ".join(f"{r['name']} ({r['knn'] - floors[r['arch']]['knn']:+.2f})" for r in above) or "none")
                      + ".")
         lines.append("")
+    lines += level1_section([r for r in rows if r.get("kind") == "level1"], pixels)
     text = "\n".join(lines)
     DOC.write_text(text)
     return text
+
+
+def level1_section(rows: list[dict], pixels: dict | None) -> list[str]:
+    """Level 1 trained on a frozen level 0 (`level1`): every run, then each variant over its seeds."""
+    if not rows:
+        return []
+    import statistics
+
+    lines = ["## Level 1 on a frozen level 0 (`level1`: `sjea train --from RUN`)", "",
+             "The source run's level 0 stays frozen (forward only, its weights bit-identical), so its k-NN is "
+             "VICReg on the same encoder: the number level 1 has to reach. Level 1 trains alone, with the "
+             "settings listed (the rest are the `tiny` defaults). k-NN as above, on the full splits.", "",
+             "| variant | seed | settings | steps | wall s | load 1-min before/after | L0 k-NN | L0 centred | "
+             "L1 k-NN | L1 centred | L1 - L0 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sets = ", ".join(f"{k}={v}" for k, v in r["sets"].items() if k not in ("model.levels", "train.seed")) or "defaults"
+        l0, l1 = r["level0"], r["level1"]
+        lines.append(f"| {r['name']} | {r['seed']} | {sets} | {r['steps']} | {r['wall_s']:.0f} | "
+                     f"{r['load_before'][0]}/{r['load_after'][0]} | {l0['knn']:.2f} | {l0['knn_centred']:.2f} | "
+                     f"{l1['knn']:.2f} | {l1['knn_centred']:.2f} | {l1['knn'] - l0['knn']:+.2f} |")
+    by_name: dict[str, list[dict]] = {}
+    for r in rows:
+        by_name.setdefault(r["name"], []).append(r)
+    lines += ["", "| variant | seeds | L1 k-NN mean | min - max | L1 centred mean | frozen L0 k-NN |",
+              "|---|---|---|---|---|---|"]
+    for name, rs in by_name.items():
+        knn = [r["level1"]["knn"] for r in rs]
+        lines.append(f"| {name} | {len(rs)} | {statistics.mean(knn):.2f} | {min(knn):.2f} - {max(knn):.2f} | "
+                     f"{statistics.mean(r['level1']['knn_centred'] for r in rs):.2f} | {rs[0]['level0']['knn']:.2f} |")
+    if pixels:
+        floor = pixels["centred pixels"]["knn"]
+        above = [n for n, rs in by_name.items() if min(r["level1"]["knn"] for r in rs) > floor]
+        lines += ["", f"Variants whose level-1 k-NN beats centred pixels ({floor:.2f}) on every seed: "
+                  + (", ".join(above) or "none") + "."]
+    return lines + [""]
 
 
 def main() -> None:
@@ -351,6 +425,11 @@ def main() -> None:
     c.add_argument("--epochs", type=float, required=True, help="length of the schedule, in epochs of 60,000")
     c.add_argument("--at", default="1,2,4", help="epochs at which to score, comma-separated")
     c.add_argument("--threads", type=int, default=None)
+    lv = sub.add_parser("level1")
+    lv.add_argument("name")
+    lv.add_argument("--from", dest="source", type=Path, required=True, help="a run whose levels stay frozen")
+    lv.add_argument("--seed", type=int, default=0)
+    lv.add_argument("--set", dest="sets", action="append", default=[])
     sub.add_parser("floors")
     sub.add_parser("report")
     args = parser.parse_args()
@@ -363,6 +442,8 @@ def main() -> None:
     elif args.cmd == "trial":
         row = run_trial(args.name, args.sets, args.probe)
         print(json.dumps({k: row[k] for k in ("name", "wall_s", "steps", "knn", "knn_centred", "probe", "load_after")}))
+    elif args.cmd == "level1":
+        run_level1(args.name, args.source, args.sets, args.seed)
     elif args.cmd == "floors":
         print(json.dumps(pixel_floors()))
     else:

@@ -181,6 +181,20 @@ def test_dry_run_shows_the_source(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_one_level_source_leaves_the_higher_level_settings_to_the_new_level(tmp_path):
+    # encoder width and input only shape levels 1 and up: free above a 1-level source, fixed above a 2-level one
+    source = make_run(tmp_path / "src", levels=1)
+    asked = ["--set", "model.mlp_dims=64-64", "--level-input", "embedding"]
+    result = run_cli(["train", "--from", source, *asked, "--limit", "64", "--batch-size", "16", "--dry-run",
+                      "--json"], tmp_path)
+    assert result.exit_code == 0, result.output
+    model = json.loads(result.stdout)["config"]["model"]
+    assert model["mlp_dims"] == "64-64" and model["level_input"] == "embedding"
+    two = make_run(tmp_path / "two", levels=2)
+    one_line_error(run_cli(["train", "--from", two, "--levels", "3", *asked, "--dry-run"], tmp_path),
+                   "the frozen levels keep theirs")
+
+
 def bad_sources(tmp_path: Path) -> dict[str, tuple[list, tuple]]:
     not_run = tmp_path / "notrun"
     not_run.mkdir()

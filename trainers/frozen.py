@@ -23,6 +23,8 @@ from sjea_tools.runs import load_model, model_id, safe_torch_load
 
 # Architecture settings the frozen levels were built with: the new run takes them from a source run.
 MODEL_KEYS = ("backbone", "encoder", "mlp_dims", "level_input", "projector", "projector_last_bias")
+# Settings that only shape levels 1 and up: a one-level source leaves them to the new levels.
+HIGHER_LEVEL_KEYS = ("encoder", "mlp_dims", "level_input")
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
 LEVEL0_PREFIX = "encoders.0.net."  # where a torchvision ResNet's weights sit in the stacked model
 
@@ -63,7 +65,8 @@ def _from_run(cfg: RunConfig, run_dir: Path, explicit: set[str]) -> RunConfig:
         if f"data.{key}" in explicit and getattr(cfg.data, key) is not None:
             _refuse_conflict(f"data.{key}", getattr(cfg.data, key), value, "the source run")
     data = dataclasses.replace(cfg.data, **source_data)
-    source_model = {key: getattr(src.model, key) for key in MODEL_KEYS}
+    source_model = {key: getattr(src.model, key) for key in MODEL_KEYS
+                    if src.model.levels > 1 or key not in HIGHER_LEVEL_KEYS}
     source_model["stem"] = resolve_stem(src)
     for key, value in source_model.items():
         if f"model.{key}" in explicit:
