@@ -369,13 +369,14 @@ def report() -> str:
                      + (", ".join(f"{r['name']} ({r['knn'] - floors[r['arch']]['knn']:+.2f})" for r in above) or "none")
                      + ".")
         lines.append("")
-    lines += level1_section([r for r in rows if r.get("kind") == "level1"], pixels)
+    vicreg = [r["knn"] for r in trials if r["name"].startswith("default-seed")]
+    lines += level1_section([r for r in rows if r.get("kind") == "level1"], pixels, vicreg)
     text = "\n".join(lines)
     DOC.write_text(text)
     return text
 
 
-def level1_section(rows: list[dict], pixels: dict | None) -> list[str]:
+def level1_section(rows: list[dict], pixels: dict | None, vicreg: list[float]) -> list[str]:
     """Level 1 trained on a frozen level 0 (`level1`): every run, then each variant over its seeds."""
     if not rows:
         return []
@@ -407,6 +408,12 @@ def level1_section(rows: list[dict], pixels: dict | None) -> list[str]:
         above = [n for n, rs in by_name.items() if min(r["level1"]["knn"] for r in rs) > floor]
         lines += ["", f"Variants whose level-1 k-NN beats centred pixels ({floor:.2f}) on every seed: "
                   + (", ".join(above) or "none") + "."]
+    if vicreg:
+        low = min(vicreg)
+        lines += [f"VICReg on this encoder (level 0 of the default recipe, trials default-seed*): {low:.2f} - "
+                  f"{max(vicreg):.2f} over {len(vicreg)} seeds. Variants whose level-1 k-NN reaches that range on "
+                  "every seed: " + (", ".join(n for n, rs in by_name.items()
+                                              if min(r["level1"]["knn"] for r in rs) >= low) or "none") + "."]
     return lines + [""]
 
 
