@@ -19,7 +19,8 @@ LAYERS = {
     "sjea_tools": 0, "sjea_tools.errors": 0, "sjea_tools.io": 0, "sjea_tools.progress": 0,
     "sjea_tools.levels": 0, "sjea_tools.spec": 0, "sjea_tools.devices": 0, "sjea_tools.vectors": 0,
     "sjea_tools.metrics": 0, "sjea_tools.losses": 0, "sjea_tools.config": 0,
-    "sjea_tools.baselines": 0,  # pixel floors; the evaluation passes its k-NN and probe in
+    "sjea_tools.baselines": 0,
+    "sjea_tools.onnx_proto": 0,  # the ONNX wire format and the content check, for exports and models  # pixel floors; the evaluation passes its k-NN and probe in
     # 1: models, data, run folders
     "sjea_tools.models": 1, "sjea_tools.data": 1, "sjea_tools.runs": 1,
     # 2: training and export, built on the model
