@@ -11,7 +11,11 @@ requested level. The batch axis is dynamic. Lower levels are computed once and s
 Exporter: torch.onnx's torch.export-based (dynamo) exporter, the default and maintained one in
 torch >= 2.9. It implements opset 18 and newer; opset 17 (for runtimes older than ONNX Runtime
 1.14) uses the TorchScript exporter, because the dynamo exporter's down-conversion to 17 fails on
-ResNet graphs and silently keeps 18. Either way the opset written in the file is checked.
+ResNet graphs and silently keeps 18. A model whose level 0 is a frozen ONNX graph (sjea train --from
+FILE.onnx, converted by onnx2torch) is exported with the TorchScript exporter at any opset:
+onnx2torch's modules branch on the values of their shape tensors, which torch.export cannot trace,
+and export themselves as the ONNX nodes they came from under TorchScript. Either way the opset
+written in the file is checked.
 """
 
 from __future__ import annotations
@@ -118,14 +122,16 @@ def _example_input(model, with_preprocessing: bool, batch: int = 4) -> torch.Ten
     return torch.randn(batch, 3, s, s)
 
 
-def _export_proto(graph: LevelsGraph, example: torch.Tensor, input_name: str, names: list[str], opset: int):
-    """torch.onnx.export -> onnx.ModelProto with a dynamic batch axis, quietly (no stdout noise)."""
+def _export_proto(graph: LevelsGraph, example: torch.Tensor, input_name: str, names: list[str], opset: int,
+                  torchscript: bool = False):
+    """torch.onnx.export -> onnx.ModelProto with a dynamic batch axis, quietly (no stdout noise);
+    `torchscript`: the TorchScript exporter whatever the opset."""
     import onnx
 
     sink = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
         warnings.simplefilter("ignore")
-        if opset >= DEFAULT_OPSET:
+        if opset >= DEFAULT_OPSET and not torchscript:
             batch = torch.export.Dim("batch", min=1, max=1 << 20)
             program = torch.onnx.export(graph, (example,), None, dynamo=True, opset_version=opset,
                                         input_names=[input_name], output_names=names,
@@ -201,7 +207,7 @@ def build_onnx(model, levels, output: str = "representation", with_preprocessing
     input_name = "pixels" if with_preprocessing else "images"
     with torch.no_grad():
         proto = _export_proto(graph, _example_input(model, with_preprocessing), input_name,
-                              output_names(levels), opset)
+                              output_names(levels), opset, torchscript=getattr(model, "onnx_level0", False))
     set_metadata(proto, build_metadata(model, levels, output, with_preprocessing, fp16, opset,
                                        single_level=len(levels) == 1 if single_level is None else single_level))
     return proto

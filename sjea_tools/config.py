@@ -36,6 +36,9 @@ RESNET_NAMES = ("resnet18", "resnet34", "resnet50")
 # Small plain CNNs for small images on CPU, convnet-W[-D]: stage widths W..8W, D convs per stage.
 CONVNET_NAMES = tuple(f"convnet-{w}" + (f"-{d}" if d > 1 else "") for w in (16, 32, 48, 64) for d in (1, 2))
 BACKBONE_NAMES = RESNET_NAMES + CONVNET_NAMES
+# Level 0 as a frozen ONNX graph (sjea train --from FILE.onnx): not in the registry, since the module
+# is built from the graph's bytes, which the run's model file holds (models/onnx_level.py).
+ONNX_BACKBONE = "onnx"
 
 
 @dataclass
@@ -49,6 +52,7 @@ class ModelConfig:
     projector: str = "512-512-256"  # hidden and output sizes of every level's projector
     projector_last_bias: bool = True  # the authors' projector has one; official VICReg has none
     stop_gradient: bool = False  # detach a level's input from the level below
+    level0_dim: int | None = None  # backbone "onnx" only: the size of the frozen graph's output, read from it
 
 
 @dataclass
@@ -123,10 +127,12 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between checkpoints (and at every epoch end)
     log_every: int = 10  # steps between metric rows
     max_steps: int | None = None  # stop early after this many steps (the lr schedule still spans all epochs)
-    # `sjea train --from`: levels 0..frozen_levels-1 are copied from this run folder or torchvision
-    # ResNet state_dict file (its model file's sha256 beside it) and stay fixed while the rest train.
+    # `sjea train --from`: levels 0..frozen_levels-1 are copied from this run folder, torchvision
+    # ResNet state_dict file or ONNX file (its model file's sha256 beside it) and stay fixed while the
+    # rest train. from_output: the ONNX output taken as level 0 (an sjea export's top level by default).
     from_path: str | None = None
     from_sha256: str | None = None
+    from_output: str | None = None
     frozen_levels: int = 0
 
 
@@ -401,8 +407,10 @@ RULES: list[tuple] = [
     ("train.frozen_levels", lambda v, cfg: 0 <= v < cfg.model.levels,
      "--levels {levels} leaves nothing to train above the {v} frozen level(s) of the source; pass --levels "
      "{v_next} or more."),
-    ("model.backbone", lambda v, cfg: v in BACKBONE_NAMES,
-     f"unknown backbone '{{v}}' (known: {', '.join(BACKBONE_NAMES)})."),
+    ("model.backbone", lambda v, cfg: v in BACKBONE_NAMES or (v == ONNX_BACKBONE and cfg.train.frozen_levels >= 1),
+     f"unknown backbone '{{v}}' (known: {', '.join(BACKBONE_NAMES)}; an ONNX level 0 comes from --from FILE.onnx)."),
+    ("model.level0_dim", lambda v, cfg: (v is None) == (cfg.model.backbone != ONNX_BACKBONE) and (v is None or v >= 1),
+     "{name}: the output size of a frozen ONNX level 0, set (only) by sjea train --from FILE.onnx (got {v})."),
     *[(f"model.{name}", lambda v, cfg: _sizes(v) is not None,
        "{name}: '{v}' must be sizes joined by '-', e.g. 512-512-256.") for name in ("projector", "mlp_dims")],
 ]

@@ -1,7 +1,8 @@
 """`sjea train --from SOURCE`: higher levels trained on a frozen stack.
 
 SOURCE is a run folder (all of its levels are frozen; the new run keeps their architecture and
-preprocessing) or a torchvision ResNet state_dict file (level 0 frozen). `apply_source` settles
+preprocessing), a torchvision ResNet state_dict file (level 0 frozen) or an ONNX image encoder
+(level 0 frozen: onnx_source.py). `apply_source` settles
 the configuration before anything is written and records the source with its sha256; the
 trainer calls `frozen_state` to copy the weights into a new run's model, which then holds every
 level, so embed, export and eval use it like any other run.
@@ -22,10 +23,12 @@ from sjea_tools.models.stacked import resolve_stem
 from sjea_tools.runs import load_model, model_id, safe_torch_load
 
 # Architecture settings the frozen levels were built with: the new run takes them from a source run.
-MODEL_KEYS = ("backbone", "encoder", "mlp_dims", "level_input", "projector", "projector_last_bias")
+MODEL_KEYS = ("backbone", "level0_dim", "encoder", "mlp_dims", "level_input", "projector",
+              "projector_last_bias")
 # Settings that only shape levels 1 and up: a one-level source leaves them to the new levels.
 HIGHER_LEVEL_KEYS = ("encoder", "mlp_dims", "level_input")
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
+ONNX_SUFFIX = ".onnx"
 LEVEL0_PREFIX = "encoders.0.net."  # where a torchvision ResNet's weights sit in the stacked model
 
 
@@ -36,10 +39,15 @@ def apply_source(cfg: RunConfig, source: str | Path, explicit: set[str] = frozen
     if path.is_dir():
         return _from_run(cfg, path, explicit)
     if not path.exists():
-        raise SjeaError(f"--from {path} does not exist; pass a run folder from 'sjea train' or a torchvision "
-                        "ResNet state_dict file (.pt/.pth).")
+        raise SjeaError(f"--from {path} does not exist; pass a run folder from 'sjea train', a torchvision "
+                        "ResNet state_dict file (.pt/.pth) or an ONNX image encoder (.onnx).")
+    if path.suffix.lower() == ONNX_SUFFIX:
+        from .onnx_source import onnx_source
+
+        return validate(onnx_source(cfg, path, explicit, _refuse_conflict, _levels))
     if path.suffix not in CHECKPOINT_SUFFIXES:
-        raise SjeaError(f"--from {path} is neither a run folder nor a .pt/.pth state_dict file; pass one of those.")
+        raise SjeaError(f"--from {path} is neither a run folder, a .pt/.pth state_dict file nor an .onnx file; pass "
+                        "one of those.")
     return _from_checkpoint(cfg, path, explicit)
 
 
@@ -75,7 +83,7 @@ def _from_run(cfg: RunConfig, run_dir: Path, explicit: set[str]) -> RunConfig:
     frozen = src.model.levels
     m = dataclasses.replace(cfg.model, **source_model, levels=_levels(cfg, frozen, explicit))
     train = dataclasses.replace(cfg.train, from_path=str(run_dir.resolve()), from_sha256=model_id(model),
-                                frozen_levels=frozen)
+                                frozen_levels=frozen, from_output=src.train.from_output)  # an ONNX level 0's
     return validate(dataclasses.replace(cfg, model=m, data=data, train=train))
 
 
@@ -150,7 +158,12 @@ def frozen_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
         if not path.is_file():
             raise SjeaError(f"the source {path} is gone; restore it or train without --from.")
         changed = sha256_file(path) != cfg.train.from_sha256
-        state = {LEVEL0_PREFIX + k: v for k, v in _read_state_dict(path).items()}
+        if path.suffix.lower() == ONNX_SUFFIX:
+            from .onnx_source import source_state
+
+            state = source_state(path)
+        else:
+            state = {LEVEL0_PREFIX + k: v for k, v in _read_state_dict(path).items()}
     if changed:
         raise SjeaError(f"the source {path} changed since this run was configured (sha256 differs); start the run "
                         "again with --from.")

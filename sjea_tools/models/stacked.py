@@ -2,7 +2,8 @@
 
 `forward_levels(images)` gives the representations Y[0..N-1] in one pass (what users embed);
 `forward_train(images)` also gives the embeddings Z[0..N-1] that the VICReg losses compare.
-`freeze(n)` fixes levels 0..n-1 (sjea train --from): they run forward only, in eval mode.
+`freeze(n)` fixes levels 0..n-1 (sjea train --from): they run forward only, in eval mode. Level 0
+may be a frozen ONNX graph (onnx_level.OnnxLevel), rebuilt from the bytes the loaded state holds.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import contextlib
 import torch
 from torch import nn
 
-from ..config import RunConfig
+from ..config import ONNX_BACKBONE, RunConfig
 from ..levels import parse_levels
 from ..spec import PreprocessSpec, ReadsPreprocessSpec
 from .heads import MLPEncoder, projector
+from .onnx_level import OnnxLevel
 from .registry import create_backbone
 from .resnet import VectorResNet
 
@@ -32,7 +34,10 @@ class StackedModel(nn.Module, ReadsPreprocessSpec):
         self.cfg = cfg
         m = cfg.model
         stem = resolve_stem(cfg)
-        backbone, dim = create_backbone(m.backbone, stem=stem, in_channels=3)
+        if m.backbone == ONNX_BACKBONE:  # a frozen graph: built when a state holding it is loaded
+            backbone, dim = OnnxLevel(m.level0_dim, cfg.train.from_output), m.level0_dim
+        else:
+            backbone, dim = create_backbone(m.backbone, stem=stem, in_channels=3)
         encoders: list[nn.Module] = [backbone]
         projectors = [projector(dim, m.projector, m.projector_last_bias)]
         dims = [dim]
@@ -63,6 +68,11 @@ class StackedModel(nn.Module, ReadsPreprocessSpec):
             self.encoders[k].eval()
             self.projectors[k].eval()
         return self
+
+    @property
+    def onnx_level0(self) -> bool:
+        """Whether level 0 is a frozen ONNX graph (converted by onnx2torch: exported with TorchScript)."""
+        return isinstance(self.encoders[0], OnnxLevel)
 
     @property
     def num_levels(self) -> int:
