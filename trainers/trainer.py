@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sjea_tools.config import RunConfig, save_config
+from sjea_tools.config import ONNX_BACKBONE, RunConfig, save_config
 from sjea_tools.data.augment import per_image_transforms, two_views
 from sjea_tools.data.datasets import PixelDataset, decode_folder, load_dataset, resize_pixels, train_split
 from sjea_tools.data.preprocess import normalize_pixels
@@ -432,6 +432,8 @@ def describe(cfg: RunConfig, facts: FolderFacts | None = None, images: int | Non
     """What --dry-run prints: the resolved config, each level's parameter count, and with `images`
     the step plan and a time estimate from `time_steps` real steps timed on this machine."""
     model = build_model(cfg)
+    if cfg.model.backbone == ONNX_BACKBONE:  # the module is built from the graph, which the source holds
+        load_frozen(model, frozen_state(cfg))
     counts = model.parameter_counts()
     out = {"config": cfg.to_dict(), "levels": [
         {"level": k, "encoder": c["encoder"], "projector": c["projector"], "representation_dim": model.level_dims[k],
@@ -455,7 +457,8 @@ def estimate_time(cfg: RunConfig, steps: int, images: int, facts: FolderFacts | 
     plus decoding the folder once at the per-image cost measured on its sample."""
     device = process_device(cfg.train.device, DistInfo())
     torch.manual_seed(cfg.train.seed)
-    t = build_training(cfg, DistInfo(), device, steps_per_epoch=max(1, steps))
+    frozen = frozen_state(cfg) if cfg.model.backbone == ONNX_BACKBONE else None  # a graph's module needs its bytes
+    t = build_training(cfg, DistInfo(), device, steps_per_epoch=max(1, steps), frozen=frozen)
     size, batch = cfg.image_size, cfg.train.batch_size
     pixels = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))

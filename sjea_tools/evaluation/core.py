@@ -339,7 +339,7 @@ def evaluate_run(run=None, dataset: str | None = None, data_dir: str | None = No
     `baselines=True` adds raw- and centred-pixel rows under the same k-NN and probe, and the
     centred k-NN of every level (baselines.py).
     """
-    from ..models import build_model
+    from ..models import random_init as fresh_model
     from ..io import atomic_write_text, check_writable
     from ..runs import find_run, load_model, model_id
 
@@ -356,7 +356,7 @@ def evaluate_run(run=None, dataset: str | None = None, data_dir: str | None = No
     test = test.subset(random_subset(len(test), max_test, seed + 1))
     if random_init:
         torch.manual_seed(seed)
-        model = build_model(model.cfg).to(device)
+        model = fresh_model(model).to(device)
         calibrate_batchnorm(model, train, batch_size=batch_size, seed=seed)
     train_feats = extract_features(model, train, levels, batch_size, progress, "train features")
     test_feats = extract_features(model, test, levels, batch_size, progress, "test features")

@@ -94,7 +94,7 @@ def store_embedders(store, device: str, seed: int, pixels: np.ndarray, random_in
     """(the store's model, the same architecture at random init or None, a note or None)."""
     from ..data import ImageData
     from ..embed.backends import Embedder
-    from ..models import build_model
+    from ..models import random_init as fresh_model
 
     onnx = Path(store.attrs.get("model_source", "")).suffix == ".onnx"
     emb = Embedder.for_store(store, backend="auto" if onnx else "torch", device=device)
@@ -103,7 +103,7 @@ def store_embedders(store, device: str, seed: int, pixels: np.ndarray, random_in
     if onnx:
         return emb, None, "no random-init row: the store's model is an ONNX file (its architecture needs the run folder)"
     torch.manual_seed(seed)
-    model = build_model(emb.model.cfg).to(emb.device)
+    model = fresh_model(emb.model).to(emb.device)
     calibrate_batchnorm(model, ImageData("sample", pixels=pixels), seed=seed)
     rand = Embedder(backend="torch", levels=emb.levels, dims=emb.dims, preprocess=emb.preprocess,
                     model_id="random-init", source=emb.source, device=emb.device, normalize=emb.normalize, model=model)

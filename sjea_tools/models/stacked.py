@@ -17,7 +17,7 @@ from ..config import ONNX_BACKBONE, RunConfig
 from ..levels import parse_levels
 from ..spec import PreprocessSpec, ReadsPreprocessSpec
 from .heads import MLPEncoder, projector
-from .onnx_level import OnnxLevel
+from .onnx_level import OnnxLevel, graph_bytes
 from .registry import create_backbone
 from .resnet import VectorResNet
 
@@ -135,3 +135,13 @@ class StackedModel(nn.Module, ReadsPreprocessSpec):
 
 def build_model(cfg: RunConfig) -> StackedModel:
     return StackedModel(cfg)
+
+
+def random_init(model: StackedModel) -> StackedModel:
+    """`model`'s architecture with fresh weights (the floor a trained model must beat). A frozen
+    ONNX level 0 keeps its graph, which has no initialisation of its own: the floor of the levels
+    trained above it."""
+    fresh = build_model(model.cfg)
+    if model.onnx_level0:
+        fresh.encoders[0].load_graph(graph_bytes(model.encoders[0].onnx))
+    return fresh
