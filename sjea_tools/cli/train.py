@@ -44,9 +44,11 @@ def train(
                                           "checkpoint (its saved config is used)."),
     overwrite: bool = overwrite_option("Replace an existing run folder."),
     from_: Optional[Path] = typer.Option(None, "--from", help="Train higher levels on frozen ones: a run folder "
-                                         "(all its levels frozen; its architecture and preprocessing kept) or a "
-                                         "torchvision ResNet state_dict .pt/.pth (level 0 frozen). Without --levels, "
-                                         "one level is added."),
+                                         "(all its levels frozen; its architecture and preprocessing kept), a "
+                                         "torchvision ResNet state_dict .pt/.pth (level 0 frozen) or an ONNX image "
+                                         "encoder .onnx (level 0 frozen: an sjea export's top level with its "
+                                         "preprocessing, or your own graph's output; --set train.from_output=NAME "
+                                         "picks another). Without --levels, one level is added."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="fashion-mnist, cifar10, cifar100, stl10, or a "
                                           "path to an image folder (class = first sub-folder)."),
     data_dir: Optional[Path] = data_dir_option("Local dataset files (Fashion-MNIST: the four "
