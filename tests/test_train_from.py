@@ -447,3 +447,22 @@ def test_bad_onnx_sources_are_one_line_errors_that_leave_nothing(tmp_path):
         result = run_cli(["train", *SMALL, "--from", file, "--out", "runs/x"], tmp_path)
         one_line_error(result, *needles)
         assert not (tmp_path / "runs" / "x").exists(), name
+
+
+def test_an_onnx_source_run_resumes_from_its_checkpoint_without_the_file(tmp_path, fmnist_test):
+    from sjea_tools.runs import load_model
+
+    source = foreign_onnx(tmp_path / "mine.onnx")
+    result = run_cli(["train", *SMALL, "--max-steps", "2", "--set", "train.checkpoint_every=1", "--from", source,
+                      "--out", "runs/r"], tmp_path)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "r"
+    before = load_model(run)
+    (run / "model.pt").unlink()
+    source.rename(tmp_path / "moved.onnx")  # the checkpoint holds the graph: the file is not needed
+    assert list(torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]).count("encoders.0.onnx") == 1
+    resumed = run_cli(["train", "--resume", run, "--quiet"], tmp_path)
+    assert resumed.exit_code == 0, resumed.output
+    x = fmnist_batch(fmnist_test, 16, before.preprocess_spec)
+    with torch.no_grad():
+        assert torch.equal(load_model(run).forward_levels(x, [0])[0], before.forward_levels(x, [0])[0])
