@@ -54,7 +54,6 @@ def read_graph(data: bytes, where: str):
 
 def convert_graph(data: bytes, where: str) -> tuple[nn.Module, list[str]]:
     """(a torch module computing the graph of `data`, the graph's output names in its order)."""
-    import onnx
     import onnxscript.optimizer
     from onnx import version_converter
     from onnx2torch import convert
