@@ -108,7 +108,19 @@ def build_metadata(model, levels: list[int], output: str, with_preprocessing: bo
         "exporter": f"torch.onnx {'dynamo' if opset >= DEFAULT_OPSET else 'torchscript'} (torch {torch.__version__})",
         "model_sha256": model_id(source) if source is not None else "",
         "source": str(Path(source).parent.resolve()) if source is not None else "",
+        **centre_metadata(model, levels, output),
     }
+
+
+def centre_metadata(model, levels: list[int], output: str) -> dict[str, str]:
+    """`centres`: each output's centring mean (JSON list of float lists, in `levels` order) for a
+    model that has them (trainers.centring). The graph's outputs stay raw: a client subtracts
+    centres[i] from output i, then L2-normalises, to get the rows a store holds. Projector outputs
+    (--output embedding) have no means: no key."""
+    if output != "representation" or getattr(model, "centres", None) is None:
+        return {}
+    return {"centres": json.dumps([[float(v) for v in model.centres[k].cpu().tolist()] for k in levels]),
+            "centring": "row minus centres[i], then L2-normalised: the vectors sjea stores and searches"}
 
 
 def _example_input(model, with_preprocessing: bool, batch: int = 4) -> torch.Tensor:
