@@ -230,6 +230,9 @@ def extract_levels(proto, levels: list[int], single_level: bool = True):
     sub = onnx.utils.Extractor(proto).extract_model([proto.graph.input[0].name], output_names(levels))
     meta.update({"level": str(levels[0]) if single_level else "all", "levels": json.dumps(levels),
                  "outputs": json.dumps(output_names(levels)), "dims": json.dumps([dims[k] for k in levels])})
+    if "centres" in meta:  # one mean per output: only the kept outputs'
+        centres = dict(zip(have, json.loads(meta["centres"])))
+        meta["centres"] = json.dumps([centres[k] for k in levels])
     set_metadata(sub, meta)
     return sub
 

@@ -41,7 +41,7 @@ from .centring import at_model_size, level_centres
 from .collapse import collapse_warning, level_statistics
 from .checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
 from .distributed import DistInfo, barrier, cleanup_distributed, process_device, setup_distributed
-from .frozen import frozen_state, load_frozen
+from .frozen import frozen_centres, frozen_state, load_frozen
 from .optim import build_optimizer, lr_factor, peak_lr, set_lr
 
 
@@ -391,8 +391,10 @@ def _train(cfg, state, out_dir, resume, overwrite, runs_dir: Path, info: DistInf
             raise disk from None
         raise
     if info.is_main:
-        # The centring means are fixed here, once, over the images just trained on (trainers.centring).
-        t.model.set_centres(level_centres(t.model, data.pixels, t.device, seed=cfg.train.seed))
+        # The centring means are fixed here, once, over the images just trained on (trainers.centring);
+        # frozen levels keep their source run's, so their rows stay the source's rows.
+        centres, kept = level_centres(t.model, data.pixels, t.device, seed=cfg.train.seed), frozen_centres(cfg)
+        t.model.set_centres([*kept, *centres[len(kept):]] if kept else centres)
         save_model(run_dir, t.model, cfg)
         summary = run_summary(run_dir, len(data), skipped, t.stop_step, steps_per_epoch, time.perf_counter() - started)
         # Only a run inside the runs root moves its pointer: `--out elsewhere/run` writes nothing in
