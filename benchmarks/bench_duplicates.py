@@ -343,7 +343,9 @@ def block(data: dict) -> str:
              f"**Defaults: level-0 cosine >= {t}, then pixel correlation >= {pt}** (`DEFAULT_THRESHOLD`, "
              "`DEFAULT_PIXEL_THRESHOLD` in sjea_tools/duplicates.py), chosen on the first seed: among the pairs "
              "that meet the bar on the photos, the highest F1 on the whole folder (crops and Fashion-MNIST "
-             "included). Scores are raw cosines; if their scale changes, re-measure with this script.", "",
+             "included). Scores are cosines of the stored rows (centred when the run's model has centring means, as "
+             "trained models do since centring: docs/search.md, \"Scores\"); if their scale changes, re-measure "
+             "with this script.", "",
              bar(data), "",
              f"Photos, seed {first['seed']}: the command at the default cosine {t}, every pixel threshold, then at "
              f"the default pixel threshold {pt}, every cosine:", "",
@@ -367,7 +369,7 @@ def block(data: dict) -> str:
             r = at(sub["curves"]["level 0 + pixel check"], t, pt)
             lines.append(f"| {s['seed']} | {subset} ({sub['files']}) | {sub['true_pairs']} | {row_cells(r)} |")
     medians = ", ".join(f"{k} {v}" for k, v in first["distinct_median"].items())
-    lines += ["", f"Median cosine of two different originals (raw scores, whole folder): {medians}. Pixel "
+    lines += ["", f"Median cosine of two different originals (stored rows, whole folder): {medians}. Pixel "
               f"signatures of all {first['files']} files took {first['signature_s']} s on this machine (the "
               "command decodes only the files of candidate pairs).", "",
               f"<!-- bench_duplicates:data {json.dumps(summary(data), sort_keys=True)} -->", END]

@@ -109,6 +109,9 @@ def test_a_centred_store_scores_a_random_pair_near_0_and_an_image_itself_1(tmp_p
     by_id = search_store(out, ids=[7], k=2, mode="per-level")["results"][0]["per_level"]
     assert all(h[0]["id"] == 7 and h[0]["score"] == pytest.approx(1.0, abs=1e-5) for h in by_id.values())
     assert verify_store(out)["centred"] is True
+    from sjea_tools.duplicates import DEFAULT_THRESHOLD, UNCENTRED_THRESHOLD, default_threshold
+
+    assert default_threshold(out) == DEFAULT_THRESHOLD < UNCENTRED_THRESHOLD
 
 
 def test_torch_and_onnx_embedders_give_the_same_centred_rows_and_the_graph_stays_raw(tmp_path, fmnist_test):
@@ -163,6 +166,9 @@ def test_an_old_store_keeps_working_uncentred_and_says_so(tmp_path, fmnist_test)
     assert any("uncentred" in n and "embed again" in n for n in res["notes"])
     assert all(h[0]["score"] == pytest.approx(1.0, abs=1e-5) for h in res["results"][0]["per_level"].values())
     assert verify_store(out)["centred"] is False
+    from sjea_tools.duplicates import UNCENTRED_THRESHOLD, default_threshold
+
+    assert default_threshold(out) == UNCENTRED_THRESHOLD
 
 
 def test_update_keeps_the_means_and_rows_centred_otherwise_are_refused(tmp_path, fmnist_test):
