@@ -75,7 +75,7 @@ def test_centres_are_the_level_means_saved_with_the_model_and_leave_the_forward_
         model.set_centres(centres[:1])
 
 
-def test_a_centred_store_scores_a_random_pair_near_0_and_an_image_itself_1(tmp_path, fmnist_test):
+def test_a_centred_store_scores_a_random_pair_near_0_and_an_image_itself_1(tmp_path, fmnist_test, monkeypatch):
     from sjea_tools.pipeline import embed_and_index
     from sjea_tools.search import search_store
     from sjea_tools.store.verify import verify_store
@@ -109,6 +109,30 @@ def test_a_centred_store_scores_a_random_pair_near_0_and_an_image_itself_1(tmp_p
     by_id = search_store(out, ids=[7], k=2, mode="per-level")["results"][0]["per_level"]
     assert all(h[0]["id"] == 7 and h[0]["score"] == pytest.approx(1.0, abs=1e-5) for h in by_id.values())
     assert verify_store(out)["centred"] is True
+    # The same through `sjea search --json` and `sjea serve` (an uploaded file).
+    import tempfile
+
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from sjea_tools.cli import app
+    from sjea_tools.serve import create_app
+
+    with open_store(out) as s:
+        rel = s.paths[11]
+    done = CliRunner().invoke(app, ["search", str(images / rel), "--store", str(out), "--k", "2", "--json"])
+    assert done.exit_code == 0, done.output
+    got = json.loads(done.stdout)
+    assert got["scores"] == "centred cosine"
+    for hits in got["results"][0]["per_level"].values():
+        assert hits[0]["path"] == rel and hits[0]["score"] == pytest.approx(1.0, abs=1e-5) and hits[1]["score"] < 0.999
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with TestClient(create_app(out)) as client:
+        up = client.post("/api/search/image", files={"file": ("q.png", (images / rel).read_bytes(), "image/png")},
+                         data={"k": "2", "mode": "per-level"}).json()
+    assert up["scores"] == "centred cosine"
+    for hits in up["results"][0]["per_level"].values():
+        assert hits[0]["path"] == rel and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
     from sjea_tools.duplicates import DEFAULT_THRESHOLD, UNCENTRED_THRESHOLD, default_threshold
 
     assert default_threshold(out) == DEFAULT_THRESHOLD < UNCENTRED_THRESHOLD
