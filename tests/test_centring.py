@@ -237,3 +237,19 @@ def test_centre_run_adds_the_means_to_an_older_run_as_a_new_model(tmp_path):
     with pytest.raises(SjeaError, match="already exists"):
         centre_run(run, tmp_path / "centred")
     shutil.rmtree(tmp_path / "centred")
+
+
+def test_store_evaluation_centres_its_random_init_floor_by_its_own_means(tmp_path, fmnist_test):
+    from sjea_tools.evaluation.store import store_embedders
+    from sjea_tools.pipeline import embed_and_index
+
+    run = make_run(tmp_path / "runs" / "c", centred=True)
+    images = write_fmnist_folder(tmp_path / "imgs", fmnist_test, 30)
+    out = tmp_path / "emb.h5"
+    embed_and_index(images, out, run=run, backend="torch", workers=0, index=False)
+    with open_store(out) as s:
+        emb, rand, _ = store_embedders(s, "cpu", 0, fmnist_test.pixels[:64], True)
+    assert emb.centred and rand.centred  # the floor is treated as the stored rows are
+    assert not np.allclose(rand.centres[0], emb.centres[0])  # ... with the random network's own means
+    y = rand.embed_pixels(fmnist_test.pixels[:64])[0]
+    assert abs(float(np.median((y @ y.T)[~np.eye(64, dtype=bool)]))) < 0.15
