@@ -83,7 +83,7 @@ def test_a_centred_store_scores_a_random_pair_near_0_and_an_image_itself_1(tmp_p
     run = make_run(tmp_path / "runs" / "c", centred=True)
     images = write_fmnist_folder(tmp_path / "imgs", fmnist_test, 150)
     out = tmp_path / "emb.h5"
-    embed_and_index(images, out, run=run, backend="torch", workers=0)
+    assert embed_and_index(images, out, run=run, backend="torch", workers=0)["centred"] is True
     model = load_model(run)
     with open_store(out) as s:
         assert s.centres is not None
@@ -182,7 +182,7 @@ def test_an_old_store_keeps_working_uncentred_and_says_so(tmp_path, fmnist_test)
     run = make_run(tmp_path / "runs" / "old")  # trained before centring: no means
     images = write_fmnist_folder(tmp_path / "imgs", fmnist_test, 60)
     out = tmp_path / "old.h5"
-    embed_and_index(images, out, run=run, backend="torch", workers=0)
+    assert embed_and_index(images, out, run=run, backend="torch", workers=0)["centred"] is False
     with open_store(out) as s:
         assert s.centres is None and not any(k.startswith("centre_") for k in s.attrs)
     res = search_store(out, ids=[3], k=2, mode="per-level")
