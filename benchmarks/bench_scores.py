@@ -99,7 +99,7 @@ def measure(run: str, images: Path, copies: Path, store: Path, sample: list[str]
                 "self_min": round(float(own(queries["self"]).min()), 5)}
     demo = search_store(store, queries=[images / DEMO_QUERY], k=5, mode="per-level")
     out["demo"] = {int(lv): [round(h["score"], 3) for h in hits] for lv, hits in demo["results"][0]["per_level"].items()}
-    out["scores"] = demo["scores"]
+    out["metric"] = demo["metric"]
     return out
 
 

@@ -235,7 +235,7 @@ def search_open_store(store, path: Path, labels: list[dict], qv: list[np.ndarray
             "levels": used if mode == "per-level" else levels, "order": tree_levels, "within": within
             if tree is not None else None, "probes": probes if tree is not None else None,
             "min_score": min_score, "where": row_filter.describe() if row_filter else [], "notes": notes,
-            "scores": "centred cosine" if centred else "cosine" if store.normalized else "inner product",
+            "metric": "centred cosine" if centred else "cosine" if store.normalized else "inner product",
             "results": results}
 
 

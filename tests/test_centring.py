@@ -101,7 +101,7 @@ def test_a_centred_store_scores_a_random_pair_near_0_and_an_image_itself_1(tmp_p
     res = search_store(out, queries=[images / rel for rel in sorted(p.relative_to(images) for p in
                                                                        images.rglob("*.png"))[:3]],
                        k=3, mode="per-level")
-    assert res["scores"] == "centred cosine" and not any("uncentred" in n for n in res["notes"])
+    assert res["metric"] == "centred cosine" and not any("uncentred" in n for n in res["notes"])
     for r in res["results"]:
         for hits in r["per_level"].values():
             assert hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
@@ -123,14 +123,14 @@ def test_a_centred_store_scores_a_random_pair_near_0_and_an_image_itself_1(tmp_p
     done = CliRunner().invoke(app, ["search", str(images / rel), "--store", str(out), "--k", "2", "--json"])
     assert done.exit_code == 0, done.output
     got = json.loads(done.stdout)
-    assert got["scores"] == "centred cosine"
+    assert got["metric"] == "centred cosine"
     for hits in got["results"][0]["per_level"].values():
         assert hits[0]["path"] == rel and hits[0]["score"] == pytest.approx(1.0, abs=1e-5) and hits[1]["score"] < 0.999
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with TestClient(create_app(out)) as client:
         up = client.post("/api/search/image", files={"file": ("q.png", (images / rel).read_bytes(), "image/png")},
                          data={"k": "2", "mode": "per-level"}).json()
-    assert up["scores"] == "centred cosine"
+    assert up["metric"] == "centred cosine"
     for hits in up["results"][0]["per_level"].values():
         assert hits[0]["path"] == rel and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
     from sjea_tools.duplicates import DEFAULT_THRESHOLD, UNCENTRED_THRESHOLD, default_threshold
@@ -186,7 +186,7 @@ def test_an_old_store_keeps_working_uncentred_and_says_so(tmp_path, fmnist_test)
     with open_store(out) as s:
         assert s.centres is None and not any(k.startswith("centre_") for k in s.attrs)
     res = search_store(out, ids=[3], k=2, mode="per-level")
-    assert res["scores"] == "cosine"
+    assert res["metric"] == "cosine"
     assert any("uncentred" in n and "embed again" in n for n in res["notes"])
     assert all(h[0]["score"] == pytest.approx(1.0, abs=1e-5) for h in res["results"][0]["per_level"].values())
     assert verify_store(out)["centred"] is False
