@@ -1,6 +1,6 @@
 """What a score means: measured cosines per level, centred (the stored rows) beside raw (the floor).
 
-    python benchmarks/bench_scores.py --run CENTRED_RUN --raw-run RUN --work /tmp/bench-scores --write-docs
+    python benchmarks/bench_scores.py --run CENTRED_RUN --raw-run RAW_RUN --work /tmp/bench-scores --write-docs
 
 The demo's folder (`sjea images fashion-mnist DIR --split test --limit 3000`: real Fashion-MNIST
 test images as PNG files) is embedded into a store by each run (`sjea embed`, indexes built): by
