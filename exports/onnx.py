@@ -112,7 +112,19 @@ def build_metadata(model, levels: list[int], output: str, with_preprocessing: bo
         "exporter": f"torch.onnx {'dynamo' if opset >= DEFAULT_OPSET else 'torchscript'} (torch {torch.__version__})",
         "model_sha256": model_id(source) if source is not None else "",
         "source": str(Path(source).parent.resolve()) if source is not None else "",
+        **centre_metadata(model, levels, output),
     }
+
+
+def centre_metadata(model, levels: list[int], output: str) -> dict[str, str]:
+    """`centres`: each output's centring mean (JSON list of float lists, in `levels` order) for a
+    model that has them (trainers.centring). The graph's outputs stay raw: a client subtracts
+    centres[i] from output i, then L2-normalises, to get the rows a store holds. Projector outputs
+    (--output embedding) have no means: no key."""
+    if output != "representation" or getattr(model, "centres", None) is None:
+        return {}
+    return {"centres": json.dumps([[float(v) for v in model.centres[k].cpu().tolist()] for k in levels]),
+            "centring": "row minus centres[i], then L2-normalised: the vectors sjea stores and searches"}
 
 
 def _example_input(model, with_preprocessing: bool, batch: int = 4) -> torch.Tensor:
@@ -224,6 +236,9 @@ def extract_levels(proto, levels: list[int], single_level: bool = True):
     sub = onnx.utils.Extractor(proto).extract_model([proto.graph.input[0].name], output_names(levels))
     meta.update({"level": str(levels[0]) if single_level else "all", "levels": json.dumps(levels),
                  "outputs": json.dumps(output_names(levels)), "dims": json.dumps([dims[k] for k in levels])})
+    if "centres" in meta:  # one mean per output: only the kept outputs'
+        centres = dict(zip(have, json.loads(meta["centres"])))
+        meta["centres"] = json.dumps([centres[k] for k in levels])
     set_metadata(sub, meta)
     return sub
 

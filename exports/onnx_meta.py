@@ -8,6 +8,8 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
+
 from sjea_tools.errors import SjeaError
 from sjea_tools.onnx_proto import MAX_CONSTANT_ELEMENTS, check_model_contents, field_spans
 from sjea_tools.spec import PreprocessSpec
@@ -25,6 +27,22 @@ def parse_metadata(props: dict[str, str]) -> dict:
         except (json.JSONDecodeError, TypeError):
             out[key] = value
     return out
+
+
+def centres_of(metadata: dict, dims: list[int], path: Path) -> list[np.ndarray] | None:
+    """The `centres` metadata (one mean per output, in `levels` order) as float32 arrays, or None
+    for a file without them (a model trained before centring, or projector outputs)."""
+    record = metadata.get("centres")
+    if record is None:
+        return None
+    try:
+        centres = [np.asarray(c, dtype=np.float32).reshape(-1) for c in record]
+    except (TypeError, ValueError):
+        centres = None
+    if centres is None or [len(c) for c in centres] != [int(d) for d in dims]:
+        raise SjeaError(f"{path} has unreadable centring means (metadata 'centres' does not match the outputs' "
+                        "widths); export it again with 'sjea export'.")
+    return centres
 
 
 def preprocess_spec(metadata: dict, path: Path) -> PreprocessSpec:

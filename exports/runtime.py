@@ -19,8 +19,8 @@ from sjea_tools.errors import SjeaError
 from sjea_tools.spec import PreprocessSpec
 
 from .graph_cache import cached_session, content_key
-from .onnx_meta import (ModelIdentityError, check_model_contents, content_hashes, content_model_id, graph_sha256,
-                        parse_metadata, preprocess_spec, verified_model_id)
+from .onnx_meta import (ModelIdentityError, centres_of, check_model_contents, content_hashes, content_model_id,
+                        graph_sha256, parse_metadata, preprocess_spec, verified_model_id)
 from .session import CPU, CUDA, cpu_threads, provider_name, session_options, try_session
 
 # Names callers import from here (their homes are the modules above).
@@ -132,6 +132,8 @@ class OnnxModel:
         self._check_outputs()
         self.model_id: str = verified_model_id(data, self.metadata, self.path, graph_hash)
         self.output: str = str(self.metadata.get("output", "representation"))
+        # Each output's centring mean (trainers.centring), or None: a file of a model without them.
+        self.centres: list[np.ndarray] | None = centres_of(self.metadata, self.dims, self.path)
         # uint8 NHWC pixels when normalisation is inside the graph, else float32 NCHW.
         self.takes_pixels: bool = self.metadata.get("preprocessing") == "normalize"
         self.input_dtype = np.uint8 if self.takes_pixels else np.float32

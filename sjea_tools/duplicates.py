@@ -38,11 +38,14 @@ from .progress import ProgressFn, report
 # and <= 5 % border crops) and Fashion-MNIST images with the same kinds of copies, the pair that
 # meets precision and recall >= 0.9 on the photos' re-encodes and resizes with the highest F1 on
 # the whole folder; written by benchmarks/bench_duplicates.py into docs/benchmarks.md (block
-# "bench_duplicates"). Scores are raw cosines of the stored vectors of the
-# default model; if their scale changes (centred scores, another default model), re-measure with
-# that script and put its chosen values here.
-DEFAULT_THRESHOLD = 0.98
+# "bench_duplicates"). Scores are centred cosines of the stored vectors of the default model
+# (docs/search.md, "Scores"); if their scale changes (another default model), re-measure with that
+# script and put its chosen values here.
+DEFAULT_THRESHOLD = 0.95
 DEFAULT_PIXEL_THRESHOLD = 0.8
+# A store written before centring holds raw cosines, crowded near 1 (same-class neighbours score
+# 0.98-0.99): its default stays the one measured on raw cosines by the same script (commit 00f2b70).
+UNCENTRED_THRESHOLD = 0.98
 # Side of the grey thumbnails the pixel check compares: 16, 32 and 64 were measured; 32 had the
 # best F1 on the photo folder (16 joins look-alikes, 64 misses re-encoded textures).
 VERIFY_SIDE = 32
@@ -59,6 +62,15 @@ def check_threshold(threshold: float, option: str = "--threshold", default: floa
     if not (0.0 < threshold <= 1.0):  # also refuses nan
         raise SjeaError(f"{option} must be a number in (0, 1], e.g. {default} (got {threshold}).")
     return threshold
+
+
+def default_threshold(store_path) -> float:
+    """The cosine threshold for a store when none is given: DEFAULT_THRESHOLD for centred rows,
+    UNCENTRED_THRESHOLD for a store written before centring."""
+    from .store import open_store
+
+    with open_store(store_path) as store:
+        return DEFAULT_THRESHOLD if store.centres is not None else UNCENTRED_THRESHOLD
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -227,7 +239,7 @@ def find_duplicates(store_path, level: int | str = 0, threshold: float | None = 
                     pixel_threshold: float | None = None, verify: bool = True, grid=None, keep_list=None,
                     overwrite: bool = False, progress: ProgressFn | None = None) -> dict:
     """Near-duplicate groups of a store at one level: candidate pairs with cosine >= threshold
-    (default DEFAULT_THRESHOLD) whose files' pixels correlate >= pixel_threshold (default
+    (default: default_threshold of the store) whose files' pixels correlate >= pixel_threshold (default
     DEFAULT_PIXEL_THRESHOLD; `verify=False` skips this check), joined transitively. Each member's
     score is its cosine to the group's kept file (KEEP_RULE); the others are removal candidates.
     Writes only what is asked: `keep_list` (the CSV of write_list) and `grid` (draw_groups' PNG), an
@@ -235,7 +247,7 @@ def find_duplicates(store_path, level: int | str = 0, threshold: float | None = 
 
     Cost (exact all-pairs search, the module docstring): n² x dim multiply-adds, minutes for
     100,000 rows on 2 cores; memory is the level's vectors (n x dim x 4 bytes) plus the pairs."""
-    threshold = DEFAULT_THRESHOLD if threshold is None else check_threshold(threshold)
+    threshold = default_threshold(store_path) if threshold is None else check_threshold(threshold)
     pixel_threshold = (DEFAULT_PIXEL_THRESHOLD if pixel_threshold is None
                        else check_threshold(pixel_threshold, "--pixel-threshold", DEFAULT_PIXEL_THRESHOLD))
     level, x, paths, root = read_level(store_path, level)

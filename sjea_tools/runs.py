@@ -172,6 +172,7 @@ def save_model(run_dir: Path, model, cfg: RunConfig) -> Path:
 def load_model(run: str | Path | None = None, device: str | torch.device = "cpu"):
     """The model of a run (default: the latest), in eval mode, with its config attached."""
     from .models import build_model
+    from .models.stacked import CENTRE_PREFIX
 
     run_dir = find_run(run)
     path = model_file(run_dir)
@@ -181,9 +182,14 @@ def load_model(run: str | Path | None = None, device: str | torch.device = "cpu"
     cfg = RunConfig.from_dict(blob["config"])
     model = build_model(cfg)
     try:
+        centres = [blob["model"].get(f"{CENTRE_PREFIX}{k}") for k in range(model.num_levels)]
+        if any(c is not None for c in centres):  # a model.pt from before centring has none: not centred
+            model.set_centres(centres)
         model.load_state_dict(blob["model"])
     except RuntimeError as e:
         raise SjeaError(f"{path} does not match its config ({str(e).splitlines()[0]}).") from None
+    except (ValueError, TypeError) as e:  # centres of the wrong width, or only some levels'
+        raise SjeaError(f"{path} does not match its config ({e}).") from None
     model.run_dir = run_dir
     model.model_file = path
     model.eval()

@@ -193,6 +193,11 @@ def resolve_request(k: int, mode: str | None, level, order, levels: list[int], p
     return mode, used, (check_order(order, levels) if mode != "per-level" else None)
 
 
+# A store written before centring (or by a model without means) keeps working, with raw cosines.
+UNCENTRED_NOTE = ("scores are uncentred cosines (the store was written before centring): a random pair scores "
+                  "well above 0; for centred scores embed again with a centred model (docs/search.md, Scores)")
+
+
 def search_open_store(store, path: Path, labels: list[dict], qv: list[np.ndarray], *, indexes, tree: dict | None,
                       paths: list[str], k: int, mode: str, used: list[int], probes: int, within: str,
                       min_score: float | None, notes: list[str], row_filter: RowFilter | None = None,
@@ -202,6 +207,9 @@ def search_open_store(store, path: Path, labels: list[dict], qv: list[np.ndarray
     store version; both answer through this function. get_rows(j, sorted rows) -> level j's
     prepared vectors (default: read from `store`, StoredRows); prepared: qv is prepared already."""
     levels, n = store.levels, store.n
+    centred = store.centres is not None
+    if store.normalized and not centred and UNCENTRED_NOTE not in notes:
+        notes.append(UNCENTRED_NOTE)
     if k > n:
         notes.append(f"k={k} is larger than the store ({n} rows): showing all {n}")
         k = n
@@ -227,6 +235,7 @@ def search_open_store(store, path: Path, labels: list[dict], qv: list[np.ndarray
             "levels": used if mode == "per-level" else levels, "order": tree_levels, "within": within
             if tree is not None else None, "probes": probes if tree is not None else None,
             "min_score": min_score, "where": row_filter.describe() if row_filter else [], "notes": notes,
+            "metric": "centred cosine" if centred else "cosine" if store.normalized else "inner product",
             "results": results}
 
 
@@ -316,7 +325,7 @@ def query_embedder(store, path: Path, embedder=None):
     missing = [lv for lv in store.levels if lv not in emb.levels]
     if missing:
         raise SjeaError(f"the query model lacks level(s) {missing} of {path}; use the model that wrote it.")
-    return emb
+    return emb.in_space_of(store)  # the store's normalisation and centring means, whoever loaded the model
 
 
 class Searcher:

@@ -15,6 +15,20 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(norm, eps)[:, None]
 
 
+def centre_and_normalize(x: np.ndarray, centre: np.ndarray | None) -> np.ndarray:
+    """Rows minus a fixed centre (the model's mean representation of the level, computed at the end
+    of training), then scaled to unit L2 norm: what stores and queries hold, so that the cosine of a
+    random pair is near 0 and that of an image with itself 1. `centre` None: l2_normalize alone
+    (a model or store from before centring)."""
+    x = np.asarray(x, dtype=np.float32)
+    if centre is not None:
+        centre = np.asarray(centre, dtype=np.float32).reshape(-1)
+        if centre.shape[0] != x.shape[1]:
+            raise ValueError(f"centre of width {centre.shape[0]} for rows of width {x.shape[1]}")
+        x = x - centre
+    return l2_normalize(x)
+
+
 def exact_scores(queries: np.ndarray, ids: np.ndarray, get_rows) -> np.ndarray:
     """Inner product of each query (q, d) with the stored vectors of its ids (q, m), float32.
 

@@ -15,9 +15,9 @@ import pytest
 from typer.testing import CliRunner
 
 from sjea_tools.cli import app
-from sjea_tools.duplicates import (DEFAULT_PIXEL_THRESHOLD, DEFAULT_THRESHOLD, check_threshold, connected_groups,
-                                   find_duplicates, keep_index, pair_correlations, pairs_above, standardised, star_groups,
-                                   unit_rows)
+from sjea_tools.duplicates import (DEFAULT_PIXEL_THRESHOLD, DEFAULT_THRESHOLD, UNCENTRED_THRESHOLD, check_threshold,
+                                   connected_groups, find_duplicates, keep_index, pair_correlations, pairs_above,
+                                   standardised, star_groups, unit_rows)
 from sjea_tools.errors import SjeaError
 
 runner = CliRunner()
@@ -237,7 +237,8 @@ def test_the_default_threshold_is_used_without_the_option(store_with_copies):
     result = runner.invoke(app, ["duplicates", str(store_with_copies["out"]), "--json"])
     assert result.exit_code == 0, result.output
     got = json.loads(result.stdout)
-    assert got["threshold"] == DEFAULT_THRESHOLD and got["pixel_threshold"] == DEFAULT_PIXEL_THRESHOLD
+    # This store's run has no centring means (raw cosines): the default measured on raw cosines.
+    assert got["threshold"] == UNCENTRED_THRESHOLD and got["pixel_threshold"] == DEFAULT_PIXEL_THRESHOLD
     assert got["pairs"] <= got["candidates"] and got["unreadable"] == 0
 
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from conftest import make_run  # noqa: E402
 from photo_folder import make_photo_folder  # noqa: E402
-from sjea_tools.duplicates import DEFAULT_THRESHOLD  # noqa: E402
+from sjea_tools.duplicates import UNCENTRED_THRESHOLD  # noqa: E402 - the default of these (uncentred) stores
 from sjea_tools.serve import duplicates_route  # noqa: E402
 from sjea_tools.serve.app import create_app  # noqa: E402
 from test_serve_api import one_error  # noqa: E402
@@ -106,7 +106,7 @@ def test_computed_once_per_store_version_level_and_threshold(made, counted):
     client = TestClient(create_app(made["out"]))
     first = client.get("/api/duplicates").json()
     assert client.get("/api/duplicates").json() == first
-    assert client.get("/api/duplicates", params={"threshold": DEFAULT_THRESHOLD, "level": "0"}).json() == first  # the default
+    assert client.get("/api/duplicates", params={"threshold": UNCENTRED_THRESHOLD, "level": "0"}).json() == first  # the default
     assert client.get("/api/duplicates", params={"format": "csv"}).status_code == 200
     assert len(counted) == 1
     client.get("/api/duplicates", params={"level": 1})

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from sjea_tools.duplicates import DEFAULT_THRESHOLD
+from sjea_tools.duplicates import UNCENTRED_THRESHOLD as DEFAULT_THRESHOLD  # this store is uncentred
 
 pytest.importorskip("fastapi")
 pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e .[dev])")

@@ -63,6 +63,13 @@ def test_levels_and_encoder_kinds_train(tmp_path, levels, encoder, level_input, 
     assert saved["model"]["stop_gradient"] == stop_gradient
     model = sjea_tools.load_model(run)
     assert not model.training and model.num_levels == levels
+    # The centring means are fixed at the end: each level's mean over the 512 training images.
+    from sjea_tools.trainers.centring import level_centres, training_pixels
+
+    want = level_centres(model, training_pixels(model.cfg))
+    assert model.centres is not None
+    for got, mean in zip(model.centres, want):
+        torch.testing.assert_close(got, mean, rtol=0, atol=1e-5)
     ys = model.forward_levels(torch.randn(4, 3, 28, 28))
     assert [y.shape for y in ys] == [torch.Size([4, d]) for d in model.level_dims]
     # The latest-run pointer lets later commands find it without options.
@@ -157,7 +164,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     run = tmp_path / "runs/ddp"
     assert steps_logged(run) == [1, 2, 3, 4]  # rank 0 alone writes
     assert len(list((run / "checkpoints").iterdir())) == 1
-    sjea_tools.load_model(run)
+    assert sjea_tools.load_model(run).centres is not None  # rank 0 fixes the centring means at the end
 
 
 # The trainer's own set-up and step (sjea_tools.trainers.trainer.build_training / train_step) under torchrun,

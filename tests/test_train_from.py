@@ -51,9 +51,10 @@ def level_keys(state: dict, k: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A 1-level source run and a 2-level run trained on it with --from (through the CLI)."""
+    """A 1-level source run (with centring means) and a 2-level run trained on it with --from
+    (through the CLI)."""
     base = tmp_path_factory.mktemp("from")
-    source = make_run(base / "runs" / "src", levels=1)
+    source = make_run(base / "runs" / "src", levels=1, centred=True)
     result = run_cli(["train", *SMALL, "--max-steps", "3", "--from", source, "--out", "runs/new"], base)
     assert result.exit_code == 0, result.output
     return base, source, base / "runs" / "new"
@@ -97,6 +98,12 @@ def test_new_run_embeds_with_the_source_level0_vectors_and_exports_and_evals(tra
             stores[name] = (s.paths, s.read_embeddings(0), s.levels)
     assert stores["new"][2] == [0, 1] and stores["src"][0] == stores["new"][0]
     np.testing.assert_allclose(stores["new"][1], stores["src"][1], rtol=0, atol=1e-6)  # CPU float math
+    # The frozen level keeps the source's centring means; the new level has its own.
+    from sjea_tools.runs import load_model
+
+    src_model, new_model = load_model(source), load_model(new)
+    torch.testing.assert_close(new_model.centres[0], src_model.centres[0], rtol=0, atol=0)
+    assert new_model.centres[1].shape == (new_model.level_dims[1],)
     exported = run_cli(["export", "--run", new, "--level", "all", "--json", "--quiet"], base)
     assert exported.exit_code == 0, exported.output
     evaluated = run_cli(["eval", "--run", new, "--max-train", "200", "--max-test", "80", "--probe-epochs", "1",

@@ -170,6 +170,20 @@ def frozen_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
     return state
 
 
+def frozen_centres(cfg: RunConfig) -> list[torch.Tensor] | None:
+    """The source run's centring means of the frozen levels (trainers.centring), which the new run
+    keeps so that its frozen levels' rows equal the source's rows; None for a torchvision file or a
+    source run from before centring (the new run's own means serve)."""
+    path, frozen = Path(cfg.train.from_path or ""), cfg.train.frozen_levels
+    if not frozen or not cfg.train.from_path or not path.is_dir():
+        return None
+    model = load_model(path)
+    if model_id(model) != cfg.train.from_sha256:
+        raise SjeaError(f"the source {path} changed since this run was configured (sha256 differs); start the run "
+                        "again with --from.")
+    return None if model.centres is None else model.centres[:frozen]
+
+
 def load_frozen(model, state: dict[str, torch.Tensor]) -> None:
     """Copy the frozen levels' weights into `model`; every one must have a place there."""
     try:

@@ -23,7 +23,7 @@ from torch import nn
 
 from sjea_tools.config import ONNX_BACKBONE, RunConfig, save_config
 from sjea_tools.data.augment import per_image_transforms, two_views
-from sjea_tools.data.datasets import PixelDataset, decode_folder, load_dataset, resize_pixels, train_split
+from sjea_tools.data.datasets import PixelDataset, load_dataset, train_split
 from sjea_tools.data.preprocess import normalize_pixels
 from sjea_tools.data.recipe import MIN_STEPS_TO_LEARN, FolderFacts, plan_steps, resolve_recipe
 from sjea_tools.errors import SjeaError
@@ -37,10 +37,11 @@ from sjea_tools.runs import (CHECKPOINT_FILE, CONFIG_FILE, DEFAULT_RUNS_DIR, MET
                              truncate_metrics)
 from sjea_tools.spec import PreprocessSpec
 
+from .centring import at_model_size, level_centres
 from .collapse import collapse_warning, level_statistics
 from .checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
 from .distributed import DistInfo, barrier, cleanup_distributed, process_device, setup_distributed
-from .frozen import frozen_state, load_frozen
+from .frozen import frozen_centres, frozen_state, load_frozen
 from .optim import build_optimizer, lr_factor, peak_lr, set_lr
 
 
@@ -311,11 +312,7 @@ def load_training_data(cfg: RunConfig, info: DistInfo, progress: ProgressFn | No
                        cfg.data.split_seed, cfg.data.limit)
     # Only nulls are filled here; choosing batch and epochs from the count is the caller's (the CLI's).
     cfg, _ = resolve_recipe(cfg, data, fixed={"train.batch_size", "train.epochs"}, world_size=info.world_size)
-    skipped: dict[str, str] = {}
-    if data.pixels is None:
-        data, skipped = decode_folder(data, cfg.image_size, cfg.data.workers, progress)
-    elif data.pixels.shape[1] != cfg.image_size:
-        data.pixels = resize_pixels(data.pixels, cfg.image_size)
+    data, skipped = at_model_size(data, cfg, progress)
     batch = cfg.train.batch_size
     steps_per_epoch = len(data) // (batch * info.world_size)
     if steps_per_epoch == 0:
@@ -394,6 +391,10 @@ def _train(cfg, state, out_dir, resume, overwrite, runs_dir: Path, info: DistInf
             raise disk from None
         raise
     if info.is_main:
+        # The centring means are fixed here, once, over the images just trained on (trainers.centring);
+        # frozen levels keep their source run's, so their rows stay the source's rows.
+        centres, kept = level_centres(t.model, data.pixels, t.device, seed=cfg.train.seed), frozen_centres(cfg)
+        t.model.set_centres([*kept, *centres[len(kept):]] if kept else centres)
         save_model(run_dir, t.model, cfg)
         summary = run_summary(run_dir, len(data), skipped, t.stop_step, steps_per_epoch, time.perf_counter() - started)
         # Only a run inside the runs root moves its pointer: `--out elsewhere/run` writes nothing in

@@ -27,5 +27,7 @@ def verify(
         print_json(result)
         return
     console.print(f"ok: {plain(result['path'])}: {result['rows']:,} rows, levels {result['levels']}, "
-                  f"{result['failed']:,} failed images; every checksum matches", highlight=False, markup=False,
+                  f"{result['failed']:,} failed images; every checksum matches"
+                  f"{'' if result['centred'] or not result['normalized'] else '; rows not centred (written before centring)'}",
+                  highlight=False, markup=False,
                   soft_wrap=True)

@@ -1,4 +1,9 @@
-"""The model behind one interface: `Embedder` runs a run's PyTorch model or an ONNX graph."""
+"""The model behind one interface: `Embedder` runs a run's PyTorch model or an ONNX graph.
+
+Rows are what a store holds: each level's raw output minus the model's centring mean for that
+level (when it has one: trainers.centring), L2-normalised (vectors.centre_and_normalize). Both
+backends subtract the same float32 means from their float32 outputs, so they differ only by what
+the graphs themselves differ (ONNX verification: 1e-4 absolute)."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from ..devices import resolve_device
 from ..errors import SjeaError
 from ..levels import parse_levels
 from ..spec import PreprocessSpec
-from ..vectors import l2_normalize
+from ..vectors import centre_and_normalize
 
 BACKENDS = ("auto", "torch", "onnx")
 ONNX_CACHE_DIR = "onnx-cache"
@@ -29,10 +34,32 @@ class Embedder:
     """A model (PyTorch or ONNX Runtime) that turns uint8 pixels or PIL images into rows per level."""
 
     def __init__(self, *, backend: str, levels: list[int], dims: list[int], preprocess: PreprocessSpec,
-                 model_id: str, source: str, device: str, normalize: bool, model=None, onnx_model=None):
+                 model_id: str, source: str, device: str, normalize: bool, model=None, onnx_model=None,
+                 centres: list[np.ndarray] | None = None):
         self.backend, self.levels, self.dims, self.preprocess = backend, levels, dims, preprocess
         self.model_id, self.source, self.device, self.normalize = model_id, source, device, normalize
         self.model, self.onnx_model = model, onnx_model
+        # One float32 (dim,) mean per level of `levels`, or None (a model from before centring).
+        self.centres = None if centres is None else [np.asarray(c, np.float32).reshape(-1) for c in centres]
+
+    @property
+    def centred(self) -> bool:
+        """Whether rows are centred: the model has means and rows are normalised (cosine). Raw
+        inner-product rows (normalize=False) are the graph's outputs as they are."""
+        return self.normalize and self.centres is not None
+
+    def in_space_of(self, store) -> "Embedder":
+        """This embedder giving rows in `store`'s space: the store's levels, its normalisation and
+        its recorded centring means (none for a store written before centring: rows not centred)."""
+        import copy
+
+        emb = copy.copy(self)
+        emb.levels = [k for k in self.levels if k in store.levels]
+        emb.dims = [d for k, d in zip(self.levels, self.dims) if k in store.levels]
+        emb.normalize = store.normalized
+        centres = store.centres
+        emb.centres = None if centres is None else [centres[store.levels.index(k)] for k in emb.levels]
+        return emb
 
     @property
     def image_size(self) -> int:
@@ -72,9 +99,10 @@ class Embedder:
             return cls._from_onnx(cached, device, levels, normalize, source=source, model_id=model_sha)
         model = runs.load_model(run_dir).to(device)
         levels = parse_levels(levels, model.num_levels)
+        centres = None if model.centres is None else [model.centres[k].cpu().numpy() for k in levels]
         return cls(backend="torch", levels=levels, dims=[model.level_dims[k] for k in levels],
                    preprocess=model.preprocess_spec, model_id=model_sha,
-                   source=source, device=device, normalize=normalize, model=model)
+                   source=source, device=device, normalize=normalize, model=model, centres=centres)
 
     @classmethod
     def _from_onnx(cls, path: Path, device: str, levels, normalize: bool, source: str,
@@ -92,12 +120,14 @@ class Embedder:
         available = [int(k) for k in om.levels]
         levels = parse_levels(levels, available)
         dims = [int(om.dims[available.index(k)]) for k in levels]
-        return cls(backend="onnx", levels=levels, dims=dims, preprocess=om.preprocess,
-                   model_id=om.model_id, source=source, device=device, normalize=normalize, onnx_model=om)
+        centres = None if om.centres is None else [om.centres[available.index(k)] for k in levels]
+        return cls(backend="onnx", levels=levels, dims=dims, preprocess=om.preprocess, model_id=om.model_id,
+                   source=source, device=device, normalize=normalize, onnx_model=om, centres=centres)
 
     @classmethod
     def for_store(cls, store, backend: str = "auto", device: str = "cpu") -> "Embedder":
-        """The model that wrote a store, with its levels and normalisation: for embedding queries.
+        """The model that wrote a store, with its levels, normalisation and centring (the store's
+        recorded means: none for a store written before centring): for embedding queries.
 
         On the CPU, a run's cached ONNX graph of the store's model id serves without torch (no
         checkpoint is loaded or hashed); otherwise the run or ONNX file the store names."""
@@ -106,7 +136,7 @@ class Embedder:
         if src.suffix != ".onnx" and backend != "torch" and resolve_device(device) == "cpu" and cached.is_file():
             try:
                 return cls._from_onnx(cached, "cpu", store.levels, store.normalized, source=str(src),
-                                      model_id=store.model_id)
+                                      model_id=store.model_id).in_space_of(store)
             except ModelIdentityError:
                 pass  # a changed or foreign cache file: the run itself decides below
         where = {"onnx": src} if src.suffix == ".onnx" else {"run": src}
@@ -116,7 +146,7 @@ class Embedder:
             raise SjeaError(f"the model at {src} has changed since {store.path} was written (model id "
                             f"{emb.model_id[:12]} != {store.model_id[:12]}); embed the images into a new file "
                             "with the model you mean (--run or --onnx).")
-        return emb
+        return emb.in_space_of(store)
 
     # --- embedding ----------------------------------------------------------------------------
     def embed_pixels(self, pixels) -> list[np.ndarray]:
@@ -138,7 +168,10 @@ class Embedder:
             x = pixels if om.takes_pixels else normalize_array(pixels, self.preprocess)
             by_level = dict(zip([int(k) for k in om.levels], om.run(x)))
             outs = [np.asarray(by_level[k], dtype=np.float32) for k in self.levels]
-        return [l2_normalize(o) for o in outs] if self.normalize else outs
+        if not self.normalize:
+            return outs
+        centres = self.centres or [None] * len(outs)
+        return [centre_and_normalize(o, c) for o, c in zip(outs, centres)]
 
     def embed_images(self, images) -> list[np.ndarray]:
         """PIL images -> one float32 (n, dim) array per level (L2-normalised when `normalize`).
@@ -174,13 +207,18 @@ class Embedder:
         return [np.concatenate(p) if p else np.zeros((0, d), np.float32) for p, d in zip(parts, self.dims)]
 
     def store_attrs(self) -> dict:
-        """What a store records about the model: identity, levels, and its PreprocessSpec as the
-        flat attributes image_size, mean, std, colour_mode (readable with plain h5py)."""
+        """What a store records about the model: identity, levels, its PreprocessSpec as the
+        flat attributes image_size, mean, std, colour_mode, and the centring means its rows had
+        subtracted, one `centre_K` per level (plain float lists: a journal keeps them as JSON),
+        all readable with plain h5py."""
         from .. import __version__
 
+        centres = {}
+        if self.centred:
+            centres = {f"centre_{k}": [float(v) for v in c] for k, c in zip(self.levels, self.centres)}
         return {"sjea_version": __version__, "model_id": self.model_id, "model_source": self.source,
                 "backend": self.backend, "levels": self.levels, "dims": self.dims, **self.preprocess.to_dict(),
-                "normalized": bool(self.normalize)}
+                "normalized": bool(self.normalize), **centres}
 
 
 def _onnx_runtime_available() -> bool:

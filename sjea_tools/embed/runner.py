@@ -217,4 +217,5 @@ def _summary(out: Path, rows: int, added: int, failed_now: int, failed_total: in
     return {"out": str(out), "status": status, "rows": rows, "added": added, **changes, "failed": failed_now,
             "failed_total": failed_total, "resumed_from": resumed, "seconds": round(seconds, 3),
             "images_per_s": round(max(processed, 0) / seconds, 1) if seconds > 0 else None,
-            "backend": emb.backend, "device": emb.device, "levels": emb.levels, "model_id": emb.model_id}
+            "backend": emb.backend, "device": emb.device, "levels": emb.levels, "model_id": emb.model_id,
+            "centred": emb.centred}

@@ -4,6 +4,10 @@
 `forward_train(images)` also gives the embeddings Z[0..N-1] that the VICReg losses compare.
 `freeze(n)` fixes levels 0..n-1 (sjea train --from): they run forward only, in eval mode. Level 0
 may be a frozen ONNX graph (onnx_level.OnnxLevel), rebuilt from the bytes the loaded state holds.
+`set_centres` records each level's mean representation (computed at the end of training,
+sjea_tools.trainers.centring) as buffers `centre_K`, so model.pt carries them; the forward pass
+never uses them (level k+1 reads level k's raw Y): only what is embedded is centred
+(embed.backends.Embedder, vectors.centre_and_normalize). A model without them is "not centred".
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from .heads import MLPEncoder, projector
 from .onnx_level import OnnxLevel, graph_bytes
 from .registry import create_backbone
 from .resnet import VectorResNet
+
+
+CENTRE_PREFIX = "centre_"  # buffer names centre_0, centre_1, ... in model.pt's state_dict
 
 
 def resolve_stem(cfg: RunConfig) -> str:
@@ -68,6 +75,28 @@ class StackedModel(nn.Module, ReadsPreprocessSpec):
             self.encoders[k].eval()
             self.projectors[k].eval()
         return self
+
+    def set_centres(self, centres) -> None:
+        """Record one mean representation per level (a (dim_K,) tensor each), or drop them (None)."""
+        if centres is None:
+            for k in range(self.num_levels):
+                self._buffers.pop(f"{CENTRE_PREFIX}{k}", None)
+            return
+        centres = list(centres)
+        if len(centres) != self.num_levels:
+            raise ValueError(f"{len(centres)} centres for a model of {self.num_levels} levels")
+        for k, c in enumerate(centres):
+            c = torch.as_tensor(c, dtype=torch.float32).detach().reshape(-1)
+            if c.shape[0] != self.level_dims[k]:
+                raise ValueError(f"level {k}'s centre has width {c.shape[0]}, not {self.level_dims[k]}")
+            self.register_buffer(f"{CENTRE_PREFIX}{k}", c.clone().to(next(self.parameters()).device))
+
+    @property
+    def centres(self) -> list[torch.Tensor] | None:
+        """Each level's mean representation (what is subtracted before normalising), or None for a
+        model trained before centring existed."""
+        found = [self._buffers.get(f"{CENTRE_PREFIX}{k}") for k in range(self.num_levels)]
+        return None if any(c is None for c in found) else found
 
     @property
     def onnx_level0(self) -> bool:

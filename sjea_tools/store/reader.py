@@ -103,6 +103,16 @@ def h5py_module():
     return h5py
 
 
+def centres_of(attrs: dict) -> list[np.ndarray] | None:
+    """The centring means (one float32 (dim_K,) per stored level, in `levels` order) a store or
+    journal records as attributes centre_K; None when its rows are not centred (written before
+    centring, by a model without means, or with --no-normalize)."""
+    found = [attrs.get(f"centre_{int(k)}") for k in attrs.get("levels") or []]
+    if not found or any(c is None for c in found):
+        return None
+    return [np.asarray(c, dtype=np.float32).reshape(-1) for c in found]
+
+
 def preprocess_of(attrs: dict) -> PreprocessSpec | None:
     """The preprocessing a store or journal records; stores older than `colour_mode` were RGB."""
     if attrs.get("image_size") is None:
@@ -207,6 +217,12 @@ class Store:
     @property
     def preprocess(self) -> PreprocessSpec | None:
         return preprocess_of(self.attrs)
+
+    @property
+    def centres(self) -> list[np.ndarray] | None:
+        """The means subtracted from every row before normalising, per stored level (queries get
+        the same: Embedder.for_store); None for a store whose rows are not centred."""
+        return centres_of(self.attrs)
 
     @property
     def fingerprint(self) -> str | None:
@@ -408,3 +424,11 @@ def check_same_identity(expected: dict, found: dict, what: str, fix: str, keys=I
         a, b = _identity_value(expected, key), _identity_value(found, key)
         if a != b:
             raise SjeaError(f"{what} has {key}={b}, this run has {key}={a}; {fix}")
+    # The centring means follow from the model (model.pt carries them), so this holds for rows of
+    # one model; checked all the same, since rows centred differently would score nonsense together.
+    a, b = centres_of(expected), centres_of(found)
+    if (a is None) != (b is None):
+        raise SjeaError(f"{what} holds {'un' if b is None else ''}centred rows, this run writes "
+                        f"{'un' if a is None else ''}centred rows; {fix}")
+    if a is not None and not all(np.array_equal(x, y) for x, y in zip(a, b)):
+        raise SjeaError(f"{what} was centred with other means than this run's; {fix}")
