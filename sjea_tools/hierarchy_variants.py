@@ -54,8 +54,10 @@ def boundary_lists(x: np.ndarray, centroids: np.ndarray, margin: float, copies: 
     rows_out, clusters_out = [], []
     for s in range(0, len(x), block):
         sims = x[s:s + block] @ centroids.T
-        top = np.argsort(-sims, axis=1, kind="stable")[:, :copies]
+        top = np.argpartition(-sims, copies - 1, axis=1)[:, :copies] if copies < m else np.tile(np.arange(m), (len(sims), 1))
         top_sims = np.take_along_axis(sims, top, 1)
+        by_score = np.argsort(-top_sims, axis=1, kind="stable")  # the nearest first (a full sort of m: slow at 1M x 1024)
+        top, top_sims = np.take_along_axis(top, by_score, 1), np.take_along_axis(top_sims, by_score, 1)
         keep = top_sims >= top_sims[:, :1] - margin
         keep[:, 0] = True
         if margin == 0:

@@ -94,3 +94,26 @@ def test_spread_order_interleaves_sub_clusters():
     assert spread_order(np.array([[2, -1]]), 3).tolist() == [[0, -1, -1]]
     s, ids = spread(np.array([[0.9, 0.8, 0.7]], np.float32), np.array([[1, 2, 3]]), np.array([[0, 0, 1]]), 3)
     assert ids.tolist() == [[1, 3, 2]] and s[0].tolist() == pytest.approx([0.9, 0.7, 0.8])
+
+
+def test_tree_gate_adds_the_clusters_within_the_margin():
+    from sjea_tools.hierarchy import gates
+
+    # three coarse clusters on the unit circle; the query sits between 0 and 1, far from 2
+    cents = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], np.float32)
+    tree = {"centroids_0": cents, "size_0": np.array([50, 50, 50])}
+    q = l2_normalize(np.array([[1.0, 0.9]]))  # cosines 0.743, 0.669, -0.743
+    assert gates(tree, q, 5, 1) == [(0,)]
+    assert gates(tree, q, 5, 1, margin=0.1) == [(0, 1)]
+    assert gates(tree, q, 5, 1, margin=2.0) == [(0, 1, 2)]
+    with pytest.raises(SjeaError, match="--margin"):
+        from sjea_tools.hierarchy import check_margin
+        check_margin(-0.5)
+
+
+def test_boundary_lists_take_the_nearest_centroids_among_many():
+    cents = l2_normalize(np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]))
+    x = l2_normalize(np.array([[1.0, 0.97], [-1.0, -0.1], [0.0, 1.0]]))
+    rows, starts = boundary_lists(x, cents, margin=0.05, copies=2)
+    lists = [rows[starts[c]:starts[c + 1]].tolist() for c in range(4)]
+    assert lists == [[0], [0, 2], [1], []]  # row 0 on the 0/1 boundary; row 1 near 2 only
