@@ -183,7 +183,7 @@ def main() -> None:
             t0 = time.perf_counter()
             ivf = build_index(fine, spec)
             res.setdefault("build_seconds", {})["ivf"] = round(time.perf_counter() - t0, 1)
-            sweep(name, ivf, [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128],
+            sweep(name, ivf, [1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64],
                   lambda ix, v: setattr(ix, "nprobe", v), lambda ix: ix.search(qf, K)[1],
                   lambda v, nl=spec["params"]["nlist"]: {"rows_scanned": int(n * v / nl)})
             del ivf
@@ -234,7 +234,7 @@ def main() -> None:
             hnsw = build_index(fine, explicit_spec("hnsw", n, fine.shape[1], m=args.hnsw_m))
             res.setdefault("build_seconds", {})["hnsw"] = round(time.perf_counter() - t0, 1)
             log(f"HNSW built in {res['build_seconds']['hnsw']} s")
-            sweep(name, hnsw, [16, 32, 64, 96, 128, 192, 256, 384, 512],
+            sweep(name, hnsw, [8, 12, 16, 24, 32, 48, 64, 128, 256],
                   lambda ix, v: setattr(ix.hnsw, "efSearch", v), lambda ix: ix.search(qf, K)[1])
     save()
     from scale_report import block
