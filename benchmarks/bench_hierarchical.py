@@ -266,10 +266,17 @@ def verdict(r: dict) -> str:
     hier = {name: v for name, v in r["methods"].items() if name.startswith("hier") and v.get(same, 100) > 0}
     closest = max(hier, key=lambda name: (hier[name]["fine_p10"], hier[name]["fine_map10"]))
     c = hier[closest]
-    text = (f"**With this model no hierarchical variant beats the best single level on any of the four measures.** "
+    text = (f"**With this model no hierarchical variant beats the best single level on any of the four precision measures.** "
             f"The closest, {closest}, is {single['fine_p10'] - c['fine_p10']:.2f} fine P@10 below {best_single} "
             f"({c['fine_p10']:.2f} vs {single['fine_p10']:.2f}; fine mAP@10 {c['fine_map10']:.2f} vs "
             f"{single['fine_map10']:.2f}), so the default mode stays per-level.")
+    h_single = max(singles, key=lambda name: singles[name]["h_ap"] or 0)
+    h_hier = max(hier, key=lambda name: hier[name]["h_ap"] or 0)
+    if (hier[h_hier]["h_ap"] or 0) > (singles[h_single]["h_ap"] or 0):
+        text += (f" On H-AP@{H_AP_DEPTH}, a hierarchy measure, {h_hier} is above {h_single} "
+                 f"({hier[h_hier]['h_ap']:.2f} vs {singles[h_single]['h_ap']:.2f}, {r['queries']:,} queries, no "
+                 "interval computed): a gate keeps the hits past the first 10 inside the query's coarse region; the "
+                 "default follows the four precision measures, where it is below.")
     v = r.get("variants", {})
     if v.get("w_mixed") == 0.0:
         tried = {float(w): x for w, x in v["tried_mixed"].items()}

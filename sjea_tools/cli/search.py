@@ -11,7 +11,7 @@ import typer
 
 from . import app
 from ..search_request import SearchRequest
-from .common import (grid_option, overwrite_option, json_option, any_finite, non_negative_int, console, err_console, handle_errors, literal, markup_safe, positive_int,
+from .common import (grid_option, number_check, overwrite_option, json_option, any_finite, non_negative_int, console, err_console, handle_errors, literal, markup_safe, positive_int,
                      print_json)
 
 
@@ -32,7 +32,7 @@ def search(
                                         "must match the store's cluster tree \\[default: the tree's, measured]."),
     probes: int = typer.Option(1, "--probes", callback=positive_int, help="Hierarchical: coarse clusters the "
                                "answer may come from (nearest first; widened until they hold k rows)."),
-    margin: float = typer.Option(0.0, "--margin", callback=any_finite, help="Hierarchical: also search every "
+    margin: float = typer.Option(0.0, "--margin", callback=number_check(0, 2, rule="a cosine difference from 0 to 2"), help="Hierarchical: also search every "
                                  "coarse cluster whose centroid cosine is within this of the nearest's (soft gate; "
                                  "0 to 2) \\[default: 0, the hard gate]."),
     within: str = typer.Option("score", "--within", help="Hierarchical: order inside the coarse cluster: score "
