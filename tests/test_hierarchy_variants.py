@@ -117,3 +117,17 @@ def test_boundary_lists_take_the_nearest_centroids_among_many():
     rows, starts = boundary_lists(x, cents, margin=0.05, copies=2)
     lists = [rows[starts[c]:starts[c + 1]].tolist() for c in range(4)]
     assert lists == [[0], [0, 2], [1], []]  # row 0 on the 0/1 boundary; row 1 near 2 only
+
+
+def test_soft_gate_with_a_cap_equals_the_full_sort_and_still_widens():
+    rng = np.random.default_rng(0)
+    sims = rng.standard_normal((50, 40)).astype(np.float32)
+    sizes = rng.integers(1, 5, 40)
+    for k, margin, cap in ((3, 0.5, 4), (30, 0.2, 3), (10, 10.0, 6)):
+        got = soft_gates(sims, sizes, k, margin, cap)
+        order = np.argsort(-sims, axis=1, kind="stable")
+        for row, o, s in zip(got, order, sims):
+            kept = row[row >= 0]
+            within = min(int((s >= s[o[0]] - margin).sum()), cap)
+            need = int(np.searchsorted(np.cumsum(sizes[o]), k)) + 1
+            assert kept.tolist() == o[:max(within, need)].tolist()
