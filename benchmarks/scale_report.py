@@ -86,9 +86,8 @@ def verdict(best_hier, ivf, hnsw) -> str:
         scan = b["rows_scanned"] / ivf["rows_scanned"]
         text += (f" Why: to find 95% of the fine level's true top 10 it scans {b['rows_scanned']:,} rows per query "
                  f"against IVF-Flat's {ivf['rows_scanned']:,} ({scan:.2f}x); the rest of the gap "
-                 f"({1 / ratio / scan:.2f}x) is per-query work outside FAISS's scan (the gate chosen in numpy, FAISS's "
-                 "search on given lists). Both scan lists with the same FAISS loop, so speed mostly "
-                 "follows rows scanned; the hierarchy's lists are clusters of the coarse level, a partition made "
+                 f"({1 / ratio / scan:.2f}x) is not explained by rows scanned: part is the gate, chosen per query in numpy "
+                 "outside FAISS; the rest was not profiled. Both scan lists with the same FAISS loop; the hierarchy's lists are clusters of the coarse level, a partition made "
                  "for another space, and a fine-level neighbourhood falls across more of them than across the fine "
                  "level's own k-means lists. A gate on the coarse level can only match IVF when the coarse "
                  "clusters are also the fine level's best partition; listing boundary rows twice (SPANN) buys recall "
