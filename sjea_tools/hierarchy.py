@@ -2,7 +2,8 @@
 
 Definition (docs/search.md says what it buys): the store's cluster tree is k-means on the coarse
 level, then k-means inside each cluster on the next level. A query goes to its nearest coarse
-cluster (`probes` of them, widened until they hold at least k rows); only rows of those clusters
+cluster (`probes` of them, plus every cluster within `margin` cosine of the nearest: the soft gate,
+widened until they hold at least k rows); only rows of those clusters
 can be returned, whatever their fine-level score: that is the decision the fine stage cannot undo.
 Inside the gate the hits are ordered by the fine (last) level, either by score alone
 (`within="score"`) or sub-cluster by sub-cluster, the query's own first (`within="groups"`).
@@ -24,6 +25,13 @@ from .errors import SjeaError
 from .vectors import l2_normalize
 
 WITHIN = ("score", "groups")
+MAX_MARGIN = 2.0  # cosines differ by at most 2: a margin of 2 gates every cluster
+
+
+def check_margin(margin: float) -> None:
+    if not (np.isfinite(margin) and 0 <= margin <= MAX_MARGIN):
+        raise SjeaError(f"--margin must be a cosine difference from 0 to {MAX_MARGIN:g} (0: the hard gate), "
+                        f"not {margin}.")
 
 
 def members_by_node(assign: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -33,21 +41,23 @@ def members_by_node(assign: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows, starts
 
 
-def gates(tree: dict, q0: np.ndarray, k: int, probes: int) -> list[tuple[int, ...]]:
-    """Per query, the coarse clusters its answer may come from: the `probes` nearest, then more
-    (nearest first) until they hold at least k rows."""
+def gates(tree: dict, q0: np.ndarray, k: int, probes: int, margin: float = 0.0) -> list[tuple[int, ...]]:
+    """Per query, the coarse clusters its answer may come from: the `probes` nearest, every other one
+    whose centroid cosine is within `margin` of the nearest's (the soft gate), then more (nearest
+    first) until they hold at least k rows."""
     sims = l2_normalize(q0) @ tree["centroids_0"].T
     sizes = tree["size_0"]
     out = []
-    for row in np.argsort(-sims, axis=1, kind="stable"):
+    for row, s in zip(np.argsort(-sims, axis=1, kind="stable"), sims):
         total = np.cumsum(sizes[row])
-        need = max(probes, int(np.searchsorted(total, min(k, total[-1]))) + 1)
+        within = int((s >= s[row[0]] - margin).sum()) if margin > 0 else 1
+        need = max(probes, within, int(np.searchsorted(total, min(k, total[-1]))) + 1)
         out.append(tuple(sorted(int(c) for c in row[:need])))
     return out
 
 
 def gated_search(queries: list[np.ndarray], get_rows, tree: dict, k: int, probes: int = 1,
-                 within: str = "score") -> dict:
+                 within: str = "score", margin: float = 0.0) -> dict:
     """Search inside each query's coarse cluster(s). queries[d] (q, dim_d) are the query vectors at
     the tree's depth d; get_rows(sorted ids) -> unit vectors of the last depth's level.
 
@@ -59,12 +69,13 @@ def gated_search(queries: list[np.ndarray], get_rows, tree: dict, k: int, probes
 
     if k <= 0 or probes <= 0:
         raise SjeaError(f"k and probes must be at least 1, not {k} and {probes}.")
+    check_margin(margin)
     if within not in WITHIN:
         raise SjeaError(f"within must be one of {', '.join(WITHIN)}, not '{within}'.")
     assign = tree["assign"]
     depths = assign.shape[1]
     path = query_paths(tree, queries)
-    gate = gates(tree, queries[0], k, probes)
+    gate = gates(tree, queries[0], k, probes, margin)
     if "members_0" not in tree:  # cached in the tree: a held tree (server, benchmark) sorts its rows once
         tree["members_0"] = members_by_node(assign[:, 0])
     rows_sorted, starts = tree["members_0"]

@@ -23,13 +23,14 @@ from .errors import SjeaError
 from .filters import RowFilter, parent_folder
 from .index import open_indexes
 from .levels import parse_levels
-from .hierarchy import WITHIN
+from .hierarchy import WITHIN, check_margin
 from .vectors import exact_scores, l2_normalize
 
 MODES = ("per-level", "hierarchical", "both")
-# Chosen by benchmarks/bench_hierarchical.py (docs/search.md): the mode and ordering that measured best.
-# On the model measured, hierarchical search beat the best single level on no measure, so the
-# default is per-level; rerun the script on a trained run and switch this if it does.
+# Chosen by benchmarks/bench_hierarchical.py and bench_hierarchical_scale.py (docs/search.md): the mode
+# that measured best. On the trained default model no hierarchical variant (hard or soft gate, boundary
+# rows, mixed re-rank, spread order) beat the fine level alone on any precision measure, and at 1M rows
+# the hierarchical gates ran slower than IVF-Flat at the same recall, so the default is per-level.
 DEFAULT_MODE = "per-level"
 DEFAULT_WITHIN = "score"
 STORE_SUFFIXES = (".h5", ".hdf5")
@@ -45,7 +46,7 @@ def check_order(order, levels: int | list[int]) -> list[int] | None:
 
 def hierarchical_search(queries: list[np.ndarray], bases: list[np.ndarray], k: int, order: list[int] | None = None,
                         probes: int = 1, within: str = DEFAULT_WITHIN, seed: int = 0,
-                        sizes: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                        sizes: list[int] | None = None, margin: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Cluster-gated search (sjea_tools.hierarchy) on in-memory features of every level.
 
     queries[l] (q, d_l) and bases[l] (n, d_l). Builds the cluster tree over the levels of `order`
@@ -63,18 +64,19 @@ def hierarchical_search(queries: list[np.ndarray], bases: list[np.ndarray], k: i
     sizes = sizes or default_sizes(n, len(bases))
     order = check_order(order, len(bases)) or coarse_order(unit_b, sizes[0], seed=seed)[0]
     tree = build_tree([unit_b[i] for i in order], sizes[:len(order)], seed=seed)
-    got, scores = gated_hits(unit_q, lambda j, rows: unit_b[j][rows], tree, order, min(k, n), probes, within)
+    got, scores = gated_hits(unit_q, lambda j, rows: unit_b[j][rows], tree, order, min(k, n), probes, within,
+                             margin)
     return scores, got["ids"]
 
 
 def gated_hits(qv: list[np.ndarray], get_rows, tree: dict, pos: list[int], k: int, probes: int,
-               within: str) -> tuple[dict, np.ndarray]:
+               within: str, margin: float = 0.0) -> tuple[dict, np.ndarray]:
     """hierarchy.gated_search down the tree over the levels at positions `pos` of qv (coarse first),
     ranked by the last, and each hit's exact score at every level: (what gated_search returns,
     scores (q, k, len(qv)), -inf for padding). get_rows(j, sorted rows) -> level j's vectors."""
     from .hierarchy import gated_search
 
-    got = gated_search([qv[j] for j in pos], lambda rows: get_rows(pos[-1], rows), tree, k, probes, within)
+    got = gated_search([qv[j] for j in pos], lambda rows: get_rows(pos[-1], rows), tree, k, probes, within, margin)
     scores = np.stack([exact_scores(qv[j], got["ids"], lambda rows, j=j: get_rows(j, rows)) for j in range(len(qv))],
                       axis=2)
     return got, scores
@@ -116,12 +118,13 @@ def expand_queries(queries) -> list[Path]:
 
 
 def check_options(k: int, mode: str | None, level, levels: list[int], probes: int = 1, within: str = "score",
-                  min_score: float | None = None, cosine: bool = True) -> tuple[str, list[int]]:
+                  min_score: float | None = None, cosine: bool = True, margin: float = 0.0) -> tuple[str, list[int]]:
     """(mode, levels a per-level search visits); `level` is a levels spec (sjea_tools.levels)."""
     if k <= 0:
         raise SjeaError(f"--k must be at least 1, not {k}.")
     if probes <= 0:
         raise SjeaError(f"--probes must be at least 1 (coarse clusters the answer may come from), not {probes}.")
+    check_margin(margin)
     if within not in WITHIN:
         raise SjeaError(f"--within must be one of {', '.join(WITHIN)}, not '{within}'.")
     check_min_score(min_score, cosine)
@@ -148,7 +151,8 @@ def check_min_score(min_score: float | None, cosine: bool) -> None:
 
 def search_store(store_path=None, queries=(), ids=(), k: int = 10, mode: str | None = None, level=None,
                  order=None, probes: int = 1, within: str = DEFAULT_WITHIN, min_score: float | None = None,
-                 embedder=None, mmap: bool | None = None, row_filter: RowFilter | None = None) -> dict:
+                 embedder=None, mmap: bool | None = None, row_filter: RowFilter | None = None,
+                 margin: float = 0.0) -> dict:
     """Search a store with image files/folders (`queries`) and/or stored rows (`ids`).
 
     mode: "per-level" (each level's own top k; `level` picks levels: 1, "0,1", [0, 1], "all"),
@@ -168,7 +172,7 @@ def search_store(store_path=None, queries=(), ids=(), k: int = 10, mode: str | N
     with open_store(path) as store:
         indexes = open_indexes(path)
         mode, used, wanted = resolve_request(k, mode, level, order, store.levels, probes, within, min_score,
-                                             indexes.cosine)
+                                             indexes.cosine, margin)
         tree = hierarchy_tree(store, path, wanted) if mode != "per-level" else None
         with ThreadPoolExecutor(1) as pool:  # FAISS reads its files while the queries are embedded
             loading = pool.submit(indexes.load, store.model_id, store.n, used, mmap=mmap) \
@@ -178,16 +182,18 @@ def search_store(store_path=None, queries=(), ids=(), k: int = 10, mode: str | N
                 loading.result()
         return search_open_store(store, path, labels, qv, indexes=indexes, tree=tree,
                                  paths=store.paths, k=k, mode=mode, used=used, probes=probes, within=within,
-                                 min_score=min_score, notes=[note] if note else [], row_filter=row_filter)
+                                 min_score=min_score, notes=[note] if note else [], row_filter=row_filter,
+                                 margin=margin)
 
 
 def resolve_request(k: int, mode: str | None, level, order, levels: list[int], probes: int, within: str,
-                    min_score: float | None, cosine: bool) -> tuple[str, list[int], list[int] | None]:
+                    min_score: float | None, cosine: bool,
+                    margin: float = 0.0) -> tuple[str, list[int], list[int] | None]:
     """Every option check of a search: (mode, levels a per-level search visits, the hierarchical
     order asked for or None for the tree's measured one)."""
     if order is not None and mode is None and level is None:
         mode = "hierarchical"  # --order implies it, as --level implies per-level
-    mode, used = check_options(k, mode, level, levels, probes, within, min_score, cosine)
+    mode, used = check_options(k, mode, level, levels, probes, within, min_score, cosine, margin)
     if order is not None and mode == "per-level":
         raise SjeaError("--order sets the levels of hierarchical search; use it with --mode hierarchical or both.")
     return mode, used, (check_order(order, levels) if mode != "per-level" else None)
@@ -201,7 +207,7 @@ UNCENTRED_NOTE = ("scores are uncentred cosines (the store was written before ce
 def search_open_store(store, path: Path, labels: list[dict], qv: list[np.ndarray], *, indexes, tree: dict | None,
                       paths: list[str], k: int, mode: str, used: list[int], probes: int, within: str,
                       min_score: float | None, notes: list[str], row_filter: RowFilter | None = None,
-                      get_rows=None, prepared: bool = False) -> dict:
+                      get_rows=None, prepared: bool = False, margin: float = 0.0) -> dict:
     """The search itself, on an open store with its index handle (index.open_indexes, the levels
     searched loaded) and tree at hand: `search_store` opens them per call, `sjea serve` once per
     store version; both answer through this function. get_rows(j, sorted rows) -> level j's
@@ -229,11 +235,13 @@ def search_open_store(store, path: Path, labels: list[dict], qv: list[np.ndarray
     tree_levels = None
     if tree is not None:
         tree_levels = [int(v) for v in np.atleast_1d(tree["attrs"]["levels"])]
-        for r, (hits, cp, gate) in zip(results, searcher.hierarchical(tree, tree_levels, k, probes, within, masks)):
+        for r, (hits, cp, gate) in zip(results, searcher.hierarchical(tree, tree_levels, k, probes, within, masks,
+                                                                         margin)):
             r.update(hierarchical=keep_above(hits, min_score), cluster_path=cp, gate=gate)
     return {"store": str(path), "root": store.root, "n": n, "model_id": store.model_id, "k": k, "mode": mode,
             "levels": used if mode == "per-level" else levels, "order": tree_levels, "within": within
             if tree is not None else None, "probes": probes if tree is not None else None,
+            "margin": margin if tree is not None else None,
             "min_score": min_score, "where": row_filter.describe() if row_filter else [], "notes": notes,
             "metric": "centred cosine" if centred else "cosine" if store.normalized else "inner product",
             "results": results}
@@ -362,22 +370,23 @@ class Searcher:
         return scores, ids
 
     def hierarchical(self, tree: dict, tree_levels: list[int], k: int, probes: int, within: str,
-                     masks: list[np.ndarray] | None = None) -> list[tuple[list[dict], list[int], dict]]:
+                     masks: list[np.ndarray] | None = None,
+                     margin: float = 0.0) -> list[tuple[list[dict], list[int], dict]]:
         """Per query: (hits of the gated search, scored at every level; its cluster path; its gate);
         with masks, each query's gate and hits hold only the rows it may return."""
         if masks is None:
-            return self.gated(tree, tree_levels, k, probes, within)
+            return self.gated(tree, tree_levels, k, probes, within, margin)
         out: list = [None] * len(self.qv[0])
         for mask, qs in mask_groups(masks):
             sub = Searcher(self.indexes, [v[qs] for v in self.qv], self.levels, self.get_rows, self.paths)
-            for qi, got in zip(qs, sub.gated(filtered_tree(tree, mask), tree_levels, k, probes, within)):
+            for qi, got in zip(qs, sub.gated(filtered_tree(tree, mask), tree_levels, k, probes, within, margin)):
                 out[qi] = got
         return out
 
     def gated(self, tree: dict, tree_levels: list[int], k: int, probes: int,
-              within: str) -> list[tuple[list[dict], list[int], dict]]:
+              within: str, margin: float = 0.0) -> list[tuple[list[dict], list[int], dict]]:
         pos = [self.levels.index(lv) for lv in tree_levels]
-        got, scores = gated_hits(self.qv, self.get_rows, tree, pos, k, probes, within)
+        got, scores = gated_hits(self.qv, self.get_rows, tree, pos, k, probes, within, margin)
         ids = got["ids"]
         out = []
         for qi in range(len(ids)):

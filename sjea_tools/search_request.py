@@ -28,6 +28,7 @@ class SearchRequest:
     level: Any = None  # a levels spec (sjea_tools.levels); an empty list is None
     order: str | None = None
     probes: int = 1
+    margin: float = 0.0  # hierarchical: soft gate, every coarse cluster within this cosine of the nearest
     within: str | None = None  # None: search.DEFAULT_WITHIN
     min_score: float | None = None
     where: tuple[str, ...] = ()  # "folder=F", "label=NAME", "path=GLOB" (filters.RowFilter), ANDed

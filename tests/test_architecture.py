@@ -29,7 +29,7 @@ LAYERS = {
     "sjea_tools.store": 3, "sjea_tools.index": 3, "sjea_tools.clusters": 3, "sjea_tools.embed": 3,
     "sjea_tools.search": 3, "sjea_tools.evaluation": 3, "sjea_tools.plots": 3, "sjea_tools.grid": 3,
     "sjea_tools.query": 3, "sjea_tools.duplicates": 3,
-    "sjea_tools.hierarchy": 3,
+    "sjea_tools.hierarchy": 3, "sjea_tools.hierarchy_variants": 3,
     "sjea_tools.pipeline": 4, "sjea_tools.engines": 4, "sjea_tools.serve": 5,
     # the command line is on top; nothing imports it
     "sjea_tools.cli": 9,

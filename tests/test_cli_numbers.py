@@ -25,6 +25,7 @@ ZERO_ALLOWED = {
     ("search", "--id"), ("clusters", "--examples"),  # row 0 is a row; no example images
     ("serve", "--port"),  # port 0: the system picks a free one
     ("search", "--min-score"),
+    ("search", "--margin"),  # margin 0: the hard gate
 }
 # (command, option) where negative values are meaningful too.
 NEGATIVE_ALLOWED = {("search", "--min-score")}  # a cosine threshold, from -1 to 1

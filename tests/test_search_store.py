@@ -126,6 +126,9 @@ def test_query_model_other_than_the_stores_is_refused(store, tmp_path):
     (["--id", "0", "--min-score", "nan"], "--min-score must be"),
     (["--id", "0", "--factor", "nan"], "No such option: --factor"),
     (["--id", "0", "--probes", "0"], "--probes must be"),
+    (["--id", "0", "--margin", "-0.1"], "--margin must be a cosine difference from 0 to 2"),
+    (["--id", "0", "--margin", "3"], "--margin must be a cosine difference"),
+    (["--id", "0", "--margin", "nan"], "--margin"),
     (["--id", "0", "--within", "sideways"], "--within must be one of"),
     (["--id", "999"], "out of range"),
     (["--id", "0", "--mode", "sideways"], "--mode must be one of"),
@@ -272,6 +275,19 @@ def test_hierarchical_differs_from_every_level_and_keeps_groups(store, tmp_path)
     with Image.open(out) as im:
         has_bar = bool(np.all(np.asarray(im.convert("RGB")) == GROUP_BAR, axis=-1).any())
     assert has_bar == (len({g for _, _, g in row[2]}) > 1)
+
+
+def test_margin_widens_the_gate_to_the_clusters_near_the_querys(store):
+    """--margin 2 gates every coarse cluster (any two cosines differ by at most 2): the answer is then
+    the fine level's own top k; margin 0 is the hard gate."""
+    hard = search_store(store["out"], ids=list(range(20)), k=5, mode="both")
+    soft = search_store(store["out"], ids=list(range(20)), k=5, mode="hierarchical", margin=2.0)
+    fine = str(hard["order"][-1])
+    assert soft["margin"] == 2.0 and hard["margin"] == 0.0
+    for h, s in zip(hard["results"], soft["results"]):
+        assert len(s["gate"]["clusters"]) >= len(h["gate"]["clusters"]) and s["gate"]["rows"] == N
+        assert [x["id"] for x in s["hierarchical"]] == [x["id"] for x in h["per_level"][fine]]
+    assert any(len(s["gate"]["clusters"]) > len(h["gate"]["clusters"]) for h, s in zip(hard["results"], soft["results"]))
 
 
 def test_min_score_filters_hits(store):

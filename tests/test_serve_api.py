@@ -183,6 +183,8 @@ def test_page_and_its_files_are_served_by_the_package(client):
     ("/api/search?id=1&mode=per-level&order=1,0", 400),
     ("/api/search?id=1&min_score=2", 400),
     ("/api/search?id=1&min_score=nan", 400),
+    ("/api/search?id=1&mode=hierarchical&margin=3", 422),  # soft gate margin outside 0..2
+    ("/api/search?id=1&mode=hierarchical&margin=-1", 422),
     ("/api/search", 422),                               # nothing to search for
     ("/api/items/3/thumbnail?size=100000", 422),
     ("/api/clusters/9/0", 404),
@@ -356,3 +358,11 @@ def test_sjea_serve_command_serves_and_explains_its_options(store, tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_margin_reaches_the_library_soft_gate(client, store):
+    got = client.get("/api/search", params={"id": 17, "k": 6, "mode": "hierarchical", "margin": 2}).json()
+    want = search_store(store["out"], ids=[17], k=6, mode="hierarchical", margin=2.0)
+    assert got["margin"] == 2.0 and got["results"][0]["gate"] == want["results"][0]["gate"]
+    assert [h["id"] for h in got["results"][0]["hierarchical"]] == [h["id"] for h in want["results"][0]["hierarchical"]]
+    assert got["results"][0]["gate"]["rows"] == want["n"]  # margin 2: every coarse cluster

@@ -11,7 +11,7 @@ import typer
 
 from . import app
 from ..search_request import SearchRequest
-from .common import (grid_option, overwrite_option, json_option, any_finite, non_negative_int, console, err_console, handle_errors, literal, markup_safe, positive_int,
+from .common import (grid_option, number_check, overwrite_option, json_option, any_finite, non_negative_int, console, err_console, handle_errors, literal, markup_safe, positive_int,
                      print_json)
 
 
@@ -32,6 +32,9 @@ def search(
                                         "must match the store's cluster tree \\[default: the tree's, measured]."),
     probes: int = typer.Option(1, "--probes", callback=positive_int, help="Hierarchical: coarse clusters the "
                                "answer may come from (nearest first; widened until they hold k rows)."),
+    margin: float = typer.Option(0.0, "--margin", callback=number_check(0, 2, rule="a cosine difference from 0 to 2"), help="Hierarchical: also search every "
+                                 "coarse cluster whose centroid cosine is within this of the nearest's (soft gate; "
+                                 "0 to 2) \\[default: 0, the hard gate]."),
     within: str = typer.Option("score", "--within", help="Hierarchical: order inside the coarse cluster: score "
                                "(fine-level cosine) or groups (sub-cluster by sub-cluster, the query's own first)."),
     min_score: Optional[float] = typer.Option(None, "--min-score", callback=any_finite, help="Leave out hits "
@@ -64,7 +67,7 @@ def search(
         if mode is None and level is None:
             mode = "both"  # the grid shows a row per level and the hierarchical row
     request = SearchRequest(store, tuple(queries or ()), tuple(ids or ()), k=k, mode=mode, level=level,
-                            order=order, probes=probes, within=within, min_score=min_score,
+                            order=order, probes=probes, margin=margin, within=within, min_score=min_score,
                             where=tuple(where or ()), exclude_same_folder=exclude_same_folder)
     request.row_filter()  # bad --where syntax: refused before the store is opened
     res = run_search(request)
@@ -153,7 +156,7 @@ def run_search(request: SearchRequest) -> dict:
     r = request
     return search_store(r.store, queries=list(r.queries), ids=list(r.ids), k=r.k, mode=r.mode, level=r.level,
                         order=r.order, probes=r.probes, within=r.within or DEFAULT_WITHIN, min_score=r.min_score,
-                        row_filter=r.row_filter())
+                        row_filter=r.row_filter(), margin=r.margin)
 
 
 def group_name(levels: list[int], nodes: list[int]) -> str:

@@ -77,7 +77,7 @@ def error(status: int, message: str) -> JSONResponse:
 
 def api_message(text: str) -> str:
     """The library's messages name CLI options (--k); the API's parameters have the bare names."""
-    return re.sub(r"--(k|mode|level|order|probes|within|id|min-score|threshold)\b",
+    return re.sub(r"--(k|mode|level|order|probes|margin|within|id|min-score|threshold)\b",
                   lambda m: m.group(1).replace("-", "_"), text)
 
 
@@ -198,6 +198,8 @@ def search_options(param):
                                              "first, e.g. 1,0 (must match the tree)."),
                 probes: int = param(1, ge=1, le=1000, description="hierarchical: coarse clusters the answer may "
                                     "come from."),
+                margin: float = param(0.0, ge=0.0, le=2.0, description="hierarchical: also search every coarse "
+                                      "cluster within this cosine of the nearest (soft gate; 0: hard gate)."),
                 within: Within = param("score", description="hierarchical: rank inside the gate by score, or "
                                        "sub-cluster by sub-cluster (groups)."),
                 min_score: Optional[float] = param(None, description="Leave out hits scoring below this "
@@ -206,7 +208,7 @@ def search_options(param):
                                                    "path=GLOB (repeat: all must hold)."),
                 exclude_same_folder: bool = param(False, description="Leave out hits in the query's own "
                                                   "folder.")) -> dict:
-        return {"k": k, "mode": mode, "level": level or None, "order": order or None, "probes": probes,
+        return {"k": k, "mode": mode, "level": level or None, "order": order or None, "probes": probes, "margin": margin,
                 "within": within, "min_score": min_score, "where": tuple(where or ()),
                 "exclude_same_folder": exclude_same_folder}
 

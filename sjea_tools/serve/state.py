@@ -86,12 +86,12 @@ class LoadedStore:
     # --- search -----------------------------------------------------------------------------------
     def search(self, ids=(), files=(), k: int = 10, mode: str | None = None, level=None, order=None,
                probes: int = 1, within: str = DEFAULT_WITHIN, min_score: float | None = None, where=(),
-               exclude_same_folder: bool = False) -> dict:
+               exclude_same_folder: bool = False, margin: float = 0.0) -> dict:
         """What `search_store` returns (the fields of `sjea search --json`), through the same
         search.search_open_store on the loaded indexes and tree; each result also carries the
         query's cluster path when the store has a tree."""
         mode, used, wanted = resolve_request(k, mode, level, order, self.levels, probes, within, min_score,
-                                             self.cosine)
+                                             self.cosine, margin)
         row_filter = RowFilter.parse(where, exclude_same_folder)
         if files and self.embedder is None:
             raise SjeaError(f"searching by image needs the store's model, which did not load: {self.embedder_error}")
@@ -99,7 +99,8 @@ class LoadedStore:
         labels, qv = self._query_vectors(ids, files)
         res = search_open_store(self, self.path, labels, qv, indexes=self.indexes, tree=tree, paths=self.paths,
                                 k=k, mode=mode, used=used, probes=probes, within=within, min_score=min_score,
-                                notes=[], row_filter=row_filter, get_rows=self.vectors.rows, prepared=True)
+                                notes=[], row_filter=row_filter, get_rows=self.vectors.rows, prepared=True,
+                                margin=margin)
         self._add_cluster_paths(res["results"], qv)
         res["root"] = str(self.root)
         return res
