@@ -339,6 +339,9 @@ def test_onnx_source_run_embeds_exports_and_evals(from_export, fmnist_test):
                              "--no-baselines", *random_init, "--quiet"], base)
         assert evaluated.exit_code == 0, evaluated.output
     assert [row["level"] for row in json.loads((new / "eval.json").read_text())["levels"]] == [0, 1]
+    # a graph has no random initialisation: the random-init result says its level 0 is not a floor
+    assert "no random initialisation" in json.loads((new / "eval-random-init.json").read_text())["note"]
+    assert "note" not in json.loads((new / "eval.json").read_text())
 
 
 class SmallCNN(torch.nn.Module):

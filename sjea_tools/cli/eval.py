@@ -213,5 +213,7 @@ def eval_command(
         return
     for table in eval_tables(result):
         console.print(table, soft_wrap=isinstance(table, str))
+    if result.get("note"):
+        err_console.print(f"note: {markup_safe(result['note'])}", soft_wrap=True)
     err_console.print(f"wrote {markup_safe(result['output'])}" + (f" and {markup_safe(result['features_file'])}" if "features_file" in result else ""),
                       soft_wrap=True)

@@ -382,6 +382,9 @@ def evaluate_run(run=None, dataset: str | None = None, data_dir: str | None = No
         "seconds": {"features": round(t_features, 2), "total": round(time.perf_counter() - t0, 2)},
         "output": str(out_path),
     }
+    if random_init and 0 in levels and model.onnx_level0:
+        result["note"] = ("level 0 is a frozen ONNX graph (sjea train --from FILE.onnx) and has no random "
+                          "initialisation: its random-init row is the trained graph; only the levels above are a floor")
     if save_features:
         feat_path = out_path.with_suffix(".features.npz")
         save_feature_file(feat_path, levels, train_feats, train.labels, test_feats, test.labels)
