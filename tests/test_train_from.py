@@ -186,6 +186,8 @@ def test_dry_run_shows_the_source(tmp_path):
     assert summary["config"]["train"]["from_path"] == str(source.resolve())
     assert [lv["frozen"] for lv in summary["levels"]] == [True, False]
     assert not (tmp_path / "runs").exists()
+    table = run_cli(["train", "--from", source, "--limit", "64", "--batch-size", "16", "--dry-run"], tmp_path)
+    assert table.exit_code == 0 and f"frozen: level 0 from {source.resolve()}" in " ".join(table.output.split())
 
 
 def test_a_one_level_source_leaves_the_higher_level_settings_to_the_new_level(tmp_path):

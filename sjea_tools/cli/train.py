@@ -381,7 +381,8 @@ def _print_dry_run(summary: dict) -> None:
     train = summary["config"]["train"]
     if train["frozen_levels"]:
         output = f", output {markup_safe(train['from_output'])}" if train.get("from_output") else ""
-        console.print(f"frozen: levels 0-{train['frozen_levels'] - 1} from {markup_safe(train['from_path'])} (sha256 "
+        n = train["frozen_levels"]
+        console.print(f"frozen: {'level 0' if n == 1 else f'levels 0-{n - 1}'} from {markup_safe(train['from_path'])} (sha256 "
                       f"{train['from_sha256'][:16]}...{output}); forward only, no loss, not optimised", highlight=False)
     _print_plan(summary)
 
