@@ -348,8 +348,9 @@ def export_run(run=None, level="all", out=None, output: str = "representation", 
                opset: int = DEFAULT_OPSET, progress: ProgressFn | None = None) -> dict:
     """Export levels of a run ('all', K or '0,1'), verify, install.
 
-    Files go to RUN/onnx (or `out`): level{K}.onnx per level and, for level='all', all_levels.onnx
-    computing every level in one pass. Each file is written under a temporary name, checked with
+    Files go to RUN/onnx (or the folder `out`): level{K}.onnx per level and, for level='all',
+    all_levels.onnx computing every level in one pass; an `out` ending in .onnx that is not a folder
+    is the one file of a single level. Each file is written under a temporary name, checked with
     onnx.checker and against PyTorch on real images, and renamed into place only when every file
     passed; on any failure nothing new is left behind. `progress` follows sjea_tools.progress.
     Returns a report dict; raises VerificationError (with `.report`) on failed parity.
@@ -361,10 +362,17 @@ def export_run(run=None, level="all", out=None, output: str = "representation", 
     model = load_model(run_dir)
     levels = parse_levels(level, model.num_levels, option="--level")
     out_dir = Path(out) if out is not None else Path(run_dir) / "onnx"
+    file_name = None
+    if out_dir.suffix.lower() == ".onnx" and not out_dir.is_dir():  # --out names the one file to write
+        file_name, out_dir = out_dir.name, out_dir.parent
+        planned = plan_files(levels, asks_for_all(level), opts.suffix)
+        if len(planned) > 1:
+            raise SjeaError(f"--out {out} names one .onnx file, but --level {level} writes {len(planned)} files "
+                            f"({', '.join(f.name for f in planned)}); pass --level K for one file, or --out FOLDER.")
     created = not out_dir.exists()
     prepare_out_dir(out_dir)
     try:
-        return _export_into(model, run_dir, out_dir, levels, asks_for_all(level), opts, progress)
+        return _export_into(model, run_dir, out_dir, levels, asks_for_all(level), opts, progress, file_name)
     except BaseException:
         if created and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()  # a folder this call made and could not fill goes away again
@@ -380,10 +388,12 @@ def _refuse_existing(out_dir: Path, plan: list[PlannedFile], overwrite: bool) ->
 
 
 def _export_into(model, run_dir, out_dir: Path, levels: list[int], want_all: bool, opts: ExportOptions,
-                 progress: ProgressFn | None) -> dict:
+                 progress: ProgressFn | None, file_name: str | None = None) -> dict:
     from .verify import reference_by_batch, verification_pixels
 
     plan = plan_files(levels, want_all, opts.suffix)
+    if file_name is not None:  # one file, at the name the user gave
+        plan = [PlannedFile(file_name, plan[0].levels, plan[0].whole)]
     _refuse_existing(out_dir, plan, opts.overwrite)
     pixels, image_source = verification_pixels(model, opts.images)
     # The first report comes after the last check of the input, so a bad option prints only its error.

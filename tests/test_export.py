@@ -383,6 +383,26 @@ def test_level_the_run_does_not_have(exported_mlp2, tmp_path):
         assert not (tmp_path / "o").exists()
 
 
+def test_out_naming_one_onnx_file(exported_mlp2, fmnist_test, tmp_path):
+    """--out m.onnx with one level writes that file (not a folder called m.onnx); with several levels it
+    is refused in one line and nothing is made."""
+    run, _ = exported_mlp2
+    target = tmp_path / "models" / "level1-mine.onnx"
+    result = runner.invoke(app, ["export", "--run", str(run), "--level", "1", "--out", str(target), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert target.is_file() and [f["path"] for f in report["files"]] == [str(target)]
+    assert leftovers(target.parent) == ["level1-mine.onnx"]
+    model, pixels = load_model(run), fmnist_test.pixels[:8]
+    got = OnnxModel(target, provider="cpu").run(normalize_pixels(pixels, model.mean, model.std).numpy())
+    assert max_abs_diff(got[0], torch_levels(model, pixels)[1]) <= 1e-4
+    line = one_line_error(runner.invoke(app, ["export", "--run", str(run), "--level", "1", "--out", str(target)]))
+    assert "already exists" in line and "--overwrite" in line
+    line = one_line_error(runner.invoke(app, ["export", "--run", str(run), "--out", str(tmp_path / "all.onnx")]))
+    assert "names one .onnx file" in line and "3 files" in line and "--level K" in line
+    assert not (tmp_path / "all.onnx").exists()
+
+
 def test_missing_and_corrupt_runs(tmp_path):
     line = one_line_error(runner.invoke(app, ["export", "--run", str(tmp_path / "nope")]))
     assert "does not exist" in line

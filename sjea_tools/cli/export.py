@@ -46,7 +46,7 @@ def export(
                               "like 0,1 (one file each)."),
     run: Optional[Path] = run_option("Run folder (default: the latest run, "
                                        "runs/LATEST)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the .onnx files (default: RUN/onnx)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the .onnx files (default: RUN/onnx), or a FILE.onnx for one level (with --level K)."),
     output: str = typer.Option("representation", "--output", help="What each level gives: representation "
                                "(Y_k, what embed stores) or embedding (Z_k, the projector output)."),
     with_preprocessing: bool = typer.Option(False, "--with-preprocessing", help="Put normalisation inside the "
