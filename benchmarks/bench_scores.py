@@ -18,7 +18,10 @@ Per level, medians over the store:
 - self: the same 300 files embedded as queries against their own rows (minimum shown too).
 
 And the demo's own query (`sjea search demo/images/Sneaker/000009.png --k 5`), its five scores per
-level. The block goes into docs/search.md ("Scores").
+level, and for each of its neighbours whether `sjea duplicates` would call the pair a near-duplicate
+(its own rule at its defaults: level-0 score >= the store's default threshold and grey pixels
+correlating >= its pixel threshold): a 0.99 neighbour is only readable if it is one. The block goes
+into docs/search.md ("Scores").
 """
 
 from __future__ import annotations
@@ -100,7 +103,28 @@ def measure(run: str, images: Path, copies: Path, store: Path, sample: list[str]
     demo = search_store(store, queries=[images / DEMO_QUERY], k=5, mode="per-level")
     out["demo"] = {int(lv): [round(h["score"], 3) for h in hits] for lv, hits in demo["results"][0]["per_level"].items()}
     out["metric"] = demo["metric"]
+    out["demo_pairs"] = demo_pairs(store, demo["results"][0]["per_level"])
     return out
+
+
+def demo_pairs(store: Path, per_level: dict) -> dict:
+    """For each level's demo neighbours (after the query itself): the pair's level-0 score, its pixel
+    correlation and whether `sjea duplicates`' rule at its defaults joins it with the query."""
+    from sjea_tools.duplicates import DEFAULT_PIXEL_THRESHOLD, default_threshold, read_level, verify_pairs
+
+    threshold = default_threshold(store)
+    _, x, paths, root = read_level(store, 0)
+    query = paths.index(str(DEMO_QUERY))
+    out = {}
+    for lv, hits in per_level.items():
+        rows = np.array([h["id"] for h in hits if h["id"] != query])
+        pixels_pass, corr, _ = verify_pairs(np.full(len(rows), query), rows, [root / p for p in paths],
+                                            DEFAULT_PIXEL_THRESHOLD)
+        level0 = x[rows] @ x[query]
+        out[int(lv)] = [{"path": paths[r], "level0": round(float(s), 3), "pixels": round(float(c), 3),
+                         "near_duplicate": bool(s >= threshold and ok)}
+                        for r, s, c, ok in zip(rows, level0, corr, pixels_pass)]
+    return {"threshold": threshold, "pixel_threshold": DEFAULT_PIXEL_THRESHOLD, "levels": out}
 
 
 def block(data: dict) -> str:
@@ -122,6 +146,15 @@ def block(data: dict) -> str:
     for lv in centred["demo"]:
         lines.append(f"| L{lv} | {', '.join(f'{v:.3f}' for v in centred['demo'][lv])} | "
                      f"{', '.join(f'{v:.3f}' for v in raw['demo'][lv])} |")
+    pairs = centred["demo_pairs"]
+    lines += ["", f"Are the demo's neighbours (centred store) near-duplicates of the query? `sjea duplicates`' rule at "
+              f"its defaults: level-0 score >= {pairs['threshold']} and pixel correlation >= "
+              f"{pairs['pixel_threshold']}.", "",
+              "| level | neighbour | file | level-0 score | pixel correlation | near-duplicate |", "|---|---:|---|---:|---:|---|"]
+    for lv, hits in pairs["levels"].items():
+        for rank, h in enumerate(hits, start=2):
+            lines.append(f"| L{lv} | {rank} | {h['path']} | {h['level0']:.3f} | {h['pixels']:.3f} | "
+                         f"{'yes' if h['near_duplicate'] else 'no'} |")
     lines += ["", "<!-- bench_scores:data " + json.dumps(data, sort_keys=True) + " -->", END]
     return "\n".join(lines)
 
