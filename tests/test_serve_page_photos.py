@@ -75,13 +75,38 @@ def test_controls_are_explained(browser, served):
     d = browser
     d.get(served["url"])
     wait(d).until(EC.text_to_be_present_in_element((By.ID, "store-info"), "rows"))
-    for control in ("mode", "level", "order", "probes", "within", "min-score"):
+    for control in ("mode", "level", "order", "probes", "margin", "within", "min-score"):
         label = d.find_element(By.ID, control).find_element(By.XPATH, "..")
         assert len(label.get_attribute("title")) > 30, control
     d.find_element(By.CSS_SELECTOR, "#help summary").click()
     terms = [t.text for t in d.find_elements(By.CSS_SELECTOR, "#help dt")]
-    assert {"mode", "order", "probes", "within", "gate"} <= set(terms)
+    assert {"mode", "order", "probes", "margin", "within", "gate"} <= set(terms)
     assert all(dd.text for dd in d.find_elements(By.CSS_SELECTOR, "#help dd"))
+
+
+def gate_rows(d, query_id: int, margin: str) -> int:
+    """Rows of the hierarchical column's gate after searching `query_id` with this margin."""
+    from selenium.webdriver.support.ui import Select
+
+    Select(d.find_element(By.ID, "mode")).select_by_value("hierarchical")
+    d.find_element(By.ID, "margin").clear()
+    d.find_element(By.ID, "margin").send_keys(margin)
+    d.find_element(By.ID, "query-id").clear()
+    d.find_element(By.ID, "query-id").send_keys(str(query_id))
+    d.execute_script("document.getElementById('results').replaceChildren()")
+    d.find_element(By.ID, "search-id").click()
+    head = wait(d).until(lambda drv: drv.find_element(By.CSS_SELECTOR, "#results .column[data-kind=hierarchical] h2"))
+    return int(re.search(r"\((\d+) rows\)", head.text).group(1))
+
+
+def test_margin_control_softens_the_gate(browser, served):
+    """The page's margin is the API's (and `sjea search --margin`'s): at 0 the gate is one coarse
+    cluster, at the maximum 2 every cluster passes (a cosine gap is never above 2)."""
+    d = browser
+    d.get(served["url"])
+    wait(d).until(EC.text_to_be_present_in_element((By.ID, "store-info"), "rows"))
+    hard, soft = gate_rows(d, 3, "0"), gate_rows(d, 3, "2")
+    assert 0 < hard < soft == len(served["paths"])
 
 
 def test_results_show_file_names_and_open_the_original(browser, served, tmp_path):

@@ -59,6 +59,7 @@ function options() {
   if (mode !== "per-level") {
     p.set("probes", $("probes").value || "1");
     p.set("within", $("within").value);
+    if (Number($("margin").value) > 0) p.set("margin", $("margin").value);
   }
   if ($("min-score").value.trim()) p.set("min_score", $("min-score").value.trim());
   return p;
