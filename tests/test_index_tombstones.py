@@ -301,3 +301,25 @@ def test_update_of_a_folder_searches_like_a_fresh_embed_and_the_tree_covers_the_
         assert why is None and len(tree["assign"]) == s.n == fr.n
     sidecar = json.loads((ix.index_dir(out) / "index.json").read_text())
     assert all(e["tombstones"]["count"] == 2 for e in sidecar["levels"].values())
+
+
+def test_the_documented_plain_faiss_snippet_reads_a_tombstoned_index(tmp_path):
+    import re
+    from pathlib import Path
+
+    f = Folder(tmp_path / "s.h5", 1000)
+    ix.build_indexes(f.path, kind="flat")
+    f.remove([0, 41, 500])
+    f.add(30)
+    entry = ix.build_indexes(f.path, kind="flat")["levels"]["0"]
+    assert entry.get("parts") and entry["tombstones"]["count"] == 3
+    doc = (Path(__file__).parents[1] / "docs" / "store-format.md").read_text()
+    snippet = re.search(r"<!-- plain-faiss -->\n```python\n(.*?)```", doc, re.S).group(1)
+    scope = {"STORE": str(f.path), "LEVEL": 0}
+    exec(snippet, scope)  # noqa: S102 - the documented snippet, as a user runs it
+    with open_store(f.path) as s:
+        q = s.read_embeddings(0, [41, 990, 5])
+        want = ix.load_indexes(f.path, s.model_id, s.n, [0])[0].search(q, 8)
+    got = scope["search"](q, 8)
+    assert np.array_equal(got[1], want[1]) and np.allclose(got[0], want[0], atol=1e-6)
+    assert got[1][:, 0].tolist() == [41, 990, 5]
