@@ -6,9 +6,11 @@ vectors; the cost does not depend on the values), indexed as `sjea index` does (
 
 Timed per size, each on a fresh copy of the indexed store: (a) removal of CHANGE rows spread over
 the store (store.removal.rewrite_rows: the top-level file is rewritten with live ranges, no vector
-copied), then the indexes (index.build_indexes: row numbers shift, so each level is rebuilt);
-(b) for reference, appending CHANGE rows (store.append_segment) and growing the indexes. Bytes:
-the sizes of the store files created or changed. Prints one JSON line per size.
+copied), then the indexes (index.build_indexes: each level keeps its files and records the removed
+ids as tombstones, index.tombstones), and for reference the full rebuild the same removal cost
+before tombstones (`sjea index --rebuild` on that store: "rebuild_s"); (b) appending CHANGE rows
+(store.append_segment) and growing the indexes. Bytes: the sizes of the store files created or
+changed. Prints one JSON line per size.
 """
 
 from __future__ import annotations
@@ -83,6 +85,10 @@ def one(work: Path, n: int, change: int) -> dict:
         result[case] = {"store_s": round(t1 - t0, 3), "index_s": round(t2 - t1, 3),
                         "store_bytes_written": new_bytes(before, files(out)),
                         "index": f"{entry['kind']} ({entry['action']})"}
+        if case == "remove":
+            t0 = time.perf_counter()
+            build_indexes(out, rebuild=True)
+            result[case]["rebuild_s"] = round(time.perf_counter() - t0, 3)
     return result
 
 

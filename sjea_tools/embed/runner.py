@@ -19,7 +19,7 @@ from ..progress import ProgressFn, report
 from ..store import (append_segment, disk_faults, format_shard, open_store, partial_path, remove_orphans,
                      shard_slice, write_store, writer_lock)
 from ..store.guard import require_held
-from ..store.removal import record_file_stats, rewrite_rows
+from ..store.removal import REMOVAL_ATTRS, record_file_stats, rewrite_rows
 from .backends import Embedder
 from .plan import Plan, plan_run
 from .reader import decoded_batches, default_workers
@@ -167,10 +167,8 @@ def _finish(out: Path, attrs: dict, plan: Plan) -> None:
             rewrite_rows(out, plan.sync.drop, plan.sync.drop_failed,
                          plan.sync.label_names if plan.sync.relabel else None, {"updated": now})
         if journal.rows or journal.failed:
-            with open_store(out) as s:
-                removed_from = s.attrs.get("rows_removed_from")
-            if removed_from is not None:  # index.growth reads it: an index of an earlier version is rebuilt
-                final_attrs["rows_removed_from"] = removed_from
+            with open_store(out) as s:  # what an index of an earlier version follows (store.removal)
+                final_attrs.update({k: s.attrs[k] for k in REMOVAL_ATTRS if s.attrs.get(k) is not None})
             append_segment(out, final_attrs, journal.paths(), journal.iter_rows(), journal.failures())
     journal.remove()
 

@@ -7,6 +7,8 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import SjeaError
 from ..io import atomic_write_text
 from ..progress import ProgressFn
@@ -17,7 +19,9 @@ from .level_file import build_level_file
 from .load import prepare
 from .recall import RECALL_SAMPLE
 from .sidecar import (INDEX_FORMAT, SIDECAR, StoredPaths, digests, foreign_file, index_dir, read_sidecar_or_none,
-                      remove_unused_files, rows_record, stale_rows)
+                      remove_unused_files, rows_record, settings_changed, stale_rows, vectors_changed)
+from .tombstones import (Removals, add_tombstones, over_bound, read_tombstones, removals_since, rows_after,
+                         write_tombstones)
 
 
 def build_indexes(store_path: str | Path, kind: str = "auto", memory_budget=None, params: dict | None = None,
@@ -63,9 +67,14 @@ def _index_all_levels(store_path: Path, old: dict | None, request: dict,
         if store.n == 0:
             raise SjeaError(f"{store_path} holds no embeddings yet; run sjea embed first.")
         paths = StoredPaths(store)  # read only where the store's history cannot answer, or for a build
-        problem = "no index yet" if old is None else (rows_removed(store, old) or stale_rows(store, old, paths)
-                                                      or foreign_parts(store, old))
-        entries = {str(level): _index_level(store, level, dim, old, problem, request, build_id, progress)
+        removal = None if old is None else removals_since(store, old)
+        if old is None:
+            problem = "no index yet"
+        elif removal is None:
+            problem = rows_removed(store, old) or stale_rows(store, old, paths) or foreign_parts(store, old)
+        else:
+            problem = removal.problem or removed_stale(store, old, removal) or foreign_parts(store, old)
+        entries = {str(level): _index_level(store, level, dim, old, problem, request, build_id, progress, removal)
                    for level, dim in zip(store.levels, store.dims)}
         for entry in entries.values():  # what binds each file to this sidecar (load.py checks it)
             if entry["action"] != "up to date" or not entry.get("digests"):
@@ -109,13 +118,33 @@ def foreign_parts(store, old: dict) -> str | None:
     return None
 
 
+def removed_stale(store, old: dict, removal: Removals) -> str | None:
+    """stale_rows for an index whose rows were partly removed since (the store's history, which
+    removals_since followed, vouches for the order): its settings, and its check rows' vectors
+    where they are now, when none of them was removed."""
+    changed = settings_changed(store, old)
+    if changed:
+        return changed
+    rows = np.asarray(old["rows"]["check_rows"], dtype=np.int64)
+    for step in removal.steps:
+        if np.isin(rows, step).any():
+            return None  # a check row is gone: its digest cannot be recomputed; the history vouches
+        rows = rows_after(rows, step)
+    return vectors_changed(store, old["rows"], rows)
+
+
 def _index_level(store, level: int, dim: int, old: dict | None, problem: str | None, request: dict, build_id: str,
-                 progress: ProgressFn | None) -> dict:
-    """One level's sidecar entry: kept, grown, or built from all its vectors."""
+                 progress: ProgressFn | None, removal: Removals | None = None) -> dict:
+    """One level's sidecar entry: kept, tombstoned, grown, or built from all its vectors."""
     action, reason = plan_level(store.n, dim, level, old, problem, request)
+    path = index_dir(store.path) / f"level{level}-{build_id}.faiss"
+    if removal is not None and action in ("up to date", "grow"):
+        entry, reason = tombstone_level(store, level, old, removal, request, path, progress)
+        if entry is not None:
+            return entry
+        action = "rebuilt"
     if action == "up to date":
         return {**old["levels"][str(level)], "action": action, "status": "up to date", "added": 0}
-    path = index_dir(store.path) / f"level{level}-{build_id}.faiss"
     if action == "grow":
         entry, reason = grow_level(store, level, old, request, path, progress)
         if entry is not None:
@@ -129,3 +158,37 @@ def _index_level(store, level: int, dim: int, old: dict | None, problem: str | N
     return {**entry, "action": action, "status": f"{action}: {reason}", "added": 0, "rows_at_build": store.n,
             "search_forced": forced}
 
+
+
+def tombstone_level(store, level: int, old: dict, removal: Removals, request: dict, path: Path,
+                    progress: ProgressFn | None) -> tuple[dict | None, str]:
+    """A level after rows were removed from the store: its files kept, the removed rows' ids added
+    to its tombstones (index.tombstones), then the rows added since grown as a delta part. (the
+    entry, "") or (None, why it is rebuilt instead: too many tombstones, a growth that cannot)."""
+    entry = old["levels"][str(level)]
+    try:
+        tombs = read_tombstones(path.parent, entry, store.path)
+    except SjeaError as e:
+        return None, str(e).split(";")[0]
+    had = len(tombs)
+    for rows in removal.steps:
+        tombs = add_tombstones(tombs, rows)
+    too_many = over_bound(len(tombs), store.n + len(tombs))
+    if too_many:
+        return None, too_many
+    kept = {k: v for k, v in entry.items() if k != "tombstones"}
+    if len(tombs):
+        kept["tombstones"] = write_tombstones(path.with_name(f"{path.stem}.tombs.npy"), tombs)
+    # The recall kept was measured with these ids still live (a growth below measures again, the
+    # removed ids still counted): the entry says how many removed ids its recall counts.
+    kept["recall_with_removed"] = len(tombs)
+    note = f"tombstoned ({len(tombs) - had:,} rows removed, {len(tombs):,} in all"
+    if store.n == removal.covered:
+        return {**kept, "action": "tombstoned", "status": f"{note}; recall@10 measured before the removals)",
+                "added": 0}, ""
+    grown, why = grow_level(store, level, {**old, "levels": {**old["levels"], str(level): kept}}, request, path,
+                            progress, covered=removal.covered, shift=len(tombs))
+    if grown is None:
+        return None, why
+    return {**grown, "action": "tombstoned",
+            "status": f"{note}; recall@10 measured with the removed ids counted), then {grown['status']}"}, ""

@@ -56,9 +56,10 @@ def plan_level(n: int, dim: int, level: int, old: dict | None, problem: str | No
 
 
 def rows_removed(store, old: dict) -> str | None:
-    """Why an index cannot grow after rows were removed from the store since it was built
-    (store.removal): the row numbers after each removed row moved down, and FAISS ids are row
-    numbers, so every level is rebuilt (measured in benchmarks/bench_removal.py). None otherwise."""
+    """Why an index cannot follow rows removed from the store since it was built (store.removal)
+    where the store's removal log does not lead from its version to now (index.tombstones follows
+    it where it does): FAISS ids are row numbers, the rows after each removed one moved down, so
+    every level is rebuilt. None otherwise."""
     removed_from = store.attrs.get("rows_removed_from")
     if removed_from is None or old.get("store_fingerprint") not in set(np.atleast_1d(removed_from).tolist()):
         return None
@@ -87,17 +88,24 @@ def settings_differ(n: int, dim: int, entry: dict, old: dict, request: dict) -> 
     return None
 
 
-def grow_level(store, level: int, old: dict, request: dict, path: Path,
-               progress: ProgressFn | None) -> tuple[dict | None, str]:
-    """Add the store's rows after old["n"] to a level's index and measure recall again, reading
-    only the added rows: as a new delta part beside the base while the parts stay within the
-    limits (grow_by_part), else folded with every part into the base, written once (fold_level).
-    (the new entry, "") or (None, why it must be rebuilt instead)."""
+def grow_level(store, level: int, old: dict, request: dict, path: Path, progress: ProgressFn | None,
+               covered: int | None = None, shift: int | None = None) -> tuple[dict | None, str]:
+    """Add the store's rows after the `covered` ones (default old["n"]) to a level's index and
+    measure recall again, reading only the added rows: as a new delta part beside the base while
+    the parts stay within the limits (grow_by_part), else folded with every part into the base,
+    written once (fold_level). `shift`: the level's tombstones (default its entry's), by which the
+    added rows' ids exceed their row numbers (index.tombstones). (the new entry, "") or (None, why
+    it must be rebuilt instead)."""
     entry = old["levels"][str(level)]
-    if fits_in_part(entry, int(old["n"]), store.n):
-        grown = grow_by_part(store, level, old, request, path, progress)
+    covered = int(old["n"]) if covered is None else covered
+    shift = int((entry.get("tombstones") or {}).get("count", 0)) if shift is None else shift
+    if fits_in_part(entry, covered + shift, store.n + shift):
+        grown = grow_by_part(store, level, old, request, path, progress, covered, shift)
         if grown is not None:
             return grown, ""
+    if shift:  # a fold appends the parts' rows from the store, where the tombstoned ones are gone
+        return None, (f"the delta parts are full and {shift:,} removed rows are tombstoned (a fold would renumber "
+                      "the rows after them)")
     return fold_level(store, level, old, request, path, progress)
 
 
@@ -109,20 +117,22 @@ def fits_in_part(entry: dict, n_old: int, n: int) -> bool:
             and n - base <= min(DELTA_MAX_SHARE * base, DELTA_MAX_ROWS))
 
 
-def grow_by_part(store, level: int, old: dict, request: dict, path: Path,
-                 progress: ProgressFn | None) -> dict | None:
+def grow_by_part(store, level: int, old: dict, request: dict, path: Path, progress: ProgressFn | None,
+                 covered: int, shift: int) -> dict | None:
     """Write the rows after old["n"] as a new exact part (IndexFlatIP: the vectors are prepared
     for inner product as the base's are) beside a level's base, which is neither read nor written,
     and measure the combined recall: the probe's truth and the base's stored answers both merge
     the queries' exact top among the added rows, so the cost follows the rows added (queries x
     added), not the rows stored. The new entry, or None where a fold must decide (files missing,
-    a probe too small, recall below the floor)."""
+    a probe too small, recall below the floor). With `shift` tombstones the probe and the part
+    count index ids (store rows from `covered` on are ids covered + shift on); a compressed level
+    (rerank > 1) re-scores by store row, which a tombstoned id has none of: None."""
     import faiss
 
     folder, entry = path.parent, old["levels"][str(level)]
-    n_old, n = int(old["n"]), store.n
+    n_old, n = covered + shift, store.n + shift  # in index ids
     t0 = time.perf_counter()
-    if not all((folder / f).is_file() for f in level_files(entry)):
+    if not all((folder / f).is_file() for f in level_files(entry)) or (shift and entry.get("rerank", 1) > 1):
         return None
     try:
         probe = with_base_answers(read_probe(folder / entry["probe"]), folder / entry["file"], entry)
@@ -130,7 +140,7 @@ def grow_by_part(store, level: int, old: dict, request: dict, path: Path,
         return None
     if probe["ids"].shape[1] < min(10, n):
         return None
-    new = prepare(store.read_embeddings(level, np.arange(n_old, n)), request["metric"])
+    new = prepare(store.read_embeddings(level, np.arange(covered, store.n)), request["metric"])
     part = faiss.IndexFlatIP(new.shape[1])
     add_vectors(part, new, progress, f"level {level} delta part +{n - n_old:,}")
     rerank = entry.get("rerank", 1)
@@ -141,7 +151,7 @@ def grow_by_part(store, level: int, old: dict, request: dict, path: Path,
     parts = entry.get("parts", [])
     record, probe_file = save_part(part, probe, path.with_name(f"{path.stem}.delta{len(parts) + 1}.faiss"), n_old)
     name = SEARCH_PARAM.get(entry["kind"])
-    return {**entry, "probe": probe_file, "parts": [*parts, record], "base_rows": int(entry.get("base_rows", n_old)),
+    return {**entry, "probe": probe_file, "parts": [*parts, record], "base_rows": int(entry.get("base_rows", old["n"])),
             "recall_at_10": round(recall, 4), "recall_sample": len(probe["queries"]),
             "recall_tuning": [{name: entry["search_params"][name], "recall": round(recall, 4)}] if name else [],
             "build_seconds": round(time.perf_counter() - t0, 3), "bytes": entry["bytes"] + record["bytes"],

@@ -11,6 +11,7 @@ from ..errors import SjeaError
 from ..vectors import exact_rerank, l2_normalize, merge_top_k
 from .filtered import filtered_search
 from .sidecar import ForeignIndexError, check_sidecar, foreign_file, foreign_message, index_dir, read_sidecar, store_of
+from .tombstones import Tombstoned, read_tombstones
 
 # Files larger than this are memory-mapped on load rather than read into memory.
 MMAP_MIN_BYTES = 256 << 20
@@ -43,7 +44,8 @@ def load_indexes(store_path: str | Path, model_id: str, n: int, levels, mmap: bo
                  fingerprint: str | None = None) -> dict:
     """{level: faiss index} for a store whose model id and row count are given; stale -> SjeaError.
     A level with delta parts gets a PartedIndex (base and parts searched as one); the base is
-    memory-mapped when large, the parts (small) are read. The store's fingerprint is read from the
+    memory-mapped when large, the parts (small) are read. A level with removed rows is wrapped in
+    a Tombstoned (index.tombstones), so every search answers store rows as they are now. The store's fingerprint is read from the
     store unless given."""
     return _load_levels(store_path, read_sidecar(store_path), model_id, n, levels, mmap, fingerprint)
 
@@ -70,10 +72,12 @@ def _load_levels(store_path, sidecar: dict | None, model_id: str, n: int, levels
             index = PartedIndex(index, [read_faiss(existing(folder / part["file"], store_path), mmap=False)
                                         for part in entry["parts"]])
             check_parts(index, entry, folder, store_path)
-        if index.ntotal != n:
-            raise ForeignIndexError(f"{folder / entry['file']} holds {index.ntotal} vectors, the store {n}; rebuild with: "
-                            f"sjea index {store_path}")
-        out[level] = index
+        tombstones = read_tombstones(folder, entry, store_path)
+        if index.ntotal != n + len(tombstones) or (len(tombstones) and tombstones[-1] >= index.ntotal):
+            dead = f" ({len(tombstones):,} of them removed rows)" if len(tombstones) else ""
+            raise ForeignIndexError(f"{folder / entry['file']} holds {index.ntotal} vectors{dead}, the store {n}; "
+                                    f"rebuild with: sjea index {store_path}")
+        out[level] = Tombstoned(index, tombstones) if len(tombstones) else index
     return out
 
 

@@ -153,8 +153,10 @@ def foreign_message(store_path, folder: Path, name: str) -> str:
 
 
 def level_files(entry: dict) -> list[str]:
-    """The index files of a level's sidecar entry: its base, then its delta parts in row order."""
-    return [entry["file"], *(part["file"] for part in entry.get("parts", []))]
+    """The files of a level's sidecar entry: its base, its delta parts in id order, then its
+    tombstones (index.tombstones) where it has any."""
+    tombs = [entry["tombstones"]["file"]] if entry.get("tombstones") else []
+    return [entry["file"], *(part["file"] for part in entry.get("parts", [])), *tombs]
 
 
 def read_probe(path: Path) -> dict:
@@ -174,7 +176,8 @@ def remove_unused_files(folder: Path, sidecar: dict | None) -> None:
     keep = {f for e in levels for f in level_files(e)} | {e.get("probe") for e in levels}
     if not folder.is_dir():
         return
-    for path in [*folder.glob("level*.faiss"), *folder.glob(f"level*{PROBE_SUFFIX}"), *folder.glob(".level*.tmp"),
+    for path in [*folder.glob("level*.faiss"), *folder.glob(f"level*{PROBE_SUFFIX}"), *folder.glob("level*.tombs*.npy"),
+                 *folder.glob(".level*.tmp"),
                  *stale_temp_files(folder / SIDECAR)]:
         if path.name not in keep:
             path.unlink(missing_ok=True)
@@ -241,12 +244,9 @@ def stale_rows(store, old: dict, paths) -> str | None:
     The store's history answers in O(1) where it knows the indexed version; otherwise `paths` (a
     callable returning the stored paths, StoredPaths) is read and compared with the record."""
     record, n_old = old.get("rows"), int(old.get("n", 0))
-    if record is None:
-        return "the index was built by an older sjea that did not record its rows"
-    if old.get("model_id") != store.model_id:
-        return "the store was written by another model"
-    if record["identity"] != identity_digest(store.attrs):
-        return "the store's settings changed (levels, dimensions, preprocessing or image folder)"
+    changed = settings_changed(store, old)
+    if changed:
+        return changed
     if store.n < n_old:
         return f"the store has {store.n:,} rows, fewer than the {n_old:,} indexed"
     unchanged = store.rows_unchanged_since(old.get("store_fingerprint"))
@@ -259,7 +259,25 @@ def stale_rows(store, old: dict, paths) -> str | None:
             return "the store keeps no history of the version indexed, and the index no digest of its images"
         if paths_digest(paths(), n_old)[0] != record["paths_sha256"]:
             return f"the store's first {n_old:,} rows are not the indexed images in the same order"
-    rows = np.asarray(record["check_rows"], dtype=np.int64)
+    return vectors_changed(store, record, np.asarray(record["check_rows"], dtype=np.int64))
+
+
+def settings_changed(store, old: dict) -> str | None:
+    """Why the store is not the one the index was built from whatever its rows (no record of them,
+    another model, other settings), or None."""
+    record = old.get("rows")
+    if record is None:
+        return "the index was built by an older sjea that did not record its rows"
+    if old.get("model_id") != store.model_id:
+        return "the store was written by another model"
+    if record["identity"] != identity_digest(store.attrs):
+        return "the store's settings changed (levels, dimensions, preprocessing or image folder)"
+    return None
+
+
+def vectors_changed(store, record: dict, rows: np.ndarray) -> str | None:
+    """Why the stored vectors at `rows` (the record's check rows, where they are now) are not the
+    ones the index recorded, or None."""
     if any(vectors_digest(store, lv, rows) != record["check_sha256"].get(str(lv)) for lv in store.levels):
         return "the stored vectors of the indexed rows changed"
     return None

@@ -6,13 +6,15 @@ in the top-level file gains `live`: the [start, stop) ranges of its own rows the
 (and `failed_live` for its failures); the top-level virtual datasets map only those ranges, so every
 reader sees a store of live rows only, unchanged. The cost is the top-level file (paths and ranges,
 O(rows) strings, no vector read or written); the dead rows stay in their segment files until a
-compaction rewrites them. Row numbers after a removed row shift down, so an index built before is
-no longer true for them: the history is restarted and the index is rebuilt (index.growth's "rows
-removed" case). The caller holds the writer lock.
+compaction rewrites them. Row numbers after a removed row shift down: the history is restarted,
+and the removal is logged (REMOVAL_LOG: the version's history, the removed rows in its numbering,
+the version published) so an index built before follows it with tombstones (index.tombstones)
+instead of a rebuild. The caller holds the writer lock.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -25,6 +27,14 @@ from .writer import new_fingerprint, write_text_dataset
 
 STATS_GROUP = "file_stats"  # /file_stats/size, /file_stats/mtime_ns: per row, of the file embedded
 UNKNOWN = (-1, -1)
+# Store attribute, JSON: the last REMOVAL_LOG_MAX removals, oldest first, each {"from": the
+# history [[fingerprint, rows], ...] of the version rows were removed from, "rows": those rows as
+# [start, stop) runs in its numbering, "to": the fingerprint of the version published}. An index
+# more removals behind than that is rebuilt (its version is then only in rows_removed_from).
+REMOVAL_LOG = "removal_log"
+REMOVAL_LOG_MAX = 16
+# What an --update's append carries from the removal before it (embed.runner).
+REMOVAL_ATTRS = ("rows_removed_from", REMOVAL_LOG)
 
 
 def rewrite_rows(out: str | Path, drop: set[str], drop_failed: set[str], label_names: list[str] | None,
@@ -39,9 +49,11 @@ def rewrite_rows(out: str | Path, drop: set[str], drop_failed: set[str], label_n
         claim_folder(out, store_id)
         segs = [dict(g) for g in s.segments] if s.segments else [link_segment(out, out, 0, s)]
         paths, failed, names = s.paths, s.failed, s.label_names
-        attrs = {k: v for k, v in s.attrs.items() if k not in OWN_ATTRS}
-        # Every earlier version's row numbers are void now: an index of one is rebuilt, not grown.
+        # OWN_ATTRS holds `normalized` (publish writes it itself): carried here, or a removal loses it.
+        attrs = {**{k: v for k, v in s.attrs.items() if k not in OWN_ATTRS}, "normalized": s.normalized}
+        # Every earlier version's row numbers are void now: an index of one follows the log or is rebuilt.
         attrs["rows_removed_from"] = [p for p, _ in s.history]
+        log, before = _raw_log(s), s.history
     keep = np.asarray([p not in drop for p in paths], dtype=bool)
     keep_failed = np.asarray([p not in drop_failed for p, _ in failed], dtype=bool)
     if paths and not keep.any():
@@ -54,10 +66,28 @@ def rewrite_rows(out: str | Path, drop: set[str], drop_failed: set[str], label_n
         _label_every_segment(out, segs, label_names)
         names = label_names
     attrs.update(extra_attrs or {})
+    fingerprint = new_fingerprint()
+    event = {"from": [[p, int(r)] for p, r in before], "rows": _ranges(np.flatnonzero(~keep)), "to": fingerprint}
+    attrs[REMOVAL_LOG] = json.dumps((log + [event])[-REMOVAL_LOG_MAX:])
     publish(out, attrs, segs, live, [f for f, k in zip(failed, keep_failed) if k], names, [], store_id,
-            keep_labels=True)
+            fingerprint=fingerprint, keep_labels=True)
     remove_orphans(out)
     return len(live)
+
+
+def removal_log(store) -> list[dict]:
+    """The store's logged removals (REMOVAL_LOG), oldest first: {"from": [(fingerprint, rows)],
+    "rows": sorted int64 removed rows, "to": fingerprint}; [] when none (or unreadable: a rebuild)."""
+    return [{"from": [(str(p), int(r)) for p, r in e["from"]], "to": str(e["to"]),
+             "rows": _expand(e["rows"], 0)} for e in _raw_log(store)]
+
+
+def _raw_log(store) -> list[dict]:
+    try:
+        log = json.loads(store.attrs.get(REMOVAL_LOG) or "[]")
+    except (TypeError, ValueError):
+        return []
+    return log if isinstance(log, list) else []
 
 
 def _narrow(segs: list[dict], keep: np.ndarray, count: str, key: str) -> None:

@@ -181,7 +181,8 @@ def compact_tail(out: Path, start: int) -> None:
         first = sum(live_count(int(g["rows"]), g.get("live")) for g in segs[:start])
         first_failed = sum(live_count(int(g["failed"]), g.get("failed_live")) for g in segs[:start])
         paths, failed, names, fingerprint = s.paths, s.failed, s.label_names, s.fingerprint
-        attrs = {k: v for k, v in s.attrs.items() if k not in OWN_ATTRS}
+        # `normalized` is one of OWN_ATTRS (publish writes it itself): carried, or the tail loses it.
+        attrs = {**{k: v for k, v in s.attrs.items() if k not in OWN_ATTRS}, "normalized": s.normalized}
         name, seg_print, store_id = _new_segment_name(start), new_fingerprint(), s.store_id or new_fingerprint()
         claim_folder(out, store_id)
         write_store(segments_dir(out) / name, attrs, [s.iter_rows(first=first)], failed[first_failed:],
