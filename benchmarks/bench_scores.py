@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from docblock import write_block  # noqa: E402
+from docblock import provenance, publish  # noqa: E402
 
 DOC = ROOT / "docs" / "search.md"
 BEGIN, END = "<!-- bench_scores:begin (written by benchmarks/bench_scores.py) -->", "<!-- bench_scores:end -->"
@@ -178,14 +176,8 @@ def main() -> None:
     make_copies(images, args.work / "copies", sample)
     results = {name: measure(run, images, args.work / "copies", args.work / f"{name}.h5", sample)
                for name, run in (("centred", args.run), ("raw", args.raw_run))}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    data = {"command": "python benchmarks/bench_scores.py " + " ".join(sys.argv[1:]), "commit": commit.strip(),
-            "date": time.strftime("%Y-%m-%d"), "run_label": args.run_label or args.run, **results}
-    (args.work / "result.json").write_text(json.dumps(data, indent=1))
-    text = block(data)
-    print(text.rsplit("<!-- bench_scores:data", 1)[0])
-    if args.write_docs:
-        write_block(DOC, BEGIN, END, text, heading=HEADING)
+    data = {**provenance(sys.argv), "run_label": args.run_label or args.run, **results}
+    publish(data, block(data), args.work, DOC if args.write_docs else None, BEGIN, END, HEADING)
 
 
 if __name__ == "__main__":
