@@ -45,6 +45,28 @@ def centres_of(metadata: dict, dims: list[int], path: Path) -> list[np.ndarray] 
     return centres
 
 
+def whitenings_of(metadata: dict, dims: list[int], path: Path) -> list[np.ndarray | None] | None:
+    """The `whitening` metadata (per output, in `levels` order: a (d, d) float32 matrix as
+    {shape, dtype, base64}, or null for an output centred only) as arrays, or None for a file
+    without it (a model trained before whitening)."""
+    import base64
+    import binascii
+
+    record = metadata.get("whitening")
+    if record is None:
+        return None
+    try:
+        found = [None if r is None else np.frombuffer(base64.b64decode(r["base64"], validate=True), dtype="<f4")
+                 .reshape([int(v) for v in r["shape"]]).astype(np.float32) for r in record]
+        ok = len(found) == len(dims) and all(w is None or w.shape == (int(d), int(d)) for w, d in zip(found, dims))
+    except (TypeError, ValueError, KeyError, binascii.Error):
+        ok = False
+    if not ok:
+        raise SjeaError(f"{path} has an unreadable whitening (metadata 'whitening' does not match the outputs' "
+                        "widths); export it again with 'sjea export'.")
+    return found if any(w is not None for w in found) else None
+
+
 def preprocess_spec(metadata: dict, path: Path) -> PreprocessSpec:
     """The graph's input preprocessing: the 'preprocess' record, or, in files exported before it
     existed, the same numbers under their separate keys."""

@@ -20,7 +20,7 @@ from sjea_tools.spec import PreprocessSpec
 
 from .graph_cache import cached_session, content_key
 from .onnx_meta import (ModelIdentityError, centres_of, check_model_contents, content_hashes, content_model_id,
-                        graph_sha256, parse_metadata, preprocess_spec, verified_model_id)
+                        graph_sha256, parse_metadata, preprocess_spec, verified_model_id, whitenings_of)
 from .session import CPU, CUDA, cpu_threads, provider_name, session_options, try_session
 
 # Names callers import from here (their homes are the modules above).
@@ -134,6 +134,8 @@ class OnnxModel:
         self.output: str = str(self.metadata.get("output", "representation"))
         # Each output's centring mean (trainers.centring), or None: a file of a model without them.
         self.centres: list[np.ndarray] | None = centres_of(self.metadata, self.dims, self.path)
+        # Each output's whitening matrix (None: centred only), or None: no output is whitened.
+        self.whitenings: list[np.ndarray | None] | None = whitenings_of(self.metadata, self.dims, self.path)
         # uint8 NHWC pixels when normalisation is inside the graph, else float32 NCHW.
         self.takes_pixels: bool = self.metadata.get("preprocessing") == "normalize"
         self.input_dtype = np.uint8 if self.takes_pixels else np.float32

@@ -172,7 +172,7 @@ def save_model(run_dir: Path, model, cfg: RunConfig) -> Path:
 def load_model(run: str | Path | None = None, device: str | torch.device = "cpu"):
     """The model of a run (default: the latest), in eval mode, with its config attached."""
     from .models import build_model
-    from .models.stacked import CENTRE_PREFIX
+    from .models.stacked import CENTRE_PREFIX, WHITEN_PREFIX
 
     run_dir = find_run(run)
     path = model_file(run_dir)
@@ -184,7 +184,7 @@ def load_model(run: str | Path | None = None, device: str | torch.device = "cpu"
     try:
         centres = [blob["model"].get(f"{CENTRE_PREFIX}{k}") for k in range(model.num_levels)]
         if any(c is not None for c in centres):  # a model.pt from before centring has none: not centred
-            model.set_centres(centres)
+            model.set_centres(centres, [blob["model"].get(f"{WHITEN_PREFIX}{k}") for k in range(model.num_levels)])
         model.load_state_dict(blob["model"])
     except RuntimeError as e:
         raise SjeaError(f"{path} does not match its config ({str(e).splitlines()[0]}).") from None

@@ -243,8 +243,17 @@ def search_open_store(store, path: Path, labels: list[dict], qv: list[np.ndarray
             if tree is not None else None, "probes": probes if tree is not None else None,
             "margin": margin if tree is not None else None,
             "min_score": min_score, "where": row_filter.describe() if row_filter else [], "notes": notes,
-            "metric": "centred cosine" if centred else "cosine" if store.normalized else "inner product",
-            "results": results}
+            "metric": score_metric(store), "results": results}
+
+
+def score_metric(store) -> str:
+    """What a store's scores are: whitened or centred cosines, plain cosines (written before
+    centring) or inner products (--no-normalize)."""
+    if not store.normalized:
+        return "inner product"
+    if store.centres is None:
+        return "cosine"
+    return "whitened cosine" if store.whitening_digests is not None else "centred cosine"
 
 
 class StoredRows:

@@ -15,18 +15,35 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(norm, eps)[:, None]
 
 
-def centre_and_normalize(x: np.ndarray, centre: np.ndarray | None) -> np.ndarray:
+def centre_and_normalize(x: np.ndarray, centre: np.ndarray | None, whitening: np.ndarray | None = None) -> np.ndarray:
     """Rows minus a fixed centre (the model's mean representation of the level, computed at the end
-    of training), then scaled to unit L2 norm: what stores and queries hold, so that the cosine of a
-    random pair is near 0 and that of an image with itself 1. `centre` None: l2_normalize alone
-    (a model or store from before centring)."""
+    of training), times the level's whitening matrix when it has one, then scaled to unit L2 norm:
+    what stores and queries hold, so that the cosine of a random pair is near 0 and that of an image
+    with itself 1. `centre` None: l2_normalize alone (a model or store from before centring).
+
+    The product is taken in float64 and rounded once to float32: BLAS sums in an order that
+    depends on the batch's shape, and in float64 that difference stays far below float32's
+    rounding, so a query embedded alone gets its stored row's bits (self-score 1)."""
     x = np.asarray(x, dtype=np.float32)
     if centre is not None:
         centre = np.asarray(centre, dtype=np.float32).reshape(-1)
         if centre.shape[0] != x.shape[1]:
             raise ValueError(f"centre of width {centre.shape[0]} for rows of width {x.shape[1]}")
         x = x - centre
+    if whitening is not None:
+        whitening = np.asarray(whitening, dtype=np.float32)
+        if whitening.shape != (x.shape[1], x.shape[1]):
+            raise ValueError(f"whitening of shape {whitening.shape} for rows of width {x.shape[1]}")
+        x = (x.astype(np.float64) @ whitening.astype(np.float64)).astype(np.float32)
     return l2_normalize(x)
+
+
+def matrix_digest(matrix: np.ndarray) -> str:
+    """sha256 of a float32 matrix's C-order bytes: how a store names the whitening its rows had,
+    without holding the (d, d) matrix (the model carries it)."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(matrix, dtype="<f4").tobytes()).hexdigest()
 
 
 def exact_scores(queries: np.ndarray, ids: np.ndarray, get_rows) -> np.ndarray:

@@ -23,10 +23,11 @@ def fmnist_test():
 
 
 def make_run(run_dir: Path, levels: int = 2, encoder: str = "mlp", seed: int = 0, centred: bool = False,
-             **model_overrides) -> Path:
+             whitened: bool = False, **model_overrides) -> Path:
     """A run folder holding a randomly initialised tiny model, as `sjea train` lays it out; with
     `centred`, its centring means taken over 1,000 Fashion-MNIST test images as training's end
-    takes them (trainers.centring), else none (a run trained before centring)."""
+    takes them (trainers.centring), else none (a run trained before centring); with `whitened`,
+    means and whitening over 6,000 (ten images per dimension of the default 512-wide level 1)."""
     from sjea_tools.config import resolve_config, save_config
     from sjea_tools.models import build_model
     from sjea_tools.runs import save_model, set_latest
@@ -41,11 +42,13 @@ def make_run(run_dir: Path, levels: int = 2, encoder: str = "mlp", seed: int = 0
     with torch.no_grad():
         for _ in range(3):
             model.forward_train(torch.randn(32, 3, cfg.image_size, cfg.image_size))
-    if centred:
+    if centred or whitened:
         from sjea_tools.data import load_dataset
-        from sjea_tools.trainers.centring import level_centres
+        from sjea_tools.trainers.centring import level_centring
 
-        model.set_centres(level_centres(model, load_dataset("fashion-mnist", split="test").pixels[:1000]))
+        means, whitenings = level_centring(model, load_dataset("fashion-mnist", split="test").pixels[:6000 if whitened
+                                                                                                      else 1000])
+        model.set_centres(means, whitenings if whitened else None)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.json")

@@ -1,12 +1,20 @@
-"""The centring means a model carries: each level's mean representation over training images.
+"""The centring a model carries: each level's mean representation over training images, and its
+whitening matrix.
 
 Raw cosines of L2-normalised representations are crowded near 1 (a random pair of Fashion-MNIST
 images scores about 0.65 at level 0, every neighbour 0.98-0.99), because every representation
 shares a large common component. Subtracting each level's mean before normalising
 (`vectors.centre_and_normalize`) moves a random pair to about 0 and leaves an image with itself
-at 1. The means are fixed once, at the end of training (`trainer._train`, also for `sjea train
---from`), and travel with the model: model.pt (buffers `centre_K`), the ONNX metadata (`centres`)
-and every store written with it (`centre_K` attributes).
+at 1. Centring alone leaves neighbours crowded (level 1's median best other image 0.976): a few
+directions carry most of the variance (level 1's top 16 of 512 carry 86%) and dominate every
+cosine. Whitening (ZCA: each principal direction divided by its spread, then rotated back;
+Jegou & Chum, ECCV 2012) evens them out: measured by benchmarks/bench_whitening.py (docs/search.md),
+level 1's median best other image 0.976 -> 0.587, k-NN 81.41 -> 86.24 (level 0: 83.32 -> 89.03).
+
+Both are fixed once, at the end of training (`trainer._train`, also for `sjea train --from`), and
+travel with the model: model.pt (buffers `centre_K`, `whiten_K`), the ONNX metadata (`centres`,
+`whitening`); every store written with it records the means (`centre_K` attributes) and the
+whitening's sha256 (`whitening_K_sha256`).
 
 `centre_run(run, out)` adds them to a run trained before they existed, as a new run folder: the
 new model.pt is another model (another model id), so stores of the old one stay as they are.
@@ -33,6 +41,15 @@ from sjea_tools.runs import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE, load_model, s
 # and keeps this end-of-training pass to seconds on a CPU whatever the dataset's size.
 CENTRE_IMAGES = 20_000
 CENTRE_BATCH = 256
+# A level is whitened only when the sample has at least this many images per dimension: with n / d
+# = 10 a sample covariance's eigenvalues spread by (1 +- sqrt(d / n))^2 = 0.47..1.73 of the true
+# ones (Marchenko-Pastur), so no direction is amplified more than ~1.5x by sampling noise; with
+# fewer images (a small photo folder) the smallest directions would be noise, so the level is
+# only centred.
+WHITEN_IMAGES_PER_DIM = 10
+# Eigenvalue floor, relative to the largest, as measured in benchmarks/bench_whitening.py: keeps
+# near-empty directions from exploding.
+WHITEN_EPS = 1e-6
 
 
 def at_model_size(data, cfg: RunConfig, progress: ProgressFn | None = None):
@@ -49,9 +66,17 @@ def at_model_size(data, cfg: RunConfig, progress: ProgressFn | None = None):
 def level_centres(model, pixels: np.ndarray, device: str | torch.device = "cpu", limit: int = CENTRE_IMAGES,
                   seed: int = 0, batch_size: int = CENTRE_BATCH, progress: ProgressFn | None = None
                   ) -> list[torch.Tensor]:
-    """Each level's mean representation Y over (a seeded sample of at most `limit` of) `pixels`,
-    uint8 (N, S, S, 3) at the model's size, preprocessed as embedding does (normalisation, no
-    augmentation), in eval mode and float32; accumulated in float64."""
+    """Each level's mean representation Y over (a seeded sample of at most `limit` of) `pixels`."""
+    return level_centring(model, pixels, device, limit, seed, batch_size, progress)[0]
+
+
+def level_centring(model, pixels: np.ndarray, device: str | torch.device = "cpu", limit: int = CENTRE_IMAGES,
+                   seed: int = 0, batch_size: int = CENTRE_BATCH, progress: ProgressFn | None = None
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """(means, whitenings): each level's mean representation Y and ZCA whitening matrix (None for a
+    level with fewer than WHITEN_IMAGES_PER_DIM images per dimension) over (a seeded sample of at
+    most `limit` of) `pixels`, uint8 (N, S, S, 3) at the model's size, preprocessed as embedding
+    does (normalisation, no augmentation), in eval mode and float32; accumulated in float64."""
     n = len(pixels)
     if n == 0:
         raise SjeaError("no images to compute the centring means from; pass a run with training images.")
@@ -59,17 +84,34 @@ def level_centres(model, pixels: np.ndarray, device: str | torch.device = "cpu",
     was_training = model.training
     model.eval()
     sums = [torch.zeros(d, dtype=torch.float64) for d in model.level_dims]
+    squares = [torch.zeros(d, d, dtype=torch.float64) for d in model.level_dims]
     try:
         with torch.inference_mode():
             for start in range(0, len(rows), batch_size):
                 batch = torch.from_numpy(np.ascontiguousarray(pixels[rows[start:start + batch_size]]))
                 x = normalize_pixels(batch.to(device), model.preprocess_spec)
                 for k, y in enumerate(model.forward_levels(x)):
-                    sums[k] += y.float().sum(0).double().cpu()
+                    y = y.float().double().cpu()
+                    sums[k] += y.sum(0)
+                    squares[k] += y.T @ y
                 report(progress, "centring", min(start + batch_size, len(rows)), len(rows))
     finally:
         model.train(was_training)
-    return [(s / len(rows)).float() for s in sums]
+    means = [s / len(rows) for s in sums]
+    whitenings = [zca_whitening(sq / len(rows) - torch.outer(m, m))
+                  if len(rows) >= WHITEN_IMAGES_PER_DIM * len(m) else None for m, sq in zip(means, squares)]
+    return [m.float() for m in means], whitenings
+
+
+def zca_whitening(covariance: torch.Tensor, eps: float = WHITEN_EPS) -> torch.Tensor:
+    """The symmetric (d, d) float32 matrix W with W C W = I for covariance C (eigenvalues floored at
+    eps x the largest): U diag(1 / sqrt(lambda)) U^T, which does not depend on the eigenvectors'
+    signs (so not on the CPU's LAPACK)."""
+    values, vectors = torch.linalg.eigh(covariance.double())
+    values = values.clamp(min=0)
+    scale = (values + eps * values.max()).rsqrt()
+    w = (vectors * scale) @ vectors.T
+    return ((w + w.T) / 2).float()
 
 
 def training_pixels(cfg: RunConfig, progress: ProgressFn | None = None) -> np.ndarray:
@@ -82,15 +124,15 @@ def training_pixels(cfg: RunConfig, progress: ProgressFn | None = None) -> np.nd
 
 def centre_run(run: str | Path, out: str | Path, limit: int = CENTRE_IMAGES, seed: int = 0, device: str = "cpu",
                progress: ProgressFn | None = None) -> Path:
-    """A copy of `run` (config, summary, model) at `out` whose model.pt carries the centring means,
+    """A copy of `run` (config, summary, model) at `out` whose model.pt carries the centring means and whitening,
     computed over the run's own training images as training now does at its end. `run` is only
     read. The copy is a new model (its own model id): embed the images again with it."""
     src, out = Path(run), Path(out)
     model = load_model(src)
     if out.exists() and any(out.iterdir()):
         raise SjeaError(f"{out} already exists and is not empty; pick another folder for the centred copy.")
-    model.set_centres(level_centres(model.to(device), training_pixels(model.cfg, progress), device, limit, seed,
-                                    progress=progress))
+    model.set_centres(*level_centring(model.to(device), training_pixels(model.cfg, progress), device, limit, seed,
+                                      progress=progress))
     out.mkdir(parents=True, exist_ok=True)
     for name in (CONFIG_FILE, SUMMARY_FILE):
         if (src / name).is_file():

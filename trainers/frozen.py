@@ -170,10 +170,10 @@ def frozen_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
     return state
 
 
-def frozen_centres(cfg: RunConfig) -> list[torch.Tensor] | None:
-    """The source run's centring means of the frozen levels (trainers.centring), which the new run
+def frozen_centres(cfg: RunConfig) -> tuple[list[torch.Tensor], list[torch.Tensor | None]] | None:
+    """(means, whitenings) of the source run's frozen levels (trainers.centring), which the new run
     keeps so that its frozen levels' rows equal the source's rows; None for a torchvision file or a
-    source run from before centring (the new run's own means serve)."""
+    source run from before centring (the new run's own centring serves)."""
     path, frozen = Path(cfg.train.from_path or ""), cfg.train.frozen_levels
     if not frozen or not cfg.train.from_path or not path.is_dir():
         return None
@@ -181,7 +181,10 @@ def frozen_centres(cfg: RunConfig) -> list[torch.Tensor] | None:
     if model_id(model) != cfg.train.from_sha256:
         raise SjeaError(f"the source {path} changed since this run was configured (sha256 differs); start the run "
                         "again with --from.")
-    return None if model.centres is None else model.centres[:frozen]
+    if model.centres is None:
+        return None
+    whitenings = model.whitenings or [None] * model.num_levels
+    return model.centres[:frozen], whitenings[:frozen]
 
 
 def load_frozen(model, state: dict[str, torch.Tensor]) -> None:

@@ -37,7 +37,7 @@ from sjea_tools.runs import (CHECKPOINT_FILE, CONFIG_FILE, DEFAULT_RUNS_DIR, MET
                              truncate_metrics)
 from sjea_tools.spec import PreprocessSpec
 
-from .centring import at_model_size, level_centres
+from .centring import at_model_size, level_centring
 from .collapse import collapse_warning, level_statistics
 from .checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
 from .distributed import DistInfo, barrier, cleanup_distributed, process_device, setup_distributed
@@ -391,10 +391,12 @@ def _train(cfg, state, out_dir, resume, overwrite, runs_dir: Path, info: DistInf
             raise disk from None
         raise
     if info.is_main:
-        # The centring means are fixed here, once, over the images just trained on (trainers.centring);
-        # frozen levels keep their source run's, so their rows stay the source's rows.
-        centres, kept = level_centres(t.model, data.pixels, t.device, seed=cfg.train.seed), frozen_centres(cfg)
-        t.model.set_centres([*kept, *centres[len(kept):]] if kept else centres)
+        # The centring (means, whitening) is fixed here, once, over the images just trained on
+        # (trainers.centring); frozen levels keep their source run's, so their rows stay the source's rows.
+        (centres, whitenings), kept = level_centring(t.model, data.pixels, t.device, seed=cfg.train.seed), frozen_centres(cfg)
+        if kept:
+            centres, whitenings = [*kept[0], *centres[len(kept[0]):]], [*kept[1], *whitenings[len(kept[1]):]]
+        t.model.set_centres(centres, whitenings)
         save_model(run_dir, t.model, cfg)
         summary = run_summary(run_dir, len(data), skipped, t.stop_step, steps_per_epoch, time.perf_counter() - started)
         # Only a run inside the runs root moves its pointer: `--out elsewhere/run` writes nothing in

@@ -1,9 +1,10 @@
 """The model behind one interface: `Embedder` runs a run's PyTorch model or an ONNX graph.
 
 Rows are what a store holds: each level's raw output minus the model's centring mean for that
-level (when it has one: trainers.centring), L2-normalised (vectors.centre_and_normalize). Both
-backends subtract the same float32 means from their float32 outputs, so they differ only by what
-the graphs themselves differ (ONNX verification: 1e-4 absolute)."""
+level (when it has one: trainers.centring), times its whitening matrix (when the level has one),
+L2-normalised (vectors.centre_and_normalize). Both backends apply the same float32 means and
+matrices to their float32 outputs, so they differ only by what the graphs themselves differ (ONNX
+verification: 1e-4 absolute)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ..devices import resolve_device
 from ..errors import SjeaError
 from ..levels import parse_levels
 from ..spec import PreprocessSpec
-from ..vectors import centre_and_normalize
+from ..vectors import centre_and_normalize, matrix_digest
 
 BACKENDS = ("auto", "torch", "onnx")
 ONNX_CACHE_DIR = "onnx-cache"
@@ -35,12 +36,16 @@ class Embedder:
 
     def __init__(self, *, backend: str, levels: list[int], dims: list[int], preprocess: PreprocessSpec,
                  model_id: str, source: str, device: str, normalize: bool, model=None, onnx_model=None,
-                 centres: list[np.ndarray] | None = None):
+                 centres: list[np.ndarray] | None = None, whitenings: list[np.ndarray | None] | None = None):
         self.backend, self.levels, self.dims, self.preprocess = backend, levels, dims, preprocess
         self.model_id, self.source, self.device, self.normalize = model_id, source, device, normalize
         self.model, self.onnx_model = model, onnx_model
         # One float32 (dim,) mean per level of `levels`, or None (a model from before centring).
         self.centres = None if centres is None else [np.asarray(c, np.float32).reshape(-1) for c in centres]
+        # One float32 (dim, dim) whitening per level of `levels` (None: that level is centred only),
+        # or None: no level is whitened.
+        self.whitenings = None if centres is None or whitenings is None or all(w is None for w in whitenings) \
+            else [None if w is None else np.asarray(w, np.float32) for w in whitenings]
 
     @property
     def centred(self) -> bool:
@@ -59,7 +64,25 @@ class Embedder:
         emb.normalize = store.normalized
         centres = store.centres
         emb.centres = None if centres is None else [centres[store.levels.index(k)] for k in emb.levels]
+        emb.whitenings = self._whitenings_for(store, emb.levels) if emb.centred else None
         return emb
+
+    def _whitenings_for(self, store, levels: list[int]) -> list[np.ndarray | None] | None:
+        """This model's whitening of `levels`, checked against the sha256 the store recorded for
+        each (a store written before whitening records none: its rows are centred only)."""
+        recorded = store.whitening_digests
+        if recorded is None:
+            return None
+        mine = dict(zip(self.levels, self.whitenings or [None] * len(self.levels)))
+        found = []
+        for k in levels:
+            want, w = recorded[store.levels.index(k)], mine.get(k)
+            if (want is None) != (w is None) or (w is not None and matrix_digest(w) != want):
+                raise SjeaError(f"{store.path}'s level-{k} rows were whitened with another matrix than {self.source}'s "
+                                "(or it has none: an ONNX file exported before whitening); search it with the run "
+                                "that wrote it, or embed the images again with this model.")
+            found.append(w)
+        return found if any(w is not None for w in found) else None
 
     @property
     def image_size(self) -> int:
@@ -100,9 +123,11 @@ class Embedder:
         model = runs.load_model(run_dir).to(device)
         levels = parse_levels(levels, model.num_levels)
         centres = None if model.centres is None else [model.centres[k].cpu().numpy() for k in levels]
+        whitenings = None if model.whitenings is None else [
+            None if model.whitenings[k] is None else model.whitenings[k].cpu().numpy() for k in levels]
         return cls(backend="torch", levels=levels, dims=[model.level_dims[k] for k in levels],
-                   preprocess=model.preprocess_spec, model_id=model_sha,
-                   source=source, device=device, normalize=normalize, model=model, centres=centres)
+                   preprocess=model.preprocess_spec, model_id=model_sha, source=source, device=device,
+                   normalize=normalize, model=model, centres=centres, whitenings=whitenings)
 
     @classmethod
     def _from_onnx(cls, path: Path, device: str, levels, normalize: bool, source: str,
@@ -121,8 +146,10 @@ class Embedder:
         levels = parse_levels(levels, available)
         dims = [int(om.dims[available.index(k)]) for k in levels]
         centres = None if om.centres is None else [om.centres[available.index(k)] for k in levels]
+        whitenings = None if om.whitenings is None else [om.whitenings[available.index(k)] for k in levels]
         return cls(backend="onnx", levels=levels, dims=dims, preprocess=om.preprocess, model_id=om.model_id,
-                   source=source, device=device, normalize=normalize, onnx_model=om, centres=centres)
+                   source=source, device=device, normalize=normalize, onnx_model=om, centres=centres,
+                   whitenings=whitenings)
 
     @classmethod
     def for_store(cls, store, backend: str = "auto", device: str = "cpu") -> "Embedder":
@@ -171,7 +198,8 @@ class Embedder:
         if not self.normalize:
             return outs
         centres = self.centres or [None] * len(outs)
-        return [centre_and_normalize(o, c) for o, c in zip(outs, centres)]
+        whitenings = self.whitenings or [None] * len(outs)
+        return [centre_and_normalize(o, c, w) for o, c, w in zip(outs, centres, whitenings)]
 
     def embed_images(self, images) -> list[np.ndarray]:
         """PIL images -> one float32 (n, dim) array per level (L2-normalised when `normalize`).
@@ -209,13 +237,17 @@ class Embedder:
     def store_attrs(self) -> dict:
         """What a store records about the model: identity, levels, its PreprocessSpec as the
         flat attributes image_size, mean, std, colour_mode, and the centring means its rows had
-        subtracted, one `centre_K` per level (plain float lists: a journal keeps them as JSON),
-        all readable with plain h5py."""
+        subtracted, one `centre_K` per level (plain float lists: a journal keeps them as JSON), and
+        for each whitened level the sha256 of its matrix (`whitening_K_sha256`; the model carries the
+        matrix), all readable with plain h5py."""
         from .. import __version__
 
         centres = {}
         if self.centred:
             centres = {f"centre_{k}": [float(v) for v in c] for k, c in zip(self.levels, self.centres)}
+            for k, w in zip(self.levels, self.whitenings or []):
+                if w is not None:
+                    centres[f"whitening_{k}_sha256"] = matrix_digest(w)
         return {"sjea_version": __version__, "model_id": self.model_id, "model_source": self.source,
                 "backend": self.backend, "levels": self.levels, "dims": self.dims, **self.preprocess.to_dict(),
                 "normalized": bool(self.normalize), **centres}

@@ -4,10 +4,11 @@
 `forward_train(images)` also gives the embeddings Z[0..N-1] that the VICReg losses compare.
 `freeze(n)` fixes levels 0..n-1 (sjea train --from): they run forward only, in eval mode. Level 0
 may be a frozen ONNX graph (onnx_level.OnnxLevel), rebuilt from the bytes the loaded state holds.
-`set_centres` records each level's mean representation (computed at the end of training,
-sjea_tools.trainers.centring) as buffers `centre_K`, so model.pt carries them; the forward pass
-never uses them (level k+1 reads level k's raw Y): only what is embedded is centred
-(embed.backends.Embedder, vectors.centre_and_normalize). A model without them is "not centred".
+`set_centres` records each level's mean representation and whitening matrix (computed at the end
+of training, sjea_tools.trainers.centring) as buffers `centre_K` and `whiten_K`, so model.pt
+carries them; the forward pass never uses them (level k+1 reads level k's raw Y): only what is
+embedded is centred and whitened (embed.backends.Embedder, vectors.centre_and_normalize). A model
+without means is "not centred"; a level without a matrix is centred only.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .resnet import VectorResNet
 
 
 CENTRE_PREFIX = "centre_"  # buffer names centre_0, centre_1, ... in model.pt's state_dict
+WHITEN_PREFIX = "whiten_"  # whiten_0, ...: a (dim_K, dim_K) matrix, only for whitened levels
 
 
 def resolve_stem(cfg: RunConfig) -> str:
@@ -76,20 +78,32 @@ class StackedModel(nn.Module, ReadsPreprocessSpec):
             self.projectors[k].eval()
         return self
 
-    def set_centres(self, centres) -> None:
-        """Record one mean representation per level (a (dim_K,) tensor each), or drop them (None)."""
-        if centres is None:
-            for k in range(self.num_levels):
+    def set_centres(self, centres, whitenings=None) -> None:
+        """Record one mean representation per level (a (dim_K,) tensor each) and, optionally, one
+        whitening matrix per level ((dim_K, dim_K) or None), or drop them all (centres None)."""
+        for k in range(self.num_levels):
+            self._buffers.pop(f"{WHITEN_PREFIX}{k}", None)
+            if centres is None:
                 self._buffers.pop(f"{CENTRE_PREFIX}{k}", None)
+        if centres is None:
             return
         centres = list(centres)
-        if len(centres) != self.num_levels:
-            raise ValueError(f"{len(centres)} centres for a model of {self.num_levels} levels")
-        for k, c in enumerate(centres):
+        whitenings = [None] * self.num_levels if whitenings is None else list(whitenings)
+        if len(centres) != self.num_levels or len(whitenings) != self.num_levels:
+            raise ValueError(f"{len(centres)} centres and {len(whitenings)} whitenings for a model of "
+                             f"{self.num_levels} levels")
+        device = next(self.parameters()).device
+        for k, (c, w) in enumerate(zip(centres, whitenings)):
+            d = self.level_dims[k]
             c = torch.as_tensor(c, dtype=torch.float32).detach().reshape(-1)
-            if c.shape[0] != self.level_dims[k]:
-                raise ValueError(f"level {k}'s centre has width {c.shape[0]}, not {self.level_dims[k]}")
-            self.register_buffer(f"{CENTRE_PREFIX}{k}", c.clone().to(next(self.parameters()).device))
+            if c.shape[0] != d:
+                raise ValueError(f"level {k}'s centre has width {c.shape[0]}, not {d}")
+            self.register_buffer(f"{CENTRE_PREFIX}{k}", c.clone().to(device))
+            if w is not None:
+                w = torch.as_tensor(w, dtype=torch.float32).detach()
+                if tuple(w.shape) != (d, d):
+                    raise ValueError(f"level {k}'s whitening has shape {tuple(w.shape)}, not ({d}, {d})")
+                self.register_buffer(f"{WHITEN_PREFIX}{k}", w.clone().to(device))
 
     @property
     def centres(self) -> list[torch.Tensor] | None:
@@ -97,6 +111,12 @@ class StackedModel(nn.Module, ReadsPreprocessSpec):
         model trained before centring existed."""
         found = [self._buffers.get(f"{CENTRE_PREFIX}{k}") for k in range(self.num_levels)]
         return None if any(c is None for c in found) else found
+
+    @property
+    def whitenings(self) -> list[torch.Tensor | None] | None:
+        """Each level's whitening matrix (None for a level centred only), or None when no level has one."""
+        found = [self._buffers.get(f"{WHITEN_PREFIX}{k}") for k in range(self.num_levels)]
+        return None if self.centres is None or all(w is None for w in found) else found
 
     @property
     def onnx_level0(self) -> bool:

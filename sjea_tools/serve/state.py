@@ -66,6 +66,7 @@ class LoadedStore:
             self.attrs = dict(store.attrs)
             self.n, self.levels, self.dims, self.model_id = store.n, store.levels, store.dims, store.model_id
             self.normalized, self.centres = store.normalized, store.centres  # what its scores are
+            self.whitening_digests = store.whitening_digests
             self.root = Path(store.root)
             self.paths = store.paths
             self.labels, self.label_names = store.labels, store.label_names

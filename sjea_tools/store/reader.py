@@ -113,6 +113,15 @@ def centres_of(attrs: dict) -> list[np.ndarray] | None:
     return [np.asarray(c, dtype=np.float32).reshape(-1) for c in found]
 
 
+def whitening_digests_of(attrs: dict) -> list[str | None] | None:
+    """The sha256 of each stored level's whitening matrix (None for a level centred only), in
+    `levels` order, as attributes whitening_K_sha256 record it; None when no level is whitened."""
+    found = [attrs.get(f"whitening_{int(k)}_sha256") for k in attrs.get("levels") or []]
+    if centres_of(attrs) is None or all(d is None for d in found):
+        return None
+    return [None if d is None else str(d) for d in found]
+
+
 def preprocess_of(attrs: dict) -> PreprocessSpec | None:
     """The preprocessing a store or journal records; stores older than `colour_mode` were RGB."""
     if attrs.get("image_size") is None:
@@ -223,6 +232,12 @@ class Store:
         """The means subtracted from every row before normalising, per stored level (queries get
         the same: Embedder.for_store); None for a store whose rows are not centred."""
         return centres_of(self.attrs)
+
+    @property
+    def whitening_digests(self) -> list[str | None] | None:
+        """Per stored level, the sha256 of the whitening matrix its rows had (the model carries the
+        matrix; Embedder.in_space_of checks it); None for a store whose rows are not whitened."""
+        return whitening_digests_of(self.attrs)
 
     @property
     def fingerprint(self) -> str | None:
@@ -432,3 +447,5 @@ def check_same_identity(expected: dict, found: dict, what: str, fix: str, keys=I
                         f"{'un' if a is None else ''}centred rows; {fix}")
     if a is not None and not all(np.array_equal(x, y) for x, y in zip(a, b)):
         raise SjeaError(f"{what} was centred with other means than this run's; {fix}")
+    if whitening_digests_of(expected) != whitening_digests_of(found):
+        raise SjeaError(f"{what} was whitened differently from this run's rows; {fix}")

@@ -39,7 +39,8 @@ def verify_store(path: str | Path, progress: ProgressFn | None = None) -> dict:
         for level, dim in zip(s.levels, s.dims):
             done = _check_level(s, level, dim, n, done, total, progress)
     return {"path": str(path), "ok": True, "rows": n, "levels": s.levels, "failed": len(failed),
-            "normalized": s.normalized, "centred": s.centres is not None, "fingerprint": s.fingerprint}
+            "normalized": s.normalized, "centred": s.centres is not None,
+            "whitened": s.whitening_digests is not None, "fingerprint": s.fingerprint}
 
 
 def _check_level(s, level: int, dim: int, n: int, done: int, total: int, progress: ProgressFn | None) -> int:
