@@ -43,8 +43,16 @@ sys.path.insert(0, str(ROOT))
 from docblock import write_block  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- bench_duplicates:begin -->", "<!-- bench_duplicates:end -->"
-HEADING = "## Near-duplicate threshold (`benchmarks/bench_duplicates.py`)"
+# One block per kind of stored row: centred (models without whitening, e.g. trained on a small
+# folder) and whitened (trainers.centring); each chooses its own pair of constants.
+BLOCKS = {
+    "centred": {"begin": "<!-- bench_duplicates:begin -->", "end": "<!-- bench_duplicates:end -->",
+                "heading": "## Near-duplicate threshold (`benchmarks/bench_duplicates.py`)",
+                "constants": "`DEFAULT_THRESHOLD`, `DEFAULT_PIXEL_THRESHOLD`", "rows": "centred"},
+    "whitened": {"begin": "<!-- bench_duplicates-whitened:begin -->", "end": "<!-- bench_duplicates-whitened:end -->",
+                 "heading": "## Near-duplicate threshold, whitened stores (`benchmarks/bench_duplicates.py`)",
+                 "constants": "`WHITENED_THRESHOLD`, `WHITENED_PIXEL_THRESHOLD`", "rows": "centred and whitened"},
+}
 # Real photos bundled with scikit-image (chelsea and cat are the same photo: one kept; the right
 # motorcycle of the stereo pair is nearly the left: left only).
 PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "rocket", "coins", "moon", "page", "text", "hubble_deep_field",
@@ -54,10 +62,11 @@ FMNIST = 150
 COPIED = 0.6
 KINDS = ("jpeg", "half", "double", "crop")
 # Cosines of centred rows (the default since centring): a near-duplicate scores lower than on raw rows.
-CANDIDATE_THRESHOLDS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
+# Whitened rows (trainers.centring) score lower still: the grid reaches down to 0.5.
+CANDIDATE_THRESHOLDS = (0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
 PIXEL_THRESHOLDS = (0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 SUBSETS = ("photos", "fashion-mnist", "all")
-THRESHOLDS = (0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.985, 0.99, 0.993, 0.995, 0.997, 0.998, 0.999,
+THRESHOLDS = (0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.985, 0.99, 0.993, 0.995, 0.997, 0.998, 0.999,
               0.9995, 0.9999)
 PIXEL_SIDE = 32
 MIN_STD = 25.0  # pixel standard deviation (0-255) below which a crop is a near-blank patch
@@ -327,12 +336,13 @@ def summary(data: dict) -> dict:
 
 
 def block(data: dict) -> str:
+    kind = BLOCKS[data.get("rows", "centred")]
     first = data["seeds"][0]
     t, pt = data["chosen"]
     photos, grid = first["subsets"]["photos"], first["subsets"]["photos"]["curves"]["level 0 + pixel check"]
     c = photos["counts"]
     fm = first["subsets"]["fashion-mnist"]
-    lines = [BEGIN, HEADING, "",
+    lines = [kind["begin"], kind["heading"], "",
              f"Written by `{data['command']}` (commit {data['commit']}, {data['date']}). Run: {data['run']}.",
              f"Folder (seed {first['seed']}): {first['files']} files. Photos: {photos['files']} files, "
              f"{c['original']} distinct originals ({len(PHOTOS)} scikit-image photos x up to {CROPS_PER_PHOTO} "
@@ -340,12 +350,11 @@ def block(data: dict) -> str:
              f"2x larger, {c['crop']} cropped 1-5 % per border; {photos['true_pairs']} true copy pairs. "
              f"Fashion-MNIST: {fm['files']} files ({FMNIST} test images and their copies), {fm['true_pairs']} true "
              "pairs. A pair is found when both files land in the same `sjea duplicates` group.", "",
-             f"**Defaults: level-0 cosine >= {t}, then pixel correlation >= {pt}** (`DEFAULT_THRESHOLD`, "
-             "`DEFAULT_PIXEL_THRESHOLD` in sjea_tools/duplicates.py), chosen on the first seed: among the pairs "
+             f"**Defaults: level-0 cosine >= {t}, then pixel correlation >= {pt}** ({kind['constants']} "
+             "in sjea_tools/duplicates.py), chosen on the first seed: among the pairs "
              "that meet the bar on the photos, the highest F1 on the whole folder (crops and Fashion-MNIST "
-             "included). Scores are cosines of the stored rows (centred when the run's model has centring means, as "
-             "trained models do since centring: docs/search.md, \"Scores\"); if their scale changes, re-measure "
-             "with this script.", "",
+             f"included). Scores are cosines of the stored rows, here {kind['rows']} (docs/search.md, \"Scores\"); if "
+             "their scale changes, re-measure with this script.", "",
              bar(data), "",
              f"Photos, seed {first['seed']}: the command at the default cosine {t}, every pixel threshold, then at "
              f"the default pixel threshold {pt}, every cosine:", "",
@@ -372,7 +381,7 @@ def block(data: dict) -> str:
     lines += ["", f"Median cosine of two different originals (stored rows, whole folder): {medians}. Pixel "
               f"signatures of all {first['files']} files took {first['signature_s']} s on this machine (the "
               "command decodes only the files of candidate pairs).", "",
-              f"<!-- bench_duplicates:data {json.dumps(summary(data), sort_keys=True)} -->", END]
+              f"<!-- bench_duplicates:data {json.dumps(summary(data), sort_keys=True)} -->", kind["end"]]
     return "\n".join(lines)
 
 
@@ -387,15 +396,18 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     seeds = [measure(args.run, args.work, int(s)) for s in args.seeds.split(",")]
     chosen = choose_defaults(seeds[0])
+    from sjea_tools.runs import load_model
+
+    rows = "whitened" if load_model(args.run).whitenings is not None else "centred"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     data = {"command": "python benchmarks/bench_duplicates.py " + " ".join(sys.argv[1:]), "commit": commit.strip(),
             "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
-            "run": args.run_label or args.run, "chosen": chosen, "seeds": seeds}
+            "run": args.run_label or args.run, "rows": rows, "chosen": chosen, "seeds": seeds}
     (args.work / "result.json").write_text(json.dumps(data, indent=1))
     text = block(data)
     print(text.rsplit("<!-- bench_duplicates:data", 1)[0])
     if args.write_docs:
-        write_block(DOC, BEGIN, END, text, heading="")
+        write_block(DOC, BLOCKS[rows]["begin"], BLOCKS[rows]["end"], text, heading="")
 
 
 if __name__ == "__main__":

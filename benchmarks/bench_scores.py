@@ -1,12 +1,12 @@
-"""What a score means: measured cosines per level, centred (the stored rows) beside raw (the floor).
+"""What a score means: measured cosines per level, the stored rows beside what they were before.
 
-    python benchmarks/bench_scores.py --run CENTRED_RUN --raw-run RAW_RUN --work /tmp/bench-scores --write-docs
+    python benchmarks/bench_scores.py --run RUN --work /tmp/bench-scores --write-docs
 
 The demo's folder (`sjea images fashion-mnist DIR --split test --limit 3000`: real Fashion-MNIST
-test images as PNG files) is embedded into a store by each run (`sjea embed`, indexes built): by
-CENTRED_RUN, whose model carries its centring means (rows centred, the default since centring),
-and by RAW_RUN, the same model without them (rows as every store held before: raw cosines).
-Per level, medians over the store:
+test images as PNG files) is embedded into a store (`sjea embed`, indexes built) by RUN's model as
+it is (rows centred and whitened: trainers.centring) and by two copies of it made here: without its
+whitening (rows centred only, as stores held before whitening) and without its means either (raw
+cosines, as stores held before centring). Per level, medians over the store:
 
 - random pair: every stored row against every other row (the median score of a query against
   all rows, and its 99th percentile);
@@ -64,6 +64,22 @@ def median(x) -> float:
     return round(float(np.median(x)), 3)
 
 
+def without(run: Path, out: Path, means: bool) -> Path:
+    """A copy of `run` whose model drops its whitening (means=True keeps the means) or both."""
+    import shutil
+
+    from sjea_tools.runs import CONFIG_FILE, load_model, save_model
+
+    model = load_model(run)
+    model.set_centres(model.centres if means else None)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    shutil.copyfile(Path(run) / CONFIG_FILE, out / CONFIG_FILE)
+    save_model(out, model, model.cfg)
+    return out
+
+
 def measure(run: str, images: Path, copies: Path, store: Path, sample: list[str]) -> dict:
     from sjea_tools.embed import Embedder
     from sjea_tools.pipeline import embed_and_index
@@ -76,6 +92,7 @@ def measure(run: str, images: Path, copies: Path, store: Path, sample: list[str]
     with open_store(store) as s:
         emb = Embedder.for_store(s, backend="torch")
         out["centred"] = s.centres is not None
+        out["whitened"] = s.whitening_digests is not None
         names, labels = s.paths, s.labels
         row_of = {n: i for i, n in enumerate(names)}
         rows = np.array([row_of[n] for n in sample])
@@ -108,45 +125,50 @@ def measure(run: str, images: Path, copies: Path, store: Path, sample: list[str]
 def demo_pairs(store: Path, per_level: dict) -> dict:
     """For each level's demo neighbours (after the query itself): the pair's level-0 score, its pixel
     correlation and whether `sjea duplicates`' rule at its defaults joins it with the query."""
-    from sjea_tools.duplicates import DEFAULT_PIXEL_THRESHOLD, default_threshold, read_level, verify_pairs
+    from sjea_tools.duplicates import default_thresholds, read_level, verify_pairs
 
-    threshold = default_threshold(store)
+    threshold, pixel_threshold = default_thresholds(store)
     _, x, paths, root = read_level(store, 0)
     query = paths.index(str(DEMO_QUERY))
     out = {}
     for lv, hits in per_level.items():
         rows = np.array([h["id"] for h in hits if h["id"] != query])
         pixels_pass, corr, _ = verify_pairs(np.full(len(rows), query), rows, [root / p for p in paths],
-                                            DEFAULT_PIXEL_THRESHOLD)
+                                            pixel_threshold)
         level0 = x[rows] @ x[query]
         out[int(lv)] = [{"path": paths[r], "level0": round(float(s), 3), "pixels": round(float(c), 3),
                          "near_duplicate": bool(s >= threshold and ok)}
                         for r, s, c, ok in zip(rows, level0, corr, pixels_pass)]
-    return {"threshold": threshold, "pixel_threshold": DEFAULT_PIXEL_THRESHOLD, "levels": out}
+    return {"threshold": threshold, "pixel_threshold": pixel_threshold, "levels": out}
+
+
+KINDS = {"whitened": "the model as it is (rows centred and whitened, as stores hold them)",
+         "centred": "without its whitening (centred only, as stores held before whitening)",
+         "raw": "without its means either (as stores held before centring)"}
 
 
 def block(data: dict) -> str:
-    centred, raw = data["centred"], data["raw"]
-    lines = [BEGIN, "", f"Written by `{data['command']}` (commit {data['commit']}, {data['date']}). Centred: "
-             f"{data['run_label']}; raw: the same model without its means (as every store held before centring). "
-             f"{IMAGES:,} Fashion-MNIST test images (the demo's folder) embedded by each; medians, "
-             f"copies and self over {COPIES} sampled files.", "",
-             "| level, rows | random pair (99th pct) | top-1 neighbour | top-1, same class | flipped copy | JPEG q75 copy "
+    kinds = [k for k in KINDS if k in data]
+    first = data[kinds[0]]
+    lines = [BEGIN, "", f"Written by `{data['command']}` (commit {data['commit']}, {data['date']}). Model: "
+             f"{data['run_label']}; " + "; ".join(f"{k}: {KINDS[k]}" for k in kinds) + f". {IMAGES:,} Fashion-MNIST "
+             f"test images (the demo's folder) embedded by each; medians, copies and self over {COPIES} sampled files.",
+             "", "| level, rows | random pair (99th pct) | top-1 neighbour | top-1, same class | flipped copy | JPEG q75 copy "
              "| self (min) |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for lv in centred["levels"]:
-        for name, d in (("centred", centred), ("raw", raw)):
-            r = d["levels"][lv]
+    for lv in first["levels"]:
+        for name in kinds:
+            r = data[name]["levels"][lv]
             lines.append(f"| L{lv} {name} | {r['random_pair']:.3f} ({r['random_pair_p99']:.3f}) | {r['top1']:.3f} | {r['top1_same_class']:.3f} "
                          f"({r['top1_same_class_share']:.0%} of rows) | {r['flipped']:.3f} | {r['jpeg']:.3f} | "
                          f"{r['self']:.3f} ({r['self_min']:.5f}) |")
     lines += ["", "The demo's query (`sjea search demo/images/Sneaker/000009.png --k 5`), its five scores "
-              "(the first is the image itself):", "", "| level | centred | raw |", "|---|---|---|"]
-    for lv in centred["demo"]:
-        lines.append(f"| L{lv} | {', '.join(f'{v:.3f}' for v in centred['demo'][lv])} | "
-                     f"{', '.join(f'{v:.3f}' for v in raw['demo'][lv])} |")
-    pairs = centred["demo_pairs"]
-    lines += ["", f"Are the demo's neighbours (centred store) near-duplicates of the query? `sjea duplicates`' rule at "
-              f"its defaults: level-0 score >= {pairs['threshold']} and pixel correlation >= "
+              "(the first is the image itself):", "", "| level | " + " | ".join(kinds) + " |",
+              "|---|" + "---|" * len(kinds)]
+    for lv in first["demo"]:
+        lines.append(f"| L{lv} | " + " | ".join(', '.join(f'{v:.3f}' for v in data[k]['demo'][lv]) for k in kinds) + " |")
+    pairs = first["demo_pairs"]
+    lines += ["", f"Are the demo's neighbours ({kinds[0]} store) near-duplicates of the query? `sjea duplicates`' rule "
+              f"at that store's defaults: level-0 score >= {pairs['threshold']} and pixel correlation >= "
               f"{pairs['pixel_threshold']}.", "",
               "| level | neighbour | file | level-0 score | pixel correlation | near-duplicate |", "|---|---:|---|---:|---:|---|"]
     for lv, hits in pairs["levels"].items():
@@ -159,8 +181,8 @@ def block(data: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="Run whose model carries centring means (the default model).")
-    parser.add_argument("--raw-run", required=True, help="The same model without means (a run from before centring).")
+    parser.add_argument("--run", required=True, help="Run whose model carries centring means and whitening (the default "
+                        "model); its copies without them are made here.")
     parser.add_argument("--run-label", default=None, help="How the block names the run [default: its path].")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-scores"), help="Scratch folder.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the sampled copies.")
@@ -174,8 +196,14 @@ def main() -> None:
     names = sorted(str(p.relative_to(images)) for p in images.rglob("*.png"))
     sample = [names[i] for i in sorted(np.random.default_rng(args.seed).choice(len(names), COPIES, replace=False))]
     make_copies(images, args.work / "copies", sample)
-    results = {name: measure(run, images, args.work / "copies", args.work / f"{name}.h5", sample)
-               for name, run in (("centred", args.run), ("raw", args.raw_run))}
+    from sjea_tools.runs import load_model
+
+    runs = {"centred": without(Path(args.run), args.work / "run-centred", means=True),
+            "raw": without(Path(args.run), args.work / "run-raw", means=False)}
+    if load_model(args.run).whitenings is not None:
+        runs = {"whitened": Path(args.run), **runs}
+    results = {name: measure(str(run), images, args.work / "copies", args.work / f"{name}.h5", sample)
+               for name, run in runs.items()}
     data = {**provenance(sys.argv), "run_label": args.run_label or args.run, **results}
     publish(data, block(data), args.work, DOC if args.write_docs else None, BEGIN, END, HEADING)
 

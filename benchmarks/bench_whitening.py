@@ -1,18 +1,22 @@
-"""Whitening the stored vectors: measured against centring (what stores hold), not adopted yet.
+"""Whitening the stored vectors: measured against centring (what stores held before whitening).
 
     python benchmarks/bench_whitening.py --run RUN [--write-docs]
 
-Stores hold each level's representation minus the level's training mean, L2-normalised
-(`vectors.centre_and_normalize`): a random pair scores about 0, but level 1's neighbours still crowd
-near 1 (docs/search.md, "Scores"). PCA-whitening (Jégou & Chum, ECCV 2012: "Negative evidences and
+Stores held each level's representation minus the level's training mean, L2-normalised: a random
+pair scores about 0, but level 1's neighbours still crowd near 1 (docs/search.md, "Scores").
+PCA-whitening (Jégou & Chum, ECCV 2012: "Negative evidences and
 co-occurrences in image retrieval: the benefit of PCA and whitening") also divides each principal
 direction by its spread, so no few directions dominate the cosine. Every transform below is fitted
 on the bank (the 60,000 Fashion-MNIST training images, no labels), like the centring mean, and
 applied to bank and queries (the 10,000 test images):
 
-- centred: minus the mean (what stores hold today);
+- centred: minus the mean (what stores held before whitening);
 - PCA-whitened, d: centred, projected on the d principal directions of largest variance, each
   divided by sqrt(its eigenvalue + EPS x the largest), then L2-normalised ("all": every direction).
+
+- as stored: the model's own means and whitening (trainers.centring: ZCA fitted on a 20,000-image
+  sample at the end of training), applied as stores apply them (vectors.centre_and_normalize); only
+  for the trained levels the model whitens.
 
 Beside the trained run's levels, under the same transforms: the same architecture at random init
 (BatchNorm statistics from training images) and the pixels. Measures: weighted k-NN top-1 (cosine,
@@ -37,7 +41,7 @@ from docblock import provenance, publish  # noqa: E402
 
 DOC = ROOT / "docs" / "search.md"
 BEGIN, END = "<!-- bench_whitening:begin (written by benchmarks/bench_whitening.py) -->", "<!-- bench_whitening:end -->"
-HEADING = "## Whitening the stored vectors (measured, not adopted yet)"
+HEADING = "## Whitening the stored vectors (measured; stores hold whitened rows)"
 DIMS = ("all", 128, 64)
 EPS = 1e-6  # eigenvalue floor, relative to the largest: keeps near-empty directions from exploding
 SCORE_ROWS = 3000
@@ -81,6 +85,15 @@ def measure(bank: np.ndarray, queries: np.ndarray, train, test, fine_to_coarse: 
             "random_pair": round(float(np.median(off)), 3), "top1": round(float(np.median(sims.max(axis=1))), 3)}
 
 
+def stored_transforms(run: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{"L{k} trained": (mean, whitening)} for each level the run's model whitens."""
+    from sjea_tools.runs import load_model
+
+    model = load_model(run)
+    whitenings = model.whitenings or [None] * model.num_levels
+    return {f"L{k} trained": (model.centres[k].numpy(), w.numpy()) for k, w in enumerate(whitenings) if w is not None}
+
+
 def features(run: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{name: (bank, queries)} for the run's levels, its architecture at random init, and pixels."""
     import torch
@@ -110,7 +123,7 @@ def findings(results: dict) -> list[str]:
     """What the table says, computed from it: each row's change under whitening, and the trained
     level 0's lead over the best pixel row under each protocol."""
     def best(rows: dict, whitened: bool) -> tuple[str, float]:
-        pick = {t: r["knn"] for t, r in rows.items() if t.startswith("PCA") == whitened}
+        pick = {t: r["knn"] for t, r in rows.items() if t != "as stored" and t.startswith("PCA") == whitened}
         name = max(pick, key=pick.get)
         return name, pick[name]
 
@@ -128,6 +141,11 @@ def findings(results: dict) -> list[str]:
         lead[whitened] = trained - pixels
     out.append(f"- The trained level 0's k-NN lead over the best pixel row: {lead[False]:+.2f} centred, "
                f"{lead[True]:+.2f} whitened (each side's best transform).")
+    for name, rows in results.items():
+        if "as stored" in rows:
+            r = rows["as stored"]
+            out.append(f"- {name} as stored (the model's own whitening): k-NN {r['knn']:.2f}, fine P@10 "
+                       f"{r['fine_p10']:.2f}, random pair {r['random_pair']:+.3f}, best other image {r['top1']:.3f}.")
     if min(gains) > 0:
         out.append(f"- Whitening lifts every row ({min(gains):+.2f} to {max(gains):+.2f} k-NN), random init and pixels "
                    "too: it is a better retrieval protocol for any features, not a property of the trained model.")
@@ -159,13 +177,20 @@ def main() -> None:
 
     train, test = load_eval_splits("fashion-mnist", None, 0)
     fine_to_coarse = coarse_of(train)[0]
+    from sjea_tools.vectors import centre_and_normalize
+
     results: dict = {}
+    stored = stored_transforms(args.run)
     for name, (bank, queries) in features(args.run).items():
         rows = results[name] = {}
         for dims in (None, *DIMS):
             label = "centred" if dims is None else f"PCA-whitened, {dims}"
             rows[label] = measure(*transformed(bank, queries, dims), train, test, fine_to_coarse)
             print(name, label, rows[label], flush=True)
+        if name in stored:
+            rows["as stored"] = measure(centre_and_normalize(bank, *stored[name]),
+                                        centre_and_normalize(queries, *stored[name]), train, test, fine_to_coarse)
+            print(name, "as stored", rows["as stored"], flush=True)
     data = {**provenance(sys.argv), "run": args.run, "results": results}
     publish(data, block(data), args.work, DOC if args.write_docs else None, BEGIN, END, HEADING)
 

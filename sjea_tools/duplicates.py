@@ -46,6 +46,10 @@ DEFAULT_PIXEL_THRESHOLD = 0.8
 # A store written before centring holds raw cosines, crowded near 1 (same-class neighbours score
 # 0.98-0.99): its default stays the one measured on raw cosines by the same script (commit 00f2b70).
 UNCENTRED_THRESHOLD = 0.98
+# A whitened store (trainers.centring) spreads every score, near-duplicates' too: its pair measured
+# by the same script on the whitened default model (block "bench_duplicates-whitened").
+WHITENED_THRESHOLD = 0.95
+WHITENED_PIXEL_THRESHOLD = 0.8
 # Side of the grey thumbnails the pixel check compares: 16, 32 and 64 were measured; 32 had the
 # best F1 on the photo folder (16 joins look-alikes, 64 misses re-encoded textures).
 VERIFY_SIDE = 32
@@ -64,13 +68,17 @@ def check_threshold(threshold: float, option: str = "--threshold", default: floa
     return threshold
 
 
-def default_threshold(store_path) -> float:
-    """The cosine threshold for a store when none is given: DEFAULT_THRESHOLD for centred rows,
-    UNCENTRED_THRESHOLD for a store written before centring."""
+def default_thresholds(store_path) -> tuple[float, float]:
+    """(cosine, pixel) thresholds for a store when none are given, each measured on that kind of
+    row: whitened (WHITENED_*), centred (DEFAULT_*) or written before centring (UNCENTRED_THRESHOLD)."""
     from .store import open_store
 
     with open_store(store_path) as store:
-        return DEFAULT_THRESHOLD if store.centres is not None else UNCENTRED_THRESHOLD
+        if store.centres is None:
+            return UNCENTRED_THRESHOLD, DEFAULT_PIXEL_THRESHOLD
+        if store.whitening_digests is not None:
+            return WHITENED_THRESHOLD, WHITENED_PIXEL_THRESHOLD
+        return DEFAULT_THRESHOLD, DEFAULT_PIXEL_THRESHOLD
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -239,16 +247,17 @@ def find_duplicates(store_path, level: int | str = 0, threshold: float | None = 
                     pixel_threshold: float | None = None, verify: bool = True, grid=None, keep_list=None,
                     overwrite: bool = False, progress: ProgressFn | None = None) -> dict:
     """Near-duplicate groups of a store at one level: candidate pairs with cosine >= threshold
-    (default: default_threshold of the store) whose files' pixels correlate >= pixel_threshold (default
-    DEFAULT_PIXEL_THRESHOLD; `verify=False` skips this check), joined transitively. Each member's
+    (default: default_thresholds of the store) whose files' pixels correlate >= pixel_threshold (default:
+    the store's, from the same; `verify=False` skips this check), joined transitively. Each member's
     score is its cosine to the group's kept file (KEEP_RULE); the others are removal candidates.
     Writes only what is asked: `keep_list` (the CSV of write_list) and `grid` (draw_groups' PNG), an
     existing one replaced only with `overwrite`.
 
     Cost (exact all-pairs search, the module docstring): n² x dim multiply-adds, minutes for
     100,000 rows on 2 cores; memory is the level's vectors (n x dim x 4 bytes) plus the pairs."""
-    threshold = default_threshold(store_path) if threshold is None else check_threshold(threshold)
-    pixel_threshold = (DEFAULT_PIXEL_THRESHOLD if pixel_threshold is None
+    defaults = default_thresholds(store_path)
+    threshold = defaults[0] if threshold is None else check_threshold(threshold)
+    pixel_threshold = (defaults[1] if pixel_threshold is None
                        else check_threshold(pixel_threshold, "--pixel-threshold", DEFAULT_PIXEL_THRESHOLD))
     level, x, paths, root = read_level(store_path, level)
     check_outputs(store_path, {"--grid": grid, "--list": keep_list}, overwrite)

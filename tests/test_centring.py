@@ -133,9 +133,10 @@ def test_a_centred_store_scores_a_random_pair_near_0_and_an_image_itself_1(tmp_p
     assert up["metric"] == "centred cosine"
     for hits in up["results"][0]["per_level"].values():
         assert hits[0]["path"] == rel and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
-    from sjea_tools.duplicates import DEFAULT_THRESHOLD, UNCENTRED_THRESHOLD, default_threshold
+    from sjea_tools.duplicates import DEFAULT_PIXEL_THRESHOLD, DEFAULT_THRESHOLD, UNCENTRED_THRESHOLD, default_thresholds
 
-    assert default_threshold(out) == DEFAULT_THRESHOLD < UNCENTRED_THRESHOLD
+    assert default_thresholds(out) == (DEFAULT_THRESHOLD, DEFAULT_PIXEL_THRESHOLD)
+    assert DEFAULT_THRESHOLD < UNCENTRED_THRESHOLD
 
 
 def test_torch_and_onnx_embedders_give_the_same_centred_rows_and_the_graph_stays_raw(tmp_path, fmnist_test):
@@ -190,9 +191,9 @@ def test_an_old_store_keeps_working_uncentred_and_says_so(tmp_path, fmnist_test)
     assert any("uncentred" in n and "embed again" in n for n in res["notes"])
     assert all(h[0]["score"] == pytest.approx(1.0, abs=1e-5) for h in res["results"][0]["per_level"].values())
     assert verify_store(out)["centred"] is False
-    from sjea_tools.duplicates import UNCENTRED_THRESHOLD, default_threshold
+    from sjea_tools.duplicates import UNCENTRED_THRESHOLD, default_thresholds
 
-    assert default_threshold(out) == UNCENTRED_THRESHOLD
+    assert default_thresholds(out)[0] == UNCENTRED_THRESHOLD
 
 
 def test_update_keeps_the_means_and_rows_centred_otherwise_are_refused(tmp_path, fmnist_test):

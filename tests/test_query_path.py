@@ -56,7 +56,7 @@ def mixed(tmp_path_factory, fmnist_test):
     from sjea_tools.pipeline import embed_and_index
 
     base = tmp_path_factory.mktemp("mixed")
-    run = make_run(base / "run", levels=2, encoder="mlp", centred=True)  # the README's client centres too
+    run = make_run(base / "run", levels=2, encoder="mlp", whitened=True)  # the README's client centres and whitens too
     names = write_mixed_folder(base / "images", fmnist_test)
     store = base / "mixed.h5"
     embed_and_index(base / "images", store, run=run, workers=0, batch_size=4)

@@ -37,7 +37,7 @@ from sjea_tools.runs import (CHECKPOINT_FILE, CONFIG_FILE, DEFAULT_RUNS_DIR, MET
                              truncate_metrics)
 from sjea_tools.spec import PreprocessSpec
 
-from .centring import at_model_size, level_centring
+from .centring import CENTRE_IMAGES, WHITEN_IMAGES_PER_DIM, at_model_size, level_centring
 from .collapse import collapse_warning, level_statistics
 from .checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
 from .distributed import DistInfo, barrier, cleanup_distributed, process_device, setup_distributed
@@ -403,9 +403,21 @@ def _train(cfg, state, out_dir, resume, overwrite, runs_dir: Path, info: DistInf
         # the working directory's runs/ (None: not asked; False: a user's file there was left alone).
         inside = Path(run_dir).resolve().is_relative_to(Path(runs_dir).resolve())
         summary["latest_updated"] = set_latest(run_dir, runs_dir) if inside else None
+        summary["scores"] = score_summary(len(data), t.model)
         atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     barrier(info)
     return run_dir
+
+
+def score_summary(images: int, model) -> dict:
+    """How the run's rows will score: the levels whitened (trainers.centring) and the images the
+    centring was taken over; a level left centred only says why (too few images per dimension)."""
+    whitenings = model.whitenings or [None] * model.num_levels
+    sample = min(images, CENTRE_IMAGES)
+    return {"centring_images": sample, "whitened_levels": [k for k, w in enumerate(whitenings) if w is not None],
+            "centred_only": {str(k): f"{sample:,} images for {d} dimensions; whitening needs "
+                                     f"{WHITEN_IMAGES_PER_DIM * d:,} ({WHITEN_IMAGES_PER_DIM} per dimension)"
+                             for k, (w, d) in enumerate(zip(whitenings, model.level_dims)) if w is None}}
 
 
 def run_summary(run_dir: Path, images: int, skipped: dict[str, str], steps: int, steps_per_epoch: int,

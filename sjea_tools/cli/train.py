@@ -327,6 +327,12 @@ def _print_summary(run_dir: Path, summary: dict | None) -> None:
                 f"level {k} {lv['loss']:.3f} (invariance {lv['invariance']:.3f}, variance {lv['variance']:.3f}, "
                 f"covariance {lv['covariance']:.3f})" for k, lv in enumerate(summary["final"]["levels"])), highlight=False)
         console.print(f"collapse at the end: {_collapse_text(summary['collapse'])}", highlight=False)
+        scores = summary.get("scores")
+        if scores:
+            whitened = ", ".join(map(str, scores["whitened_levels"])) or "none"
+            console.print(f"scores: centred and whitened levels {whitened} (over {scores['centring_images']:,} training "
+                          "images)" + "".join(f"; level {k} centred only ({why})" for k, why in
+                                             scores["centred_only"].items()), highlight=False)
         if summary["too_short"]:
             from ..data.recipe import too_short_warning
 

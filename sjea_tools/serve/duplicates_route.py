@@ -60,10 +60,10 @@ class DuplicatesCache:
         self._cached: tuple = (None, {})  # (store version, {(level, threshold): result}), swapped whole
 
     def get(self, level: str, threshold: float | None) -> dict:
-        from ..duplicates import check_threshold, default_threshold, find_duplicates
+        from ..duplicates import check_threshold, default_thresholds, find_duplicates
 
         loaded = self.holder.current()
-        threshold = default_threshold(loaded.path) if threshold is None else check_threshold(threshold)
+        threshold = default_thresholds(loaded.path)[0] if threshold is None else check_threshold(threshold)
         wanted = parse_levels(level, loaded.levels, option="--level")
         if len(wanted) != 1:
             raise SjeaError(f"--level takes one level (levels here: {', '.join(map(str, loaded.levels))}).")
