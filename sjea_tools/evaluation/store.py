@@ -105,15 +105,17 @@ def store_embedders(store, device: str, seed: int, pixels: np.ndarray, random_in
     torch.manual_seed(seed)
     model = fresh_model(emb.model).to(emb.device)
     calibrate_batchnorm(model, ImageData("sample", pixels=pixels), seed=seed)
-    centres = None
-    if emb.centred:  # treated as the stored rows are: centred, by its own means (over the sample)
-        from ..trainers.centring import level_centres
+    centres = whitenings = None
+    if emb.centred:  # treated as the stored rows are: centred (and whitened), by its own statistics over the sample
+        from ..trainers.centring import level_centring
 
-        means = [c.cpu().numpy() for c in level_centres(model, pixels, emb.device, seed=seed)]
-        centres = [means[k] for k in emb.levels]
+        means, whitening = level_centring(model, pixels, emb.device, seed=seed)
+        centres = [means[k].cpu().numpy() for k in emb.levels]
+        if emb.whitenings is not None:
+            whitenings = [None if whitening[k] is None else whitening[k].numpy() for k in emb.levels]
     rand = Embedder(backend="torch", levels=emb.levels, dims=emb.dims, preprocess=emb.preprocess,
                     model_id="random-init", source=emb.source, device=emb.device, normalize=emb.normalize, model=model,
-                    centres=centres)
+                    centres=centres, whitenings=whitenings)
     return emb, rand, None
 
 
