@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..duplicates import DEFAULT_THRESHOLD, UNCENTRED_THRESHOLD, WHITENED_THRESHOLD
 from . import app
 from .common import grid_option, overwrite_option, console, handle_errors, number_check, json_option, literal, markup_safe, print_json, quiet_option, rich_progress
 
@@ -21,7 +22,9 @@ def duplicates(
     level: str = typer.Option("0", "--level", help="The level whose cosine decides (one level of the store)."),
     threshold: Optional[float] = typer.Option(None, "--threshold", callback=_UNIT, help="Cosine at or above which "
                                               "two files are candidate copies, in (0, 1] \\[default: measured on "
-                                              "real copies, see docs/benchmarks.md]."),
+                                              f"real copies per kind of store: {WHITENED_THRESHOLD} whitened, "
+                                              f"{DEFAULT_THRESHOLD} centred only, {UNCENTRED_THRESHOLD} written before "
+                                              "centring; docs/benchmarks.md]."),
     pixel_threshold: Optional[float] = typer.Option(None, "--pixel-threshold", callback=_UNIT, help="A candidate "
                                                     "pair is a copy when its files' 32 x 32 grey pixels correlate "
                                                     "at least this much, in (0, 1] \\[default: measured with "
