@@ -39,8 +39,7 @@ sys.path.insert(0, str(ROOT))
 from sjea_tools.clusters import build_tree, coarse_order, default_sizes, kmeans  # noqa: E402
 from sjea_tools.evaluation.hierarchy_measures import H_AP_DEPTH, TOP_K_DISTANCE, hierarchy_measures  # noqa: E402
 from sjea_tools.hierarchy import gated_search  # noqa: E402
-from sjea_tools.hierarchy_variants import unit  # noqa: E402
-from sjea_tools.vectors import cosine_top_k, l2_normalize  # noqa: E402
+from sjea_tools.vectors import centre_and_normalize, cosine_top_k  # noqa: E402
 
 K = 10
 DEPTH = max(H_AP_DEPTH, max(TOP_K_DISTANCE))  # hits per query for the hierarchy measures
@@ -86,6 +85,20 @@ def average_precision(relevant: np.ndarray) -> np.ndarray:
     return (relevant * hits / ranks).sum(axis=1) / relevant.shape[1]
 
 
+def fine_hits(ids: np.ndarray, f: dict) -> np.ndarray:
+    """(q, k) bool: whether each hit has the query's class."""
+    return np.where(ids >= 0, f["bank_labels"][np.maximum(ids, 0)] == f["query_labels"][:, None], False)
+
+
+def paired_interval(a: np.ndarray, b: np.ndarray, draws: int = 2000, seed: int = 0) -> list[float]:
+    """[mean, low, high] of a - b over queries (per-query values, in points), the 95% interval of a
+    paired bootstrap: whether a difference between two modes is more than the draw of queries."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    means = d[np.random.default_rng(seed).integers(0, len(d), (draws, len(d)))].mean(axis=1)
+    return [round(float(d.mean()), 2), round(float(np.percentile(means, 2.5)), 2),
+            round(float(np.percentile(means, 97.5)), 2)]
+
+
 def measure(ids: np.ndarray, f: dict, per_level: dict | None = None) -> dict:
     out = {}
     for name, bank_lab, q_lab in (("fine", f["bank_labels"], f["query_labels"]),
@@ -93,9 +106,11 @@ def measure(ids: np.ndarray, f: dict, per_level: dict | None = None) -> dict:
         rel = np.where(ids >= 0, bank_lab[np.maximum(ids, 0)] == q_lab[:, None], False)
         out[f"{name}_p10"] = round(100 * float(rel.mean()), 2)
         out[f"{name}_map10"] = round(100 * float(average_precision(rel).mean()), 2)
+    mine = 100 * fine_hits(ids, f).mean(axis=1)
     for lv, other in (per_level or {}).items():
         differs = [set(a) != set(b) for a, b in zip(ids.tolist(), other.tolist())]
         out[f"differs_L{lv}"] = round(100 * float(np.mean(differs)), 1)
+        out[f"fine_p10_vs_L{lv}"] = paired_interval(mine, 100 * fine_hits(other, f).mean(axis=1))
     return out
 
 
@@ -112,15 +127,25 @@ def purity(assign: np.ndarray, labels: np.ndarray) -> float:
     return round(100 * agree / len(labels), 2)
 
 
+def model_whitenings(run: str, levels: list[int]) -> list[np.ndarray | None]:
+    """The run's whitening matrix of each level (None: a level, or a model, centred only)."""
+    from sjea_tools.runs import load_model
+
+    model = load_model(run)
+    found = model.whitenings or [None] * model.num_levels
+    return [None if found[k] is None else found[k].numpy() for k in levels]
+
+
 def bench_run(run: str, args) -> dict:
     t0 = time.perf_counter()
     f = features(run, args.bank, args.queries, args.seed, Path(args.cache), args.tune)
     levels = sorted(int(k[4:]) for k in f if k.startswith("bank") and k[4:].isdigit())
-    # every search on centred vectors (the bank's mean subtracted, then unit length), as stores hold them
+    # every search on the rows as stores hold them: the bank's mean subtracted, times the model's
+    # whitening matrix of the level when it has one (trainers.centring), then unit length
     means = [f[f"bank{lv}"].mean(axis=0) for lv in levels]
-    bank = [unit(f[f"bank{lv}"], mu) for lv, mu in zip(levels, means)]
-    qv = [unit(f[f"query{lv}"], mu) for lv, mu in zip(levels, means)]
-    tv = [unit(f[f"tune{lv}"], mu) for lv, mu in zip(levels, means)]
+    ws = model_whitenings(run, levels)
+    bank, qv, tv = ([centre_and_normalize(f[f"{part}{lv}"], mu, w) for lv, mu, w in zip(levels, means, ws)]
+                    for part in ("bank", "query", "tune"))
     n = len(bank[0])
     sizes = default_sizes(n, len(levels))
     order, agreement = coarse_order(bank, sizes[0], seed=args.seed)
@@ -130,7 +155,7 @@ def bench_run(run: str, args) -> dict:
         _, a = kmeans(x, sizes[0], args.seed)
         purities[lv] = {"coarse": purity(a, coarse_labels), "fine": purity(a, f["bank_labels"])}
     row = {"run": str(run), "model_id": f["model_id"][:12], "bank": n, "queries": len(qv[0]), "tune": len(tv[0]),
-           "sizes": sizes,
+           "sizes": sizes, "whitened": any(w is not None for w in ws),
            "agreement": dict(zip(levels, agreement)), "purity": purities, "coarse": levels[order[0]], "methods": {}}
     deep = {lv: cosine_top_k(qv[i], bank[i], DEPTH)[1] for i, lv in enumerate(levels)}
     per_level = {lv: ids[:, :K] for lv, ids in deep.items()}
@@ -156,19 +181,21 @@ def bench_run(run: str, args) -> dict:
 
     row["variants"] = variant_methods(bank, qv, tv, deep, f, levels, order, trees["measured"], row["methods"],
                                       measure, tree_measures, K, DEPTH)
-    row["scores"] = score_spread(bank, qv, f, levels)
+    row["scores"] = score_spread(f, levels, ws)
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 
 
-def score_spread(bank, qv, f, levels) -> dict:
-    """Raw cosine against cosine after centring by the bank mean, per level."""
+def score_spread(f, levels, ws) -> dict:
+    """Raw cosine against cosine after centring by the bank mean, and after whitening too (the
+    model's matrix, for a level that has one), per level."""
     rng = np.random.default_rng(0)
     out = {}
-    for i, lv in enumerate(levels):
-        for how in ("raw", "centred"):
-            mu = f[f"bank{lv}"].mean(axis=0) if how == "centred" else 0.0
-            b, q = l2_normalize(f[f"bank{lv}"] - mu), l2_normalize(f[f"query{lv}"] - mu)
+    for lv, w in zip(levels, ws):
+        for how in ("raw", "centred") + (("whitened",) if w is not None else ()):
+            mu = f[f"bank{lv}"].mean(axis=0) if how != "raw" else None
+            w_how = w if how == "whitened" else None
+            b, q = (centre_and_normalize(f[f"{part}{lv}"], mu, w_how) for part in ("bank", "query"))
             sims, ids = cosine_top_k(q, b, K)
             same = f["bank_labels"][ids[:, 0]] == f["query_labels"]
             a, c = rng.integers(0, len(b), 5000), rng.integers(0, len(b), 5000)
@@ -203,7 +230,7 @@ def tables(rows: list[dict], command: str, note: str | None = None) -> str:
             lines.append(f"| {name} | {m['coarse_p10']:.2f} | {m['coarse_map10']:.2f} | {m['fine_p10']:.2f} | "
                          f"{m['fine_map10']:.2f} | " + " | ".join(f"{m[c]:.1f}%" for c in diff_cols)
                          + f" | {m.get('gate_rows', r['bank']):,} |")
-        lines += ["", variants_line(r), "", verdict(r), "", hierarchy_table(r), "", "Scores: raw cosine against cosine after centring by the bank's mean (medians):", "",
+        lines += ["", variants_line(r), "", verdict(r), "", hierarchy_table(r), "", "Scores: raw cosine against cosine after centring by the bank's mean, and after whitening too (medians):", "",
                   "| level, score | fine P@10 | random pair | top-1 same class | 10th neighbour |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {name} | {s['fine_p10']:.2f} | {s['random_pair']:.3f} | {s['top1_same_class']:.3f} | {s['top10']:.3f} |"
                   for name, s in r["scores"].items()]
@@ -215,7 +242,10 @@ def variants_line(r: dict) -> str:
     """How the variants of benchmarks/variants_quality.py were set, and what their weights were chosen on."""
     v = r["variants"]
     tried = ", ".join(f"{w:.1f}: {s:.2f}" for w, s in v["tried_mixed"].items())
-    return (f"All rows search centred vectors (the bank's mean subtracted, then unit length). Soft gate: the coarse "
+    rows = ("centred and whitened vectors (the bank's mean subtracted, times the model's whitening matrix, then unit "
+            "length: as stores hold them)" if r.get("whitened") else "centred vectors (the bank's mean subtracted, then "
+            "unit length)")
+    return (f"All rows search {rows}. Soft gate: the coarse "
             f"clusters within {v['margin']} cosine of the query's nearest (at most {v['max_probes']}), over lists "
             f"where a row within {v['margin']} of a second centroid is listed there too ({v['list_rows']:,} entries "
             f"for {v['bank_rows']:,} rows); the row named --margin is the same gate as `sjea search --margin` makes it, "
@@ -261,7 +291,16 @@ def verdict(r: dict) -> str:
     wins = [f"{name} on {MEASURES[m]} ({v[m]:.2f} > {single[m]:.2f})" for name, v in r["methods"].items()
             if name.startswith("hier") for m in MEASURES if v[m] > single[m]]
     if wins:
-        return "Hierarchical search beats the best single level: " + "; ".join(wins) + "."
+        lv = best_single.split()[1]
+        leaders = {name: v[f"fine_p10_vs_L{lv}"] for name, v in r["methods"].items()
+                   if name.startswith("hier") and v["fine_p10"] > single["fine_p10"]}
+        noise = "; ".join(f"{name} {d:+.2f} (95% interval {lo:+.2f} to {hi:+.2f})" for name, (d, lo, hi) in leaders.items())
+        real = [name for name, (_, lo, _) in leaders.items() if lo > 0]
+        return ("Hierarchical search beats the best single level: " + "; ".join(wins) + "."
+                + (f" Fine P@10 against {best_single}, per query, paired bootstrap over {r['queries']:,} queries: {noise}: "
+                   + ("above the draw of queries for " + ", ".join(real) if real else
+                      "every interval holds 0, so no win is more than the draw of queries; the default mode stays "
+                      "per-level") + "." if leaders else ""))
     same = f"differs_L{best_single.split()[1]}"  # variants whose top 10 is the best level's own set are not "close"
     hier = {name: v for name, v in r["methods"].items() if name.startswith("hier") and v.get(same, 100) > 0}
     closest = max(hier, key=lambda name: (hier[name]["fine_p10"], hier[name]["fine_map10"]))

@@ -5,7 +5,8 @@ queries per second on 2 cores, beside FAISS IVF-Flat and HNSW on the fine level.
 
 Rows: Fashion-MNIST's images and seeded augmented copies embedded by the run (benchmarks/scale_embed.py,
 cached under --cache); queries: held-out test images (not in the bank, nor copies of them). Every
-vector centred by the bank's mean per level, then unit length. Which level is coarse is measured as
+vector centred by the bank's mean per level, times the run's whitening matrix of the level when it
+has one (trainers.centring: as stores hold them), then unit length. Which level is coarse is measured as
 `sjea index` measures it (`clusters.coarse_order` on a 20,000-row sample); the fine level is the other.
 
 Methods, one FAISS call per batch of all queries (as the product batches them), threads = 2:
@@ -55,8 +56,12 @@ def log(*a):
     print(time.strftime("%H:%M:%S"), *a, flush=True)
 
 
-def centred_unit(path: Path, mean: np.ndarray | None = None, block: int = 131_072) -> tuple[np.ndarray, np.ndarray]:
-    """(rows of the .npy centred by `mean` (default: their own mean) and L2-normalised, in RAM; the mean)."""
+def centred_unit(path: Path, mean: np.ndarray | None = None, whitening: np.ndarray | None = None,
+                 block: int = 131_072) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of the .npy centred by `mean` (default: their own mean), whitened when a matrix is given,
+    L2-normalised, in RAM; the mean)."""
+    from sjea_tools.vectors import centre_and_normalize
+
     src = np.load(path, mmap_mode="r")
     if mean is None:
         mean = np.zeros(src.shape[1], np.float64)
@@ -65,8 +70,7 @@ def centred_unit(path: Path, mean: np.ndarray | None = None, block: int = 131_07
         mean = (mean / len(src)).astype(np.float32)
     out = np.empty(src.shape, np.float32)
     for s in range(0, len(src), block):
-        x = src[s:s + block] - mean
-        out[s:s + block] = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        out[s:s + block] = centre_and_normalize(src[s:s + block], mean, whitening)
     return out, mean
 
 
@@ -157,8 +161,13 @@ def main() -> None:
     coarse, fine_lv = levels[order[0]], levels[order[-1]]
     res.update(coarse=coarse, fine=fine_lv, agreement=agreement)
     log(f"{n:,} rows; coarse level {coarse} (agreement {agreement}), fine level {fine_lv}")
-    fine, mu_f = centred_unit(emb["bank"][fine_lv])
-    qf = centred_unit(emb["query"][fine_lv], mu_f)[0]
+    from sjea_tools.runs import load_model
+
+    found = load_model(args.run).whitenings or [None] * len(levels)
+    ws = [None if w is None else w.numpy() for w in found]
+    res.update(whitened=[k for k, w in enumerate(ws) if w is not None])
+    fine, mu_f = centred_unit(emb["bank"][fine_lv], whitening=ws[fine_lv])
+    qf = centred_unit(emb["query"][fine_lv], mu_f, ws[fine_lv])[0]
     methods = res["methods"]
 
     flat = faiss.IndexFlatIP(fine.shape[1])
@@ -197,8 +206,8 @@ def main() -> None:
             del ivf
 
     if "hier" not in args.skip:
-        cx, mu_c = centred_unit(emb["bank"][coarse])
-        qc = centred_unit(emb["query"][coarse], mu_c)[0]
+        cx, mu_c = centred_unit(emb["bank"][coarse], whitening=ws[coarse])
+        qc = centred_unit(emb["query"][coarse], mu_c, ws[coarse])[0]
         for m in sorted({default_sizes(n, 2)[0], explicit_spec("ivf-flat", n, fine.shape[1])["params"]["nlist"]}):
             t0 = time.perf_counter()
             cents, assign = kmeans(cx, m, 0)

@@ -134,13 +134,10 @@ def findings(results: dict) -> list[str]:
         out.append(f"- {name}: k-NN {rows['centred']['knn']:.2f} centred, {value:.2f} at best whitened ({transform}, "
                    f"{value - rows['centred']['knn']:+.2f}); best other image {rows['centred']['top1']:.3f} -> "
                    f"{rows[transform]['top1']:.3f}.")
-    lead = {}
-    for whitened in (False, True):
-        trained = best(results["L0 trained"], whitened)[1]
-        pixels = best(results["pixels"], whitened)[1]
-        lead[whitened] = trained - pixels
-    out.append(f"- The trained level 0's k-NN lead over the best pixel row: {lead[False]:+.2f} centred, "
-               f"{lead[True]:+.2f} whitened (each side's best transform).")
+    for level in ("L0", "L1"):
+        lead = {w: best(results[f"{level} trained"], w)[1] - best(results["pixels"], w)[1] for w in (False, True)}
+        out.append(f"- The trained level {level[1]}'s k-NN lead over the best pixel row: {lead[False]:+.2f} centred, "
+                   f"{lead[True]:+.2f} whitened (each side's best transform).")
     for name, rows in results.items():
         if "as stored" in rows:
             r = rows["as stored"]
@@ -172,7 +169,13 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="A trained run (the default model).")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-whitening"), help="Where result.json goes.")
     parser.add_argument("--write-docs", action="store_true", help=f"Write the block into {DOC.relative_to(ROOT)}.")
+    parser.add_argument("--report", action="store_true", help="Render the block again from WORK/result.json (the "
+                        "numbers and command of the run that measured them), without measuring.")
     args = parser.parse_args()
+    if args.report:
+        data = json.loads((args.work / "result.json").read_text())
+        publish(data, block(data), args.work, DOC if args.write_docs else None, BEGIN, END, HEADING)
+        return
     from sjea_tools.evaluation import coarse_of, load_eval_splits
 
     train, test = load_eval_splits("fashion-mnist", None, 0)

@@ -7,6 +7,15 @@ import time
 TARGET = 0.95
 
 
+def whitened_text(res: dict) -> str:
+    """How the block names the whitening the rows had (results from before whitening have none)."""
+    levels = res.get("whitened") or []
+    if not levels:
+        return ""
+    named = f"level{'s' if len(levels) > 1 else ''} {', '.join(map(str, levels))}"
+    return f"times the model's whitening matrix ({named}; as stores hold them), "
+
+
 def best_at_target(points: list[dict]) -> dict | None:
     """The fastest setting with recall@10 >= TARGET, or None."""
     ok = [p for p in points if p["recall"] >= TARGET]
@@ -22,7 +31,7 @@ def block(res: dict, args) -> str:
              f"{res['copies'] - 1} seeded augmented copies of each (flip, crop/zoom 0.85-1.0, shift up to 2 px, "
              f"brightness 0.8-1.2; benchmarks/scale_embed.py), embedded by model {res['model_id']} (every level); "
              f"{res['queries']:,} held-out test images as one batch of queries. Vectors centred by the bank's mean "
-             f"per level, then unit length. Coarse level **{res['coarse']}** (measured: neighbourhood agreement "
+             f"per level, {whitened_text(res)}then unit length. Coarse level **{res['coarse']}** (measured: neighbourhood agreement "
              f"{res['agreement']}), fine level **{res['fine']}**. Recall@10 against exact search at the fine level; "
              f"queries per second on 2 threads (faiss.omp_set_num_threads(2), 2 cores shared with other work), "
              f"the best of {args.repeats} timed runs of the whole batch. Build: "

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import SjeaError
-from .vectors import best_k, l2_normalize
+from .vectors import best_k
 
 
 def soft_gates(sims: np.ndarray, sizes: np.ndarray, k: int, margin: float, max_probes: int) -> np.ndarray:
@@ -179,8 +179,3 @@ def spread(scores: np.ndarray, ids: np.ndarray, groups: np.ndarray, k: int) -> t
     safe = np.maximum(pos, 0)
     return (np.where(pos >= 0, np.take_along_axis(scores, safe, 1), -np.inf).astype(np.float32),
             np.where(pos >= 0, np.take_along_axis(ids, safe, 1), -1))
-
-
-def unit(x: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
-    """Rows centred by `mean` (a fixed per-bank vector; None: not centred), then L2-normalised."""
-    return l2_normalize(x if mean is None else np.asarray(x, np.float32) - mean)
