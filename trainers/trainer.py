@@ -415,8 +415,8 @@ def score_summary(images: int, model) -> dict:
     whitenings = model.whitenings or [None] * model.num_levels
     sample = min(images, CENTRE_IMAGES)
     return {"centring_images": sample, "whitened_levels": [k for k, w in enumerate(whitenings) if w is not None],
-            "centred_only": {str(k): f"{sample:,} images for {d} dimensions; whitening needs "
-                                     f"{WHITEN_IMAGES_PER_DIM * d:,} ({WHITEN_IMAGES_PER_DIM} per dimension)"
+            "centred_only": {str(k): f"whitening a {d}-wide level needs {WHITEN_IMAGES_PER_DIM * d:,} images, "
+                                     f"{WHITEN_IMAGES_PER_DIM} per dimension"
                              for k, (w, d) in enumerate(zip(whitenings, model.level_dims)) if w is None}}
 
 

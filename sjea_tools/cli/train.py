@@ -327,12 +327,8 @@ def _print_summary(run_dir: Path, summary: dict | None) -> None:
                 f"level {k} {lv['loss']:.3f} (invariance {lv['invariance']:.3f}, variance {lv['variance']:.3f}, "
                 f"covariance {lv['covariance']:.3f})" for k, lv in enumerate(summary["final"]["levels"])), highlight=False)
         console.print(f"collapse at the end: {_collapse_text(summary['collapse'])}", highlight=False)
-        scores = summary.get("scores")
-        if scores:
-            whitened = ", ".join(map(str, scores["whitened_levels"])) or "none"
-            console.print(f"scores: centred and whitened levels {whitened} (over {scores['centring_images']:,} training "
-                          "images)" + "".join(f"; level {k} centred only ({why})" for k, why in
-                                             scores["centred_only"].items()), highlight=False)
+        if summary.get("scores"):
+            console.print(_scores_text(summary["scores"]), highlight=False)
         if summary["too_short"]:
             from ..data.recipe import too_short_warning
 
@@ -354,6 +350,14 @@ def _skipped_lines(path: Path, show: int = 10) -> list[str]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     lines = [f"{row['path']}: {row['reason']}" for row in rows[:show]]
     return lines + ([f"... and {len(rows) - show} more"] if len(rows) > show else [])
+
+
+def _scores_text(scores: dict) -> str:
+    """Which levels' rows will be centred and whitened, and why any is centred only."""
+    parts = [f"level{'s' if len(scores['whitened_levels']) > 1 else ''} "
+             f"{', '.join(map(str, scores['whitened_levels']))} centred and whitened"] if scores["whitened_levels"] else []
+    parts += [f"level {k} centred only ({why})" for k, why in scores["centred_only"].items()]
+    return f"scores: {'; '.join(parts)} (statistics over {scores['centring_images']:,} training images)"
 
 
 def _collapse_text(collapse: dict | None) -> str:
