@@ -294,3 +294,21 @@ def test_existing_run_folder_needs_resume_or_overwrite(tmp_path):
     replaced = run_cli(["train", *SMALL, "--max-steps", "2", "--out", "runs/x", "--overwrite"], tmp_path)
     assert replaced.exit_code == 0, replaced.output
     assert steps_logged(tmp_path / "runs/x")[-1] == 2
+
+
+def test_training_whitens_each_level_with_ten_images_per_dimension(tmp_path):
+    # 512 training images: enough for a 32-wide level 1 (320 needed), not for level 0 (256 wide: 2,560).
+    result = run_cli(["train", *SMALL, "--max-steps", "2", "--out", "runs/w", "--levels", "2", "--encoder", "mlp",
+                      "--set", "model.mlp_dims=128-32"], tmp_path)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "w"
+    model = sjea_tools.load_model(run)
+    assert model.level_dims[1] == 32 and model.level_dims[0] * 10 > 512
+    assert model.whitenings[0] is None and tuple(model.whitenings[1].shape) == (32, 32)
+    from sjea_tools.trainers.centring import level_centring, training_pixels
+
+    means, whitenings = level_centring(model, training_pixels(model.cfg))
+    torch.testing.assert_close(model.whitenings[1], whitenings[1], rtol=1e-4, atol=1e-4)
+    summary = json.loads((run / "summary.json").read_text())["scores"]
+    assert summary["whitened_levels"] == [1] and list(summary["centred_only"]) == ["0"]
+    assert "level 1 centred and whitened; level 0 centred only" in result.output

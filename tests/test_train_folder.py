@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import sjea_tools
+
 from photo_folder import BROKEN, make_photo_folder
 from test_train import run_cli
 
@@ -37,6 +39,10 @@ def test_broken_files_are_skipped_listed_and_the_config_is_resolved(tmp_path, ph
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["images"], summary["skipped"], summary["steps"]) == (len(photos["images"]), 3, 3)
     assert [sorted(lv) for lv in summary["final"]["levels"]] == [["covariance", "invariance", "loss", "variance"]] * 2
+    # 24 images are too few to whiten any level: each is centred only, and the summary says what it needs.
+    assert summary["scores"]["whitened_levels"] == [] and sorted(summary["scores"]["centred_only"]) == ["0", "1"]
+    assert "level 0 centred only (whitening a" in result.output
+    assert sjea_tools.load_model(run).whitenings is None and sjea_tools.load_model(run).centres is not None
     data = json.loads((run / "config.json").read_text())["data"]
     assert data["image_size"] is not None and len(data["mean"]) == 3 and len(data["std"]) == 3
     # Off a terminal (CliRunner is not one), progress comes as plain lines, the last step included.
