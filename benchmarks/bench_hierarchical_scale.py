@@ -140,16 +140,18 @@ def main() -> None:
     p.add_argument("--cache", default="/tmp/hier/scale")
     p.add_argument("--remeasure", action="store_true")
     p.add_argument("--write-docs", action="store_true")
+    p.add_argument("--centred-only", action="store_true", help="rows centred but not whitened (what `sjea embed "
+                   "--no-whiten` stores), results and docs block of their own")
     p.add_argument("--skip", default="", help="methods not measured this time, e.g. hnsw (comma-separated)")
     args = p.parse_args()
     faiss.omp_set_num_threads(2)
     cache = Path(args.cache)
     emb = embed_scale(args.run, args.copies, args.queries, cache, log=log)
     folder, n = emb["folder"], emb["rows"]
-    out_path = folder / "results.json"
+    out_path = folder / ("results-centred.json" if args.centred_only else "results.json")
     res = json.loads(out_path.read_text()) if out_path.exists() and not args.remeasure else {"methods": {}}
     res.update(model_id=emb["model_id"][:12], rows=n, originals=emb["originals"], copies=args.copies,
-               queries=args.queries, run=args.run)
+               queries=args.queries, run=args.run, centred_only=args.centred_only, skip=args.skip)
 
     def save():
         out_path.write_text(json.dumps(res, indent=1))
@@ -163,7 +165,7 @@ def main() -> None:
     log(f"{n:,} rows; coarse level {coarse} (agreement {agreement}), fine level {fine_lv}")
     from sjea_tools.runs import load_model
 
-    found = load_model(args.run).whitenings or [None] * len(levels)
+    found = (None if args.centred_only else load_model(args.run).whitenings) or [None] * len(levels)
     ws = [None if w is None else w.numpy() for w in found]
     res.update(whitened=[k for k, w in enumerate(ws) if w is not None])
     fine, mu_f = centred_unit(emb["bank"][fine_lv], whitening=ws[fine_lv])
@@ -261,7 +263,10 @@ def main() -> None:
     if args.write_docs:
         from docblock import write_block
 
-        write_block(ROOT / "docs" / "search.md", BEGIN, END, f"{BEGIN}\n{text}\n{END}",
+        begin, end = (BEGIN.replace("hierarchical-scale", "hierarchical-scale-centred"),
+                      END.replace("hierarchical-scale", "hierarchical-scale-centred")) if args.centred_only else (BEGIN, END)
+        write_block(ROOT / "docs" / "search.md", begin, end, f"{begin}\n{text}\n{end}",
+                    "### The same rows centred only (`sjea embed --no-whiten`)" if args.centred_only else
                     "## Measured at 1M rows: hierarchical against IVF-Flat and HNSW")
 
 

@@ -25,7 +25,8 @@ def best_at_target(points: list[dict]) -> dict | None:
 def block(res: dict, args) -> str:
     m = res["methods"]
     command = (f"python benchmarks/bench_hierarchical_scale.py --run {res['run']} --copies {res['copies']} "
-               f"--queries {res['queries']} --hnsw-m {args.hnsw_m}")
+               f"--queries {res['queries']} --hnsw-m {args.hnsw_m}" + (" --centred-only" if res.get("centred_only") else "")
+               + (f" --skip {res['skip']}" if res.get("skip") else ""))
     lines = [f"Written by `{command}` ({time.strftime('%Y-%m-%d')}).", "",
              f"{res['rows']:,} rows: Fashion-MNIST's {res['originals']:,} images not used as queries and "
              f"{res['copies'] - 1} seeded augmented copies of each (flip, crop/zoom 0.85-1.0, shift up to 2 px, "
@@ -62,7 +63,7 @@ def block(res: dict, args) -> str:
         scanned = f"{b['rows_scanned']:,}" if "rows_scanned" in b else ("all" if name.startswith("exact") else "-")
         lines.append(f"| {name} | {b['param']} | {b['recall']:.4f} | {b['qps']:,.0f} | {scanned} | "
                      f"{ratio(ivf)} | {ratio(hnsw)} |")
-    lines += ["", verdict(best_hier, ivf, hnsw), "", "Every setting measured:", "",
+    lines += ["", verdict(best_hier, ivf, hnsw, any(k.startswith("hier") for k in m)), "", "Every setting measured:", "",
               "| method | setting | recall@10 | QPS | rows scanned per query (mean) | clusters per query (mean) |",
               "|---|---|---:|---:|---:|---:|"]
     for name, points in m.items():
@@ -78,7 +79,9 @@ def block(res: dict, args) -> str:
     return "\n".join(lines)
 
 
-def verdict(best_hier, ivf, hnsw) -> str:
+def verdict(best_hier, ivf, hnsw, measured: bool = True) -> str:
+    if not measured:
+        return "Hierarchical variants were not measured in this block (--skip hier)."
     if best_hier is None or ivf is None:
         return "**No hierarchical variant reached recall@10 >= 0.95 in the settings swept.**"
     name, b = best_hier

@@ -161,3 +161,36 @@ def test_onnx_carries_the_whitening_exactly_and_a_file_without_it_is_refused_for
     with pytest.raises(SjeaError, match="unreadable whitening.*export it again"):
         OnnxModel(tmp_path / "bad.onnx", provider="cpu")
     assert search_store(out, ids=[3], k=2, mode="per-level")["metric"] == "whitened cosine"
+
+
+def test_no_whiten_stores_centred_rows_and_update_keeps_them_centred(tmp_path, fmnist_test):
+    from sjea_tools.search import search_store
+
+    run = make_run(tmp_path / "runs" / "w", whitened=True)
+    images = write_fmnist_folder(tmp_path / "imgs", fmnist_test, 40)
+    out = tmp_path / "centred.h5"
+    done = CliRunner().invoke(app, ["embed", str(images), str(out), "--run", str(run), "--no-whiten", "--workers", "0",
+                                    "--json"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["whitened"] is False
+    with open_store(out) as s:
+        assert s.centres is not None and s.whitening_digests is None
+        rows = s.read_embeddings(0, np.arange(s.n))
+        rels = list(s.paths)
+    want = Embedder.from_source(run=run, backend="torch").without_whitening().embed_files([images / r for r in rels])[0]
+    np.testing.assert_allclose(rows, want, atol=BACKEND_ATOL)
+    res = search_store(out, queries=[images / rels[5]], k=2, mode="per-level")
+    assert res["metric"] == "centred cosine"
+    assert all(h[0]["path"] == rels[5] and h[0]["score"] == pytest.approx(1.0, abs=1e-5)
+               for h in res["results"][0]["per_level"].values())
+    # --update with the store's own model keeps its rows centred only; rows whitened otherwise are refused.
+    write_fmnist_folder(tmp_path / "more", fmnist_test, 3)
+    for p in (tmp_path / "more").rglob("*.png"):
+        (images / p.parent.name).mkdir(exist_ok=True)
+        p.rename(images / p.parent.name / f"extra-{p.name}")
+    updated = CliRunner().invoke(app, ["embed", str(images), str(out), "--update", "--workers", "0", "--json"])
+    assert updated.exit_code == 0, updated.output
+    with open_store(out) as s:
+        assert s.whitening_digests is None and s.n > len(rels)
+    refused = CliRunner().invoke(app, ["embed", str(images), str(out), "--update", "--run", str(run), "--workers", "0"])
+    assert refused.exit_code != 0 and "whitened differently" in refused.output

@@ -62,6 +62,10 @@ def embed(
     dtype: str = typer.Option("float32", "--dtype", help="Storage type of embeddings: float32 or float16."),
     normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="L2-normalise rows (recorded in the "
                                    "store; search uses cosine = dot product)."),
+    whiten: bool = typer.Option(True, "--whiten/--no-whiten", help="Whiten rows with the model's matrix when it "
+                                "has one (spread scores, better k-NN; docs/search.md, \"Scores\"). --no-whiten "
+                                "stores centred rows: crowded scores, but approximate indexes reach their recall "
+                                "with fewer probes at millions of rows (docs/search.md, 1M-row block)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Embed only share I of N (0 <= I < N) of the files, "
                                         "for several machines or GPUs; combine with 'sjea merge'. Under torchrun "
                                         "(torchrun --nproc_per_node G --no-python sjea embed IMAGES OUT -r RUN) "
@@ -113,7 +117,7 @@ def embed(
         raise SjeaError("give the levels once, with --level (--levels is its old spelling).")
     request = EmbedRequest(images, out, run=run, onnx=onnx, levels=level or levels_old, batch_size=batch_size,
                            workers=workers, device=device, backend=backend, dtype=dtype, normalize=normalize,
-                           shard=shard, update=update, keep_missing=keep_missing,
+                           whiten=whiten, shard=shard, update=update, keep_missing=keep_missing,
                            overwrite=overwrite, commit_every_s=commit_every,
                            follow_symlinks=follow_symlinks, allow_outside=allow_outside, index=not no_index,
                            engine=engine, ray=RayOptions(partitions, ray_address, ray_cpus, ray_gpus))

@@ -67,6 +67,15 @@ class Embedder:
         emb.whitenings = self._whitenings_for(store, emb.levels) if emb.centred else None
         return emb
 
+    def without_whitening(self) -> "Embedder":
+        """This embedder giving centred rows only (`sjea embed --no-whiten`): the store records no
+        whitening, so its queries are centred only too."""
+        import copy
+
+        emb = copy.copy(self)
+        emb.whitenings = None
+        return emb
+
     def _whitenings_for(self, store, levels: list[int]) -> list[np.ndarray | None] | None:
         """This model's whitening of `levels`, checked against the sha256 the store recorded for
         each (a store written before whitening records none: its rows are centred only)."""

@@ -59,6 +59,7 @@ class EmbedRequest:
     backend: str = "auto"
     dtype: str = "float32"
     normalize: bool = True
+    whiten: bool = True  # False: rows centred only, even with a model that whitens (faster ANN at scale)
     shard: tuple[int, int] | None = None  # "I/N" or (I, N) given, (I, N) kept
     update: bool = False
     keep_missing: bool = False  # --update keeps the rows of files gone from the folder

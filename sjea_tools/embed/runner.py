@@ -91,8 +91,9 @@ def _model(r: EmbedRequest) -> Embedder:
     if r.update and r.run is None and r.onnx is None and r.out.is_file():
         with open_store(r.out) as s:
             return Embedder.for_store(s, backend=r.backend, device=r.device)
-    return Embedder.from_source(run=r.run, onnx=r.onnx, backend=r.backend, device=r.device, levels=r.levels,
-                                normalize=r.normalize)
+    emb = Embedder.from_source(run=r.run, onnx=r.onnx, backend=r.backend, device=r.device, levels=r.levels,
+                               normalize=r.normalize)
+    return emb if r.whiten else emb.without_whitening()
 
 
 def _record_stats(out: Path, plan: Plan) -> None:
@@ -216,4 +217,4 @@ def _summary(out: Path, rows: int, added: int, failed_now: int, failed_total: in
             "failed_total": failed_total, "resumed_from": resumed, "seconds": round(seconds, 3),
             "images_per_s": round(max(processed, 0) / seconds, 1) if seconds > 0 else None,
             "backend": emb.backend, "device": emb.device, "levels": emb.levels, "model_id": emb.model_id,
-            "centred": emb.centred}
+            "centred": emb.centred, "whitened": emb.whitenings is not None}
