@@ -117,6 +117,8 @@ def test_a_whitened_model_round_trips_and_its_store_scores_self_1_random_near_0(
     by_id = search_store(out, ids=[7], k=2, mode="per-level")["results"][0]["per_level"]
     assert all(h[0]["id"] == 7 and h[0]["score"] == pytest.approx(1.0, abs=1e-5) for h in by_id.values())
     assert verify_store(out)["whitened"] is True
+    checked = CliRunner().invoke(app, ["verify", str(out)])
+    assert checked.exit_code == 0 and "rows centred and whitened" in checked.output
 
 
 def test_onnx_carries_the_whitening_exactly_and_a_file_without_it_is_refused_for_a_whitened_store(tmp_path,

@@ -28,6 +28,15 @@ def verify(
         return
     console.print(f"ok: {plain(result['path'])}: {result['rows']:,} rows, levels {result['levels']}, "
                   f"{result['failed']:,} failed images; every checksum matches"
-                  f"{'' if result['centred'] or not result['normalized'] else '; rows not centred (written before centring)'}",
+                  f"{_rows_text(result)}",
                   highlight=False, markup=False,
                   soft_wrap=True)
+
+
+def _rows_text(result: dict) -> str:
+    """What the stored rows are, when they are normalised: whitened, centred only, or neither."""
+    if not result["normalized"]:
+        return ""
+    if not result["centred"]:
+        return "; rows not centred (written before centring)"
+    return "; rows centred and whitened" if result.get("whitened") else "; rows centred (not whitened)"
