@@ -170,7 +170,8 @@ def print_tables(res: dict) -> None:
     for r in res["results"]:
         query = markup_safe(r["query"])
         for lv, hits in r.get("per_level", {}).items():
-            t = Table(title=f"{query}: level {lv}", title_justify="left")
+            t = Table(title=f"{query}: level {lv}", title_justify="left", caption=f"score: {res['metric']}",
+                      caption_justify="left")
             t.add_column("rank", justify="right")
             t.add_column("score", justify="right")
             t.add_column("path")
