@@ -48,8 +48,9 @@ def test_centre_whiten_and_normalize_is_one_float64_product_rounded_once():
     w = ((vectors / np.sqrt(values)) @ vectors.T).astype(np.float32)
     out = centre_and_normalize(x, centre, w)
     np.testing.assert_allclose(out, l2_normalize((x - centre).astype(np.float64) @ w.astype(np.float64)), atol=1e-7)
-    # One row alone gets the bits it gets inside a batch (a query scores 1 against its stored row).
-    np.testing.assert_array_equal(centre_and_normalize(x[5:6], centre, w), out[5:6])
+    # One row alone agrees with itself inside a batch to float32 rounding on any BLAS (BLAS may sum in
+    # another order by batch shape; the float64 product keeps that far below float32's step).
+    np.testing.assert_allclose(centre_and_normalize(x[5:6], centre, w), out[5:6], rtol=0, atol=2e-7)
     # The dominant direction no longer decides every cosine.
     off = ~np.eye(len(x), dtype=bool)
     centred = centre_and_normalize(x, centre)
