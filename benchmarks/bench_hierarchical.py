@@ -128,12 +128,11 @@ def purity(assign: np.ndarray, labels: np.ndarray) -> float:
 
 
 def model_whitenings(run: str, levels: list[int]) -> list[np.ndarray | None]:
-    """The run's whitening matrix of each level (None: a level, or a model, centred only)."""
-    from sjea_tools.runs import load_model
+    """The run's whitening matrix of each level as its Embedder applies it (None: centred only)."""
+    from sjea_tools.embed import Embedder
 
-    model = load_model(run)
-    found = model.whitenings or [None] * model.num_levels
-    return [None if found[k] is None else found[k].numpy() for k in levels]
+    emb = Embedder.from_source(run=run, backend="torch", levels=levels)
+    return emb.whitenings or [None] * len(levels)
 
 
 def bench_run(run: str, args) -> dict:

@@ -163,10 +163,9 @@ def main() -> None:
     coarse, fine_lv = levels[order[0]], levels[order[-1]]
     res.update(coarse=coarse, fine=fine_lv, agreement=agreement)
     log(f"{n:,} rows; coarse level {coarse} (agreement {agreement}), fine level {fine_lv}")
-    from sjea_tools.runs import load_model
+    from bench_hierarchical import model_whitenings
 
-    found = (None if args.centred_only else load_model(args.run).whitenings) or [None] * len(levels)
-    ws = [None if w is None else w.numpy() for w in found]
+    ws = [None] * len(levels) if args.centred_only else model_whitenings(args.run, levels)
     res.update(whitened=[k for k, w in enumerate(ws) if w is not None])
     fine, mu_f = centred_unit(emb["bank"][fine_lv], whitening=ws[fine_lv])
     qf = centred_unit(emb["query"][fine_lv], mu_f, ws[fine_lv])[0]

@@ -86,12 +86,13 @@ def measure(bank: np.ndarray, queries: np.ndarray, train, test, fine_to_coarse: 
 
 
 def stored_transforms(run: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{"L{k} trained": (mean, whitening)} for each level the run's model whitens."""
-    from sjea_tools.runs import load_model
+    """{"L{k} trained": (mean, whitening)} for each level the run's model whitens, as its Embedder
+    applies them."""
+    from sjea_tools.embed import Embedder
 
-    model = load_model(run)
-    whitenings = model.whitenings or [None] * model.num_levels
-    return {f"L{k} trained": (model.centres[k].numpy(), w.numpy()) for k, w in enumerate(whitenings) if w is not None}
+    emb = Embedder.from_source(run=run, backend="torch")
+    return {f"L{k} trained": (c, w) for k, c, w in zip(emb.levels, emb.centres or [], emb.whitenings or [])
+            if w is not None}
 
 
 def features(run: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:

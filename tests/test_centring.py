@@ -43,7 +43,7 @@ def test_centre_and_normalize_alone():
 
 def test_centres_are_the_level_means_saved_with_the_model_and_leave_the_forward_pass_raw(tmp_path, fmnist_test):
     from sjea_tools.data.preprocess import normalize_pixels
-    from sjea_tools.trainers.centring import level_centres
+    from sjea_tools.trainers.centring import level_centring
 
     run = make_run(tmp_path / "old", levels=2)
     model = load_model(run)
@@ -52,13 +52,13 @@ def test_centres_are_the_level_means_saved_with_the_model_and_leave_the_forward_
     x = normalize_pixels(torch.from_numpy(pixels), model.preprocess_spec)
     with torch.no_grad():
         before = model.forward_levels(x)
-    centres = level_centres(model, pixels, batch_size=64)
+    centres = level_centring(model, pixels, batch_size=64)[0]
     for c, y in zip(centres, before):
         np.testing.assert_allclose(c.numpy(), y.double().mean(0).numpy(), atol=1e-5)
     # A seeded sample when capped: the same sample twice, another than the first rows'.
-    capped = level_centres(model, pixels, limit=100, seed=3)
-    np.testing.assert_array_equal(capped[0].numpy(), level_centres(model, pixels, limit=100, seed=3)[0].numpy())
-    assert not np.allclose(capped[0].numpy(), level_centres(model, pixels[:100])[0].numpy())
+    capped = level_centring(model, pixels, limit=100, seed=3)[0]
+    np.testing.assert_array_equal(capped[0].numpy(), level_centring(model, pixels, limit=100, seed=3)[0][0].numpy())
+    assert not np.allclose(capped[0].numpy(), level_centring(model, pixels[:100])[0][0].numpy())
     model.set_centres(centres)
     with torch.no_grad():
         after = model.forward_levels(x)

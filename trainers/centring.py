@@ -63,13 +63,6 @@ def at_model_size(data, cfg: RunConfig, progress: ProgressFn | None = None):
     return data, skipped
 
 
-def level_centres(model, pixels: np.ndarray, device: str | torch.device = "cpu", limit: int = CENTRE_IMAGES,
-                  seed: int = 0, batch_size: int = CENTRE_BATCH, progress: ProgressFn | None = None
-                  ) -> list[torch.Tensor]:
-    """Each level's mean representation Y over (a seeded sample of at most `limit` of) `pixels`."""
-    return level_centring(model, pixels, device, limit, seed, batch_size, progress)[0]
-
-
 def level_centring(model, pixels: np.ndarray, device: str | torch.device = "cpu", limit: int = CENTRE_IMAGES,
                    seed: int = 0, batch_size: int = CENTRE_BATCH, progress: ProgressFn | None = None
                    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
